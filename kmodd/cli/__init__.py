@@ -1,0 +1,1 @@
+"""Thin front ends: parse arguments, call the engine, print."""

@@ -1,0 +1,31 @@
+"""Options shared by the kmodctl sub-commands that work on a module tree."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kmodd.root import Root, running_kernel_version
+
+
+def add_tree_options(parser: argparse.ArgumentParser, *, blacklist: bool = True) -> None:
+    """``-d/-S/-C`` mean what they mean to modprobe."""
+    parser.add_argument("-d", "--dirname", metavar="ROOT", default=None,
+                        help="directory holding lib/modules/VERSION (default /)")
+    parser.add_argument("-S", "--set-version", metavar="VERSION", dest="version", default=None,
+                        help="kernel version (default: running kernel)")
+    parser.add_argument("-C", "--config", metavar="CONFIG", action="append", default=None,
+                        help="modprobe.d file or directory replacing the default ones "
+                             "(repeatable)")
+    if blacklist:
+        parser.add_argument("-b", "--use-blacklist", action="store_true",
+                            help="apply the blacklist to every module, like udev")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def tree_from_args(args: argparse.Namespace) -> tuple[Root, str]:
+    """The root and kernel version an invocation asks for."""
+    modules_base = Path(args.dirname) if args.dirname else None
+    root = Root(modules_base=modules_base)
+    version = args.version or running_kernel_version()
+    return root, version

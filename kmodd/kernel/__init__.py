@@ -1,0 +1,1 @@
+"""The kernel as an interface: a real implementation and a simulated one."""

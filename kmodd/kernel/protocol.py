@@ -1,0 +1,79 @@
+"""The one protocol kmodd uses to talk to a kernel.
+
+``kmodd.kernel.real.RealKernel`` implements it with ctypes syscalls, procfs
+and sysfs; ``kmodd.kernel.sim.SimKernel`` with a temporary tree, for fast
+unit and fault-injection tests.  Nothing else in kmodd issues a module
+syscall or reads /proc/modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+
+class InitState(str, Enum):
+    LIVE = "live"
+    COMING = "coming"
+    GOING = "going"
+    BUILTIN = "builtin"
+    ABSENT = "absent"
+
+
+@dataclass(frozen=True)
+class LoadedModule:
+    """One line of /proc/modules."""
+
+    name: str
+    size: int
+    refcount: int | None          # None when the kernel prints '-' (no unload support)
+    holders: tuple[str, ...]
+    state: str                    # Live / Loading / Unloading
+    permanent: bool = False
+
+
+class KernelError(Exception):
+    """A module syscall failed; ``message`` is meant for an administrator."""
+
+    def __init__(self, errno_: int, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.errno = errno_
+        self.message = message
+        self.module = module
+
+
+class Kernel(Protocol):
+    def load_module(self, name: str, path: str, params: str = "", *, force: bool = False) -> None:
+        """Insert the module at ``path``: finit_module, decompressing in user space
+        when the kernel cannot, init_module as fallback.  EEXIST is success.
+        Raises KernelError otherwise."""
+        ...
+
+    def unload_module(self, name: str, *, force: bool = False) -> None:
+        """delete_module(name, O_NONBLOCK [| O_TRUNC when force]). Raises KernelError."""
+        ...
+
+    def modules(self) -> dict[str, LoadedModule]:
+        """Parse /proc/modules."""
+        ...
+
+    def initstate(self, name: str) -> InitState:
+        """/sys/module/NAME/initstate; BUILTIN when the directory exists without it."""
+        ...
+
+    def refcount(self, name: str) -> int | None: ...
+
+    def holders(self, name: str) -> tuple[str, ...]: ...
+
+    def bound_devices(self, name: str) -> int:
+        """How many devices are bound to the drivers under /sys/module/NAME/drivers."""
+        ...
+
+    def parameters(self, name: str) -> dict[str, str]: ...
+
+    def modules_disabled(self) -> bool: ...
+
+    def supports_modules(self) -> bool:
+        """False on a kernel built without module support (no /proc/modules)."""
+        ...

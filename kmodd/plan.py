@@ -1,0 +1,47 @@
+"""Plain data shared by resolution, loading and scheduling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Role(str, Enum):
+    """Why a module is part of a plan."""
+
+    SOFTDEP_PRE = "softdep-pre"
+    DEPENDENCY = "dependency"
+    TARGET = "target"
+    SOFTDEP_POST = "softdep-post"
+
+
+@dataclass(frozen=True)
+class ModuleStep:
+    """One module of a load plan.
+
+    ``deps`` are the module's own hard dependencies (from modules.dep), so a
+    scheduler can start it as soon as those are live.  ``install_command`` is
+    set when modprobe.d replaces the load with an ``install`` command; the
+    loader runs that instead of loading ``path``.
+    """
+
+    name: str
+    path: str | None
+    options: str = ""
+    builtin: bool = False
+    install_command: str | None = None
+    deps: tuple[str, ...] = ()
+    role: Role = Role.TARGET
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a request resolves to: target modules and every step, dependencies first."""
+
+    request: str
+    targets: tuple[str, ...]
+    steps: tuple[ModuleStep, ...] = field(default=())
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self.targets)

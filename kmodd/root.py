@@ -1,0 +1,54 @@
+"""Every filesystem path kmodd touches, hung off one root so tests can use a tree."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# libkmod's search order; earlier directories win for files of the same name.
+MODPROBE_D_DIRS = ("etc/modprobe.d", "run/modprobe.d", "usr/local/lib/modprobe.d",
+                   "usr/lib/modprobe.d", "lib/modprobe.d")
+
+
+@dataclass(frozen=True)
+class Root:
+    """A filesystem root: ``/`` on a real machine, a temporary tree in tests.
+
+    ``modules_base`` mirrors ``modprobe -d``: the directory that holds
+    ``lib/modules/VERSION``.  It defaults to the root itself.
+    """
+
+    base: Path = Path("/")
+    modules_base: Path | None = None
+
+    def path(self, relative: str) -> Path:
+        return self.base / relative.lstrip("/")
+
+    def modules_dir(self, version: str) -> Path:
+        base = self.modules_base if self.modules_base is not None else self.base
+        return base / "lib/modules" / version
+
+    def modprobe_dirs(self) -> list[Path]:
+        return [self.path(d) for d in MODPROBE_D_DIRS]
+
+    @property
+    def sys(self) -> Path:
+        return self.path("sys")
+
+    @property
+    def proc(self) -> Path:
+        return self.path("proc")
+
+    @property
+    def run(self) -> Path:
+        return self.path("run")
+
+
+def running_kernel_version(root: Root | None = None) -> str:
+    """The release of the running kernel (``uname -r``), read under the root when it has one."""
+    if root is not None and root.base != Path("/"):
+        release = root.path("proc/sys/kernel/osrelease")
+        if release.exists():
+            return release.read_text().strip()
+    return os.uname().release
