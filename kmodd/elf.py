@@ -15,8 +15,8 @@ from kmodd.file import ModuleFileError, read_module_image
 from kmodd.names import modname_normalize
 from kmodd.signature import SignatureInfo, read_signature
 
-__all__ = ["ModuleFileError", "ModuleInfo", "Param", "modinfo_from_image", "modinfo_strings",
-           "read_modinfo", "vermagic"]
+__all__ = ["ModuleFileError", "ModuleInfo", "Param", "merge_params", "modinfo_from_image",
+           "modinfo_strings", "read_modinfo", "vermagic"]
 
 _ELF_MAGIC = b"\x7fELF"
 _THIS_MODULE = ".gnu.linkonce.this_module"
@@ -133,6 +133,22 @@ def modinfo_strings(section: bytes) -> list[tuple[str, str]]:
     return out
 
 
+def merge_params(fields: list[tuple[str, str]]) -> list[Param]:
+    """Parameters from ``parm=name:description`` and ``parmtype=name:type`` entries,
+    in order of first appearance; an entry without ``:`` is skipped, as modinfo does."""
+    params: dict[str, Param] = {}
+    for key, value in fields:
+        if key not in ("parm", "parmtype"):
+            continue
+        pname, colon, rest = value.partition(":")
+        if not colon:
+            continue
+        old = params.get(pname, Param(pname))
+        params[pname] = (Param(pname, old.type, rest) if key == "parm"
+                         else Param(pname, rest, old.description))
+    return list(params.values())
+
+
 def _this_module_name(elfclass: int, section: bytes | None) -> str | None:
     if not section:
         return None
@@ -150,7 +166,6 @@ def modinfo_from_image(image: bytes, filename: str) -> ModuleInfo:
         raise ModuleFileError(filename, "ELF file without a .modinfo section, not a kernel module")
     fields = modinfo_strings(sections[".modinfo"])
     info = ModuleInfo(filename=filename, name="", fields=fields)
-    params: dict[str, Param] = {}
     name_field: str | None = None
     for key, value in fields:
         if key == "alias":
@@ -175,16 +190,7 @@ def modinfo_from_image(image: bytes, filename: str) -> ModuleInfo:
             info.retpoline = value == "Y"
         elif key == "name" and name_field is None:
             name_field = value
-        elif key in ("parm", "parmtype"):
-            pname, colon, rest = value.partition(":")
-            if not colon:
-                continue   # modinfo reports and skips an entry without ':'
-            old = params.get(pname, Param(pname))
-            if key == "parm":
-                params[pname] = Param(pname, old.type, rest)
-            else:
-                params[pname] = Param(pname, rest, old.description)
-    info.parm = list(params.values())
+    info.parm = merge_params(fields)
     info.name = (name_field or _this_module_name(elfclass, sections.get(_THIS_MODULE))
                  or modname_normalize(filename))
     info.signature = read_signature(image)

@@ -1,0 +1,239 @@
+"""``kmodctl info``: show what a module file says about itself, like ``modinfo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kmodd.elf import ModuleFileError, ModuleInfo, Param, merge_params, read_modinfo
+from kmodd.file import MODULE_SUFFIXES
+from kmodd.names import alias_normalize, modname_normalize
+from kmodd.root import Root, running_kernel_version
+
+PROG = "kmodctl info"
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("modules", nargs="+", metavar="MODULE|PATH",
+                        help="module name, alias or path to a module file")
+    parser.add_argument("-d", "--dirname", metavar="ROOT", default=None,
+                        help="directory holding lib/modules/VERSION (default /)")
+    parser.add_argument("-S", "--set-version", metavar="VERSION", dest="version", default=None,
+                        help="kernel version (default: running kernel)")
+    parser.add_argument("-F", "--field", metavar="FIELD", default=None,
+                        help="print only this field's values, one per line")
+    parser.add_argument("-0", "--null", action="store_true",
+                        help="end each output line with NUL instead of newline")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+# ---------------------------------------------------------------------------
+# Finding modules by name
+
+
+class _TextTree:
+    """Name, alias and builtin lookups from the text indexes of one module directory.
+
+    Stand-in used only while kmodd.index is not available.
+    """
+
+    def __init__(self, moddir: Path) -> None:
+        self.moddir = moddir
+        self._deps: dict[str, str] | None = None
+        self._builtin: set[str] | None = None
+
+    def dep_path(self, name: str) -> str | None:
+        if self._deps is None:
+            self._deps = {}
+            try:
+                text = (self.moddir / "modules.dep").read_text(errors="replace")
+            except OSError:
+                text = ""
+            for line in text.splitlines():
+                path, colon, _ = line.partition(":")
+                if colon:
+                    full = path if path.startswith("/") else str(self.moddir / path)
+                    self._deps.setdefault(modname_normalize(path), full)
+        return self._deps.get(modname_normalize(name))
+
+    def alias(self, alias: str) -> list[str]:
+        return []
+
+    def is_builtin(self, name: str) -> bool:
+        if self._builtin is None:
+            try:
+                text = (self.moddir / "modules.builtin").read_text(errors="replace")
+            except OSError:
+                text = ""
+            self._builtin = {modname_normalize(line) for line in text.split()}
+        return modname_normalize(name) in self._builtin
+
+
+def _open_tree(moddir: Path) -> Any:
+    try:
+        from kmodd.index import ModuleTree
+    except ImportError:
+        return _TextTree(moddir)
+    return ModuleTree(moddir)
+
+
+def _builtin_fields(moddir: Path, name: str) -> list[tuple[str, str]]:
+    """A builtin module's entries in ``modules.builtin.modinfo`` (``name.key=value\\0``)."""
+    try:
+        data = (moddir / "modules.builtin.modinfo").read_bytes()
+    except OSError:
+        return []
+    prefix = modname_normalize(name).encode() + b"."
+    out = []
+    for raw in data.split(b"\0"):
+        if raw.startswith(prefix):
+            key, _, value = raw[len(prefix):].decode("utf-8", errors="replace").partition("=")
+            out.append((key, value))
+    return out
+
+
+def _is_path(arg: str) -> bool:
+    # modinfo takes an argument as a file only if it exists and ends like a module;
+    # anything with a slash is clearly meant as a path too, so a typo in it gets
+    # "no such file" rather than "module not found".
+    return "/" in arg or (arg.endswith(MODULE_SUFFIXES) and os.path.isfile(arg))
+
+
+# ---------------------------------------------------------------------------
+# Output
+
+
+def _param_lines(params: Iterable[Param], *, field_only: bool) -> list[str]:
+    # modinfo keeps parameters on a list it prepends to, so they come out last first.
+    lines = []
+    for p in reversed(list(params)):
+        if p.description is None:
+            # "-F parm" shows "name: (type)"; the full listing shows "name:type".
+            lines.append(f"{p.name}: ({p.type})" if field_only else f"{p.name}:{p.type}")
+        elif p.type is not None:
+            lines.append(f"{p.name}:{p.description} ({p.type})")
+        else:
+            lines.append(f"{p.name}:{p.description}")
+    return lines
+
+
+def _key_line(key: str, value: str) -> str:
+    # printf("%s:%-*s%s", key, 15 - keylen, "", value): a negative width is a
+    # left-justified positive one, so long keys still get |15 - len| spaces.
+    return f"{key}:{' ' * abs(15 - len(key))}{value}"
+
+
+def _text_lines(filename: str, name: str | None, entries: list[tuple[str, str]],
+                params: list[Param], field: str | None) -> list[str]:
+    if field is not None:
+        if field == "filename":
+            return [filename]
+        if field == "parm":
+            return _param_lines(params, field_only=True)
+        out = [name] if field == "name" and name is not None and filename == "(builtin)" else []
+        return out + [v for k, v in entries if k == field]
+    lines = [_key_line("name", name)] if filename == "(builtin)" and name is not None else []
+    lines.append(_key_line("filename", filename))
+    lines += [_key_line(k, v) for k, v in entries if k not in ("parm", "parmtype")]
+    lines += [_key_line("parm", line) for line in _param_lines(params, field_only=False)]
+    return lines
+
+
+def _json_module(info: ModuleInfo) -> dict[str, Any]:
+    sig = info.signature
+    return {
+        "filename": info.filename, "name": info.name, "builtin": False,
+        "aliases": info.aliases, "depends": info.depends, "softdep": info.softdep,
+        "vermagic": info.vermagic, "license": info.license,
+        "description": info.description, "author": info.author, "firmware": info.firmware,
+        "intree": info.intree, "retpoline": info.retpoline,
+        "parm": [{"name": p.name, "type": p.type, "description": p.description}
+                 for p in info.parm],
+        "signature": None if sig is None else {
+            "sig_id": sig.id_type, "signer": sig.signer,
+            "sig_key": sig.key_id.hex(":").upper(), "sig_hashalgo": sig.hash_algo,
+        },
+        "fields": [list(kv) for kv in info.fields],
+    }
+
+
+def _json_builtin(name: str, entries: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"filename": None, "name": name, "builtin": True,
+            "parm": [{"name": p.name, "type": p.type, "description": p.description}
+                     for p in merge_params(entries)],
+            "fields": [list(kv) for kv in entries]}
+
+
+# ---------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Root(modules_base=Path(args.dirname) if args.dirname else None)
+    version = args.version or running_kernel_version()
+    moddir = root.modules_dir(version)
+    tree: Any = None
+    status = 0
+    end = "\0" if args.null else "\n"
+    results: list[dict[str, Any]] = []
+
+    def emit(lines: list[str]) -> None:
+        if lines:
+            sys.stdout.write(end.join(lines) + end)
+
+    def show_file(path: str) -> bool:
+        try:
+            info = read_modinfo(path)
+        except ModuleFileError as e:
+            print(f"{PROG}: ERROR: {e}", file=sys.stderr)
+            return False
+        if args.json:
+            results.append(_json_module(info))
+        else:
+            emit(_text_lines(info.filename, info.name, info.info_list(), info.parm, args.field))
+        return True
+
+    for arg in args.modules:
+        if _is_path(arg):
+            if not show_file(os.path.abspath(arg) if not arg.startswith("/") else arg):
+                status = 1
+            continue
+        if tree is None:
+            tree = _open_tree(moddir)
+        path = tree.dep_path(modname_normalize(arg))
+        if path is not None:
+            status |= 0 if show_file(path) else 1
+            continue
+        try:
+            matches = tree.alias(alias_normalize(arg))
+        except ValueError:
+            matches = []
+        if matches:
+            for name in matches:
+                found = tree.dep_path(name)
+                if found is not None:
+                    status |= 0 if show_file(found) else 1
+                elif tree.is_builtin(name):
+                    _show_builtin(args, moddir, name, results, emit)
+            continue
+        if tree.is_builtin(modname_normalize(arg)):
+            _show_builtin(args, moddir, modname_normalize(arg), results, emit)
+            continue
+        print(f"{PROG}: ERROR: module {arg} not found in {moddir}", file=sys.stderr)
+        status = 1
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return status
+
+
+def _show_builtin(args: argparse.Namespace, moddir: Path, name: str,
+                  results: list[dict[str, Any]], emit: Any) -> None:
+    entries = _builtin_fields(moddir, name)
+    if args.json:
+        results.append(_json_builtin(name, entries))
+    else:
+        emit(_text_lines("(builtin)", name, entries, merge_params(entries), args.field))
