@@ -1,0 +1,487 @@
+"""modprobe.d, modules.softdep and the kernel command line, read as libkmod 30 reads them.
+
+The rules follow libkmod's ``kmod_config_new``: every ``*.conf`` (and
+``*.alias``) file of the configuration directories is merged into one list
+sorted by file name, the first directory holding a name wins, and the module
+directory's ``modules.softdep`` takes its place in that list under its own
+name.  Lines are parsed like ``kmod_config_parse`` (``strtok`` on blanks,
+backslash continuation, ``#`` only in the first column), and the kernel
+command line like ``kmod_config_parse_kcmdline``.  Problems are collected,
+logged and never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmodd.names import alias_normalize
+from kmodd.root import Root
+
+log = logging.getLogger(__name__)
+
+# glibc's fnmatch special characters; a pattern without them is a plain string.
+_GLOB_CHARS = frozenset("*?[\\")
+# C's isspace() in the C locale, which the softdep parser uses.
+_C_SPACE = re.compile(r"[ \t\n\v\f\r]+")
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    path: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}" if self.line else \
+            f"{self.path}: {self.message}"
+
+
+@dataclass(frozen=True)
+class SoftDep:
+    pre: tuple[str, ...] = ()
+    post: tuple[str, ...] = ()
+
+
+@dataclass
+class ModprobeConfig:
+    """Everything modprobe.d and the kernel command line say, in libkmod's order.
+
+    ``install``, ``remove`` and ``softdeps`` keep only the first entry per
+    name: libkmod always uses the first match, so a later duplicate can never
+    win.  Their keys are fnmatch patterns, as in libkmod.
+    """
+
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+    blacklist: set[str] = field(default_factory=set)
+    options: dict[str, list[str]] = field(default_factory=dict)
+    install: dict[str, str] = field(default_factory=dict)
+    remove: dict[str, str] = field(default_factory=dict)
+    softdeps: dict[str, SoftDep] = field(default_factory=dict)
+    weakdeps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    problems: list[ConfigProblem] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    # Every options line as (module, options) in file order, so options for a
+    # module and for the alias it was found by interleave like libkmod's list.
+    option_entries: list[tuple[str, str]] = field(default_factory=list)
+
+    def options_for(self, module: str, alias: str | None = None) -> str:
+        """The options libkmod gives ``module`` (``kmod_module_get_options``).
+
+        ``alias`` is the alias the module was found by, whose options apply
+        too.  Empty option strings are skipped; the rest are joined by one
+        space, leading blanks kept as libkmod keeps them.
+        """
+        if alias is None or alias == module or alias not in self.options:
+            return " ".join(o for o in self.options.get(module, ()) if o)
+        return " ".join(opts for name, opts in self.option_entries
+                        if opts and name in (module, alias))
+
+
+# ---------------------------------------------------------------- fnmatch
+
+_CLASSES: dict[str, str] = {
+    "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "blank": " \\t", "cntrl": "\\x00-\\x1f\\x7f",
+    "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~",
+    "punct": "!-/:-@\\[-`{-~", "space": " \\t\\n\\v\\f\\r", "upper": "A-Z",
+    "xdigit": "0-9A-Fa-f",
+}
+_NEVER = "(?!)"
+
+
+def _bracket(pattern: str, i: int) -> tuple[str, int] | None:
+    """Translate the bracket expression starting after ``[`` at ``i``.
+
+    Returns the regex and the index after ``]``, ``None`` when the bracket is
+    not terminated (glibc then matches ``[`` literally), or ``(_NEVER, -1)``
+    for an unknown character class (glibc then never matches).
+    """
+    n = len(pattern)
+    negate = i < n and pattern[i] in "!^"
+    if negate:
+        i += 1
+    items: list[str] = []
+    first = True
+    while True:
+        if i >= n:
+            return None
+        c = pattern[i]
+        if c == "]" and not first:
+            i += 1
+            break
+        first = False
+        if c == "[" and i + 1 < n and pattern[i + 1] == ":":
+            end = pattern.find(":]", i + 2)
+            if end < 0:
+                return None
+            cls = _CLASSES.get(pattern[i + 2:end])
+            if cls is None:
+                return _NEVER, -1
+            items.append(cls)
+            i = end + 2
+            continue
+        if c == "\\":
+            if i + 1 >= n:
+                return None
+            i += 1
+            c = pattern[i]
+        i += 1
+        # a range, unless the '-' closes the bracket
+        if i + 1 < n and pattern[i] == "-" and pattern[i + 1] != "]":
+            hi = pattern[i + 1]
+            i += 2
+            if hi == "\\":
+                if i >= n:
+                    return None
+                hi = pattern[i]
+                i += 1
+            if ord(c) <= ord(hi):
+                items.append(f"{re.escape(c)}-{re.escape(hi)}")
+            continue
+        items.append(re.escape(c))
+    if not items:
+        return ("[\\s\\S]" if negate else _NEVER), i
+    return f"[{'^' if negate else ''}{''.join(items)}]", i
+
+
+def glob_regex(pattern: str) -> str:
+    """A regular expression matching what glibc ``fnmatch(pattern, s, 0)`` matches.
+
+    Flags 0: ``*`` and ``?`` cross ``/`` and leading dots, backslash escapes,
+    ``[!...]``/``[^...]`` negate, POSIX classes in the C locale.
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            while i < n and pattern[i] == "*":
+                i += 1
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "\\":
+            if i >= n:
+                return _NEVER
+            out.append(re.escape(pattern[i]))
+            i += 1
+        elif c == "[":
+            translated = _bracket(pattern, i)
+            if translated is None:
+                out.append(re.escape("["))
+            elif translated[1] < 0:
+                return _NEVER
+            else:
+                out.append(translated[0])
+                i = translated[1]
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def is_glob(pattern: str) -> bool:
+    return not _GLOB_CHARS.isdisjoint(pattern)
+
+
+def compile_glob(pattern: str) -> Callable[[str], bool]:
+    """A predicate equal to ``fnmatch(pattern, s, 0) == 0`` in glibc."""
+    if not is_glob(pattern):
+        return pattern.__eq__
+    regex = re.compile(glob_regex(pattern), re.DOTALL)
+    return lambda s: regex.fullmatch(s) is not None
+
+
+# ---------------------------------------------------------------- files
+
+def _underscores(name: str | None) -> str | None:
+    """libkmod's ``underscores()``: None for a missing or malformed name."""
+    if name is None:
+        return None
+    try:
+        return alias_normalize(name)
+    except ValueError:
+        return None
+
+
+def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
+    """``freadline_wrapped``: (number of the last physical line, logical line).
+
+    A backslash joins the next physical line; before any other character it is
+    dropped and that character kept.
+    """
+    parts: list[str] = []
+    physical = text.split("\n")
+    # A final newline does not start another line.
+    if physical and physical[-1] == "":
+        physical.pop()
+    for number, raw in enumerate(physical, 1):
+        if "\\" not in raw:
+            parts.append(raw)
+            yield number, "".join(parts)
+            parts = []
+            continue
+        buf: list[str] = []
+        i, n = 0, len(raw)
+        continued = False
+        while i < n:
+            c = raw[i]
+            if c == "\\":
+                if i + 1 >= n:
+                    continued = number < len(physical) or text.endswith("\n")
+                    break
+                buf.append(raw[i + 1])
+                i += 2
+                continue
+            buf.append(c)
+            i += 1
+        parts.append("".join(buf))
+        if not continued:
+            yield number, "".join(parts)
+            parts = []
+    if parts and "".join(parts):
+        yield len(physical), "".join(parts)
+
+
+def _token(line: str, pos: int) -> tuple[str | None, int]:
+    """``strtok_r(…, "\\t ")``: the next blank-separated token and the position after it."""
+    n = len(line)
+    while pos < n and line[pos] in " \t":
+        pos += 1
+    if pos >= n:
+        return None, pos
+    end = pos
+    while end < n and line[end] not in " \t":
+        end += 1
+    return line[pos:end], (end + 1 if end < n else end)
+
+
+def _rest(line: str, pos: int) -> str | None:
+    """``strtok_r(NULL, "\\0", …)``: everything after the one blank that ended the last token."""
+    return line[pos:] if pos < len(line) else None
+
+
+def _softdep_lists(text: str) -> SoftDep:
+    pre: list[str] = []
+    post: list[str] = []
+    current: list[str] | None = None
+    for word in _C_SPACE.split(text):
+        if word == "pre:":
+            current = pre
+        elif word == "post:":
+            current = post
+        elif word and current is not None:
+            current.append(word)
+    return SoftDep(tuple(pre), tuple(post))
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.config = ModprobeConfig()
+
+    def problem(self, path: str, line: int, message: str) -> None:
+        problem = ConfigProblem(path, line, message)
+        self.config.problems.append(problem)
+        log.warning("%s", problem)
+
+    def add_options(self, module: str, options: str) -> None:
+        options = options.replace("\t", " ")
+        self.config.options.setdefault(module, []).append(options)
+        self.config.option_entries.append((module, options))
+
+    def parse_file(self, path: str, text: str) -> None:
+        cfg = self.config
+        for number, line in _logical_lines(text):
+            if "\0" in line:
+                line = line[:line.index("\0")]
+            if not line or line[0] == "#":
+                continue
+            cmd, pos = _token(line, 0)
+            if cmd is None:
+                continue
+            first, pos = _token(line, pos)
+            name = _underscores(first)
+            ok = name is not None
+            if cmd == "alias":
+                target, _ = _token(line, pos)
+                module = _underscores(target)
+                if ok and module is not None:
+                    assert name is not None
+                    cfg.aliases.append((name, module))
+                    continue
+            elif cmd == "blacklist":
+                if ok:
+                    assert name is not None
+                    cfg.blacklist.add(name)
+                    continue
+            elif cmd in ("options", "install", "remove", "softdep", "weakdep"):
+                rest = _rest(line, pos)
+                if ok and rest is not None:
+                    assert name is not None
+                    if cmd == "options":
+                        self.add_options(name, rest)
+                    elif cmd == "install":
+                        cfg.install.setdefault(name, rest)
+                    elif cmd == "remove":
+                        cfg.remove.setdefault(name, rest)
+                    elif cmd == "softdep":
+                        cfg.softdeps.setdefault(name, _softdep_lists(rest))
+                    else:
+                        # Newer kmod's weak dependencies: recorded, never loaded.
+                        cfg.weakdeps.setdefault(name, tuple(w for w in _C_SPACE.split(rest) if w))
+                    continue
+            elif cmd in ("include", "config"):
+                self.problem(path, number, f"command {cmd} is deprecated and not parsed anymore")
+                continue
+            else:
+                self.problem(path, number, f"ignoring unknown command {cmd!r}")
+                continue
+            self.problem(path, number, f"ignoring bad line starting with {cmd!r}")
+
+    def parse_cmdline(self, buf: str) -> None:
+        """``kmod_config_parse_kcmdline``: ``module.param[=value]`` words, quote-aware.
+
+        A word quoted as a whole by the boot loader (``"mod.p=a b"``) is given
+        back as ``p="a b"``, like libkmod re-quotes it.
+        """
+        ignore, modname_s, param_s, value_s = 0, 1, 2, 3
+        state = modname_s
+        quoted = False
+        quote_start = -1
+        modname = 0
+        dot = param = value = -1
+        n = len(buf)
+        p = 0
+        while p <= n:
+            c = buf[p] if p < n else "\0"
+            complete = False
+            if c == '"':
+                quoted = not quoted
+                if quoted and state == modname_s and p == modname:
+                    quote_start = p
+                    modname = p + 1
+                elif state != value_s:
+                    state = ignore
+            elif c in "\0 \n\t\v\f\r":
+                if quoted and state == value_s:
+                    pass
+                elif quoted:
+                    state = ignore
+                elif state in (value_s, param_s):
+                    complete = True
+                else:
+                    modname = p + 1
+                    state = modname_s
+                    quote_start = -1
+            elif c == ".":
+                if state == modname_s:
+                    dot = p
+                    param = p + 1
+                    state = param_s
+                elif state == param_s:
+                    state = ignore
+            elif c == "=":
+                if state == param_s:
+                    value = p + 1
+                    state = value_s
+                elif state == modname_s:
+                    state = ignore
+            if complete:
+                module = buf[modname:dot]
+                val = buf[value:p] if state == value_s else None
+                if quote_start >= 0 and val is not None:
+                    val = '"' + val
+                    option = buf[param:value] + val
+                else:
+                    option = buf[param:p]
+                self._cmdline_result(module, option, val)
+                modname = p + 1
+                state = modname_s
+                quote_start = -1
+            p += 1
+
+    def _cmdline_result(self, module: str, option: str, value: str | None) -> None:
+        if module == "modprobe" and option.startswith("blacklist="):
+            # libkmod 30 adds these names as written, without underscores().
+            for name in (value if value is not None else "").split(","):
+                self.config.blacklist.add(name)
+            return
+        normalized = _underscores(module)
+        if normalized is None:
+            self.problem("/proc/cmdline", 0,
+                         f"ignoring bad option on kernel command line: {module!r}")
+            return
+        self.add_options(normalized, option)
+
+
+def _conf_candidates(path: Path) -> Iterator[tuple[str, Path]]:
+    """(name, file) pairs a configuration path contributes (``conf_files_list``)."""
+    try:
+        if not path.is_dir():
+            if path.exists():
+                yield path.name, path
+            return
+        entries = os.listdir(path)
+    except OSError:
+        return
+    for name in entries:
+        if name.startswith(".") or len(name) < 6 or \
+                not (name.endswith(".conf") or name.endswith(".alias")):
+            continue
+        full = path / name
+        if full.is_dir():
+            log.warning("directories inside directories are not supported: %s", full)
+            continue
+        yield name, full
+
+
+def config_files(root: Root, moddir: Path | None,
+                 config_paths: Sequence[str] | None = None) -> list[Path]:
+    """The files libkmod would parse, in order."""
+    chosen: dict[str, Path] = {}
+    if moddir is not None:
+        chosen["modules.softdep"] = moddir / "modules.softdep"
+    paths = [Path(p) for p in config_paths] if config_paths is not None \
+        else root.modprobe_dirs()
+    for path in paths:
+        for name, full in _conf_candidates(path):
+            chosen.setdefault(name, full)
+    # strcmp order on the names; bytes order equals code point order for UTF-8.
+    return [chosen[name] for name in sorted(chosen)]
+
+
+def parse_cmdline(cmdline: str) -> ModprobeConfig:
+    """Only what the kernel command line contributes (for tests and diagnostics)."""
+    builder = _Builder()
+    builder.parse_cmdline(cmdline)
+    return builder.config
+
+
+def load_config(root: Root, moddir: Path | None, config_paths: Sequence[str] | None = None,
+                cmdline: str | None = None) -> ModprobeConfig:
+    """Read the whole modprobe configuration the way libkmod 30 does.
+
+    ``config_paths`` (``modprobe -C``, files or directories) replaces the
+    default modprobe.d directories; ``cmdline`` replaces ``ROOT/proc/cmdline``.
+    """
+    builder = _Builder()
+    for path in config_files(root, moddir, config_paths):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        builder.config.files.append(str(path))
+        builder.parse_file(str(path), data.decode("utf-8", "surrogateescape"))
+    if cmdline is None:
+        try:
+            # libkmod reads at most one page of the command line.
+            raw = (root.proc / "cmdline").read_bytes()[:4095]
+        except OSError:
+            raw = b""
+        cmdline = raw.decode("utf-8", "surrogateescape")
+    builder.parse_cmdline(cmdline)
+    return builder.config
