@@ -44,10 +44,11 @@ class KernelError(Exception):
 
 
 class Kernel(Protocol):
-    def load_module(self, name: str, path: str, params: str = "", *, force: bool = False) -> None:
+    def load_module(self, name: str, path: str, params: str = "", *, force: bool = False) -> bool:
         """Insert the module at ``path``: finit_module, decompressing in user space
         when the kernel cannot, init_module as fallback.  EEXIST is success.
-        Raises KernelError otherwise."""
+        Returns True when this call inserted it, False when it was already
+        loaded (EEXIST).  Raises KernelError otherwise."""
         ...
 
     def unload_module(self, name: str, *, force: bool = False) -> None:

@@ -1,0 +1,153 @@
+"""kmodctl load: resolve a name or alias and load it with its dependencies, like modprobe.
+
+:func:`load_direct` is the whole job without argument parsing or printing; the
+daemon's control socket calls it for an admin request when it is not routing
+through the scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno as E
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from kmodd.cli.common import add_tree_options, tree_from_args
+from kmodd.kernel.protocol import Kernel
+from kmodd.loader import Loader, StepResult, describe_failure
+from kmodd.plan import Plan, Role
+from kmodd.root import Root
+
+# Accepted by every module: the dynamic-debug hook (kernel/module/main.c).
+_MAGIC_PARAMS = {"dyndbg"}
+
+
+@dataclass
+class LoadOutcome:
+    request: str
+    ok: bool
+    message: str
+    targets: tuple[str, ...] = ()
+    results: list[StepResult] = field(default_factory=list)
+    errno: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"request": self.request, "ok": self.ok, "message": self.message,
+                "targets": list(self.targets), "errno": self.errno,
+                "results": [asdict(r) for r in self.results]}
+
+
+def format_params(params: Sequence[str]) -> str:
+    """Command-line ``param=value`` words -> the kernel's parameter string.
+
+    A value with spaces arrived as one argv word; the kernel splits on spaces
+    unless the value is double-quoted, so quote it.
+    """
+    out = []
+    for word in params:
+        key, eq, value = word.partition("=")
+        if eq and any(c.isspace() for c in value) and not value.startswith('"'):
+            word = f'{key}="{value}"'
+        out.append(word)
+    return " ".join(out)
+
+
+def unknown_params(path: str, params: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(unknown names among ``params``, the module's declared names), from its .modinfo.
+
+    The kernel only logs "unknown parameter ignored" and loads the module
+    anyway; for parameters an administrator typed, failing clearly is kinder.
+    """
+    from kmodd.elf import read_modinfo
+
+    declared = [p.name for p in read_modinfo(path).parm]
+    known = {n.replace("-", "_") for n in declared} | _MAGIC_PARAMS
+    unknown = []
+    for word in params:
+        key = word.partition("=")[0].replace("-", "_")
+        # "foo.bar" would be a parameter of another module: not ours to judge.
+        if key and "." not in key and key not in known:
+            unknown.append(key)
+    return unknown, declared
+
+
+def load_plan_direct(plan: Plan, kernel: Kernel, *, params: Sequence[str] = (),
+                     coming_timeout: float = 30.0) -> LoadOutcome:
+    """Execute an already resolved plan; ``params`` are the admin's for the targets."""
+    if not plan.resolved:
+        return LoadOutcome(plan.request, False, f"{plan.request}: module not found",
+                           errno=E.ENOENT)
+    if params:
+        for step in plan.steps:
+            if step.role is not Role.TARGET or step.path is None or step.install_command:
+                continue
+            try:
+                unknown, declared = unknown_params(step.path, params)
+            except Exception as e:   # a corrupt file: the kernel will say so more precisely
+                unknown, declared = [], []
+                del e
+            if unknown:
+                plural = "s" if len(unknown) > 1 else ""
+                known = ", ".join(declared) if declared else "none"
+                return LoadOutcome(
+                    plan.request, False,
+                    f"{step.name}: unknown parameter{plural} {', '.join(unknown)} "
+                    f"(the module's parameters: {known})", plan.targets, errno=E.EINVAL)
+    loader = Loader(kernel, coming_timeout=coming_timeout)
+    results = loader.load_plan(plan)
+    ok = Loader.plan_ok(plan, results)
+    if ok:
+        done = {r.name: r.status for r in results}
+        summary = ", ".join(f"{t} {done.get(t, 'loaded')}" for t in plan.targets)
+        return LoadOutcome(plan.request, True, summary, plan.targets, results)
+    failed = next((r for r in results if r.status == "failed"), None)
+    message = describe_failure(results, plan) or f"{plan.request}: not loaded"
+    return LoadOutcome(plan.request, False, message, plan.targets, results,
+                       failed.errno if failed else None)
+
+
+def load_direct(request: str, params: Sequence[str] = (), *, root: Root | None = None,
+                version: str | None = None, config_paths: Sequence[str] | None = None,
+                kernel: Kernel | None = None, blacklist_all: bool = False,
+                coming_timeout: float = 30.0) -> LoadOutcome:
+    """Resolve ``request`` (module name or alias) and load it, like ``modprobe``."""
+    from kmodd.resolve import open_resolver
+    from kmodd.root import running_kernel_version
+
+    root = root or Root()
+    version = version or running_kernel_version()
+    try:
+        resolver = open_resolver(root, version, config_paths)
+        plan = resolver.plan(request, extra_options=format_params(params),
+                             blacklist_all=blacklist_all)
+    except Exception as e:   # IndexCorrupt, OSError, ValueError from a bad alias...
+        return LoadOutcome(request, False, f"{request}: cannot resolve: {e}", errno=E.ENOENT)
+    if kernel is None:
+        from kmodd.kernel.real import RealKernel
+
+        kernel = RealKernel(Root())   # -d only moves the module tree, never /proc or /sys
+    return load_plan_direct(plan, kernel, params=params, coming_timeout=coming_timeout)
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    add_tree_options(parser)
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for a module another process is loading")
+    parser.add_argument("name", metavar="NAME|ALIAS")
+    parser.add_argument("params", nargs="*", metavar="param=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    root, version = tree_from_args(args)
+    outcome = load_direct(args.name, args.params, root=root, version=version,
+                          config_paths=args.config, blacklist_all=args.use_blacklist,
+                          coming_timeout=args.timeout)
+    if args.json:
+        print(json.dumps(outcome.to_json(), indent=2))
+    elif outcome.ok:
+        print(outcome.message)
+    else:
+        print(f"kmodctl load: {outcome.message}", file=sys.stderr)
+    return 0 if outcome.ok else 1

@@ -1,0 +1,106 @@
+"""kmodctl unload: remove a module like rmmod, or with ``-r`` like ``modprobe -r``.
+
+:func:`unload_direct` does the job without printing, for the daemon to call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno as E
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from kmodd.cli.common import add_tree_options, tree_from_args
+from kmodd.kernel.protocol import Kernel
+from kmodd.loader import Loader, StepResult
+from kmodd.names import modname_normalize
+from kmodd.plan import Plan
+from kmodd.root import Root
+
+
+@dataclass
+class UnloadOutcome:
+    request: str
+    ok: bool
+    message: str
+    results: list[StepResult] = field(default_factory=list)
+    errno: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"request": self.request, "ok": self.ok, "message": self.message,
+                "errno": self.errno, "results": [asdict(r) for r in self.results]}
+
+
+def _resolve(request: str, root: Root, version: str, config_paths: Sequence[str] | None
+             ) -> tuple[Plan | None, dict[str, str]]:
+    """The request's plan and modprobe.d remove commands, when the tree knows it."""
+    try:
+        from kmodd.resolve import open_resolver
+
+        resolver = open_resolver(root, version, config_paths)
+        plan = resolver.plan(request)
+    except Exception:   # no tree for this kernel, corrupt index...: unload by name
+        return None, {}
+    config = getattr(resolver, "config", None)
+    remove = dict(getattr(config, "remove", {}) or {})
+    return (plan if plan.resolved else None), remove
+
+
+def unload_direct(request: str, *, recursive: bool = False, force: bool = False,
+                  root: Root | None = None, version: str | None = None,
+                  config_paths: Sequence[str] | None = None,
+                  kernel: Kernel | None = None) -> UnloadOutcome:
+    from kmodd.root import running_kernel_version
+
+    root = root or Root()
+    version = version or running_kernel_version()
+    plan, remove = _resolve(request, root, version, config_paths)
+    if kernel is None:
+        from kmodd.kernel.real import RealKernel
+
+        kernel = RealKernel(Root())
+    loader = Loader(kernel)
+    targets = list(plan.targets) if plan is not None else [modname_normalize(request)]
+    results: list[StepResult] = []
+    if recursive and plan is not None:
+        results = loader.unload_recursive(plan, remove_commands=remove, force=force)
+    elif recursive:
+        results = loader.unload_recursive(targets[0], remove_commands=remove, force=force)
+    else:
+        for name in targets:
+            results.append(loader.unload(name, remove_command=remove.get(name), force=force))
+    target_results = [r for r in results if r.name in targets]
+    bad = [r for r in target_results if r.status in ("failed", "absent")]
+    if bad:
+        return UnloadOutcome(request, False, bad[0].error or f"{bad[0].name}: not unloaded",
+                             results, bad[0].errno)
+    if not target_results:
+        return UnloadOutcome(request, False, f"{request}: not loaded", results, E.ENOENT)
+    done = [r.name for r in results if r.status in ("unloaded", "remove-command")]
+    return UnloadOutcome(request, True, "unloaded " + " ".join(done) if done else "nothing to do",
+                         results)
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    add_tree_options(parser, blacklist=False)
+    parser.add_argument("-r", "--recursive", action="store_true",
+                        help="also remove the dependencies nothing uses any more "
+                             "(modprobe -r)")
+    parser.add_argument("-f", "--force", action="store_true",
+                        help="force removal even when in use (O_TRUNC; dangerous)")
+    parser.add_argument("name", metavar="NAME|ALIAS")
+
+
+def run(args: argparse.Namespace) -> int:
+    root, version = tree_from_args(args)
+    outcome = unload_direct(args.name, recursive=args.recursive, force=args.force, root=root,
+                            version=version, config_paths=args.config)
+    if args.json:
+        print(json.dumps(outcome.to_json(), indent=2))
+    elif outcome.ok:
+        print(outcome.message)
+    else:
+        print(f"kmodctl unload: {outcome.message}", file=sys.stderr)
+    return 0 if outcome.ok else 1

@@ -1,0 +1,284 @@
+"""Executes load plans and unloads against a Kernel, with modprobe's semantics.
+
+Serial by design: the scheduler gets parallelism by calling :meth:`Loader.load_step`
+from several workers in dependency order; ``kmodctl load`` and offline use go
+through :meth:`Loader.load_plan`, which is modprobe's loop.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from kmodd import commands
+from kmodd.kernel import errors
+from kmodd.kernel.protocol import InitState, Kernel, KernelError
+from kmodd.plan import ModuleStep, Plan, Role
+
+log = logging.getLogger(__name__)
+
+NO_MODULE_SUPPORT = "this kernel was built without loadable module support"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What happened to one module.
+
+    status: "loaded" | "already" | "builtin" | "install-command" | "failed" |
+    "skipped" for loads; "unloaded" | "remove-command" | "absent" | "failed" |
+    "kept" (a dependency still in use, left alone by a recursive unload).
+    """
+
+    name: str
+    status: str
+    error: str | None = None
+    errno: int | None = None
+    warning: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status not in ("failed", "skipped")
+
+
+InstallRunner = Callable[[str, str, str], commands.CommandResult]
+RemoveRunner = Callable[[str, str], commands.CommandResult]
+
+
+class Loader:
+    def __init__(self, kernel: Kernel, *, coming_timeout: float = 30.0,
+                 run_install: InstallRunner | None = None,
+                 run_remove: RemoveRunner | None = None) -> None:
+        self.kernel = kernel
+        self.coming_timeout = coming_timeout
+        self._run_install: InstallRunner = run_install or commands.run_install
+        self._run_remove: RemoveRunner = run_remove or commands.run_remove
+        # ENOSYS is permanent for the life of the kernel: report it once, then
+        # answer every later request without a syscall (visible to the daemon).
+        self.no_module_support = False
+        self._lock = threading.Lock()
+
+    # -- helpers --------------------------------------------------------------------
+    def _note_enosys(self) -> None:
+        with self._lock:
+            first = not self.no_module_support
+            self.no_module_support = True
+        if first:
+            log.error("%s; not trying to load modules again", NO_MODULE_SUPPORT)
+
+    def _unsupported(self, name: str) -> StepResult | None:
+        if self.no_module_support:
+            return StepResult(name, "failed", NO_MODULE_SUPPORT, E.ENOSYS)
+        if not self.kernel.supports_modules():
+            self._note_enosys()
+            return StepResult(name, "failed", NO_MODULE_SUPPORT, E.ENOSYS)
+        return None
+
+    def _wait_settled(self, name: str) -> InitState:
+        """Wait (bounded) while ``name`` is coming or going; return the state it settles in."""
+        deadline = time.monotonic() + self.coming_timeout
+        delay = 0.005
+        while True:
+            state = self.kernel.initstate(name)
+            if state not in (InitState.COMING, InitState.GOING):
+                return state
+            if time.monotonic() >= deadline:
+                return state
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.25)
+
+    # -- loading ----------------------------------------------------------------------
+    def load_step(self, step: ModuleStep) -> StepResult:
+        """Load one module (its dependencies must already be live)."""
+        name = step.name
+        if step.install_command is not None:
+            # modprobe runs the install command instead of loading, even for a
+            # module that is already live; the command decides.
+            res = self._run_install(name, step.install_command, step.options)
+            if res.ok:
+                return StepResult(name, "install-command")
+            return StepResult(name, "failed", res.error, E.EINVAL)
+        if step.builtin:
+            return StepResult(name, "builtin")
+        unsupported = self._unsupported(name)
+        if unsupported is not None:
+            return unsupported
+        state = self.kernel.initstate(name)
+        if state in (InitState.COMING, InitState.GOING):
+            state = self._wait_settled(name)
+            if state is InitState.COMING:
+                return StepResult(name, "failed",
+                                  f"{name}: still initialising after "
+                                  f"{self.coming_timeout:g}s (see dmesg)", E.EBUSY)
+            if state is InitState.GOING:
+                return StepResult(name, "failed",
+                                  f"{name}: still being removed after "
+                                  f"{self.coming_timeout:g}s", E.EBUSY)
+        if state is InitState.LIVE:
+            return StepResult(name, "already")
+        if state is InitState.BUILTIN:
+            return StepResult(name, "builtin")
+        if step.path is None:
+            return StepResult(name, "failed", f"{name}: no module file in the module tree",
+                              E.ENOENT)
+        try:
+            inserted = self.kernel.load_module(name, step.path, step.options)
+        except KernelError as e:
+            if e.errno == E.ENOSYS:
+                self._note_enosys()
+            return StepResult(name, "failed", e.message, e.errno)
+        return StepResult(name, "loaded" if inserted else "already")
+
+    def load_plan(self, plan: Plan) -> list[StepResult]:
+        """Load every step in order, like modprobe.
+
+        A failing softdep is ignored (kmod: ``!m->required``).  A failing hard
+        step makes the steps that need it (directly or not) "skipped"; steps of
+        other targets that do not need it still run.
+        """
+        results: list[StepResult] = []
+        broken: set[str] = set()
+        for step in plan.steps:
+            blockers = [d for d in step.deps if d in broken]
+            if blockers:
+                results.append(StepResult(step.name, "skipped",
+                                          f"{step.name}: not loaded because "
+                                          f"{', '.join(blockers)} failed", None))
+                broken.add(step.name)
+                continue
+            res = self.load_step(step)
+            results.append(res)
+            if res.status == "failed":
+                if step.role in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST):
+                    log.info("ignoring failed softdep: %s", res.error)
+                    continue
+                broken.add(step.name)
+                if res.errno == E.ENOSYS:
+                    # Nothing else can load either; say so for the rest.
+                    results += [StepResult(s.name, "skipped", NO_MODULE_SUPPORT, E.ENOSYS)
+                                for s in plan.steps[len(results):]]
+                    break
+        return results
+
+    @staticmethod
+    def plan_ok(plan: Plan, results: list[StepResult]) -> bool:
+        """Whether every target and hard dependency made it (softdep failures allowed)."""
+        roles = {s.name: s.role for s in plan.steps}
+        return plan.resolved and all(
+            r.ok or roles.get(r.name) in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST)
+            for r in results)
+
+    # -- unloading --------------------------------------------------------------------
+    def unload(self, name: str, *, remove_command: str | None = None,
+               force: bool = False) -> StepResult:
+        """Remove one module like rmmod: refuse (EBUSY) while it is in use unless forced."""
+        if remove_command is not None:
+            res = self._run_remove(name, remove_command)
+            if res.ok:
+                return StepResult(name, "remove-command")
+            return StepResult(name, "failed", res.error, E.EINVAL)
+        unsupported = self._unsupported(name)
+        if unsupported is not None:
+            return unsupported
+        state = self.kernel.initstate(name)
+        if state is InitState.ABSENT:
+            return StepResult(name, "absent", f"{name}: not loaded", E.ENOENT)
+        if state is InitState.BUILTIN:
+            return StepResult(name, "failed", f"{name}: built into the kernel, cannot be "
+                              "unloaded", E.ENOENT)
+        if not force:
+            # Like modprobe -r: check in user space first so the message names
+            # the holders instead of the kernel's bare EWOULDBLOCK.
+            holders = self.kernel.holders(name)
+            refs = self.kernel.refcount(name)
+            if holders or (refs or 0) > 0:
+                msg = (f"{name}: in use by: {' '.join(holders)}" if holders else
+                       f"{name}: in use ({refs} reference{'s' if refs != 1 else ''}, "
+                       "e.g. an open device or a mounted filesystem)")
+                return StepResult(name, "failed", msg, E.EBUSY)
+        try:
+            self.kernel.unload_module(name, force=force)
+        except KernelError as e:
+            if e.errno == E.ENOSYS:
+                self._note_enosys()
+            if e.errno == E.ENOENT:
+                return StepResult(name, "absent", e.message, E.ENOENT)
+            return StepResult(name, "failed", e.message, e.errno)
+        return StepResult(name, "unloaded")
+
+    def unload_recursive(self, plan_or_name: Plan | str, *,
+                         remove_commands: Mapping[str, str] | None = None,
+                         force: bool = False) -> list[StepResult]:
+        """``modprobe -r``: the target(s), then dependencies nothing uses any more.
+
+        With a Plan, the candidates are its steps in reverse (post-softdeps
+        first, then the target, then hard dependencies and pre-softdeps, as
+        modprobe -r orders them).  With a bare name, the kernel's own holder
+        links say which modules it was using.  Only the targets' failures are
+        errors; a dependency still in use is "kept".
+        """
+        cmds = dict(remove_commands or {})
+        if isinstance(plan_or_name, str):
+            return self._unload_by_holders(plan_or_name, cmds, force)
+        plan = plan_or_name
+        targets = set(plan.targets)
+        results: list[StepResult] = []
+        for step in reversed(plan.steps):
+            if step.builtin:
+                continue
+            if step.name in targets:
+                res = self.unload(step.name, remove_command=cmds.get(step.name), force=force)
+                results.append(res)
+                if res.status == "failed":
+                    break
+                continue
+            results.append(self._unload_if_unused(step.name, cmds.get(step.name)))
+        return results
+
+    def _unload_if_unused(self, name: str, remove_command: str | None) -> StepResult:
+        if remove_command is None:
+            state = self.kernel.initstate(name)
+            if state in (InitState.ABSENT, InitState.BUILTIN):
+                return StepResult(name, "absent" if state is InitState.ABSENT else "builtin")
+            if self.kernel.holders(name) or (self.kernel.refcount(name) or 0) > 0:
+                return StepResult(name, "kept", f"{name}: still in use", E.EBUSY)
+        res = self.unload(name, remove_command=remove_command)
+        if res.status == "failed":
+            # Non-fatal for a dependency, as in modprobe -r.
+            return StepResult(name, "kept", res.error, res.errno)
+        return res
+
+    def _unload_by_holders(self, name: str, cmds: Mapping[str, str],
+                           force: bool) -> list[StepResult]:
+        # Modules whose holders list the target are the ones it was using.
+        used = [m for m, info in self.kernel.modules().items() if name in info.holders]
+        first = self.unload(name, remove_command=cmds.get(name), force=force)
+        results = [first]
+        if first.status == "failed" or first.status == "absent":
+            return results
+        pending = list(used)
+        seen = {name}
+        while pending:
+            dep = pending.pop(0)
+            if dep in seen:
+                continue
+            seen.add(dep)
+            below = [m for m, info in self.kernel.modules().items() if dep in info.holders]
+            res = self._unload_if_unused(dep, cmds.get(dep))
+            results.append(res)
+            if res.status == "unloaded":
+                pending += below
+        return results
+
+
+def describe_failure(results: list[StepResult], plan: Plan | None = None) -> str | None:
+    """The first hard failure's message (for one-line CLI and daemon reports)."""
+    soft = {s.name for s in plan.steps if s.role in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST)} \
+        if plan is not None else set()
+    for r in results:
+        if r.status == "failed" and r.name not in soft:
+            return r.error or errors.load_message(r.errno or E.EIO, r.name)
+    return None
