@@ -1,0 +1,292 @@
+"""The module indexes of one ``lib/modules/VERSION`` directory.
+
+kmod's binary indexes (``modules.*.bin``) are read directly; when one is
+missing the text file depmod writes next to it is used instead (libkmod
+itself answers nothing in that case, so kmodd only ever answers more, never
+differently).  A damaged index raises :class:`IndexCorrupt` naming the file.
+
+Keys are looked up as given: callers normalise aliases first (kmod does it in
+``kmod_module_new_from_lookup``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmodd import aliasmatch
+from kmodd.aliasmatch import WildIndex, depmod_values
+from kmodd.index_bin import BinIndex, IndexCorrupt, key_bytes_str
+
+__all__ = ["DepEntry", "IndexCorrupt", "ModuleTree", "path_to_modname"]
+
+
+@dataclass(frozen=True)
+class DepEntry:
+    """One modules.dep line: ``path`` is absolute, ``deps`` are module names in file order."""
+
+    name: str
+    path: str
+    deps: tuple[str, ...]
+
+
+def path_to_modname(path: str) -> str:
+    """kmod's path_to_modname: the basename up to its first '.', '-' read as '_'."""
+    base = path.rsplit("/", 1)[-1]
+    dot = base.find(".")
+    if dot >= 0:
+        base = base[:dot]
+    return base.replace("-", "_")
+
+
+class _Missing:
+    """Marker for an index that has neither a .bin nor a text file."""
+
+
+_MISSING = _Missing()
+
+
+class ModuleTree:
+    """Lookups in the indexes of one module directory; each file is read on first use."""
+
+    def __init__(self, moddir: Path) -> None:
+        self.moddir = Path(moddir)
+        self._dirname = os.fspath(self.moddir)
+        self._loaded: dict[str, object] = {}
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self._dirname, name)
+
+    def _get(self, name: str, loader: Callable[[], object]) -> object:
+        obj = self._loaded.get(name)
+        if obj is None:
+            obj = loader()
+            self._loaded[name] = obj
+        return obj
+
+    def _bin(self, name: str) -> BinIndex | None:
+        path = self._file(name + ".bin")
+        try:
+            return BinIndex(path)
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError as e:
+            raise IndexCorrupt(f"{path}: is a directory") from e
+
+    def _text(self, name: str) -> list[str] | None:
+        path = self._file(name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError as e:
+            raise IndexCorrupt(f"{path}: is a directory") from e
+        return data.decode("latin-1").splitlines()
+
+    # -- modules.dep -------------------------------------------------------
+
+    def _dep_index(self) -> object:
+        def load() -> object:
+            b = self._bin("modules.dep")
+            if b is not None:
+                return b
+            lines = self._text("modules.dep")
+            if lines is None:
+                return _MISSING
+            table: dict[str, str] = {}
+            for line in lines:
+                colon = line.find(":")
+                if colon <= 0 or line.startswith("#"):
+                    continue
+                # depmod orders modules.dep like the .bin priorities: first wins
+                table.setdefault(path_to_modname(line[:colon]), _value(line))
+            return table
+        return self._get("modules.dep", load)
+
+    def _dep_line(self, name: str) -> str | None:
+        idx = self._dep_index()
+        if isinstance(idx, BinIndex):
+            return idx.search(name)
+        if isinstance(idx, dict):
+            return idx.get(key_bytes_str(name))
+        return None
+
+    def dep(self, name: str) -> DepEntry | None:
+        """The modules.dep entry of a module name (as kmod_search_moddep finds it)."""
+        line = self._dep_line(name)
+        if line is None:
+            return None
+        colon = line.find(":")
+        if colon < 0:
+            raise IndexCorrupt(f"{self._file('modules.dep')}: entry for {name!r} has no ':'")
+        deps = tuple(path_to_modname(p) for p in line[colon + 1:].replace("\t", " ").split())
+        return DepEntry(name, self._abspath(line[:colon]), deps)
+
+    def dep_path(self, name: str) -> str | None:
+        line = self._dep_line(name)
+        if line is None:
+            return None
+        colon = line.find(":")
+        if colon < 0:
+            raise IndexCorrupt(f"{self._file('modules.dep')}: entry for {name!r} has no ':'")
+        return self._abspath(line[:colon])
+
+    def _abspath(self, rel: str) -> str:
+        if rel.startswith("/"):
+            return rel
+        return self._dirname + "/" + rel
+
+    def module_names(self) -> list[str]:
+        """Every module in modules.dep, sorted."""
+        idx = self._dep_index()
+        if isinstance(idx, BinIndex):
+            return sorted(k for k, _ in idx.items())
+        if isinstance(idx, dict):
+            return sorted(idx)
+        return []
+
+    # -- modules.alias / modules.symbols ---------------------------------------
+
+    def _alias_text(self, name: str) -> WildIndex | None:
+        """A text index of ``alias PATTERN MODULE`` lines, ordered as depmod orders the .bin."""
+        lines = self._text(name)
+        if lines is None:
+            return None
+        module_order: dict[str, int] = {}
+        table: dict[str, list[tuple[int, str]]] = {}
+        for line in lines:
+            fields = line.split()
+            if len(fields) != 3 or fields[0] != "alias":
+                continue
+            _, pattern, module = fields
+            # depmod's priority is the module's position; modules come in that order
+            prio = module_order.setdefault(module, len(module_order))
+            depmod_values(table.setdefault(pattern, []), prio, _value(module))
+        return WildIndex(table.items())
+
+    def _alias_index(self) -> WildIndex | None:
+        def load() -> object:
+            b = self._bin("modules.alias")
+            if b is not None:
+                return WildIndex(b.items())
+            return self._alias_text("modules.alias") or _MISSING
+        idx = self._get("modules.alias", load)
+        return idx if isinstance(idx, WildIndex) else None
+
+    def alias(self, alias: str) -> list[str]:
+        """Modules whose modules.alias patterns match, in kmod's order (duplicates kept)."""
+        idx = self._alias_index()
+        if idx is None:
+            return []
+        return idx.search(key_bytes_str(alias))
+
+    def alias_patterns(self) -> list[tuple[str, str]]:
+        """(pattern, module) of every modules.alias entry, by module priority then pattern."""
+        idx = self._alias_index()
+        if idx is None:
+            return []
+        return [(p, v) for p, v, _ in sorted(idx.patterns(), key=lambda e: (e[2], e[0]))]
+
+    def _wild(self, name: str, text: Callable[[], WildIndex | None]) -> BinIndex | WildIndex | None:
+        def load() -> object:
+            return self._bin(name) or text() or _MISSING
+        idx = self._get(name, load)
+        return idx if isinstance(idx, BinIndex | WildIndex) else None
+
+    def symbol(self, symbol: str) -> list[str]:
+        """modules.symbols matches for a ``symbol:NAME`` key."""
+        idx = self._wild("modules.symbols", lambda: self._alias_text("modules.symbols"))
+        return _search(idx, symbol)
+
+    # -- builtin -------------------------------------------------------------
+
+    def _builtin_index(self) -> BinIndex | set[str] | None:
+        def load() -> object:
+            b = self._bin("modules.builtin")
+            if b is not None:
+                return b
+            lines = self._text("modules.builtin")
+            if lines is None:
+                return _MISSING
+            # depmod skips lines that do not start with a letter
+            return {path_to_modname(ln) for ln in lines if ln[:1].isalpha()}
+        idx = self._get("modules.builtin", load)
+        return idx if isinstance(idx, BinIndex | set) else None
+
+    def is_builtin(self, name: str) -> bool:
+        idx = self._builtin_index()
+        if isinstance(idx, BinIndex):
+            return idx.search(name) is not None
+        if isinstance(idx, set):
+            return key_bytes_str(name) in idx
+        return False
+
+    def _builtin_modinfo_aliases(self) -> WildIndex | None:
+        """Builtin aliases from modules.builtin.modinfo, as depmod builds the .bin from it."""
+        path = self._file("modules.builtin.modinfo")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        table: dict[str, list[tuple[int, str]]] = {}
+        for rec in data.decode("latin-1").split("\0"):
+            dot = rec.find(".")
+            eq = rec.find("=", dot + 1)
+            if dot <= 0 or eq < 0 or rec[dot + 1:eq] != "alias" or eq + 1 == len(rec):
+                continue
+            try:
+                pattern = _normalize_pattern(rec[eq + 1:])
+            except ValueError:
+                continue          # depmod warns about unmatched brackets and skips
+            depmod_values(table.setdefault(pattern, []), 0, _value(rec[:dot]))
+        return WildIndex(table.items())
+
+    def builtin_alias(self, alias: str) -> list[str]:
+        """Builtin modules whose aliases match (modules.builtin.alias.bin)."""
+        idx = self._wild("modules.builtin.alias", self._builtin_modinfo_aliases)
+        return _search(idx, alias)
+
+
+def _search(idx: BinIndex | WildIndex | None, key: str) -> list[str]:
+    if idx is None:
+        return []
+    if isinstance(idx, BinIndex):
+        return idx.searchwild(key, aliasmatch.fnmatch)
+    return idx.search(key_bytes_str(key))
+
+
+def _value(text: str) -> str:
+    """Text files are read as latin-1 (one char per byte); values go back to str."""
+    if text.isascii():
+        return text
+    return text.encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def _normalize_pattern(alias: str) -> str:
+    """depmod's alias_normalize: '-' becomes '_' outside brackets; unbalanced ones fail."""
+    out: list[str] = []
+    i = 0
+    n = len(alias)
+    while i < n:
+        c = alias[i]
+        if c == "-":
+            out.append("_")
+        elif c == "]":
+            raise ValueError(alias)
+        elif c == "[":
+            close = alias.find("]", i)
+            if close < 0:
+                raise ValueError(alias)
+            out.append(alias[i:close + 1])
+            i = close
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
