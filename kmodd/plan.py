@@ -41,6 +41,8 @@ class Plan:
     request: str
     targets: tuple[str, ...]
     steps: tuple[ModuleStep, ...] = field(default=())
+    # Modules the request resolved to but the blacklist kept out (not in targets).
+    blacklisted: tuple[str, ...] = ()
 
     @property
     def resolved(self) -> bool:
