@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kmodd.cli.common import add_tree_options, tree_from_args
 from kmodd.elf import ModuleFileError, ModuleInfo, Param, merge_params, read_modinfo
 from kmodd.file import MODULE_SUFFIXES
-from kmodd.names import alias_normalize, modname_normalize
-from kmodd.root import Root, running_kernel_version
+from kmodd.names import modname_normalize
 
 PROG = "kmodctl info"
 
@@ -21,65 +21,15 @@ PROG = "kmodctl info"
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("modules", nargs="+", metavar="MODULE|PATH",
                         help="module name, alias or path to a module file")
-    parser.add_argument("-d", "--dirname", metavar="ROOT", default=None,
-                        help="directory holding lib/modules/VERSION (default /)")
-    parser.add_argument("-S", "--set-version", metavar="VERSION", dest="version", default=None,
-                        help="kernel version (default: running kernel)")
+    add_tree_options(parser, blacklist=False)
     parser.add_argument("-F", "--field", metavar="FIELD", default=None,
                         help="print only this field's values, one per line")
     parser.add_argument("-0", "--null", action="store_true",
                         help="end each output line with NUL instead of newline")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 # ---------------------------------------------------------------------------
 # Finding modules by name
-
-
-class _TextTree:
-    """Name, alias and builtin lookups from the text indexes of one module directory.
-
-    Stand-in used only while kmodd.index is not available.
-    """
-
-    def __init__(self, moddir: Path) -> None:
-        self.moddir = moddir
-        self._deps: dict[str, str] | None = None
-        self._builtin: set[str] | None = None
-
-    def dep_path(self, name: str) -> str | None:
-        if self._deps is None:
-            self._deps = {}
-            try:
-                text = (self.moddir / "modules.dep").read_text(errors="replace")
-            except OSError:
-                text = ""
-            for line in text.splitlines():
-                path, colon, _ = line.partition(":")
-                if colon:
-                    full = path if path.startswith("/") else str(self.moddir / path)
-                    self._deps.setdefault(modname_normalize(path), full)
-        return self._deps.get(modname_normalize(name))
-
-    def alias(self, alias: str) -> list[str]:
-        return []
-
-    def is_builtin(self, name: str) -> bool:
-        if self._builtin is None:
-            try:
-                text = (self.moddir / "modules.builtin").read_text(errors="replace")
-            except OSError:
-                text = ""
-            self._builtin = {modname_normalize(line) for line in text.split()}
-        return modname_normalize(name) in self._builtin
-
-
-def _open_tree(moddir: Path) -> Any:
-    try:
-        from kmodd.index import ModuleTree
-    except ImportError:
-        return _TextTree(moddir)
-    return ModuleTree(moddir)
 
 
 def _builtin_fields(moddir: Path, name: str) -> list[tuple[str, str]]:
@@ -173,10 +123,9 @@ def _json_builtin(name: str, entries: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    root = Root(modules_base=Path(args.dirname) if args.dirname else None)
-    version = args.version or running_kernel_version()
+    root, version = tree_from_args(args)
     moddir = root.modules_dir(version)
-    tree: Any = None
+    resolver: Any = None
     status = 0
     end = "\0" if args.null else "\n"
     results: list[dict[str, Any]] = []
@@ -199,32 +148,33 @@ def run(args: argparse.Namespace) -> int:
 
     for arg in args.modules:
         if _is_path(arg):
-            if not show_file(os.path.abspath(arg) if not arg.startswith("/") else arg):
+            if not show_file(os.path.abspath(arg)):
                 status = 1
             continue
-        if tree is None:
-            tree = _open_tree(moddir)
-        path = tree.dep_path(modname_normalize(arg))
-        if path is not None:
-            status |= 0 if show_file(path) else 1
-            continue
+        if resolver is None:
+            # Imported here: a path argument needs neither indexes nor configuration.
+            from kmodd.index import IndexCorrupt
+            from kmodd.resolve import open_resolver
+            resolver = open_resolver(root, version, args.config)
         try:
-            matches = tree.alias(alias_normalize(arg))
-        except ValueError:
-            matches = []
-        if matches:
-            for name in matches:
-                found = tree.dep_path(name)
-                if found is not None:
-                    status |= 0 if show_file(found) else 1
-                elif tree.is_builtin(name):
-                    _show_builtin(args, moddir, name, results, emit)
+            # modinfo looks arguments up like modprobe (kmod_module_new_from_lookup):
+            # configuration aliases, module names, modules.alias, builtin modules.
+            names = resolver.lookup(arg)
+            found = [(name, resolver.tree.dep_path(name)) for name in names]
+        except (IndexCorrupt, OSError) as e:   # the message names the damaged file
+            print(f"{PROG}: ERROR: {e}", file=sys.stderr)
+            status = 1
             continue
-        if tree.is_builtin(modname_normalize(arg)):
-            _show_builtin(args, moddir, modname_normalize(arg), results, emit)
-            continue
-        print(f"{PROG}: ERROR: module {arg} not found in {moddir}", file=sys.stderr)
-        status = 1
+        if not found:
+            print(f"{PROG}: ERROR: module {arg} not found in {moddir}", file=sys.stderr)
+            status = 1
+        for name, path in found:
+            if path is not None:
+                status |= 0 if show_file(path) else 1
+            else:
+                # Builtin, or known only from an install command: modinfo shows
+                # "(builtin)" and whatever modules.builtin.modinfo has for it.
+                _show_builtin(args, moddir, name, results, emit)
     if args.json:
         print(json.dumps(results, indent=2))
     return status

@@ -503,8 +503,10 @@ def _modinfo_text(*args: str) -> str:
 
 
 @pytest.mark.realtree
-@pytest.mark.parametrize("module", ["e1000", "snd-hda-intel", "psmouse", "kvm_amd", "speakup",
-                                    "button", "lrw", "unix", "ext4"])
+@pytest.mark.parametrize("module", [
+    "e1000", "snd-hda-intel", "psmouse", "kvm_amd", "speakup", "button", "lrw", "unix", "ext4",
+    # Looked up like modprobe does: a modalias, a builtin alias, a module alias.
+    "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00", "net-pf-1", "fs-ext4"])
 def test_kmodctl_info_by_name(real_moddir: Path, capsys: pytest.CaptureFixture[str],
                               module: str) -> None:
     version = real_moddir.name
@@ -558,6 +560,23 @@ def test_kmodctl_info_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "No such file" in err
     rc, out, err = _kmodctl(capsys, "-d", str(tmp_path), "-S", "0.0", "no_such_module")
     assert rc == 1 and "no_such_module not found" in err
+
+
+def test_kmodctl_info_config_alias_and_corrupt_index(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    moddir = tmp_path / "lib/modules/1.0"
+    (moddir / "kernel").mkdir(parents=True)
+    (moddir / "kernel/fake-mod.ko").write_bytes(BASIC)
+    (moddir / "modules.dep").write_text("kernel/fake-mod.ko:\n")
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    (conf / "a.conf").write_text("alias my-alias fake_mod\n")
+    rc, out, err = _kmodctl(capsys, "-d", str(tmp_path), "-S", "1.0", "-C", str(conf),
+                            "-F", "name", "my-alias")
+    assert (rc, out, err) == (0, "fake_mod\n", "")
+    (moddir / "modules.dep.bin").write_bytes(b"\xb0\x07\xf4\x57garbage")
+    rc, out, err = _kmodctl(capsys, "-d", str(tmp_path), "-S", "1.0", "fake_mod")
+    assert rc == 1 and "modules.dep.bin" in err and "Traceback" not in err
 
 
 def test_kmodctl_info_process_exit_status(tmp_path: Path) -> None:
