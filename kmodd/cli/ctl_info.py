@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
 
     for arg in args.modules:
         if _is_path(arg):
-            if not show_file(os.path.abspath(arg)):
+            # Like kmod's path_make_absolute_cwd: cwd + "/" + arg, not normalised.
+            if not show_file(arg if arg.startswith("/") else f"{os.getcwd()}/{arg}"):
                 status = 1
             continue
         if resolver is None:

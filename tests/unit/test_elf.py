@@ -533,6 +533,19 @@ def test_kmodctl_info_paths_and_fields(real_moddir: Path, sample: list[Path],
 
 
 @pytest.mark.realtree
+def test_kmodctl_info_relative_paths(real_moddir: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copyfile(_dep_paths(real_moddir)["e1000"], tmp_path / "e1000.ko")
+    monkeypatch.chdir(tmp_path)
+    for arg in ("e1000.ko", "./e1000.ko", f"../{tmp_path.name}/e1000.ko"):
+        rc, out, _ = _kmodctl(capsys, arg)
+        assert rc == 0
+        # modinfo joins cwd and the argument without normalising: "/tmp/x/./e1000.ko".
+        assert out == _modinfo_text(arg), arg
+
+
+@pytest.mark.realtree
 def test_kmodctl_info_json(real_moddir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = _kmodctl(capsys, "-S", real_moddir.name, "--json", "e1000", "unix")
     assert rc == 0
