@@ -1,0 +1,403 @@
+"""The control socket: newline-delimited JSON over a unix stream socket.
+
+Each request is one JSON object on one line with an ``op``; each reply is
+one object with ``ok`` (and ``error`` when false).  ``monitor`` keeps the
+connection and streams ``{"event": "outcome", ...}`` lines.  An optional
+``id`` in a request is echoed in its reply, so requests may be pipelined.
+
+Peers are identified by ``SO_PEERCRED``: uid 0 may load, unload and reload;
+anyone may read (status, list, why, monitor, settle).  The socket itself is
+world-connectable for that reason.  Malformed or oversized messages get an
+error reply; they never reach the daemon's logic, let alone crash it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("kmodd.control")
+
+DEFAULT_SOCKET = "/run/kmodd/control"
+MAX_MESSAGE = 64 * 1024          # one request line
+MAX_OUTPUT = 4 * 1024 * 1024     # queued replies to a peer that does not read
+
+READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping"})
+ROOT_OPS = frozenset({"load", "unload", "reload"})
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+
+def peer_credentials(sock: socket.socket) -> PeerCred:
+    size = struct.calcsize("3i")
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET,
+                                                        socket.SO_PEERCRED, size))
+    return PeerCred(pid, uid, gid)
+
+
+class Reactor(Protocol):
+    """The part of the service's event loop the server uses."""
+
+    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None: ...
+    def set_writer(self, fileobj: Any, callback: Callable[[], None] | None) -> None: ...
+    def remove(self, fileobj: Any) -> None: ...
+
+
+def error_reply(message: str, code: str = "EINVAL") -> dict[str, Any]:
+    return {"ok": False, "error": message, "code": code}
+
+
+class Connection:
+    """One peer.  Used from the event loop thread only."""
+
+    def __init__(self, server: ControlServer, sock: socket.socket, cred: PeerCred) -> None:
+        self.server = server
+        self.sock = sock
+        self.cred = cred
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.closed = False
+        self.close_after_flush = False
+        self.monitoring = False
+        self.on_close: list[Callable[[Connection], None]] = []
+
+    @property
+    def uid(self) -> int:
+        return self.cred.uid
+
+    def describe(self) -> str:
+        return f"pid={self.cred.pid} uid={self.cred.uid}"
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        try:
+            line = json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+        except (TypeError, ValueError) as exc:
+            line = json.dumps(error_reply(f"internal error encoding reply: {exc}",
+                                          "EIO")).encode() + b"\n"
+        if len(self.outbuf) + len(line) > MAX_OUTPUT:
+            # A peer that does not read must not make the daemon's memory grow.
+            log.info("control: dropping %s, it is not reading its replies", self.describe())
+            self.close()
+            return
+        self.outbuf += line
+        self._flush()
+
+    def reply(self, request: dict[str, Any] | None, payload: dict[str, Any]) -> None:
+        if request is not None and "id" in request and isinstance(request["id"], str | int):
+            payload = {**payload, "id": request["id"]}
+        self.send(payload)
+
+    def _flush(self) -> None:
+        while self.outbuf and not self.closed:
+            try:
+                n = self.sock.send(self.outbuf)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.close()
+                return
+            del self.outbuf[:n]
+        if self.closed:
+            return
+        if self.outbuf:
+            self.server.reactor.set_writer(self.sock, self._flush)
+        else:
+            self.server.reactor.set_writer(self.sock, None)
+            if self.close_after_flush:
+                self.close()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self.inbuf += data
+        while not self.closed:
+            nl = self.inbuf.find(b"\n")
+            if nl < 0:
+                if len(self.inbuf) > MAX_MESSAGE:
+                    self.send(error_reply(f"message longer than {MAX_MESSAGE} bytes",
+                                          "EMSGSIZE"))
+                    self.inbuf.clear()
+                    self.close_after_flush = True
+                    self._flush()
+                return
+            line = bytes(self.inbuf[:nl])
+            del self.inbuf[:nl + 1]
+            if len(line) > MAX_MESSAGE:
+                self.send(error_reply(f"message longer than {MAX_MESSAGE} bytes", "EMSGSIZE"))
+                continue
+            if line.strip():
+                self.server.dispatch(self, line)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.server.reactor.remove(self.sock)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.server.connections.discard(self)
+        for cb in self.on_close:
+            try:
+                cb(self)
+            except Exception:
+                log.exception("control: close callback failed")
+
+
+Handler = Callable[[Connection, dict[str, Any]], "dict[str, Any] | None"]
+
+
+class ControlServer:
+    """Accepts peers, parses lines, checks permissions, hands requests to ``handler``.
+
+    ``handler(conn, msg)`` returns the reply, or None when it will reply later
+    with ``conn.reply(msg, ...)`` (load, settle) or stream (monitor).
+    """
+
+    def __init__(self, path: str | Path, reactor: Reactor, handler: Handler, *,
+                 peercred: Callable[[socket.socket], PeerCred] = peer_credentials,
+                 mode: int = 0o666) -> None:
+        self.path = Path(path)
+        self.reactor = reactor
+        self.handler = handler
+        self.peercred = peercred
+        self.mode = mode
+        self.sock: socket.socket | None = None
+        self.connections: set[Connection] = set()
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            if Client.try_connect(self.path, timeout=1.0) is not None:
+                raise RuntimeError(f"{self.path}: another kmodd is already listening")
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(self.path))
+            # Everyone may connect; SO_PEERCRED decides what they may do.
+            os.chmod(self.path, self.mode)
+            sock.listen(64)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.reactor.add_reader(sock, self._accept)
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def stop_accepting(self) -> None:
+        if self.sock is None:
+            return
+        with contextlib.suppress(Exception):
+            self.reactor.remove(self.sock)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.sock = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def close(self) -> None:
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.close()
+
+    def _accept(self) -> None:
+        if self.sock is None:
+            return
+        for _ in range(64):
+            try:
+                peer, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno_mod.EMFILE, errno_mod.ENFILE, errno_mod.ENOBUFS,
+                                 errno_mod.ENOMEM):
+                    log.warning("control: cannot accept: %s", exc)
+                return
+            peer.setblocking(False)
+            try:
+                cred = self.peercred(peer)
+            except Exception as exc:
+                log.warning("control: no peer credentials (%s); dropping peer", exc)
+                peer.close()
+                continue
+            conn = Connection(self, peer, cred)
+            self.connections.add(conn)
+            self.reactor.add_reader(peer, conn.on_readable)
+
+    def dispatch(self, conn: Connection, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            conn.send(error_reply(f"malformed JSON: {exc}"))
+            return
+        if not isinstance(msg, dict):
+            conn.send(error_reply("a request must be a JSON object"))
+            return
+        op = msg.get("op")
+        if not isinstance(op, str):
+            conn.reply(msg, error_reply("missing 'op'"))
+            return
+        if op not in READ_OPS and op not in ROOT_OPS:
+            conn.reply(msg, error_reply(f"unknown op {op!r}", "ENOSYS"))
+            return
+        if op in ROOT_OPS and not conn.cred.is_root:
+            log.info("control: %s refused to %s", op, conn.describe())
+            conn.reply(msg, error_reply(f"{op} needs root (peer uid {conn.cred.uid})", "EPERM"))
+            return
+        try:
+            reply = self.handler(conn, msg)
+        except (KeyError, TypeError, ValueError) as exc:
+            reply = error_reply(f"bad {op} request: {exc}")
+        except Exception as exc:
+            log.exception("control: %s failed", op)
+            reply = error_reply(f"{op} failed: {exc}", "EIO")
+        if reply is not None:
+            conn.reply(msg, reply)
+
+
+# --- client ------------------------------------------------------------------
+
+class ControlError(Exception):
+    """The daemon answered with ok=false, or the connection broke."""
+
+    def __init__(self, message: str, code: str = "EIO", reply: dict[str, Any] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reply = reply or {}
+
+
+class Client:
+    """Blocking client for kmodctl and kmodd-request."""
+
+    def __init__(self, path: str | Path = DEFAULT_SOCKET, *, timeout: float | None = None
+                 ) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(self.path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._rfile = self.sock.makefile("rb")
+
+    @classmethod
+    def try_connect(cls, path: str | Path = DEFAULT_SOCKET, *, timeout: float | None = 5.0
+                    ) -> Client | None:
+        """A client when a daemon listens at ``path``; None otherwise (load directly)."""
+        try:
+            return cls(path, timeout=timeout)
+        except OSError:
+            return None
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def receive(self) -> dict[str, Any]:
+        line = self._rfile.readline(MAX_OUTPUT)
+        if not line:
+            raise ControlError("the daemon closed the connection")
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise ControlError(f"bad reply from the daemon: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ControlError("bad reply from the daemon: not an object")
+        return obj
+
+    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send one request, return its raw reply (``ok`` may be false)."""
+        self.send(msg)
+        return self.receive()
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Like :meth:`request` but raise ControlError when ``ok`` is false."""
+        reply = self.request({"op": op, **fields})
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error", "request failed")),
+                               str(reply.get("code", "EIO")), reply)
+        return reply
+
+    def stream(self, op: str = "monitor", **fields: Any) -> Iterator[dict[str, Any]]:
+        """The first reply, then every event line until the daemon closes."""
+        first = self.call(op, **fields)
+        yield first
+        while True:
+            try:
+                yield self.receive()
+            except ControlError:
+                return
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def list_modules(self) -> dict[str, Any]:
+        return self.call("list")
+
+    def why(self, module: str) -> dict[str, Any]:
+        return self.call("why", module=module)
+
+    def settle(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.call("settle", timeout=timeout)
+
+    def reload(self) -> dict[str, Any]:
+        return self.call("reload")
+
+    def load(self, name: str, options: str = "", *, kind: str = "admin",
+             requested_by: str = "") -> dict[str, Any]:
+        """Ask the daemon to load; the reply carries the outcome (``status``...)."""
+        return self.request({"op": "load", "name": name, "options": options, "kind": kind,
+                             "requested_by": requested_by})
+
+    def unload(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        return self.request({"op": "unload", "name": name, "force": force})
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._rfile.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

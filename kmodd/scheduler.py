@@ -1,0 +1,704 @@
+"""Bounded worker pool: dedup, dependency order, backoff, runaway detection.
+
+Every request (uevent, coldplug, kernel request_module(), administrator)
+goes through :meth:`Scheduler.submit` and gets a Future that always
+completes with an :class:`Outcome`.  Work is split in two kinds of jobs run
+by the same fixed set of worker threads, so no more than ``max_workers``
+modules are ever being loaded at once:
+
+* *resolve* jobs turn a request into a :class:`~kmodd.plan.Plan`;
+* *load* jobs load one module, keyed by name: one load per module however
+  many requests want it, started as soon as that module's own dependencies
+  are live (no waves).
+
+All bookkeeping lives under one lock; the slow parts (resolution, sysfs
+reads, the load syscall) run outside it.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from kmodd.kernel.protocol import InitState
+from kmodd.plan import ModuleStep, Plan, Role
+
+log = logging.getLogger("kmodd.scheduler")
+
+# The kernel warns "request_module: runaway loop" past this many concurrent
+# modprobe calls (kernel/module/kmod.c); a loader should never need more.
+MAX_KMOD_CONCURRENT = 50
+
+REQUEST_KINDS = ("modalias", "kernel", "admin", "coldplug")
+OUTCOME_STATUSES = ("loaded", "present", "builtin", "failed", "unresolved", "blacklisted",
+                    "backoff", "runaway")
+OK_STATUSES = frozenset({"loaded", "present", "builtin"})
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str            # "modalias" | "kernel" | "admin" | "coldplug"
+    key: str             # the modalias, the request_module() name, or the admin's name/alias
+    devpath: str | None = None
+    requested_by: str = ""     # e.g. "uevent", "coldplug", "kernel", "kmodctl uid=0"
+    options: str = ""
+
+    @property
+    def blacklist_all(self) -> bool:
+        """Device-driven requests honour the blacklist for every module, like udev;
+        kernel and administrator requests only for aliases, like modprobe."""
+        return self.kind in ("modalias", "coldplug")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "key": self.key, "devpath": self.devpath,
+                "requested_by": self.requested_by, "options": self.options}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    request: Request
+    status: str          # one of OUTCOME_STATUSES
+    modules: tuple[str, ...]
+    error: str | None = None
+    errno: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request": self.request.to_dict(), "status": self.status,
+                "modules": list(self.modules), "error": self.error, "errno": self.errno}
+
+
+class StepResultLike(Protocol):
+    """What :class:`kmodd.loader.StepResult` looks like to the scheduler."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def errno(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """A step result the scheduler makes itself (skips, kernel-side checks, crashes)."""
+
+    name: str
+    status: str
+    error: str | None = None
+    errno: int | None = None
+
+
+class ResolverLike(Protocol):
+    def plan(self, request: str, *, extra_options: str = "",
+             blacklist_all: bool = False) -> Plan: ...
+
+
+class LoaderLike(Protocol):
+    def load_step(self, step: ModuleStep) -> Any: ...
+
+
+class KernelStateLike(Protocol):
+    def initstate(self, name: str) -> InitState: ...
+
+
+def default_max_workers(cpus: int | None = None) -> int:
+    """Loads mostly wait (module init, firmware, udev-side probing), so twice the
+    CPUs, at least 4, never past the kernel's own limit."""
+    count = cpus if cpus is not None else (os.cpu_count() or 1)
+    return clamp_workers(max(4, 2 * count))
+
+
+def clamp_workers(n: int) -> int:
+    return max(1, min(int(n), MAX_KMOD_CONCURRENT))
+
+
+# --- pure policies -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    initial: float = 5.0
+    maximum: float = 600.0
+
+    def delay(self, failures: int) -> float:
+        """Exponential: initial, 2*initial, 4*initial ... capped at maximum."""
+        if failures <= 0:
+            return 0.0
+        return float(min(self.maximum, self.initial * (2 ** min(failures - 1, 30))))
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    failures: int
+    error: str | None
+    errno: int | None
+    retry_at: float
+
+
+def record_failure(previous: FailureRecord | None, error: str | None, errno: int | None,
+                   now: float, policy: BackoffPolicy) -> FailureRecord:
+    failures = (previous.failures if previous else 0) + 1
+    return FailureRecord(failures, error, errno, now + policy.delay(failures))
+
+
+class RunawayDetector:
+    """Counts arrivals per key in a sliding window; past ``limit`` the key is
+    flagged for ``window`` seconds, extended for as long as arrivals continue.
+
+    Memory is bounded: at most ``max_keys`` keys are tracked (least recently
+    seen dropped first) and each keeps at most ``limit + 1`` timestamps.
+    """
+
+    def __init__(self, limit: int = MAX_KMOD_CONCURRENT, window: float = 10.0,
+                 max_keys: int = 4096) -> None:
+        self.limit = max(1, limit)
+        self.window = window
+        self.max_keys = max_keys
+        self._times: OrderedDict[Hashable, deque[float]] = OrderedDict()
+        self._flagged: OrderedDict[Hashable, float] = OrderedDict()
+
+    def hit(self, key: Hashable, now: float) -> tuple[bool, bool]:
+        """Record one arrival; returns (runaway, newly_flagged)."""
+        until = self._flagged.get(key)
+        if until is not None:
+            if now < until:
+                self._flagged[key] = now + self.window
+                self._flagged.move_to_end(key)
+                return True, False
+            del self._flagged[key]
+        times = self._times.get(key)
+        if times is None:
+            times = deque(maxlen=self.limit + 1)
+            self._times[key] = times
+            if len(self._times) > self.max_keys:
+                self._times.popitem(last=False)
+        else:
+            self._times.move_to_end(key)
+        times.append(now)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) > self.limit:
+            times.clear()
+            self._flagged[key] = now + self.window
+            if len(self._flagged) > self.max_keys:
+                self._flagged.popitem(last=False)
+            return True, True
+        return False, False
+
+    def flagged(self, now: float) -> list[Hashable]:
+        return [k for k, until in self._flagged.items() if until > now]
+
+
+def plan_edges(plan: Plan) -> dict[str, set[str]]:
+    """For each step, the steps of this plan it must wait for.
+
+    Hard dependencies come from ``ModuleStep.deps``; softdep ``pre`` modules
+    go before every non-pre step after them and ``post`` modules after the
+    targets before them, which is the order modprobe would load them in.
+    Only earlier steps are ever waited on, so the graph is acyclic.
+    """
+    edges: dict[str, set[str]] = {}
+    seen: list[ModuleStep] = []
+    for step in plan.steps:
+        earlier = {s.name for s in seen}
+        wait = {d for d in step.deps if d in earlier}
+        if step.role != Role.SOFTDEP_PRE:
+            wait |= {s.name for s in seen if s.role == Role.SOFTDEP_PRE}
+        if step.role == Role.SOFTDEP_POST:
+            wait |= {s.name for s in seen if s.role == Role.TARGET}
+        wait.discard(step.name)
+        edges[step.name] = wait
+        seen.append(step)
+    return edges
+
+
+def summarize(request: Request, plan: Plan, results: dict[str, StepResultLike]) -> Outcome:
+    """One request's outcome from the results of its plan's steps."""
+    targets = plan.targets
+    failures = [r for r in results.values() if r.status in ("failed", "skipped")]
+    if failures:
+        # The target's own error says most; a dependency's explains a skip.
+        first = next((r for r in failures if r.status == "failed"), failures[0])
+        return Outcome(request, "failed", targets, first.error or f"{first.name}: failed",
+                       first.errno)
+    target_status = [results[t].status for t in targets if t in results]
+    if any(s in ("loaded", "install-command") for s in target_status):
+        return Outcome(request, "loaded", targets)
+    if target_status and all(s == "builtin" for s in target_status):
+        return Outcome(request, "builtin", targets)
+    if any(r.status == "loaded" for r in results.values()):
+        return Outcome(request, "loaded", targets)
+    return Outcome(request, "present", targets)
+
+
+# --- the scheduler -------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Entry:
+    """One distinct pending request and every caller waiting for it."""
+
+    dkey: tuple[str, str, str]
+    request: Request
+    waiters: list[tuple[Request, Future[Outcome]]]
+    plan: Plan | None = None
+    needs: set[str] = field(default_factory=set)
+    results: dict[str, StepResultLike] = field(default_factory=dict)
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Task:
+    """One module to load, shared by every request that needs it."""
+
+    step: ModuleStep
+    request: Request
+    targets: tuple[str, ...]
+    waiting_on: set[str]
+    dependents: set[str] = field(default_factory=set)
+    entries: list[_Entry] = field(default_factory=list)
+    state: str = "waiting"          # waiting | ready | running | done
+
+
+ModuleCallback = Callable[[ModuleStep, Request, tuple[str, ...], StepResultLike], None]
+
+
+class Scheduler:
+    def __init__(self, resolver: ResolverLike, loader: LoaderLike, kernel: KernelStateLike, *,
+                 max_workers: int | None = None, queue_limit: int = 4096,
+                 max_waiters: int = 4096, backoff: BackoffPolicy | None = None,
+                 runaway_limit: int = MAX_KMOD_CONCURRENT, runaway_window: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_outcome: Callable[[Outcome], None] | None = None,
+                 on_module: ModuleCallback | None = None,
+                 on_runaway: Callable[[str, Request], None] | None = None,
+                 on_idle: Callable[[], None] | None = None) -> None:
+        self._resolver = resolver
+        self._loader = loader
+        self._kernel = kernel
+        self.max_workers = clamp_workers(max_workers or default_max_workers())
+        self.queue_limit = queue_limit
+        self.max_waiters = max_waiters
+        self.backoff = backoff or BackoffPolicy()
+        self._clock = clock
+        self._on_outcome = on_outcome
+        self._on_module = on_module
+        self._on_runaway = on_runaway
+        self._on_idle = on_idle
+        self._runaway = RunawayDetector(runaway_limit, runaway_window)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._entries: dict[tuple[str, str, str], _Entry] = {}
+        self._resolve_q: deque[_Entry] = deque()
+        self._ready: deque[_Task] = deque()
+        self._tasks: dict[str, _Task] = {}
+        self._failures: OrderedDict[str, FailureRecord] = OrderedDict()
+        self._stopping = False
+        self._exit = False
+        self._busy = 0                  # workers running a job
+        self.loading = 0                # workers inside load_step
+        self.max_loading_seen = 0
+        self.counts: dict[str, int] = dict.fromkeys(OUTCOME_STATUSES, 0)
+        self.submitted = 0
+        self._threads = [threading.Thread(target=self._worker, name=f"kmodd-worker-{i}",
+                                          daemon=True) for i in range(self.max_workers)]
+        for t in self._threads:
+            t.start()
+
+    # --- public ------------------------------------------------------------
+
+    def set_resolver(self, resolver: ResolverLike) -> None:
+        """New configuration/indexes (SIGHUP, inotify); in-flight plans keep the old one."""
+        with self._lock:
+            self._resolver = resolver
+            # A new config may fix what failed: give failing modules a fresh chance.
+            self._failures.clear()
+
+    def submit(self, request: Request) -> Future[Outcome]:
+        fut: Future[Outcome] = Future()
+        fut.set_running_or_notify_cancel()    # callers cannot cancel: every Future completes
+        immediate: Outcome | None = None
+        with self._lock:
+            self.submitted += 1
+            dkey = _dedup_key(request)
+            entry = self._entries.get(dkey)
+            if self._stopping:
+                immediate = Outcome(request, "failed", (), "kmodd is stopping",
+                                    errno_mod.ESHUTDOWN)
+            elif entry is not None and len(entry.waiters) < self.max_waiters:
+                # Identical request already pending: share its outcome, costs nothing.
+                entry.waiters.append((request, fut))
+                return fut
+            elif entry is not None:
+                immediate = Outcome(request, "runaway", (),
+                                    f"more than {self.max_waiters} identical requests pending")
+            else:
+                if request.kind != "admin":
+                    runaway, newly = self._runaway.hit(
+                        ("request", request.key, request.devpath or ""), self._clock())
+                    if runaway:
+                        immediate = Outcome(
+                            request, "runaway", (),
+                            f"more than {self._runaway.limit} requests for {request.key!r} "
+                            f"within {self._runaway.window:g}s")
+                        if newly and self._on_runaway is not None:
+                            self._safe(self._on_runaway, request.key, request)
+                if immediate is None and len(self._entries) >= self.queue_limit:
+                    immediate = Outcome(request, "failed", (),
+                                        f"request queue full ({self.queue_limit} pending)",
+                                        errno_mod.EAGAIN)
+                if immediate is None:
+                    entry = _Entry(dkey, request, [(request, fut)])
+                    self._entries[dkey] = entry
+                    self._resolve_q.append(entry)
+                    self._cond.notify()
+                    return fut
+            if immediate is not None:
+                self.counts[immediate.status] = self.counts.get(immediate.status, 0) + 1
+        assert immediate is not None
+        fut.set_result(immediate)
+        if self._on_outcome is not None:
+            self._safe(self._on_outcome, immediate)
+        return fut
+
+    def pending(self) -> int:
+        """Distinct requests not yet answered."""
+        with self._lock:
+            return len(self._entries)
+
+    def running(self) -> int:
+        with self._lock:
+            return self.loading
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._idle_locked()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._idle_locked():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def busy_modules(self) -> set[str]:
+        """Modules a pending request involves, live or not: autoclean keeps off them."""
+        with self._lock:
+            names = set(self._tasks)
+            for entry in self._entries.values():
+                if entry.plan is not None:
+                    names.update(s.name for s in entry.plan.steps)
+            return names
+
+    def failures(self) -> dict[str, FailureRecord]:
+        with self._lock:
+            return dict(self._failures)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"pending": len(self._entries), "loading": self.loading,
+                    "queued_loads": len(self._ready),
+                    "waiting_loads": sum(1 for t in self._tasks.values()
+                                         if t.state == "waiting"),
+                    "max_workers": self.max_workers, "submitted": self.submitted,
+                    "outcomes": dict(self.counts), "backoff": len(self._failures),
+                    "runaway": [list(k) if isinstance(k, tuple) else k
+                                for k in self._runaway.flagged(self._clock())]}
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop accepting; answer everything not started with a failure; let the
+        loads already inside the kernel finish.  True when every worker exited."""
+        done: list[tuple[Future[Outcome], Outcome]] = []
+        outcomes: list[Outcome] = []
+        with self._lock:
+            self._stopping = True
+            while self._resolve_q:
+                entry = self._resolve_q.popleft()
+                out = Outcome(entry.request, "failed", (), "kmodd is stopping",
+                              errno_mod.ESHUTDOWN)
+                self._finish_entry_locked(entry, out, done, outcomes)
+            self._ready.clear()
+            for task in list(self._tasks.values()):
+                if task.state in ("waiting", "ready") and task.step.name in self._tasks:
+                    self._complete_task_locked(
+                        task, StepOutcome(task.step.name, "skipped", "kmodd is stopping",
+                                          errno_mod.ESHUTDOWN), done, outcomes, [])
+            self._exit = True
+            self._cond.notify_all()
+        self._deliver(done, outcomes, [])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(remaining)
+        return not any(t.is_alive() for t in self._threads)
+
+    # --- workers -----------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ready and not self._resolve_q and not self._exit:
+                    self._cond.wait()
+                if self._ready:
+                    task = self._ready.popleft()
+                    task.state = "running"
+                    self.loading += 1
+                    self.max_loading_seen = max(self.max_loading_seen, self.loading)
+                    self._busy += 1
+                    job: _Task | _Entry = task
+                elif self._resolve_q:
+                    job = self._resolve_q.popleft()
+                    self._busy += 1
+                else:
+                    return
+            try:
+                if isinstance(job, _Task):
+                    self._run_load(job)
+                else:
+                    self._run_resolve(job)
+            except Exception:       # a bug here must not kill a worker
+                log.exception("scheduler worker error")
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+                    now_idle = self._idle_locked()
+                if now_idle and self._on_idle is not None:
+                    self._safe(self._on_idle)
+
+    def _run_resolve(self, entry: _Entry) -> None:
+        request = entry.request
+        resolver = self._resolver
+        done: list[tuple[Future[Outcome], Outcome]] = []
+        outcomes: list[Outcome] = []
+        try:
+            plan = resolver.plan(request.key, extra_options=request.options,
+                                 blacklist_all=request.blacklist_all)
+        except Exception as exc:
+            out = Outcome(request, "failed", (), f"cannot resolve {request.key!r}: {exc}")
+            with self._lock:
+                self._finish_entry_locked(entry, out, done, outcomes)
+            self._deliver(done, outcomes, [])
+            return
+        if not plan.resolved:
+            status = "unresolved"
+            if request.blacklist_all:
+                try:
+                    if resolver.plan(request.key, extra_options=request.options,
+                                     blacklist_all=False).resolved:
+                        status = "blacklisted"
+                except Exception:
+                    pass
+            with self._lock:
+                self._finish_entry_locked(entry, Outcome(request, status, ()), done, outcomes)
+            self._deliver(done, outcomes, [])
+            return
+        # sysfs reads outside the lock: which steps the kernel already has.
+        in_kernel: dict[str, StepResultLike] = {}
+        for step in plan.steps:
+            if step.builtin:
+                in_kernel[step.name] = StepOutcome(step.name, "builtin")
+                continue
+            try:
+                state = self._kernel.initstate(step.name)
+            except Exception:
+                continue
+            if state == InitState.BUILTIN:
+                in_kernel[step.name] = StepOutcome(step.name, "builtin")
+            elif state in (InitState.LIVE, InitState.COMING):
+                # COMING counts as loaded, as for modprobe (module_is_inkernel).
+                in_kernel[step.name] = StepOutcome(step.name, "already")
+        module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...], StepResultLike]] = []
+        with self._lock:
+            entry.plan = plan
+            entry.results.update(in_kernel)
+            if self._stopping:
+                self._finish_entry_locked(entry, Outcome(request, "failed", plan.targets,
+                                                         "kmodd is stopping",
+                                                         errno_mod.ESHUTDOWN), done, outcomes)
+            else:
+                self._schedule_locked(entry, plan, in_kernel, done, outcomes)
+        self._deliver(done, outcomes, module_cbs)
+
+    def _schedule_locked(self, entry: _Entry, plan: Plan, in_kernel: dict[str, StepResultLike],
+                         done: list[tuple[Future[Outcome], Outcome]],
+                         outcomes: list[Outcome]) -> None:
+        request = entry.request
+        now = self._clock()
+        todo = [s for s in plan.steps if s.name not in in_kernel]
+        if request.kind != "admin":     # an administrator asking again means retry now
+            for step in todo:
+                rec = self._failures.get(step.name)
+                if rec is not None and rec.retry_at > now and step.name not in self._tasks:
+                    out = Outcome(request, "backoff", plan.targets,
+                                  f"{step.name} failed {rec.failures} time(s), next retry in "
+                                  f"{rec.retry_at - now:.0f}s: {rec.error}", rec.errno)
+                    self._finish_entry_locked(entry, out, done, outcomes)
+                    return
+            for step in todo:
+                if step.name in self._tasks:
+                    continue
+                runaway, newly = self._runaway.hit(("module", step.name), now)
+                if runaway:
+                    out = Outcome(request, "runaway", plan.targets,
+                                  f"{step.name} loaded more than {self._runaway.limit} times "
+                                  f"within {self._runaway.window:g}s")
+                    if newly and self._on_runaway is not None:
+                        self._safe(self._on_runaway, step.name, request)
+                    self._finish_entry_locked(entry, out, done, outcomes)
+                    return
+        edges = plan_edges(plan)
+        for step in todo:
+            task = self._tasks.get(step.name)
+            if task is None:
+                waits = {d for d in edges.get(step.name, ()) if d in self._tasks}
+                task = _Task(step, request, plan.targets, waits)
+                self._tasks[step.name] = task
+                for dep in waits:
+                    self._tasks[dep].dependents.add(step.name)
+                if not waits:
+                    task.state = "ready"
+                    self._ready.append(task)
+                    self._cond.notify()
+            elif task.state == "running" and request.kind == "kernel":
+                # Already in the kernel's hands: answer like modprobe does for a
+                # COMING module.  Joining would deadlock a module whose init
+                # asks for itself (the kernel waits for this very reply).
+                entry.results[step.name] = StepOutcome(step.name, "already")
+                continue
+            task.entries.append(entry)
+            entry.needs.add(step.name)
+        if not entry.needs:
+            self._finish_entry_locked(entry, summarize(request, plan, entry.results), done,
+                                      outcomes)
+
+    def _run_load(self, task: _Task) -> None:
+        step = task.step
+        result: StepResultLike
+        try:
+            result = self._loader.load_step(step)
+        except Exception as exc:
+            err = getattr(exc, "errno", None)
+            result = StepOutcome(step.name, "failed", f"{step.name}: {exc}",
+                                 err if isinstance(err, int) else None)
+        done: list[tuple[Future[Outcome], Outcome]] = []
+        outcomes: list[Outcome] = []
+        module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...], StepResultLike]] = []
+        with self._lock:
+            self.loading -= 1
+            now = self._clock()
+            if result.status == "failed":
+                self._failures[step.name] = record_failure(
+                    self._failures.get(step.name), result.error, result.errno, now,
+                    self.backoff)
+                self._failures.move_to_end(step.name)
+                while len(self._failures) > 4096:
+                    self._failures.popitem(last=False)
+            elif result.status != "skipped":
+                self._failures.pop(step.name, None)
+            self._complete_task_locked(task, result, done, outcomes, module_cbs)
+        self._deliver(done, outcomes, module_cbs)
+
+    # --- bookkeeping (lock held) ------------------------------------------------
+
+    def _complete_task_locked(self, task: _Task, result: StepResultLike,
+                              done: list[tuple[Future[Outcome], Outcome]],
+                              outcomes: list[Outcome],
+                              module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...],
+                                                     StepResultLike]]) -> None:
+        stack: list[tuple[_Task, StepResultLike]] = [(task, result)]
+        while stack:
+            current, res = stack.pop()
+            name = current.step.name
+            if self._tasks.get(name) is not current:
+                continue
+            del self._tasks[name]
+            current.state = "done"
+            module_cbs.append((current.step, current.request, current.targets, res))
+            failed = res.status in ("failed", "skipped")
+            for dep_name in current.dependents:
+                dependent = self._tasks.get(dep_name)
+                if dependent is None:
+                    continue
+                if failed:
+                    if dependent.state != "running":
+                        if dependent.state == "ready":
+                            self._ready.remove(dependent)
+                        why = res.error if res.status == "skipped" and res.error else \
+                            f"dependency {name} failed"
+                        stack.append((dependent, StepOutcome(dep_name, "skipped", why,
+                                                             res.errno)))
+                else:
+                    dependent.waiting_on.discard(name)
+                    if not dependent.waiting_on and dependent.state == "waiting":
+                        dependent.state = "ready"
+                        self._ready.append(dependent)
+                        self._cond.notify()
+            for entry in current.entries:
+                if entry.done:
+                    continue
+                entry.results[name] = res
+                entry.needs.discard(name)
+                if not entry.needs and entry.plan is not None:
+                    self._finish_entry_locked(entry, summarize(entry.request, entry.plan,
+                                                               entry.results), done, outcomes)
+
+    def _finish_entry_locked(self, entry: _Entry, outcome: Outcome,
+                             done: list[tuple[Future[Outcome], Outcome]],
+                             outcomes: list[Outcome]) -> None:
+        if entry.done:
+            return
+        entry.done = True
+        if self._entries.get(entry.dkey) is entry:
+            del self._entries[entry.dkey]
+        self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+        outcomes.append(outcome)
+        for req, fut in entry.waiters:
+            done.append((fut, outcome if req is entry.request else replace(outcome, request=req)))
+        entry.waiters = []
+        self._cond.notify_all()
+
+    def _idle_locked(self) -> bool:
+        return not self._entries and not self._tasks and self._busy == 0
+
+    def _deliver(self, done: list[tuple[Future[Outcome], Outcome]], outcomes: list[Outcome],
+                 module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...],
+                                        StepResultLike]]) -> None:
+        # Module callbacks first so state is recorded before callers hear back.
+        if self._on_module is not None:
+            for step, request, targets, res in module_cbs:
+                self._safe(self._on_module, step, request, targets, res)
+        for fut, out in done:
+            if not fut.done():
+                fut.set_result(out)
+        if self._on_outcome is not None:
+            for out in outcomes:
+                self._safe(self._on_outcome, out)
+
+    @staticmethod
+    def _safe(fn: Callable[..., object], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("scheduler callback failed")
+
+
+def _dedup_key(request: Request) -> tuple[str, str, str]:
+    # coldplug and uevent requests behave the same (udev blacklist rules).
+    kind = "modalias" if request.kind == "coldplug" else request.kind
+    return (kind, request.key, request.options)

@@ -1,0 +1,250 @@
+"""Daemon settings: ``/etc/kmodd.conf`` (TOML) with every setting also a flag.
+
+Flags win over the file; SIGHUP re-reads the file and keeps the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from kmodd.names import modname_normalize
+from kmodd.root import Root
+from kmodd.scheduler import MAX_KMOD_CONCURRENT, default_max_workers
+
+DEFAULT_CONFIG = "/etc/kmodd.conf"
+DEFAULT_SOCKET = "/run/kmodd/control"
+DEFAULT_STATE = "/run/kmodd/state.json"
+DEFAULT_REQUEST_FIFO = "/run/kmodd/request"
+
+
+class SettingsError(Exception):
+    """A bad configuration file or flag; the message names the file, key and problem."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_workers: int = field(default_factory=default_max_workers)
+    autoclean_interval: float = 60.0     # seconds between sweeps; 0 disables autoclean
+    idle_timeout: float = 60.0           # how long a module must be unused before it goes
+    never_unload: tuple[str, ...] = ()
+    socket: str = DEFAULT_SOCKET
+    state_file: str = DEFAULT_STATE
+    request_fifo: str = DEFAULT_REQUEST_FIFO
+    modprobe_config: tuple[str, ...] | None = None   # -C: replaces the modprobe.d dirs
+    coldplug: bool = True
+    log_level: str = "info"
+    journal: bool | None = None          # None: journald when running under systemd
+    backoff_initial: float = 5.0
+    backoff_max: float = 600.0
+    runaway_limit: int = MAX_KMOD_CONCURRENT
+    runaway_window: float = 10.0
+    queue_limit: int = 4096
+    # not in the file: where and what to run against
+    config_file: str = DEFAULT_CONFIG
+    root: str = "/"
+    modules_base: str | None = None
+    version: str | None = None
+    kernel: str = "real"                 # "real" or "sim:PATH"
+
+    @property
+    def root_obj(self) -> Root:
+        return Root(Path(self.root),
+                    Path(self.modules_base) if self.modules_base else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+# Keys allowed in kmodd.conf and the type each must have.
+_FILE_KEYS: dict[str, str] = {
+    "max_workers": "int", "autoclean_interval": "number", "idle_timeout": "number",
+    "never_unload": "names", "socket": "str", "state_file": "str", "request_fifo": "str",
+    "modprobe_config": "strlist", "coldplug": "bool", "log_level": "str",
+    "journal": "bool", "backoff_initial": "number", "backoff_max": "number",
+    "runaway_limit": "int", "runaway_window": "number", "queue_limit": "int",
+}
+_LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
+
+
+def _check(key: str, value: Any, where: str) -> Any:
+    kind = _FILE_KEYS[key]
+    bad = f"{where}: {key} must be "
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(bad + f"an integer, not {value!r}")
+        return value
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SettingsError(bad + f"a number of seconds, not {value!r}")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise SettingsError(bad + f"true or false, not {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str) or not value:
+            raise SettingsError(bad + f"a non-empty string, not {value!r}")
+        return value
+    if kind in ("strlist", "names"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise SettingsError(bad + f"a list of strings, not {value!r}")
+        if kind == "names":
+            return tuple(dict.fromkeys(modname_normalize(v) for v in value))
+        return tuple(value)
+    raise AssertionError(kind)
+
+
+def _validate(values: dict[str, Any], where: str) -> dict[str, Any]:
+    mw = values.get("max_workers")
+    if mw is not None and not 1 <= mw <= MAX_KMOD_CONCURRENT:
+        raise SettingsError(f"{where}: max_workers must be between 1 and "
+                            f"{MAX_KMOD_CONCURRENT} (the kernel's MAX_KMOD_CONCURRENT), "
+                            f"not {mw}")
+    for key in ("autoclean_interval", "idle_timeout", "backoff_initial", "backoff_max",
+                "runaway_window"):
+        if key in values and values[key] < 0:
+            raise SettingsError(f"{where}: {key} must not be negative, not {values[key]:g}")
+    for key in ("runaway_limit", "queue_limit"):
+        if key in values and values[key] < 1:
+            raise SettingsError(f"{where}: {key} must be at least 1, not {values[key]}")
+    level = values.get("log_level")
+    if level is not None and level.lower() not in _LOG_LEVELS:
+        raise SettingsError(f"{where}: log_level must be one of {', '.join(_LOG_LEVELS)}, "
+                            f"not {level!r}")
+    return values
+
+
+def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
+    """The settings a kmodd.conf sets (missing optional file: none)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise SettingsError(f"{path}: no such configuration file") from None
+        return {}
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    # Allow the settings at the top level or under a [kmodd] table.
+    if set(data) == {"kmodd"} and isinstance(data["kmodd"], dict):
+        data = data["kmodd"]
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _FILE_KEYS:
+            known = ", ".join(sorted(_FILE_KEYS))
+            raise SettingsError(f"{path}: unknown setting {key!r} (known: {known})")
+        values[key] = _check(key, value, str(path))
+    return _validate(values, str(path))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kmodd",
+                                description="on-demand kernel module loader daemon")
+    p.add_argument("--config", dest="config_file", metavar="FILE",
+                   help=f"settings file (default {DEFAULT_CONFIG} under the root)")
+    p.add_argument("--max-workers", type=int, metavar="N",
+                   help=f"concurrent loads, 1..{MAX_KMOD_CONCURRENT} (default: from CPUs)")
+    p.add_argument("--autoclean-interval", type=float, metavar="SECONDS",
+                   help="seconds between autoclean sweeps; 0 disables (default 60)")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                   help="unused time before a module kmodd loaded is unloaded (default 60)")
+    p.add_argument("--never-unload", action="append", metavar="MODULES",
+                   help="modules autoclean never unloads (repeatable, comma-separated)")
+    p.add_argument("--socket", metavar="PATH", help=f"control socket ({DEFAULT_SOCKET})")
+    p.add_argument("--state-file", metavar="PATH", help=f"state file ({DEFAULT_STATE})")
+    p.add_argument("--request-fifo", metavar="PATH",
+                   help=f"kernel request FIFO ({DEFAULT_REQUEST_FIFO})")
+    p.add_argument("--root", metavar="DIR", help="filesystem root (tests)")
+    p.add_argument("-d", "--dirname", dest="modules_base", metavar="DIR",
+                   help="directory holding lib/modules/VERSION")
+    p.add_argument("-S", "--set-version", dest="version", metavar="VERSION",
+                   help="kernel version (default: running kernel)")
+    p.add_argument("-C", "--modprobe-config", dest="modprobe_config", action="append",
+                   metavar="PATH", help="modprobe.d file or directory (repeatable)")
+    p.add_argument("--no-coldplug", dest="coldplug", action="store_false", default=None,
+                   help="do not load drivers for devices already present")
+    p.add_argument("--kernel", metavar="real|sim:PATH",
+                   help="kernel to drive: the running one, or a simulated one (tests)")
+    p.add_argument("--log-level", choices=_LOG_LEVELS)
+    journal = p.add_mutually_exclusive_group()
+    journal.add_argument("--journal", dest="journal", action="store_true", default=None,
+                         help="log to journald")
+    journal.add_argument("--no-journal", dest="journal", action="store_false",
+                         help="log to stderr")
+    return p
+
+
+def _flag_values(ns: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("max_workers", "autoclean_interval", "idle_timeout", "socket", "state_file",
+                "request_fifo", "root", "modules_base", "version", "coldplug", "kernel",
+                "log_level", "journal", "config_file"):
+        v = getattr(ns, key, None)
+        if v is not None:
+            out[key] = v
+    if ns.never_unload:
+        names = [n.strip() for item in ns.never_unload for n in item.split(",") if n.strip()]
+        out["never_unload"] = tuple(dict.fromkeys(modname_normalize(n) for n in names))
+    if ns.modprobe_config:
+        out["modprobe_config"] = tuple(ns.modprobe_config)
+    kernel = out.get("kernel")
+    if kernel is not None and kernel != "real" and not (kernel.startswith("sim:")
+                                                        and len(kernel) > 4):
+        raise SettingsError(f"--kernel must be 'real' or 'sim:PATH', not {kernel!r}")
+    return _validate(out, "command line")
+
+
+@dataclass(frozen=True)
+class SettingsSource:
+    """What is needed to rebuild the settings on SIGHUP: the flags, kept as given."""
+
+    flags: dict[str, Any]
+
+    def load(self) -> Settings:
+        return merge(self.flags)
+
+
+def _under_root(root: str, path: str) -> str:
+    if root in ("", "/"):
+        return path
+    return str(Path(root) / path.lstrip("/"))
+
+
+def merge(flags: dict[str, Any]) -> Settings:
+    root = flags.get("root", "/")
+    explicit = "config_file" in flags
+    config_file = flags.get("config_file") or _under_root(root, DEFAULT_CONFIG)
+    values = read_config_file(Path(config_file), required=explicit)
+    values.update({k: v for k, v in flags.items() if k != "config_file"})
+    # Default run-time paths follow the root so tests never touch /run.
+    for key, default in (("socket", DEFAULT_SOCKET), ("state_file", DEFAULT_STATE),
+                         ("request_fifo", DEFAULT_REQUEST_FIFO)):
+        values.setdefault(key, _under_root(root, default))
+    values["config_file"] = config_file
+    settings = Settings(**values)
+    return settings
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, SettingsSource]:
+    """Parse flags and the file; raises SettingsError (argparse exits on bad flags)."""
+    ns = build_parser().parse_args(argv)
+    source = SettingsSource(_flag_values(ns))
+    return source.load(), source
+
+
+def with_overrides(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, **changes)
