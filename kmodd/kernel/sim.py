@@ -166,12 +166,21 @@ class SimKernel(SyscallKernel):
                              f"0xffffffffc{i:07x}000\n")
             self._atomic_write(self.tree_root / "proc/modules", "".join(lines))
         sysmod = self.tree_root / "sys/module"
-        for entry in sysmod.iterdir():
+        for entry in list(sysmod.iterdir()):
             if entry.is_dir() and entry.name not in self._mods and entry.name not in self.builtin:
-                _rmtree(entry)
+                # Vanish atomically too: rename away first, then delete.
+                gone = sysmod / f".{entry.name}.gone"
+                os.rename(entry, gone)
+                _rmtree(gone)
         for m in self._mods.values():
             d = sysmod / m.name
-            d.mkdir(exist_ok=True)
+            if not d.exists():
+                # Appear with initstate already inside: a directory without it
+                # means "built-in" to readers (as in sysfs, where both come at once).
+                fresh = sysmod / f".{m.name}.new"
+                fresh.mkdir()
+                (fresh / "initstate").write_text(m.state + "\n")
+                os.rename(fresh, d)
             self._atomic_write(d / "initstate", m.state + "\n")
             self._atomic_write(d / "refcnt", f"{m.refcount}\n")
             self._sync_links(d / "holders", {h: f"../../{h}" for h in m.holders})

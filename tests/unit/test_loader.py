@@ -1,0 +1,296 @@
+"""The loader and install/remove commands against the simulated kernel, with hand-built plans."""
+
+from __future__ import annotations
+
+import errno as E
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kmodd import commands
+from kmodd.cli.ctl_load import format_params, load_plan_direct
+from kmodd.kernel.sim import SimKernel
+from kmodd.loader import Loader, describe_failure
+from kmodd.plan import ModuleStep, Plan, Role
+
+ELF = b"\x7fELF\x02\x01\x01" + bytes(9)
+
+# snd_hda_intel's real chain, trimmed: deps listed as modules.dep would.
+DEPS = {
+    "soundcore": (),
+    "snd": ("soundcore",),
+    "snd_timer": ("snd", "soundcore"),
+    "snd_pcm": ("snd_timer", "snd", "soundcore"),
+    "snd_hda_core": ("snd_pcm", "snd_timer", "snd", "soundcore"),
+    "snd_hda_intel": ("snd_hda_core", "snd_pcm", "snd_timer", "snd", "soundcore"),
+}
+ORDER = ["soundcore", "snd", "snd_timer", "snd_pcm", "snd_hda_core", "snd_hda_intel"]
+
+
+def ko(tmp: Path, name: str) -> str:
+    path = tmp / "mods" / f"{name}.ko"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(ELF + name.encode() * 20)
+    return str(path)
+
+
+def step(tmp: Path, name: str, role: Role = Role.DEPENDENCY, **kw: object) -> ModuleStep:
+    return ModuleStep(name=name, path=ko(tmp, name), deps=DEPS.get(name, ()), role=role,
+                      **kw)  # type: ignore[arg-type]
+
+
+def hda_plan(tmp: Path, order: list[str] = ORDER, options: str = "") -> Plan:
+    steps = [step(tmp, n, Role.TARGET if n == "snd_hda_intel" else Role.DEPENDENCY,
+                  options=options if n == "snd_hda_intel" else "") for n in order]
+    return Plan(request="snd-hda-intel", targets=("snd_hda_intel",), steps=tuple(steps))
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> SimKernel:
+    return SimKernel(tmp_path / "tree", deps=DEPS,
+                     module_params={"snd_hda_intel": {"index": "-1", "model": ""}})
+
+
+def test_load_plan_in_order_with_options(sim: SimKernel, tmp_path: Path) -> None:
+    results = Loader(sim).load_plan(hda_plan(tmp_path, options="index=2 model=auto"))
+    assert [r.status for r in results] == ["loaded"] * 6
+    assert sim.load_order == ORDER
+    assert sim.parameters("snd_hda_intel") == {"index": "2", "model": "auto"}
+    assert sim.holders("snd") == ("snd_hda_core", "snd_hda_intel", "snd_pcm", "snd_timer")
+
+
+def test_live_and_builtin_are_skipped(sim: SimKernel, tmp_path: Path) -> None:
+    loader = Loader(sim)
+    loader.load_plan(Plan("snd", ("snd",), (step(tmp_path, "soundcore"),
+                                            step(tmp_path, "snd", Role.TARGET))))
+    n = len(sim.syscalls)
+    plan = hda_plan(tmp_path)
+    steps = (ModuleStep("crc32c", None, builtin=True), *plan.steps)
+    results = loader.load_plan(Plan(plan.request, plan.targets, steps))
+    assert [r.status for r in results] == ["builtin", "already", "already", "loaded",
+                                           "loaded", "loaded", "loaded"]
+    # Live modules are not even tried: no syscall for soundcore and snd.
+    assert [s.name for s in sim.syscalls[n:]] == ORDER[2:]
+
+
+def test_wrong_order_surfaces_as_unknown_symbol(sim: SimKernel, tmp_path: Path) -> None:
+    bad = ["soundcore", "snd", "snd_pcm", "snd_timer", "snd_hda_core", "snd_hda_intel"]
+    plan = hda_plan(tmp_path, bad)
+    results = Loader(sim).load_plan(plan)
+    status = {r.name: r.status for r in results}
+    assert status["snd_pcm"] == "failed"
+    assert status["snd_hda_core"] == "skipped" and status["snd_hda_intel"] == "skipped"
+    failed = results[2]
+    assert failed.errno == E.ENOENT and "unknown symbol" in (failed.error or "")
+    assert not Loader.plan_ok(plan, results)
+    assert describe_failure(results, plan) == failed.error
+
+
+def test_target_init_failure_reported(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "t", deps=DEPS, load_errors={"snd_hda_intel": E.ENODEV})
+    plan = hda_plan(tmp_path)
+    results = Loader(sim).load_plan(plan)
+    assert results[-1].status == "failed" and results[-1].errno == E.ENODEV
+    assert "No such device" in (results[-1].error or "")
+    outcome = load_plan_direct(plan, sim)
+    assert not outcome.ok and outcome.errno == E.ENODEV
+
+
+def test_softdep_failure_is_ignored(sim: SimKernel, tmp_path: Path) -> None:
+    sim.load_errors["softy"] = E.ENODEV
+    steps = (step(tmp_path, "softy", Role.SOFTDEP_PRE),
+             step(tmp_path, "soundcore", Role.TARGET))
+    plan = Plan("soundcore", ("soundcore",), steps)
+    results = Loader(sim).load_plan(plan)
+    assert [r.status for r in results] == ["failed", "loaded"]
+    assert Loader.plan_ok(plan, results)
+    assert describe_failure(results, plan) is None
+
+
+def test_two_threads_same_module_eexist_is_success(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "t", init_delays={"soundcore": 0.3})
+    loader = Loader(sim)
+    s = step(tmp_path, "soundcore", Role.TARGET)
+    out: list[str] = []
+    threads = [threading.Thread(target=lambda: out.append(loader.load_step(s).status))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(out) == ["already", "loaded"]
+    assert sim.load_order == ["soundcore"]
+
+
+def test_waits_for_coming_module(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "t", init_delays={"soundcore": 0.4})
+    path = ko(tmp_path, "soundcore")
+    th = threading.Thread(target=sim.load_module, args=("soundcore", path))
+    th.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    res = Loader(sim, coming_timeout=5).load_step(step(tmp_path, "soundcore", Role.TARGET))
+    waited = time.monotonic() - t0
+    th.join()
+    assert res.status == "already"
+    assert waited >= 0.2
+    # The loader waited in user space: it never issued its own syscall.
+    assert len(sim.syscalls) == 1
+
+
+def test_coming_wait_is_bounded(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "t", init_delays={"soundcore": 1.0})
+    th = threading.Thread(target=sim.load_module, args=("soundcore", ko(tmp_path, "soundcore")))
+    th.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    res = Loader(sim, coming_timeout=0.2).load_step(step(tmp_path, "soundcore", Role.TARGET))
+    assert time.monotonic() - t0 < 0.8
+    th.join()
+    assert res.status == "failed" and res.errno == E.EBUSY
+    assert "still initialising" in (res.error or "")
+
+
+def test_enosys_reported_once_and_no_more_syscalls(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    sim = SimKernel(tmp_path / "t", supports_modules=False)
+    loader = Loader(sim)
+    caplog.set_level(logging.ERROR, logger="kmodd.loader")
+    r1 = loader.load_plan(hda_plan(tmp_path))
+    r2 = loader.load_plan(hda_plan(tmp_path))
+    assert r1[0].status == "failed" and r1[0].errno == E.ENOSYS
+    assert all(r.status == "skipped" and r.errno == E.ENOSYS for r in r1[1:])
+    assert r2[0].errno == E.ENOSYS
+    assert loader.no_module_support
+    assert sim.syscalls == []
+    assert len([r for r in caplog.records if "module support" in r.getMessage()]) == 1
+
+
+def test_enosys_from_syscall_sets_flag(tmp_path: Path) -> None:
+    # /proc/modules present but the syscall says ENOSYS: still remembered.
+    sim = SimKernel(tmp_path / "t", load_errors={})
+    sim._has_modules = False   # syscalls fail, files stay
+    loader = Loader(sim)
+    res = loader.load_step(step(tmp_path, "soundcore", Role.TARGET))
+    assert res.errno == E.ENOSYS and loader.no_module_support and sim.no_module_support
+    # finit_module, then init_module as libkmod falls back on ENOSYS; then never again.
+    assert [s.call for s in sim.syscalls] == ["finit_module", "init_module"]
+    loader.load_step(step(tmp_path, "snd", Role.TARGET))
+    assert len(sim.syscalls) == 2
+
+
+def test_install_command_replaces_load(sim: SimKernel, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = ModuleStep("snd", ko(tmp_path, "snd"), options="a=1 b=\"x y\"",
+                   install_command=f"printf '%s\\n' $CMDLINE_OPTS \"$MODPROBE_MODULE\" > {out}")
+    res = Loader(sim).load_step(s)
+    assert res.status == "install-command"
+    assert out.read_text().splitlines() == ["a=1", 'b="x y"', "snd"]
+    assert sim.syscalls == []
+    failing = ModuleStep("snd", None, install_command="exit 3")
+    res = Loader(sim).load_step(failing)
+    assert res.status == "failed" and "exit status 3" in (res.error or "")
+
+
+def test_hostile_request_text_never_reaches_the_shell(sim: SimKernel, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    pwned = tmp_path / "pwned"
+    hostile_name = f"x;touch {pwned}1;`touch {pwned}2`$(touch {pwned}3)"
+    hostile_opts = (f"p=$(touch {pwned}4) ;touch {pwned}5 'q=`touch {pwned}6`' "
+                    f"r=\"$(touch {pwned}7)\" |touch {pwned}8 &&touch {pwned}9")
+    s = ModuleStep(hostile_name, None, options=hostile_opts,
+                   install_command=f"printf '%s\\n' $CMDLINE_OPTS > {out}; "
+                                   f"printf '%s\\n' \"$MODPROBE_MODULE\" >> {out}")
+    res = Loader(sim).load_step(s)
+    assert res.status == "install-command", res.error
+    assert list(tmp_path.glob("pwned*")) == []
+    lines = out.read_text().splitlines()
+    assert lines[-1] == hostile_name
+    # Every option word arrived as one literal argument, nothing more, nothing less.
+    assert lines[:-1] == commands.split_options(hostile_opts)
+    # And a remove command, with a hostile name in the environment only.
+    res = Loader(sim).unload(hostile_name,
+                             remove_command=f"printf '%s' \"$MODPROBE_MODULE\" > {out}")
+    assert res.status == "remove-command"
+    assert out.read_text() == hostile_name
+    assert list(tmp_path.glob("pwned*")) == []
+
+
+def test_quote_options_keeps_kernel_words() -> None:
+    assert commands.split_options(' a=1  b="x y" c ') == ["a=1", 'b="x y"', "c"]
+    assert commands.expand("cmd $CMDLINE_OPTS; x $CMDLINE_OPTS", "a=$(id)") == \
+        "cmd 'a=$(id)'; x 'a=$(id)'"
+    assert format_params(["a=1", "b=x y", 'c="q r"']) == 'a=1 b="x y" c="q r"'
+
+
+def test_unload_in_use_is_ebusy_with_holders(sim: SimKernel, tmp_path: Path) -> None:
+    loader = Loader(sim)
+    loader.load_plan(hda_plan(tmp_path))
+    res = loader.unload("snd")
+    assert res.status == "failed" and res.errno == E.EBUSY
+    assert res.error == "snd: in use by: snd_hda_core snd_hda_intel snd_pcm snd_timer"
+    n = len(sim.syscalls)
+    assert sim.syscalls[n - 1].call != "delete_module"   # refused before the syscall
+    assert loader.unload("snd_hda_intel").status == "unloaded"
+    assert loader.unload("snd_hda_intel").status == "absent"
+
+
+def test_unload_refcount_users(sim: SimKernel, tmp_path: Path) -> None:
+    loader = Loader(sim)
+    loader.load_step(step(tmp_path, "soundcore", Role.TARGET))
+    sim.set_users("soundcore", 1)
+    res = loader.unload("soundcore")
+    assert res.errno == E.EBUSY and "1 reference" in (res.error or "")
+    assert loader.unload("soundcore", force=True).status == "unloaded"
+
+
+def test_unload_recursive_plan(sim: SimKernel, tmp_path: Path) -> None:
+    loader = Loader(sim)
+    plan = hda_plan(tmp_path)
+    loader.load_plan(plan)
+    # Something else keeps snd_timer (and so snd, soundcore) busy.
+    sim.deps["snd_seq"] = ("snd_timer",)
+    loader.load_step(ModuleStep("snd_seq", ko(tmp_path, "snd_seq"), deps=("snd_timer",)))
+    results = loader.unload_recursive(plan)
+    status = {r.name: r.status for r in results}
+    assert results[0].name == "snd_hda_intel"
+    assert status == {"snd_hda_intel": "unloaded", "snd_hda_core": "unloaded",
+                      "snd_pcm": "unloaded", "snd_timer": "kept", "snd": "kept",
+                      "soundcore": "kept"}
+    assert set(sim.loaded()) == {"soundcore", "snd", "snd_timer", "snd_seq"}
+
+
+def test_unload_recursive_by_name_follows_kernel_holders(sim: SimKernel, tmp_path: Path) -> None:
+    loader = Loader(sim)
+    loader.load_plan(hda_plan(tmp_path))
+    results = loader.unload_recursive("snd_hda_intel")
+    assert results[0].status == "unloaded"
+    assert sim.loaded() == {}
+    assert {r.name for r in results if r.status == "unloaded"} == set(ORDER)
+
+
+def test_unload_recursive_target_busy_stops(sim: SimKernel, tmp_path: Path) -> None:
+    loader = Loader(sim)
+    plan = hda_plan(tmp_path)
+    loader.load_plan(plan)
+    sim.set_users("snd_hda_intel", 1)
+    results = loader.unload_recursive(plan)
+    assert len(results) == 1 and results[0].errno == E.EBUSY
+    assert len(sim.loaded()) == 6
+
+
+def test_unload_builtin_and_remove_command_failure(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "t", builtin={"unix"})
+    loader = Loader(sim)
+    res = loader.unload("unix")
+    assert res.status == "failed" and "built into the kernel" in (res.error or "")
+    res = loader.unload("unix", remove_command="false")
+    assert res.status == "failed" and "remove command failed" in (res.error or "")
+
+
+def test_load_plan_direct_rejects_unresolved(sim: SimKernel) -> None:
+    outcome = load_plan_direct(Plan("nosuch", ()), sim)
+    assert not outcome.ok and outcome.errno == E.ENOENT and "not found" in outcome.message
