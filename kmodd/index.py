@@ -152,18 +152,30 @@ class ModuleTree:
 
     # -- modules.alias / modules.symbols ---------------------------------------
 
-    def _alias_text(self, name: str) -> WildIndex | None:
-        """A text index of ``alias PATTERN MODULE`` lines, ordered as depmod orders the .bin."""
+    def _alias_text(self, name: str, normalize: bool) -> WildIndex | None:
+        """A text index of ``alias PATTERN MODULE`` lines, ordered as depmod orders the .bin.
+
+        depmod writes modules.alias patterns as the modules spell them but
+        normalises them for the .bin ('-' to '_' outside brackets, unbalanced
+        brackets dropped); modules.symbols keys are taken as they are.
+        """
         lines = self._text(name)
         if lines is None:
             return None
         module_order: dict[str, int] = {}
         table: dict[str, list[tuple[int, str]]] = {}
         for line in lines:
-            fields = line.split()
-            if len(fields) != 3 or fields[0] != "alias":
+            if not line.startswith("alias "):
                 continue
-            _, pattern, module = fields
+            pattern, _, module = line[6:].strip().rpartition(" ")
+            pattern = pattern.strip()
+            if not pattern or not module:
+                continue
+            if normalize:
+                try:
+                    pattern = _normalize_pattern(pattern)
+                except ValueError:
+                    continue
             # depmod's priority is the module's position; modules come in that order
             prio = module_order.setdefault(module, len(module_order))
             depmod_values(table.setdefault(pattern, []), prio, _value(module))
@@ -174,7 +186,7 @@ class ModuleTree:
             b = self._bin("modules.alias")
             if b is not None:
                 return WildIndex(b.items())
-            return self._alias_text("modules.alias") or _MISSING
+            return self._alias_text("modules.alias", True) or _MISSING
         idx = self._get("modules.alias", load)
         return idx if isinstance(idx, WildIndex) else None
 
@@ -200,7 +212,7 @@ class ModuleTree:
 
     def symbol(self, symbol: str) -> list[str]:
         """modules.symbols matches for a ``symbol:NAME`` key."""
-        idx = self._wild("modules.symbols", lambda: self._alias_text("modules.symbols"))
+        idx = self._wild("modules.symbols", lambda: self._alias_text("modules.symbols", False))
         return _search(idx, symbol)
 
     # -- builtin -------------------------------------------------------------

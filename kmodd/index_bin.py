@@ -107,7 +107,8 @@ class BinIndex:
     def _read_node(self, offset: int, pos: int) -> Node:
         data = self.data
         size = len(data)
-        if pos < _HEADER.size or pos >= size:
+        # a node without flags is empty and may sit at the very end (an empty index)
+        if pos < _HEADER.size or pos > size:
             self._corrupt(f"node offset {pos} outside the file (size {size})")
         prefix = ""
         if offset & NODE_PREFIX:

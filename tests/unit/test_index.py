@@ -1,0 +1,529 @@
+"""Module indexes: the .bin reader against depmod's text files, modprobe and libkmod.
+
+Fixture trees hold a few real Debian modules indexed by the real ``depmod -b``;
+expected answers come from kmod itself (``modprobe -R`` and libkmod through
+ctypes) wherever kmod answers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from bench.libkmod import LibKmod
+from kmodd import aliasmatch
+from kmodd.index import DepEntry, IndexCorrupt, ModuleTree
+from kmodd.index_bin import BinIndex
+from kmodd.names import alias_normalize
+
+REAL_VERSION = "6.1.0-56-amd64"
+REAL_TREE = Path("/lib/modules") / REAL_VERSION
+VERSION = "6.1.0-test"
+
+# usb-storage and uas share class patterns; option and qcserial share vendors;
+# 8139too/8139cp overlap on one PCI id: several modules answer one modalias.
+FIXTURE_MODULES = (
+    "kernel/drivers/net/mii.ko", "kernel/drivers/net/ethernet/realtek/8139too.ko",
+    "kernel/drivers/net/ethernet/realtek/8139cp.ko", "kernel/drivers/net/dummy.ko",
+    "kernel/drivers/usb/core/usbcore.ko", "kernel/drivers/usb/common/usb-common.ko",
+    "kernel/drivers/usb/serial/usbserial.ko", "kernel/drivers/usb/serial/usb_wwan.ko",
+    "kernel/drivers/usb/serial/option.ko", "kernel/drivers/usb/serial/qcserial.ko",
+    "kernel/drivers/usb/serial/ftdi_sio.ko", "kernel/drivers/scsi/scsi_mod.ko",
+    "kernel/drivers/scsi/scsi_common.ko", "kernel/drivers/usb/storage/usb-storage.ko",
+    "kernel/drivers/usb/storage/uas.ko", "kernel/drivers/hid/hid.ko",
+    "kernel/drivers/hid/hid-generic.ko", "kernel/drivers/hid/usbhid/usbhid.ko",
+)
+BIN_FILES = ("modules.dep.bin", "modules.alias.bin", "modules.symbols.bin",
+             "modules.builtin.bin", "modules.builtin.alias.bin")
+
+
+def build_tree(base: Path, modules: Iterable[str] = FIXTURE_MODULES) -> Path:
+    """lib/modules/VERSION under ``base`` with real modules, indexed by the real depmod."""
+    if not REAL_TREE.is_dir():
+        raise RuntimeError(f"{REAL_TREE} is missing: install linux-image-amd64 ({REAL_VERSION})")
+    moddir = base / "lib/modules" / VERSION
+    for rel in modules:
+        dst = moddir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REAL_TREE / rel, dst)
+    for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        shutil.copyfile(REAL_TREE / name, moddir / name)
+    subprocess.run(["depmod", "-b", str(base), VERSION], check=True)
+    return moddir
+
+
+@pytest.fixture(scope="module")
+def fixture_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tree(tmp_path_factory.mktemp("tree"))
+
+
+@pytest.fixture(scope="module")
+def empty_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("noconfig")
+
+
+def copy_tree(src: Path, dst: Path, drop: Iterable[str] = ()) -> Path:
+    shutil.copytree(src, dst)
+    for name in drop:
+        (dst / name).unlink()
+    return dst
+
+
+def text_aliases(moddir: Path, name: str = "modules.alias") -> list[tuple[str, str]]:
+    """(pattern, module) lines; modules.alias patterns as depmod normalises them for the .bin."""
+    out = []
+    for line in (moddir / name).read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == "alias":
+            pattern = fields[1]
+            if name == "modules.alias":
+                pattern = normalize(pattern)
+            out.append((pattern, fields[2]))
+    return out
+
+
+def normalize(pattern: str) -> str:
+    """'-' to '_' outside brackets (the real tree has no unbalanced brackets)."""
+    out = []
+    depth = 0
+    for c in pattern:
+        depth += c == "["
+        out.append("_" if c == "-" and not depth else c)
+        depth -= c == "]"
+    return "".join(out)
+
+
+def instantiate(pattern: str, rng: random.Random, mutate: float = 0.2) -> str:
+    """A string the pattern matches (usually), sometimes mutated into a near miss."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append(rng.choice(["", "0", "00001234", "FF", "x:y"]))
+        elif c == "?":
+            out.append(rng.choice("01AF"))
+        elif c == "[":
+            close = pattern.index("]", i + 2)
+            body = pattern[i + 1:close].lstrip("!^")
+            out.append(body[0])
+            i = close
+        else:
+            out.append(c)
+        i += 1
+    key = "".join(out)
+    if key and rng.random() < mutate:
+        j = rng.randrange(len(key))
+        key = key[:j] + rng.choice("0123456789ABCDEF") + key[j + 1:]
+    return key
+
+
+def sample_keys(patterns: Iterable[str], count: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    pats = sorted(set(patterns))
+    return [instantiate(rng.choice(pats), rng) for _ in range(count)]
+
+
+def modprobe_resolve(moddir: Path, config: Path, alias: str) -> list[str]:
+    base = moddir.parent.parent.parent
+    proc = subprocess.run(["modprobe", "-d", str(base), "-S", moddir.name, "-C", str(config),
+                           "-R", alias], capture_output=True, text=True)
+    return proc.stdout.split()
+
+
+def kmod_alias_lookup(tree: ModuleTree, key: str) -> list[str]:
+    """What kmod_module_new_from_lookup answers for a modalias with no configuration."""
+    key = alias_normalize(key)
+    return tree.alias(key) or tree.builtin_alias(key)
+
+
+# -- the .bin reader against depmod's text files ----------------------------------
+
+
+def test_dep_bin_matches_text(fixture_tree: Path) -> None:
+    tree = ModuleTree(fixture_tree)
+    lines = (fixture_tree / "modules.dep").read_text().splitlines()
+    assert len(lines) == len(FIXTURE_MODULES)
+    names = []
+    for line in lines:
+        path, deps = line.split(":", 1)
+        name = os.path.basename(path).split(".")[0].replace("-", "_")
+        names.append(name)
+        want = DepEntry(name, str(fixture_tree / path),
+                        tuple(os.path.basename(d).split(".")[0].replace("-", "_")
+                              for d in deps.split()))
+        assert tree.dep(name) == want
+        assert tree.dep_path(name) == str(fixture_tree / path)
+    assert tree.module_names() == sorted(names)
+    assert tree.dep("uas") == DepEntry(
+        "uas", str(fixture_tree / "kernel/drivers/usb/storage/uas.ko"),
+        ("usb_storage", "scsi_mod", "scsi_common", "usbcore", "usb_common"))
+    assert tree.dep("usb-storage") is None        # keys are exact: callers normalise
+    assert tree.dep("nosuchmodule") is None
+    assert tree.dep_path("") is None
+
+
+def test_alias_bin_patterns_match_text(fixture_tree: Path) -> None:
+    tree = ModuleTree(fixture_tree)
+    assert sorted(tree.alias_patterns()) == sorted(text_aliases(fixture_tree))
+
+
+def test_symbols_and_builtin_match_text(fixture_tree: Path) -> None:
+    tree = ModuleTree(fixture_tree)
+    symbols = text_aliases(fixture_tree, "modules.symbols")
+    assert len(symbols) > 100
+    for key, module in symbols:
+        assert tree.symbol(key) == [module]
+    assert tree.symbol("symbol:no_such_symbol") == []
+    builtin = (fixture_tree / "modules.builtin").read_text().split()
+    for path in builtin:
+        assert tree.is_builtin(os.path.basename(path)[:-3].replace("-", "_"))
+    assert not tree.is_builtin("uas")
+    assert not tree.is_builtin("")
+
+
+# -- answers equal kmod's ---------------------------------------------------------------
+
+
+def test_alias_equals_libkmod_on_fixture(fixture_tree: Path, empty_config: Path) -> None:
+    tree = ModuleTree(fixture_tree)
+    kmod = LibKmod(str(fixture_tree), [str(empty_config)])
+    keys = sample_keys([p for p, _ in tree.alias_patterns()], 3000)
+    multi = 0
+    for key in keys:
+        want = kmod.lookup(key)
+        assert kmod_alias_lookup(tree, key) == want, key
+        multi += len(want) > 1
+    kmod.close()
+    assert multi > 20          # the ordering of several answers is really exercised
+
+
+def test_alias_equals_modprobe_resolve(fixture_tree: Path, empty_config: Path) -> None:
+    tree = ModuleTree(fixture_tree)
+    keys = [
+        "usb:v0000p0000d0000dc00dsc00dp00ic08isc06ip50in00",   # usb-storage and uas
+        "usb:v0BC2p2321d0100dc00dsc00dp00ic08isc06ip62in00",
+        "usb:v12D1p1506d0000dc00dsc00dp00icFFisc02ip16in00",   # option, Huawei
+        "usb:v05C6p9001d0000dc00dsc00dp00icFFisc00ip00in00",   # option and qcserial
+        "pci:v000010ECd00008139sv000010ECsd00008139bc02sc00i00",
+        "pci:v000010ECd00008139sv00000357sd00000000bc02sc00i00",
+        "usb:v0403p6001d0600dc00dsc00dp00icFFiscFFipFFin00",
+        "hid:b0003g0001v0000046Dp0000C52B",
+        "rtnl-link-dummy",
+        "usb:vFFFFpFFFFd0000dc00dsc00dp00icFEisc00ip00in00",    # no match
+        "pci:v000010ECd00008139sv000010ECsd00008139bc02sc00i0",
+    ]
+    for key in keys:
+        assert kmod_alias_lookup(tree, key) == modprobe_resolve(fixture_tree, empty_config, key)
+    # modprobe -R answers these (module priority = position in modules.order)
+    assert tree.alias(keys[0]) == ["uas", "usb_storage"]
+    assert tree.alias(keys[4]) == ["8139cp", "8139too", "8139too"]   # two 8139too patterns
+
+
+def test_builtin_alias_equals_kmod(fixture_tree: Path, empty_config: Path) -> None:
+    tree = ModuleTree(fixture_tree)
+    kmod = LibKmod(str(fixture_tree), [str(empty_config)])
+    aliases = builtin_modinfo_aliases(fixture_tree)
+    assert len(aliases) > 20
+    for _, alias in aliases:
+        if tree.alias(alias):
+            continue
+        assert tree.builtin_alias(alias) == kmod.lookup(alias), alias
+    assert tree.builtin_alias("fs_debugfs") == ["debugfs"]
+    assert tree.builtin_alias("fs-no-such") == []
+    kmod.close()
+
+
+def builtin_modinfo_aliases(moddir: Path) -> list[tuple[str, str]]:
+    out = []
+    for rec in (moddir / "modules.builtin.modinfo").read_bytes().decode().split("\0"):
+        name, _, rest = rec.partition(".")
+        key, _, value = rest.partition("=")
+        if key == "alias" and value:
+            out.append((name, value.replace("-", "_")))
+    return out
+
+
+# -- text fallbacks ------------------------------------------------------------------
+
+
+def test_text_fallback_answers_like_the_bin(fixture_tree: Path, tmp_path: Path) -> None:
+    text_dir = copy_tree(fixture_tree, tmp_path / VERSION, drop=BIN_FILES)
+    binary = ModuleTree(fixture_tree)
+    text = ModuleTree(text_dir)
+    assert text.module_names() == binary.module_names()
+    for name in binary.module_names():
+        dep = binary.dep(name)
+        assert dep is not None
+        assert text.dep(name) == DepEntry(dep.name, dep.path.replace(str(fixture_tree),
+                                                                     str(text_dir)), dep.deps)
+    assert sorted(text.alias_patterns()) == sorted(binary.alias_patterns())
+    # module priorities survive: the whole pattern list comes out in the same order
+    assert text.alias_patterns() == binary.alias_patterns()
+    for key in sample_keys([p for p, _ in binary.alias_patterns()], 2000, seed=11):
+        assert text.alias(key) == binary.alias(key), key
+    for key, _ in text_aliases(fixture_tree, "modules.symbols"):
+        assert text.symbol(key) == binary.symbol(key)
+    for name, alias in builtin_modinfo_aliases(fixture_tree):
+        assert text.builtin_alias(alias) == binary.builtin_alias(alias)
+        assert text.is_builtin(name) == binary.is_builtin(name)
+
+
+def test_builtin_alias_fallback_keeps_kmods_order(tmp_path: Path) -> None:
+    """All builtin aliases have priority 0: the order comes from the trie walk alone."""
+    moddir = tmp_path / VERSION
+    moddir.mkdir()
+    modinfo = b"".join(f"{m}.alias={a}\0".encode() for m, a in [
+        ("b1", "x:a*"), ("a2", "x:*"), ("c3", "x:ab"), ("d4", "x:a?"), ("e5", "x:[a]b"),
+        ("f6", "x:ab"), ("a7", "x:a*b"), ("g8", "x:a-b"), ("h9", "x:[a-]b"),
+    ]) + b"b1.license=GPL\0"
+    (moddir / "modules.builtin.modinfo").write_bytes(modinfo)
+    base = tmp_path / "base" / "lib/modules" / VERSION
+    base.mkdir(parents=True)
+    (base / "modules.builtin.modinfo").write_bytes(modinfo)
+    (base / "modules.order").write_text("")
+    (base / "modules.builtin").write_text("")
+    subprocess.run(["depmod", "-b", str(tmp_path / "base"), VERSION], check=True)
+    assert (base / "modules.builtin.alias.bin").exists()
+    kmod = LibKmod(str(base), [str(tmp_path)])
+    with_bin = ModuleTree(base)
+    without = ModuleTree(moddir)
+    for key in ("x:ab", "x:a_b", "x:a", "x:b", "x:aab", "x:_b", "x:abb"):
+        want = kmod.lookup(key)
+        assert with_bin.builtin_alias(key) == want, key
+        assert without.builtin_alias(key) == want, key
+    assert kmod.lookup("x:ab") == ["c3", "f6", "d4", "b1", "a7", "e5", "h9", "a2"]
+    kmod.close()
+
+
+def test_missing_files_answer_nothing(tmp_path: Path) -> None:
+    tree = ModuleTree(tmp_path)
+    assert tree.dep("x") is None
+    assert tree.dep_path("x") is None
+    assert tree.alias("pci:v1") == []
+    assert tree.symbol("symbol:x") == []
+    assert not tree.is_builtin("x")
+    assert tree.builtin_alias("x") == []
+    assert tree.module_names() == []
+    assert tree.alias_patterns() == []
+
+
+# -- damaged indexes ------------------------------------------------------------------
+
+
+def write_index(path: Path, entries: dict[str, list[tuple[int, str]]],
+                version: int = 0x00020001) -> None:
+    """A kmod index file, one trie node per character (no prefix compression)."""
+    trie: dict = {}
+    for key, values in entries.items():
+        node = trie
+        for ch in key:
+            node = node.setdefault(ch, {})
+        node[None] = values
+    out = bytearray(12)
+
+    def emit(node: dict) -> int:
+        kids = {ch: emit(child) for ch, child in sorted((k, v) for k, v in node.items()
+                                                         if k is not None)}
+        offset = len(out)
+        flags = 0
+        if kids:
+            first, last = ord(min(kids)), ord(max(kids))
+            out.extend(bytes([first, last]))
+            for c in range(first, last + 1):
+                out.extend(struct.pack(">I", kids.get(chr(c), 0)))
+            flags |= 0x20000000
+        values = node.get(None)
+        if values:
+            out.extend(struct.pack(">I", len(values)))
+            for prio, value in values:
+                out.extend(struct.pack(">I", prio) + value.encode() + b"\0")
+            flags |= 0x40000000
+        return offset | flags
+
+    root = emit(trie)
+    out[0:12] = struct.pack(">III", 0xB007F457, version, root)
+    path.write_bytes(bytes(out))
+
+
+def tree_with(tmp_path: Path, name: str, data: bytes) -> ModuleTree:
+    moddir = tmp_path / "m"
+    moddir.mkdir(parents=True, exist_ok=True)
+    (moddir / name).write_bytes(data)
+    return ModuleTree(moddir)
+
+
+def lookups(tree: ModuleTree) -> list[object]:
+    return [tree.alias("pci:v00008086d00001234"), tree.dep("e1000e"), tree.symbol("symbol:a"),
+            tree.is_builtin("x"), tree.builtin_alias("fs-x"), tree.module_names()]
+
+
+@pytest.mark.parametrize("name", BIN_FILES)
+def test_truncated_index_raises_or_answers_right(fixture_tree: Path, tmp_path: Path,
+                                                 name: str) -> None:
+    data = (fixture_tree / name).read_bytes()
+    good = ModuleTree(fixture_tree)
+    keys = {
+        "modules.dep.bin": [("dep", n) for n in ("uas", "mii", "usbcore", "zzz")],
+        "modules.alias.bin": [("alias", k) for k in
+                              ("usb:v0000p0000d0000dc00dsc00dp00ic08isc06ip50in00",
+                               "rtnl_link_dummy")],
+        "modules.symbols.bin": [("symbol", "symbol:usb_serial_probe"),
+                                ("symbol", "symbol:mii_link_ok")],
+        "modules.builtin.bin": [("is_builtin", "debugfs"), ("is_builtin", "uas")],
+        "modules.builtin.alias.bin": [("builtin_alias", "fs_debugfs"),
+                                      ("builtin_alias", "crypto_dh")],
+    }[name]
+    step = max(1, len(data) // 300)
+    cuts = sorted({*range(0, 40), *range(0, len(data), step), len(data) - 1})
+    raised = 0
+    for cut in cuts:
+        moddir = tmp_path / f"cut{cut}"
+        moddir.mkdir()
+        (moddir / name).write_bytes(data[:cut])
+        tree = ModuleTree(moddir)
+        for method, key in keys:
+            try:
+                got = getattr(tree, method)(key)
+            except IndexCorrupt as e:
+                assert name in str(e)
+                raised += 1
+                continue
+            want = getattr(good, method)(key)
+            if method == "dep" and want is not None:
+                want = DepEntry(want.name, want.path.replace(str(fixture_tree), str(moddir)),
+                                want.deps)
+            assert got == want, (cut, method, key)
+    assert raised >= len(cuts) // 2
+
+
+def test_bad_header(tmp_path: Path) -> None:
+    path = tmp_path / "modules.alias.bin"
+    write_index(path, {"a": [(0, "m")]})
+    data = path.read_bytes()
+    for bad, problem in [(b"\xB0\x07\xFA\x57" + data[4:], "magic"),
+                         (data[:4] + struct.pack(">I", 0x00030000) + data[8:], "version"),
+                         (data[:4] + struct.pack(">I", 0x00010001) + data[8:], "version"),
+                         (data[:8] + struct.pack(">I", 0x20000000 | 99999), "outside"),
+                         (data[:8] + struct.pack(">I", 0x80000000 | 4), "outside"),
+                         (data[:7], "header")]:
+        tree = tree_with(tmp_path, "modules.alias.bin", bad)
+        with pytest.raises(IndexCorrupt, match=problem) as exc:
+            tree.alias("a")
+        assert "modules.alias.bin" in str(exc.value)
+    # a minor version bump is accepted, as kmod does
+    write_index(path, {"a": [(0, "m")]}, version=0x00020007)
+    assert ModuleTree(tmp_path).alias("a") == ["m"]
+
+
+def test_cycles_are_detected(tmp_path: Path) -> None:
+    # the root's children '*' and 'a' point back at the root: endless for a naive walk
+    root = 12 | 0x20000000
+    node = bytes([ord("*"), ord("a")]) + struct.pack(">" + "I" * 56, root, *([0] * 54), root)
+    data = struct.pack(">III", 0xB007F457, 0x00020001, root) + node
+    for name, call in [("modules.alias.bin", lambda t: t.alias("aaaa")),
+                       ("modules.symbols.bin", lambda t: t.symbol("symbol:x")),
+                       ("modules.builtin.alias.bin", lambda t: t.builtin_alias("x")),
+                       ("modules.dep.bin", lambda t: t.module_names())]:
+        tree = tree_with(tmp_path / name, name, data)
+        with pytest.raises(IndexCorrupt, match="cycle"):
+            call(tree)
+    # an exact lookup consumes a key character per step, so it ends by itself
+    assert tree_with(tmp_path / "d", "modules.dep.bin", data).dep("aaaa") is None
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff" * 64, bytes(range(256)), b"\x00" * 64, b"\x20\x00\x00\x0c" * 16,
+])
+def test_garbage_nodes(tmp_path: Path, garbage: bytes) -> None:
+    for flags in (0x20000000, 0x40000000, 0x80000000, 0xE0000000):
+        data = struct.pack(">III", 0xB007F457, 0x00020001, flags | 12) + garbage
+        tree = tree_with(tmp_path / f"{flags:x}{len(garbage)}{garbage[:2].hex()}",
+                         "modules.alias.bin", data)
+        try:
+            result = tree.alias("pci:x")
+        except IndexCorrupt as e:
+            assert "modules.alias.bin" in str(e)
+        else:
+            assert isinstance(result, list)
+
+
+def test_crafted_index_order_equals_libkmod(tmp_path: Path) -> None:
+    """Equal priorities from different branches: kmod's merge order, not sorted order."""
+    entries = {
+        "x:*": [(0, "star")], "x:a*": [(0, "astar"), (0, "astar2")], "x:ab": [(0, "exact")],
+        "x:a?": [(0, "aq")], "x:[ab]b": [(0, "cls")], "x:a[b]": [(2, "acls")],
+        "x:ab*": [(1, "abstar"), (0, "abstar0")], "x:*b": [(0, "starb")],
+        "x:a\\b": [(0, "escaped")], "x:a[!c]": [(0, "neg")], "x:a[^b]": [(0, "caret")],
+    }
+    moddir = tmp_path / "m"
+    moddir.mkdir()
+    write_index(moddir / "modules.alias.bin", entries)
+    for name in ("modules.dep.bin", "modules.symbols.bin", "modules.builtin.bin"):
+        write_index(moddir / name, {})
+    kmod = LibKmod(str(moddir), [str(tmp_path)])
+    tree = ModuleTree(moddir)
+    for key in ("x:ab", "x:a", "x:b", "x:abb", "x:bb", "x:a\\b", "x:ac", "x:"):
+        assert tree.alias(key) == kmod.lookup(key), key
+    assert len(tree.alias("x:ab")) >= 8
+    kmod.close()
+
+
+# -- fnmatch semantics ---------------------------------------------------------------
+
+_libc = ctypes.CDLL(None)
+_libc.fnmatch.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+
+
+@pytest.mark.parametrize("pattern", [
+    "a*b", "a?c", "[abc]x", "[!a]x", "[^a]x", "[]a]x", "[a-]x", "[-a]x", "[z-a]x",
+    "[[:digit:]]x", "[[:alpha:][:digit:]]", "[[:bogus:]]x", "a\\*", "a\\", "[a\\]]x",
+    "[", "a[", "[]", "[!]a]", "*[0-9]", "\\[a]", "[.", "[[.a.]]x", "[[=a=]]x", "**a",
+    "?*?", "[a-c-e]x", "[\\-]x", "[*]", "[?]x", "a[]-b]",
+])
+def test_fnmatch_equals_glibc(pattern: str) -> None:
+    strings = ["", "a", "ab", "ax", "bx", "zx", "-x", "]x", "1x", "a*", "a\\", "[", "a[",
+               "[]", "]", "a]a", "*", "?x", "a1", "[a]", ".x", "cx", "\\x", "a-b", "a]b",
+               "aXb", "aab", "abc", "a/c"]
+    for s in strings:
+        want = _libc.fnmatch(pattern.encode(), s.encode(), 0) == 0
+        assert aliasmatch.fnmatch(pattern, s) == want, (pattern, s)
+
+
+# -- the real tree -------------------------------------------------------------------
+
+
+@pytest.mark.realtree
+def test_real_tree_alias_equals_libkmod(empty_config: Path) -> None:
+    assert REAL_TREE.is_dir(), f"{REAL_TREE} is missing: install linux-image-amd64"
+    tree = ModuleTree(REAL_TREE)
+    kmod = LibKmod(str(REAL_TREE), [str(empty_config)])
+    patterns = [p for p, _ in tree.alias_patterns()]
+    assert len(patterns) > 20000
+    keys = sample_keys(patterns, 4000, seed=2024)
+    hits = 0
+    for key in keys:
+        want = kmod.lookup(key)
+        assert kmod_alias_lookup(tree, key) == want, key
+        hits += bool(want)
+    kmod.close()
+    assert hits > 2000
+
+
+@pytest.mark.realtree
+def test_real_tree_bin_reader_matches_text() -> None:
+    assert REAL_TREE.is_dir(), f"{REAL_TREE} is missing: install linux-image-amd64"
+    tree = ModuleTree(REAL_TREE)
+    assert sorted(tree.alias_patterns()) == sorted(text_aliases(REAL_TREE))
+    dep_lines = (REAL_TREE / "modules.dep").read_text().splitlines()
+    assert len(tree.module_names()) == len(dep_lines)
+    assert BinIndex(REAL_TREE / "modules.dep.bin").search("e1000e") == \
+        next(ln for ln in dep_lines if ln.startswith("kernel/drivers/net/ethernet/intel/e1000e/"))
