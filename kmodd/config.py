@@ -68,6 +68,9 @@ class ModprobeConfig:
     # Every options line as (module, options) in file order, so options for a
     # module and for the alias it was found by interleave like libkmod's list.
     option_entries: list[tuple[str, str]] = field(default_factory=list)
+    # Every accepted line as (command, name, value) in libkmod's order,
+    # duplicates included: what ``modprobe -c`` lists.
+    entries: list[tuple[str, str, str]] = field(default_factory=list)
 
     def options_for(self, module: str, alias: str | None = None) -> str:
         """The options libkmod gives ``module`` (``kmod_module_get_options``).
@@ -265,7 +268,8 @@ def _rest(line: str, pos: int) -> str | None:
     return line[pos:] if pos < len(line) else None
 
 
-def _softdep_lists(text: str) -> SoftDep:
+def parse_softdep(text: str) -> SoftDep:
+    """A softdep line's lists: names after ``pre:`` / ``post:``, others ignored."""
     pre: list[str] = []
     post: list[str] = []
     current: list[str] | None = None
@@ -292,6 +296,11 @@ class _Builder:
         options = options.replace("\t", " ")
         self.config.options.setdefault(module, []).append(options)
         self.config.option_entries.append((module, options))
+        self.config.entries.append(("options", module, options))
+
+    def add_blacklist(self, module: str) -> None:
+        self.config.blacklist.add(module)
+        self.config.entries.append(("blacklist", module, ""))
 
     def parse_file(self, path: str, text: str) -> None:
         cfg = self.config
@@ -305,23 +314,22 @@ class _Builder:
                 continue
             first, pos = _token(line, pos)
             name = _underscores(first)
-            ok = name is not None
             if cmd == "alias":
                 target, _ = _token(line, pos)
                 module = _underscores(target)
-                if ok and module is not None:
-                    assert name is not None
+                if name is not None and module is not None:
                     cfg.aliases.append((name, module))
+                    cfg.entries.append(("alias", name, module))
                     continue
             elif cmd == "blacklist":
-                if ok:
-                    assert name is not None
-                    cfg.blacklist.add(name)
+                if name is not None:
+                    self.add_blacklist(name)
                     continue
             elif cmd in ("options", "install", "remove", "softdep", "weakdep"):
                 rest = _rest(line, pos)
-                if ok and rest is not None:
-                    assert name is not None
+                if name is not None and rest is not None:
+                    if cmd != "options":
+                        cfg.entries.append((cmd, name, rest))
                     if cmd == "options":
                         self.add_options(name, rest)
                     elif cmd == "install":
@@ -329,7 +337,7 @@ class _Builder:
                     elif cmd == "remove":
                         cfg.remove.setdefault(name, rest)
                     elif cmd == "softdep":
-                        cfg.softdeps.setdefault(name, _softdep_lists(rest))
+                        cfg.softdeps.setdefault(name, parse_softdep(rest))
                     else:
                         # Newer kmod's weak dependencies: recorded, never loaded.
                         cfg.weakdeps.setdefault(name, tuple(w for w in _C_SPACE.split(rest) if w))
@@ -408,7 +416,7 @@ class _Builder:
         if module == "modprobe" and option.startswith("blacklist="):
             # libkmod 30 adds these names as written, without underscores().
             for name in (value if value is not None else "").split(","):
-                self.config.blacklist.add(name)
+                self.add_blacklist(name)
             return
         normalized = _underscores(module)
         if normalized is None:
