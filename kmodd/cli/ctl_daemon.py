@@ -1,0 +1,205 @@
+"""``kmodctl status|list|why|monitor|settle|reload``: talk to the running daemon.
+
+Imports stay light (json, socket): no pyudev, no pyelftools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from kmodd.control import DEFAULT_SOCKET, Client, ControlError
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH",
+                        help=f"the daemon's control socket (default {DEFAULT_SOCKET})")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    if command == "why":
+        parser.add_argument("module", help="module name")
+    elif command == "settle":
+        parser.add_argument("-t", "--timeout", type=float, default=120.0, metavar="SECONDS",
+                            help="give up after SECONDS (default 120; 0 only checks)")
+    elif command == "monitor":
+        parser.add_argument("-n", "--count", type=int, default=0, metavar="N",
+                            help="exit after N outcomes (default: run until interrupted)")
+
+
+def _fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    secs = max(0, int(time.time() - ts))
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}m"
+    return f"{secs // 3600}h"
+
+
+def _why_text(why: dict[str, Any] | None) -> str:
+    if not why:
+        return "-"
+    text = f"{why.get('kind')} {why.get('key')}"
+    if why.get("role") and why["role"] != "target" and why.get("via"):
+        text = f"{why['role']} of {' '.join(why['via'])} ({text})"
+    if why.get("devpath"):
+        text += f" [{why['devpath']}]"
+    return text
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _status(client: Client, as_json: bool) -> int:
+    st = client.status()
+    if as_json:
+        _print_json(st)
+        return 0
+    out = st.get("outcomes", {})
+    ac = st.get("autoclean", {})
+    print(f"kmodd {st.get('version')} pid {st.get('pid')}, up {st.get('uptime', 0):.0f}s"
+          + (" (stopping)" if st.get("stopping") else ""))
+    print(f"  coldplug:  {st.get('coldplug')}; settled: {'yes' if st.get('settled') else 'no'}")
+    print(f"  workers:   {st.get('loading')} loading of {st.get('workers')}, "
+          f"{st.get('pending')} request(s) pending")
+    print(f"  requests:  {st.get('submitted')} submitted; "
+          + ", ".join(f"{k} {v}" for k, v in sorted(out.items()) if v))
+    print(f"  loaded by kmodd: {st.get('loaded_by_kmodd')}; modules in backoff: "
+          f"{st.get('backoff')}")
+    if st.get("runaway"):
+        print(f"  runaway:   {st['runaway']}")
+    interval = ac.get("interval") or 0
+    print("  autoclean: " + (f"every {interval:g}s, idle timeout {ac.get('idle_timeout'):g}s, "
+                             f"{ac.get('unloaded')} unloaded" if interval else "disabled"))
+    if st.get("last_reload_error"):
+        print(f"  last reload failed: {st['last_reload_error']}")
+    return 0
+
+
+def _list(client: Client, as_json: bool) -> int:
+    mods = client.list_modules()["modules"]
+    if as_json:
+        _print_json(mods)
+        return 0
+    print(f"{'Module':<24} {'State':<9} {'Refs':>4} {'kmodd':<5} {'Loaded':<19} {'Idle':>5}  Why")
+    for m in mods:
+        refs = "-" if m.get("refcount") is None else str(m["refcount"])
+        print(f"{m['name']:<24} {m['state']:<9} {refs:>4} "
+              f"{'yes' if m['loaded_by_kmodd'] else 'no':<5} {_fmt_time(m.get('loaded_at')):<19} "
+              f"{_ago(m.get('idle_since')):>5}  {_why_text(m.get('why'))}")
+    return 0
+
+
+def _why(client: Client, module: str, as_json: bool) -> int:
+    w = client.why(module)
+    if as_json:
+        _print_json(w)
+        return 0
+    name = w["module"]
+    if w.get("loaded_by_kmodd"):
+        print(f"{name}: loaded by kmodd at {_fmt_time(w.get('loaded_at'))}")
+        role = w.get("role") or "target"
+        if role != "target" and w.get("via"):
+            print(f"  as {role} of {' '.join(w['via'])}")
+        print(f"  request:      {w.get('kind')} {w.get('key')}")
+        if w.get("devpath"):
+            print(f"  device:       {w['devpath']}")
+        if w.get("requested_by"):
+            print(f"  requested by: {w['requested_by']}")
+        if w.get("idle_since"):
+            print(f"  unused since: {_fmt_time(w['idle_since'])}")
+    elif w.get("state") in ("live", "coming", "going"):
+        print(f"{name}: {w['state']}, not loaded by kmodd (autoclean leaves it alone)")
+    elif w.get("state") == "builtin":
+        print(f"{name}: built into the kernel")
+    else:
+        print(f"{name}: not loaded")
+    fail = w.get("last_failure")
+    if fail:
+        print(f"  last failure: {fail.get('error')} ({fail.get('failures')} time(s))")
+    return 0
+
+
+def _monitor(client: Client, count: int, as_json: bool) -> int:
+    client.settimeout(None)
+    stream = client.stream("monitor")
+    next(stream)        # the acknowledgement
+    if not as_json:
+        print("monitoring load outcomes (Ctrl-C to stop)", flush=True)
+    for seen, event in enumerate(stream, 1):
+        if as_json:
+            print(json.dumps(event, sort_keys=True), flush=True)
+        else:
+            req = event.get("request", {})
+            mods = " ".join(event.get("modules", [])) or "-"
+            line = (f"{time.strftime('%H:%M:%S', time.localtime(event.get('time', 0)))} "
+                    f"{event.get('status'):<11} {mods:<20} {req.get('kind')} {req.get('key')}")
+            if req.get("devpath"):
+                line += f" {req['devpath']}"
+            if event.get("error"):
+                line += f": {event['error']}"
+            print(line, flush=True)
+        if count and seen >= count:
+            break
+    return 0
+
+
+def _settle(client: Client, timeout: float, as_json: bool) -> int:
+    # The daemon enforces the timeout; the socket waits a little longer.
+    client.settimeout(timeout + 10.0)
+    reply = client.settle(timeout)
+    if as_json:
+        _print_json(reply)
+    elif not reply.get("settled"):
+        print(f"kmodctl settle: timed out after {timeout:g}s "
+              f"({reply.get('pending', '?')} pending, coldplug {reply.get('coldplug', '?')})",
+              file=sys.stderr)
+    return 0 if reply.get("settled") else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.command
+    client = Client.try_connect(args.socket, timeout=30.0)
+    if client is None:
+        print(f"kmodctl {command}: kmodd is not running (no daemon at {args.socket})",
+              file=sys.stderr)
+        return 1
+    try:
+        with client:
+            if command == "status":
+                return _status(client, args.json)
+            if command == "list":
+                return _list(client, args.json)
+            if command == "why":
+                return _why(client, args.module, args.json)
+            if command == "monitor":
+                return _monitor(client, args.count, args.json)
+            if command == "settle":
+                return _settle(client, args.timeout, args.json)
+            if command == "reload":
+                reply = client.reload()
+                if args.json:
+                    _print_json(reply)
+                return 0
+    except ControlError as exc:
+        print(f"kmodctl {command}: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"kmodctl {command}: the daemon did not answer", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"kmodctl {command}: {exc}", file=sys.stderr)
+        return 1
+    print(f"kmodctl: unknown command {command!r}", file=sys.stderr)
+    return 2

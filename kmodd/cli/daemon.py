@@ -1,0 +1,62 @@
+"""``kmodd``: the daemon's entry point.  Parses settings, picks the kernel, runs the service."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from kmodd.settings import Settings, SettingsError, parse_settings
+
+
+def make_kernel(settings: Settings) -> object:
+    if settings.kernel.startswith("sim:"):
+        from kmodd.kernel.sim import SimKernel
+        return SimKernel(Path(settings.kernel[4:]))
+    from kmodd.kernel.real import RealKernel
+    return RealKernel(settings.root_obj)
+
+
+def resolver_factory(settings: Settings) -> object:
+    from kmodd.resolve import open_resolver
+    from kmodd.root import running_kernel_version
+    root = settings.root_obj
+    version = settings.version or running_kernel_version(root)
+    return open_resolver(root, version, list(settings.modprobe_config)
+                         if settings.modprobe_config is not None else None)
+
+
+def _setup_logging(settings: Settings) -> None:
+    level = {"notice": logging.INFO}.get(settings.log_level,
+                                         getattr(logging, settings.log_level.upper()))
+    try:
+        from kmodd.systemd import setup_logging
+        setup_logging(settings.journal, level=level)
+    except ImportError:
+        logging.basicConfig(level=level, format="%(name)s: %(levelname)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings, source = parse_settings(argv)
+    except SettingsError as exc:
+        print(f"kmodd: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    from kmodd.service import Service
+    try:
+        kernel = make_kernel(settings)
+        service = Service(settings, kernel, resolver_factory,  # type: ignore[arg-type]
+                          settings_source=source)
+    except Exception as exc:
+        logging.getLogger("kmodd").error("cannot start: %s", exc)
+        return 1
+    try:
+        return service.run()
+    except Exception as exc:
+        logging.getLogger("kmodd").exception("fatal: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

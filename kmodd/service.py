@@ -1,0 +1,915 @@
+"""The daemon: wires request sources -> scheduler -> loader, on one event loop.
+
+One thread runs :class:`EventLoop` (selectors): the control socket, the
+request sources (uevents, the kernel-request FIFO, inotify), timers
+(autoclean, watchdog, STATUS=) and callbacks posted by the worker threads.
+The loader runs on the scheduler's workers; coldplug waits on futures in a
+thread of its own.  Every handler catches and logs: bad input never takes
+the daemon down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Protocol
+
+from kmodd.autoclean import Autoclean, AutocleanPolicy, SweepReport
+from kmodd.control import Connection, ControlServer, error_reply
+from kmodd.kernel.protocol import InitState, Kernel
+from kmodd.names import modname_normalize
+from kmodd.plan import ModuleStep, Plan
+from kmodd.scheduler import (
+    BackoffPolicy,
+    LoaderLike,
+    Outcome,
+    Request,
+    ResolverLike,
+    Scheduler,
+    StepResultLike,
+)
+from kmodd.settings import Settings, SettingsError, SettingsSource
+from kmodd.state import ModuleRecord, StateStore
+
+LOG = logging.getLogger("kmodd.service")
+
+Submit = Callable[[Request], "Future[Outcome]"]
+
+
+class Source(Protocol):
+    def fileno(self) -> int: ...
+    def on_readable(self) -> None: ...
+    def close(self) -> None: ...
+
+
+SourceFactory = Callable[[Submit], Source]
+ColdplugFn = Callable[[Submit, Callable[[int], None]], object]
+WatcherFactory = Callable[[Callable[[], None]], Source]
+ResolverFactory = Callable[[Settings], ResolverLike]
+
+
+def slog(logger: logging.Logger, level: int, msg: str, *args: object, **fields: Any) -> None:
+    """Structured log line (journal fields MODULE=, DEVPATH=...), never raising."""
+    try:
+        from kmodd.systemd import log as sd_log
+        sd_log(logger, level, msg, *args, **fields)
+    except ImportError:
+        logger.log(level, msg, *args)
+    except Exception:
+        with contextlib.suppress(Exception):
+            logger.log(level, msg, *args)
+
+
+def _sd_notify(**fields: object) -> bool:
+    try:
+        from kmodd.systemd import notify
+    except ImportError:
+        return False
+    try:
+        return bool(notify(**fields))
+    except Exception:
+        return False
+
+
+def _sd_watchdog_interval() -> float | None:
+    try:
+        from kmodd.systemd import watchdog_interval
+    except ImportError:
+        return None
+    try:
+        return watchdog_interval()
+    except Exception:
+        return None
+
+
+# --- event loop ----------------------------------------------------------------
+
+class _Timer:
+    __slots__ = ("callback", "cancelled", "deadline")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EventLoop:
+    """selectors + timers + a self-pipe for callbacks from other threads.
+
+    ``call_soon_threadsafe`` takes no lock (deque.append is atomic), so it is
+    safe from a signal handler too.
+    """
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._rsock, self._wsock = socket.socketpair()
+        self._rsock.setblocking(False)
+        self._wsock.setblocking(False)
+        self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._seq = itertools.count()
+        self._handlers: dict[int, tuple[Callable[[], None] | None,
+                                        Callable[[], None] | None]] = {}
+        self.selector.register(self._rsock, selectors.EVENT_READ, None)
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    # registration ------------------------------------------------------------
+    def _update(self, fileobj: Any, reader: Callable[[], None] | None,
+                writer: Callable[[], None] | None) -> None:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        events = (selectors.EVENT_READ if reader else 0) | \
+            (selectors.EVENT_WRITE if writer else 0)
+        known = fd in self._handlers
+        if not events:
+            if known:
+                self.selector.unregister(fd)
+                del self._handlers[fd]
+            return
+        self._handlers[fd] = (reader, writer)
+        if known:
+            self.selector.modify(fd, events)
+        else:
+            self.selector.register(fd, events)
+
+    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        _, writer = self._handlers.get(fd, (None, None))
+        self._update(fd, callback, writer)
+
+    def set_writer(self, fileobj: Any, callback: Callable[[], None] | None) -> None:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        reader, _ = self._handlers.get(fd, (None, None))
+        self._update(fd, reader, callback)
+
+    def remove(self, fileobj: Any) -> None:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd in self._handlers:
+            self.selector.unregister(fd)
+            del self._handlers[fd]
+
+    # callbacks and timers ------------------------------------------------------
+    def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
+        self._calls.append((fn, args))
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wsock.send(b"\0")
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
+        timer = _Timer(time.monotonic() + max(0.0, delay), fn)
+        heapq.heappush(self._timers, (timer.deadline, next(self._seq), timer))
+        return timer
+
+    def call_every(self, interval: float, fn: Callable[[], None]) -> _Timer:
+        """Repeat ``fn`` every ``interval`` seconds; cancel the returned handle to stop."""
+        handle = _Timer(0.0, fn)
+
+        def tick() -> None:
+            if handle.cancelled:
+                return
+            self._guard(fn)
+            if not handle.cancelled:
+                self.call_later(interval, tick)
+
+        self.call_later(interval, tick)
+        return handle
+
+    @staticmethod
+    def _guard(fn: Callable[..., object], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            LOG.exception("event loop callback failed")
+
+    def run_once(self, max_wait: float | None = None) -> None:
+        timeout = max_wait
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if self._timers:
+            until = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = until if timeout is None else min(timeout, until)
+        if self._calls:
+            timeout = 0.0
+        for key, mask in self.selector.select(timeout):
+            if key.fileobj is self._rsock:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while self._rsock.recv(4096):
+                        pass
+                continue
+            reader, writer = self._handlers.get(key.fd, (None, None))
+            if mask & selectors.EVENT_WRITE and writer is not None:
+                self._guard(writer)
+            # The write handler may have closed and unregistered the fd.
+            reader, _ = self._handlers.get(key.fd, (None, None))
+            if mask & selectors.EVENT_READ and reader is not None:
+                self._guard(reader)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                self._guard(timer.callback)
+        for _ in range(len(self._calls)):
+            fn, args = self._calls.popleft()
+            self._guard(fn, *args)
+
+    def run(self, until: Callable[[], bool]) -> None:
+        self.thread = threading.current_thread()
+        while not until():
+            self.run_once()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.selector.close()
+        self._rsock.close()
+        self._wsock.close()
+
+
+# --- the service -----------------------------------------------------------------
+
+class _BrokenResolver:
+    """Stands in while the module tree cannot be read, so requests fail clearly
+    instead of the daemon exiting; a reload (SIGHUP, inotify) replaces it."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def plan(self, request: str, *, extra_options: str = "",
+             blacklist_all: bool = False) -> Plan:
+        raise RuntimeError(self.error)
+
+
+_DEFAULT: Any = object()
+
+
+class Service:
+    """The daemon object.  ``run()`` blocks until SIGTERM/SIGINT or :meth:`request_stop`.
+
+    Every collaborator is injectable so unit tests run without netlink,
+    FIFOs, inotify or systemd: ``sources`` (factories taking ``submit``),
+    ``coldplug`` (``fn(submit, on_queued)``, blocking, run in a thread),
+    ``watcher`` (factory taking ``on_change``).  Left at their defaults,
+    the real ones from kmodd.uevents / kmodd.kernelreq / kmodd.watch are used.
+    """
+
+    def __init__(self, settings: Settings, kernel: Kernel, resolver_factory: ResolverFactory,
+                 *, loader: LoaderLike | None = None,
+                 sources: Sequence[SourceFactory] | None = _DEFAULT,
+                 coldplug: ColdplugFn | None = _DEFAULT,
+                 watcher: WatcherFactory | None = _DEFAULT,
+                 settings_source: SettingsSource | None = None,
+                 notify: Callable[..., bool] = _sd_notify,
+                 watchdog_interval: Callable[[], float | None] = _sd_watchdog_interval,
+                 peercred: Callable[[socket.socket], Any] | None = None,
+                 install_signals: bool = True) -> None:
+        self.settings = settings
+        self.kernel = kernel
+        self.resolver_factory = resolver_factory
+        self.settings_source = settings_source
+        self.notify = notify
+        self.watchdog_interval = watchdog_interval
+        self.install_signals = install_signals
+        self.loop = EventLoop()
+        self.started_at = time.time()
+        self.state = StateStore(Path(settings.state_file))
+        if loader is None:
+            from kmodd.loader import Loader
+            loader = Loader(kernel)
+        self.loader = loader
+        self.resolver: ResolverLike = self._make_resolver(settings)
+        self.scheduler = Scheduler(
+            self.resolver, self.loader, kernel, max_workers=settings.max_workers,
+            queue_limit=settings.queue_limit,
+            backoff=BackoffPolicy(settings.backoff_initial, settings.backoff_max),
+            runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
+            on_outcome=self._on_outcome, on_module=self._on_module,
+            on_runaway=self._on_runaway, on_idle=self._on_idle)
+        self.autoclean = Autoclean(kernel, self.state, self._autoclean_unload,
+                                   self._autoclean_policy(settings),
+                                   busy=self.scheduler.busy_modules)
+        kwargs: dict[str, Any] = {}
+        if peercred is not None:
+            kwargs["peercred"] = peercred
+        self.control = ControlServer(settings.socket, self.loop, self._handle, **kwargs)
+        self._source_factories = self._default_sources() if sources is _DEFAULT \
+            else list(sources or ())
+        self._coldplug_fn = self._default_coldplug() if coldplug is _DEFAULT else coldplug
+        self._watcher_factory = self._default_watcher() if watcher is _DEFAULT else watcher
+        self.sources: list[Source] = []
+        self.watcher: Source | None = None
+        self.monitors: set[Connection] = set()
+        self._settle_waiters: list[tuple[Connection, dict[str, Any], Any]] = []
+        self.coldplug_state = "disabled"      # disabled | running | done
+        self.coldplug_result: object | None = None
+        self.ready = False
+        self.reloads = 0
+        self.last_reload_error: str | None = None
+        self.last_sweep: SweepReport | None = None
+        self._stopping = False
+        self._stopped = False
+        self._exit_code = 0
+        self._state_dirty = False
+        self._save_timer: Any = None
+        self._autoclean_timer: Any = None
+        self._reload_timer: Any = None
+        self._last_status = ""
+        self._logged_failures: dict[tuple[str, ...], str | None] = {}
+        self._log_lock = threading.Lock()
+
+    # --- construction helpers ---------------------------------------------------
+
+    def _make_resolver(self, settings: Settings) -> ResolverLike:
+        try:
+            return self.resolver_factory(settings)
+        except Exception as exc:
+            slog(LOG, logging.ERROR, "cannot read the module tree or configuration: %s", exc)
+            return _BrokenResolver(f"module tree unavailable: {exc}")
+
+    @staticmethod
+    def _autoclean_policy(settings: Settings) -> AutocleanPolicy:
+        return AutocleanPolicy(settings.idle_timeout, frozenset(settings.never_unload))
+
+    def _default_sources(self) -> list[SourceFactory]:
+        root = self.settings.root_obj
+        fifo = self.settings.request_fifo
+
+        def uevents(submit: Submit) -> Source:
+            from kmodd.uevents import UeventSource
+            return UeventSource(submit, root)
+
+        def kernel_requests(submit: Submit) -> Source:
+            from kmodd.kernelreq import KernelRequestSource
+            return KernelRequestSource(submit, fifo)
+
+        return [uevents, kernel_requests]
+
+    def _default_coldplug(self) -> ColdplugFn | None:
+        if not self.settings.coldplug:
+            return None
+        root = self.settings.root_obj
+
+        def run(submit: Submit, on_queued: Callable[[int], None]) -> object:
+            from kmodd.uevents import coldplug
+            return coldplug(root, submit, on_queued=on_queued)
+
+        return run
+
+    def _default_watcher(self) -> WatcherFactory | None:
+        root = self.settings.root_obj
+        version = self.settings.version
+
+        def make(on_change: Callable[[], None]) -> Source:
+            from kmodd.root import running_kernel_version
+            from kmodd.watch import PathWatcher, default_watch_paths
+            moddir = root.modules_dir(version or running_kernel_version(root))
+            paths = default_watch_paths(root, moddir)
+            if self.settings.modprobe_config:
+                paths += [Path(p) for p in self.settings.modprobe_config]
+            return PathWatcher(paths, on_change)
+
+        return make
+
+    # --- entry points -------------------------------------------------------------
+
+    def submit(self, request: Request) -> Future[Outcome]:
+        """The one entry point for every source (thread-safe)."""
+        return self.scheduler.submit(request)
+
+    def request_stop(self) -> None:
+        """Thread- and signal-safe: begin a graceful stop."""
+        self.loop.call_soon_threadsafe(self._begin_stop)
+
+    def request_reload(self) -> None:
+        self.loop.call_soon_threadsafe(self._reload_logged)
+
+    def start(self) -> None:
+        """Everything up to READY=1 (called by ``run``; separate for tests)."""
+        try:
+            live = list(self.kernel.modules())
+        except Exception as exc:
+            slog(LOG, logging.WARNING, "cannot list loaded modules: %s", exc)
+            live = None
+        self.state.load(live)
+        self.control.start()
+        for factory in self._source_factories:
+            try:
+                src = factory(self.submit)
+            except Exception as exc:
+                slog(LOG, logging.ERROR, "request source unavailable: %s", exc)
+                continue
+            self.sources.append(src)
+            self.loop.add_reader(src, self._guarded_reader(src))
+        if self._watcher_factory is not None:
+            try:
+                self.watcher = self._watcher_factory(self._on_tree_change)
+                self.loop.add_reader(self.watcher, self._guarded_reader(self.watcher))
+            except Exception as exc:
+                slog(LOG, logging.WARNING, "not watching module indexes/modprobe.d: %s", exc)
+        if self.settings.autoclean_interval > 0:
+            self._autoclean_timer = self.loop.call_every(self.settings.autoclean_interval,
+                                                         self._sweep_logged)
+        wd = self.watchdog_interval()
+        if wd:
+            # Ping from the loop itself: a wedged loop stops the pings.
+            self.loop.call_every(max(0.05, wd / 2), self._ping_watchdog)
+        self.loop.call_every(2.0, self._send_status)
+        if self._coldplug_fn is not None:
+            self.coldplug_state = "running"
+            threading.Thread(target=self._coldplug_thread, name="kmodd-coldplug",
+                             daemon=True).start()
+        else:
+            self.coldplug_state = "disabled"
+            self._set_ready()
+
+    def _ping_watchdog(self) -> None:
+        self.notify(WATCHDOG=1)
+
+    def _set_ready(self) -> None:
+        # READY=1 once coldplug's first walk is queued: later units may rely on
+        # the daemon taking requests; `kmodctl settle` tells when loads are done.
+        if self.ready:
+            return
+        self.ready = True
+        self.notify(READY=1, STATUS=self._status_line(), MAINPID=os.getpid())
+        slog(LOG, logging.INFO, "kmodd ready: %d workers, socket %s",
+             self.scheduler.max_workers, self.settings.socket)
+
+    def run(self) -> int:
+        """Start, serve until told to stop, stop gracefully; the exit status."""
+        old: dict[signal.Signals, Any] = {}
+        in_main = threading.current_thread() is threading.main_thread()
+        if self.install_signals and in_main:
+            for sig, handler in ((signal.SIGTERM, lambda *_: self.request_stop()),
+                                 (signal.SIGINT, lambda *_: self.request_stop()),
+                                 (signal.SIGHUP, lambda *_: self.request_reload())):
+                old[sig] = signal.signal(sig, handler)
+        try:
+            self.start()
+            self.loop.run(until=lambda: self._stopped)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self._cleanup()
+        return self._exit_code
+
+    # --- stopping ------------------------------------------------------------------
+
+    def _begin_stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        slog(LOG, logging.INFO, "stopping: finishing loads in flight")
+        self.notify(STOPPING=1, STATUS="stopping: finishing loads in flight")
+        self.control.stop_accepting()
+        # Sources first: pending kernel requests are answered "retry" and
+        # the helper loads for itself, so nothing the kernel waits on is lost.
+        for src in self.sources:
+            self.loop.remove(src)
+            with contextlib.suppress(Exception):
+                src.close()
+        self.sources = []
+        if self.watcher is not None:
+            self.loop.remove(self.watcher)
+            with contextlib.suppress(Exception):
+                self.watcher.close()
+            self.watcher = None
+
+        def drain() -> None:
+            try:
+                if not self.scheduler.shutdown(timeout=120.0):
+                    slog(LOG, logging.WARNING, "some loads were still running at exit")
+            finally:
+                self.loop.call_soon_threadsafe(self._finish_stop)
+
+        threading.Thread(target=drain, name="kmodd-drain", daemon=True).start()
+
+    def _finish_stop(self) -> None:
+        self._save_state()
+        for conn, msg, timer in self._settle_waiters:
+            timer.cancel()
+            conn.reply(msg, {"ok": True, "settled": False, "reason": "kmodd is stopping"})
+        self._settle_waiters = []
+        self._stopped = True
+
+    def _cleanup(self) -> None:
+        if not self._stopped:          # start() failed: still save what we know
+            with contextlib.suppress(Exception):
+                self.scheduler.shutdown(timeout=30.0)
+            with contextlib.suppress(Exception):
+                self._save_state()
+            for src in self.sources:
+                with contextlib.suppress(Exception):
+                    src.close()
+        with contextlib.suppress(Exception):
+            self.control.close()
+        self.loop.close()
+
+    # --- sources, reload ---------------------------------------------------------------
+
+    def _guarded_reader(self, src: Source) -> Callable[[], None]:
+        def read() -> None:
+            try:
+                src.on_readable()
+            except Exception:
+                LOG.exception("request source %s failed", type(src).__name__)
+        return read
+
+    def _coldplug_thread(self) -> None:
+        assert self._coldplug_fn is not None
+        result: object | None = None
+        try:
+            result = self._coldplug_fn(
+                self.submit, lambda n: self.loop.call_soon_threadsafe(self._set_ready))
+        except Exception as exc:
+            slog(LOG, logging.ERROR, "coldplug failed: %s", exc)
+        self.loop.call_soon_threadsafe(self._coldplug_finished, result)
+
+    def _coldplug_finished(self, result: object | None) -> None:
+        self.coldplug_state = "done"
+        self._set_ready()
+        self.coldplug_result = result
+        loaded = getattr(result, "loaded", None)
+        slog(LOG, logging.INFO, "coldplug done%s",
+             f": loaded {' '.join(loaded)}" if loaded else "")
+        self._check_settle()
+
+    def _on_tree_change(self) -> None:
+        # depmod renames a dozen files: reload once the burst is over.
+        if self._reload_timer is not None:
+            self._reload_timer.cancel()
+        self._reload_timer = self.loop.call_later(0.2, self._reload_logged)
+
+    def _reload_logged(self) -> None:
+        try:
+            self.reload()
+        except Exception as exc:
+            slog(LOG, logging.ERROR, "reload failed, keeping the previous configuration: %s",
+                 exc)
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read kmodd.conf (flags still win) and the module indexes/modprobe.d."""
+        self._reload_timer = None
+        settings = self.settings
+        if self.settings_source is not None:
+            try:
+                settings = self.settings_source.load()
+            except SettingsError as exc:
+                self.last_reload_error = str(exc)
+                raise
+        try:
+            resolver = self.resolver_factory(settings)
+        except Exception as exc:
+            self.last_reload_error = str(exc)
+            raise
+        self.settings = settings
+        self.resolver = resolver
+        self.scheduler.set_resolver(resolver)
+        self.scheduler.backoff = BackoffPolicy(settings.backoff_initial, settings.backoff_max)
+        self.autoclean.policy = self._autoclean_policy(settings)
+        if self._autoclean_timer is not None:
+            self._autoclean_timer.cancel()
+            self._autoclean_timer = None
+        if settings.autoclean_interval > 0:
+            self._autoclean_timer = self.loop.call_every(settings.autoclean_interval,
+                                                         self._sweep_logged)
+        self.reloads += 1
+        self.last_reload_error = None
+        slog(LOG, logging.INFO, "configuration and module indexes reloaded")
+        return {"reloads": self.reloads}
+
+    # --- scheduler callbacks (worker threads) ---------------------------------------------
+
+    def _on_module(self, step: ModuleStep, request: Request, targets: tuple[str, ...],
+                   result: StepResultLike) -> None:
+        if result.status != "loaded":
+            return
+        self.state.record(ModuleRecord(
+            name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
+            devpath=request.devpath, requested_by=request.requested_by,
+            role=str(getattr(step.role, "value", step.role)), via=targets))
+        self.loop.call_soon_threadsafe(self._mark_dirty)
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        self._log_outcome(outcome)
+        self.loop.call_soon_threadsafe(self._broadcast, outcome)
+
+    def _on_runaway(self, key: str, request: Request) -> None:
+        slog(LOG, logging.WARNING,
+             "runaway: requests for %s keep arriving; refusing them until they calm down",
+             key, module=key, requested_by=request.requested_by, devpath=request.devpath)
+
+    def _on_idle(self) -> None:
+        self.loop.call_soon_threadsafe(self._check_settle)
+
+    def _log_outcome(self, outcome: Outcome) -> None:
+        req = outcome.request
+        fields: dict[str, Any] = {
+            "module": " ".join(outcome.modules) or None, "devpath": req.devpath,
+            "errno": outcome.errno, "requested_by": req.requested_by or req.kind}
+        if req.kind in ("modalias", "coldplug"):
+            fields["modalias"] = req.key
+        status = outcome.status
+        if status == "loaded":
+            slog(LOG, logging.INFO, "loaded %s for %s", " ".join(outcome.modules), req.key,
+                 **fields)
+            with self._log_lock:
+                self._logged_failures.pop(outcome.modules, None)
+        elif status == "failed":
+            # Each failure once: the same error again (backoff expired, a
+            # second device) goes to debug.
+            with self._log_lock:
+                repeat = self._logged_failures.get(outcome.modules, "") == outcome.error
+                self._logged_failures[outcome.modules] = outcome.error
+                if len(self._logged_failures) > 4096:
+                    self._logged_failures.pop(next(iter(self._logged_failures)))
+            slog(LOG, logging.DEBUG if repeat else logging.WARNING, "cannot load %s: %s",
+                 " ".join(outcome.modules) or req.key, outcome.error, **fields)
+        elif status == "runaway":
+            slog(LOG, logging.DEBUG, "runaway request %s refused", req.key, **fields)
+        else:
+            slog(LOG, logging.DEBUG, "%s: %s%s", req.key, status,
+                 f" ({outcome.error})" if outcome.error else "", **fields)
+
+    # --- loop-thread handlers --------------------------------------------------------------
+
+    def _mark_dirty(self) -> None:
+        self._state_dirty = True
+        if self._save_timer is None:
+            # Coalesce the writes of a coldplug burst into one.
+            self._save_timer = self.loop.call_later(0.5, self._save_state)
+
+    def _save_state(self) -> None:
+        self._save_timer = None
+        self._state_dirty = False
+        try:
+            self.state.save()
+        except OSError as exc:
+            slog(LOG, logging.ERROR, "cannot save state to %s: %s", self.state.path, exc)
+
+    def _broadcast(self, outcome: Outcome) -> None:
+        if self.monitors:
+            event = {"event": "outcome", "time": time.time(), **outcome.to_dict()}
+            for conn in list(self.monitors):
+                conn.send(event)
+        self._check_settle()
+
+    def settled(self) -> bool:
+        return self.coldplug_state != "running" and self.scheduler.idle()
+
+    def _check_settle(self) -> None:
+        if not self._settle_waiters or not self.settled():
+            return
+        waiters, self._settle_waiters = self._settle_waiters, []
+        for conn, msg, timer in waiters:
+            if timer is not None:
+                timer.cancel()
+            conn.reply(msg, {"ok": True, "settled": True})
+
+    def _sweep_logged(self) -> None:
+        try:
+            self.sweep()
+        except Exception:
+            LOG.exception("autoclean sweep failed")
+
+    def sweep(self) -> SweepReport:
+        report = self.autoclean.sweep()
+        self.last_sweep = report
+        for name in report.unloaded:
+            slog(LOG, logging.INFO, "autoclean: unloaded %s (unused)", name, module=name)
+        for name, why in report.failed.items():
+            slog(LOG, logging.INFO, "autoclean: could not unload %s: %s", name, why,
+                 module=name)
+        if report.unloaded or report.forgotten:
+            self._save_state()
+        return report
+
+    def _autoclean_unload(self, name: str) -> Any:
+        return self.loader_unload(name)
+
+    def loader_unload(self, name: str, *, force: bool = False) -> Any:
+        remove = None
+        config = getattr(self.resolver, "config", None)
+        if config is not None:
+            remove = getattr(config, "remove", {}).get(name)
+        unload = getattr(self.loader, "unload", None)
+        if unload is None:
+            self.kernel.unload_module(name, force=force)
+            return None
+        return unload(name, remove_command=remove, force=force)
+
+    def _send_status(self) -> None:
+        line = self._status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self.notify(STATUS=line)
+
+    def _status_line(self) -> str:
+        snap = self.scheduler.snapshot()
+        counts = snap["outcomes"]
+        parts = [f"{len(self.state)} loaded by kmodd",
+                 f"{snap['loading']} loading", f"{snap['pending']} pending",
+                 f"{counts.get('failed', 0)} failed"]
+        if self.coldplug_state == "running":
+            parts.append("coldplug running")
+        if self._stopping:
+            parts.insert(0, "stopping")
+        return ", ".join(parts)
+
+    # --- control requests ------------------------------------------------------------------
+
+    def _handle(self, conn: Connection, msg: dict[str, Any]) -> dict[str, Any] | None:
+        op = msg["op"]
+        if op == "ping":
+            return {"ok": True}
+        if op == "status":
+            return self.status()
+        if op == "list":
+            return {"ok": True, "modules": self.list_modules()}
+        if op == "why":
+            return self.why(_name_arg(msg, "module"))
+        if op == "monitor":
+            self.monitors.add(conn)
+            conn.monitoring = True
+            conn.on_close.append(self.monitors.discard)
+            return {"ok": True, "monitoring": True}
+        if op == "settle":
+            return self._settle(conn, msg)
+        if op == "load":
+            return self._control_load(conn, msg)
+        if op == "unload":
+            return self._control_unload(conn, msg)
+        if op == "reload":
+            try:
+                return {"ok": True, **self.reload()}
+            except Exception as exc:
+                return error_reply(f"reload failed, previous configuration kept: {exc}",
+                                   "EIO")
+        return error_reply(f"unknown op {op!r}", "ENOSYS")
+
+    def status(self) -> dict[str, Any]:
+        snap = self.scheduler.snapshot()
+        from kmodd import __version__ as kmodd_version
+        return {
+            "ok": True, "pid": os.getpid(), "version": kmodd_version,
+            "uptime": round(time.time() - self.started_at, 3),
+            "ready": self.ready, "stopping": self._stopping,
+            "coldplug": self.coldplug_state, "settled": self.settled(),
+            "kernel_version": self.settings.version,
+            "workers": snap["max_workers"], "loading": snap["loading"],
+            "pending": snap["pending"], "queued_loads": snap["queued_loads"],
+            "waiting_loads": snap["waiting_loads"], "submitted": snap["submitted"],
+            "outcomes": snap["outcomes"], "backoff": snap["backoff"],
+            "runaway": snap["runaway"], "loaded_by_kmodd": len(self.state),
+            "autoclean": {"interval": self.settings.autoclean_interval,
+                          "idle_timeout": self.settings.idle_timeout,
+                          "never_unload": list(self.settings.never_unload),
+                          "sweeps": self.autoclean.sweeps,
+                          "unloaded": self.autoclean.unloaded_total},
+            "reloads": self.reloads, "last_reload_error": self.last_reload_error,
+            "sources": [type(s).__name__ for s in self.sources],
+            "monitors": len(self.monitors), "socket": self.settings.socket,
+        }
+
+    def list_modules(self) -> list[dict[str, Any]]:
+        records = self.state.records()
+        try:
+            table = self.kernel.modules()
+        except Exception as exc:
+            raise RuntimeError(f"cannot read the module list: {exc}") from None
+        out = []
+        for name in sorted(table):
+            mod = table[name]
+            rec = records.get(name)
+            out.append({
+                "name": name, "state": mod.state.lower(), "refcount": mod.refcount,
+                "holders": list(mod.holders), "size": mod.size, "permanent": mod.permanent,
+                "loaded_by_kmodd": rec is not None,
+                "why": _why_dict(rec) if rec else None,
+                "loaded_at": rec.loaded_at if rec else None,
+                "idle_since": rec.idle_since if rec else None})
+        return out
+
+    def why(self, module: str) -> dict[str, Any]:
+        name = modname_normalize(module)
+        rec = self.state.get(name)
+        try:
+            state = self.kernel.initstate(name)
+        except Exception:
+            state = InitState.ABSENT
+        out: dict[str, Any] = {"ok": True, "module": name, "state": state.value,
+                               "loaded_by_kmodd": rec is not None}
+        if rec is not None:
+            out.update(_why_dict(rec))
+            out["loaded_at"] = rec.loaded_at
+            out["idle_since"] = rec.idle_since
+        failure = self.scheduler.failures().get(name)
+        if failure is not None:
+            out["last_failure"] = {"failures": failure.failures, "error": failure.error,
+                                   "errno": failure.errno}
+        return out
+
+    def _settle(self, conn: Connection, msg: dict[str, Any]) -> dict[str, Any] | None:
+        timeout = msg.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, int | float) or timeout < 0):
+            return error_reply("timeout must be a non-negative number of seconds")
+        if self.settled():
+            return {"ok": True, "settled": True}
+        if timeout == 0:
+            return {"ok": True, "settled": False}
+        timer = None
+        entry: list[Any] = []
+
+        def expire() -> None:
+            if entry and entry[0] in self._settle_waiters:
+                self._settle_waiters.remove(entry[0])
+                conn.reply(msg, {"ok": True, "settled": False,
+                                 "pending": self.scheduler.pending(),
+                                 "coldplug": self.coldplug_state})
+
+        if timeout is not None:
+            timer = self.loop.call_later(float(timeout), expire)
+        waiter = (conn, msg, timer)
+        entry.append(waiter)
+        self._settle_waiters.append(waiter)
+
+        def drop(c: Connection) -> None:
+            if waiter in self._settle_waiters:
+                self._settle_waiters.remove(waiter)
+                if timer is not None:
+                    timer.cancel()
+
+        conn.on_close.append(drop)
+        return None
+
+    def _control_load(self, conn: Connection, msg: dict[str, Any]) -> dict[str, Any] | None:
+        name = _name_arg(msg, "name")
+        options = msg.get("options") or ""
+        if not isinstance(options, str) or len(options) > 4096:
+            return error_reply("options must be a string")
+        kind = msg.get("kind") or "admin"
+        if kind not in ("admin", "kernel"):
+            return error_reply("kind must be 'admin' or 'kernel'")
+        by = msg.get("requested_by")
+        requested_by = by if isinstance(by, str) and by and len(by) < 256 else \
+            f"kmodctl uid={conn.uid} pid={conn.cred.pid}"
+        future = self.submit(Request(kind, name, None, requested_by, options))
+
+        def done(f: Future[Outcome]) -> None:
+            outcome = f.result()
+            self.loop.call_soon_threadsafe(
+                conn.reply, msg, {"ok": True, "status": outcome.status,
+                                  "outcome": outcome.to_dict()})
+
+        future.add_done_callback(done)
+        return None
+
+    def _control_unload(self, conn: Connection, msg: dict[str, Any]) -> dict[str, Any] | None:
+        name = modname_normalize(_name_arg(msg, "name"))
+        force = bool(msg.get("force", False))
+
+        def work() -> None:
+            try:
+                result = self.loader_unload(name, force=force)
+                status = getattr(result, "status", "unloaded")
+                reply = {"ok": True, "module": name, "status": status,
+                         "error": getattr(result, "error", None),
+                         "errno": getattr(result, "errno", None)}
+                if status in ("unloaded", "remove-command", "absent"):
+                    self.state.forget(name)
+                    self.loop.call_soon_threadsafe(self._mark_dirty)
+            except Exception as exc:
+                reply = {"ok": True, "module": name, "status": "failed", "error": str(exc),
+                         "errno": getattr(exc, "errno", None)}
+            self.loop.call_soon_threadsafe(conn.reply, msg, reply)
+
+        # delete_module is quick, a remove command may not be: off the loop.
+        threading.Thread(target=work, name=f"kmodd-unload-{name}", daemon=True).start()
+        return None
+
+
+def _name_arg(msg: dict[str, Any], key: str) -> str:
+    value = msg.get(key)
+    if not isinstance(value, str) or not value or len(value) > 1024 or "\0" in value \
+            or value.startswith("-"):
+        raise ValueError(f"{key!r} must be a module name or alias")
+    return value
+
+
+def _why_dict(rec: ModuleRecord) -> dict[str, Any]:
+    return {"kind": rec.kind, "key": rec.key, "devpath": rec.devpath,
+            "requested_by": rec.requested_by, "role": rec.role, "via": list(rec.via)}
+
