@@ -14,7 +14,7 @@ key.  :class:`_Mod` models exactly that.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from kmodd.config import ModprobeConfig, compile_glob, is_glob, load_config
@@ -24,6 +24,7 @@ from kmodd.plan import ModuleStep, Plan, Role
 from kmodd.root import Root
 
 V = TypeVar("V")
+_RANK = {Role.SOFTDEP_PRE: 0, Role.SOFTDEP_POST: 0, Role.DEPENDENCY: 1, Role.TARGET: 2}
 _Key = tuple[str, str | None]
 
 
@@ -276,15 +277,19 @@ class Resolver:
         first, say) is already loaded by then, as modprobe finds it.
         """
         kept, dropped, _ = self._targets(request, blacklist_all)
-        steps: list[ModuleStep] = []
-        seen: set[str] = set()
+        steps: dict[str, ModuleStep] = {}
         for mod in kept:
             for entry in self._entries(mod, extra_options):
-                if entry.step.name not in seen:
-                    seen.add(entry.step.name)
-                    steps.append(entry.step)
+                step = entry.step
+                first = steps.get(step.name)
+                if first is None:
+                    steps[step.name] = step
+                elif _RANK[step.role] > _RANK[first.role]:
+                    # Loaded where first met, but as required as its most
+                    # demanding use: a target's failure must not pass as a softdep's.
+                    steps[step.name] = replace(first, role=step.role)
         targets = tuple(dict.fromkeys(m.name for m in kept))
-        return Plan(request=request, targets=targets, steps=tuple(steps),
+        return Plan(request=request, targets=targets, steps=tuple(steps.values()),
                     blacklisted=tuple(dict.fromkeys(dropped)))
 
     def show_depends(self, request: str, *, extra_options: str = "",
