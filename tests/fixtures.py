@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodd.config import ModprobeConfig, parse_softdep
+from kmodd.config import ModprobeConfig
 
 MODPROBE = shutil.which("modprobe") or "/usr/sbin/modprobe"
 DEPMOD = shutil.which("depmod") or "/usr/sbin/depmod"
@@ -82,13 +82,21 @@ def render_config(cfg: ModprobeConfig) -> list[str]:
 
 
 def _softdep_text(raw: str) -> str:
-    dep = parse_softdep(raw)
-    # libkmod 30's softdep_to_char glues "post:" to the last pre name.
+    """libkmod 30's softdep_to_char: it prints the buffer span from the first to
+    the last pre name (post names parsed in between included), then glues
+    "post:" and the post span to it."""
+    tagged: list[tuple[str, str]] = []
+    mode = ""
+    for word in re.split(r"[ \t\n\v\f\r]+", raw):
+        if word in ("pre:", "post:"):
+            mode = word
+        elif word and mode:
+            tagged.append((mode, word))
     text = ""
-    if dep.pre:
-        text += "pre: " + " ".join(dep.pre)
-    if dep.post:
-        text += "post: " + " ".join(dep.post)
+    for mode in ("pre:", "post:"):
+        idx = [i for i, (m, _) in enumerate(tagged) if m == mode]
+        if idx:
+            text += f"{mode} " + " ".join(w for _, w in tagged[idx[0]:idx[-1] + 1])
     return text
 
 
