@@ -1,0 +1,56 @@
+#!/bin/sh
+# /init of the test bed's initramfs (busybox sh, PID 1).
+# Loads the virtio/9p/overlay modules, mounts the host root read-only over 9p
+# with a tmpfs overlay on top, shares the project checkout read-write at the
+# same path, then switch_root's into stage2.sh on the host's own userland.
+# Settings come from the kernel command line as tb_NAME=VALUE.
+export PATH=/bin
+/bin/busybox --install -s /bin
+
+fatal() {
+    echo "TESTBED-FATAL: $*" >/dev/console
+    sleep 1
+    reboot -f
+    sleep 10
+}
+
+mount -t devtmpfs devtmpfs /dev || fatal "cannot mount devtmpfs"
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+exec </dev/console >/dev/console 2>&1
+
+tb_share=/work/main
+tb_rootcache=loose
+tb_msize=512000
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        tb_*=*)
+            key=${arg%%=*}
+            case $key in *[!a-z_]*) continue ;; esac
+            eval "$key=\${arg#*=}"
+            ;;
+    esac
+done
+
+while read -r mod; do
+    insmod "/lib/modules/$mod.ko" || fatal "insmod $mod failed"
+done </lib/modules/order
+
+opts=trans=virtio,version=9p2000.L,msize=$tb_msize
+mount -t 9p -o "$opts,ro,cache=$tb_rootcache" hostroot /lower \
+    || fatal "cannot mount the host root over 9p (mount_tag hostroot)"
+mount -t tmpfs -o mode=0755 tmpfs /ovl || fatal "cannot mount tmpfs"
+mkdir -p /ovl/upper /ovl/work
+mount -t overlay -o lowerdir=/lower,upperdir=/ovl/upper,workdir=/ovl/work overlay /newroot \
+    || fatal "cannot mount the overlay on the host root"
+[ -d "/newroot$tb_share" ] || fatal "$tb_share does not exist on the host"
+mount -t 9p -o "$opts,cache=none" share "/newroot$tb_share" \
+    || fatal "cannot mount the project checkout over 9p (mount_tag share)"
+for d in dev proc sys; do
+    mount --move "/$d" "/newroot/$d" || fatal "cannot move /$d"
+done
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fatal "cannot mount /run"
+mkdir -p /newroot/run/testbed
+cp /testbed/*.sh /newroot/run/testbed/
+exec switch_root /newroot /bin/sh /run/testbed/stage2.sh
+fatal "switch_root failed"

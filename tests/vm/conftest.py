@@ -1,0 +1,64 @@
+"""Fixtures for tests on Debian's real kernel inside the QEMU test bed.
+
+``vm``        session scope: ONE boot for the whole pytest session, with the
+              dozen DEFAULT_DEVICES.  Tests share it: clean up what you load
+              (``modprobe -r``) or use names nobody else relies on.
+``fresh_vm``  module scope factory: ``fresh_vm(devices=None, **VM kwargs) -> VM``
+              boots a new guest for the calling test module (e.g. the daemon
+              end-to-end tests); every VM it made is shut down when the module ends.
+
+Both raise (never skip) when the test bed cannot boot: the error says why.
+Every test under tests/vm is marked ``vm``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.vm import VM
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.vm)
+
+
+def _boot(**kwargs: Any) -> VM:
+    vm = VM(**kwargs)
+    seconds = vm.boot()
+    print(f"\ntestbed: booted {vm.kernel.version if vm.kernel else '?'} in {seconds:.1f} s",
+          file=sys.stderr)
+    return vm
+
+
+@pytest.fixture(scope="session")
+def vm() -> Iterator[VM]:
+    machine = _boot()
+    try:
+        yield machine
+    finally:
+        machine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fresh_vm() -> Iterator[Callable[..., VM]]:
+    made: list[VM] = []
+
+    def factory(devices: list[str] | None = None, **kwargs: Any) -> VM:
+        machine = _boot(devices=devices, **kwargs)
+        made.append(machine)
+        return machine
+
+    try:
+        yield factory
+    finally:
+        for machine in made:
+            machine.shutdown()
