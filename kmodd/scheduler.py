@@ -496,8 +496,8 @@ class Scheduler:
             self._deliver(done, outcomes, [])
             return
         if not plan.resolved:
-            status = "unresolved"
-            if request.blacklist_all:
+            status = "blacklisted" if getattr(plan, "blacklisted", ()) else "unresolved"
+            if status == "unresolved" and request.blacklist_all:
                 try:
                     if resolver.plan(request.key, extra_options=request.options,
                                      blacklist_all=False).resolved:
@@ -654,7 +654,9 @@ class Scheduler:
                     continue
                 entry.results[name] = res
                 entry.needs.discard(name)
-                if not entry.needs and entry.plan is not None:
+                # A failure decides the request at once; no need to wait for
+                # other modules of its plan still in flight.
+                if (failed or not entry.needs) and entry.plan is not None:
                     self._finish_entry_locked(entry, summarize(entry.request, entry.plan,
                                                                entry.results), done, outcomes)
 

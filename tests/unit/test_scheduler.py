@@ -1,0 +1,380 @@
+"""The scheduler on the simulated kernel: limits, dedup, ordering, backoff, runaway."""
+
+from __future__ import annotations
+
+import errno as E
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, wait
+from pathlib import Path
+
+import pytest
+
+from kmodd.kernel.sim import SimKernel
+from kmodd.loader import Loader
+from kmodd.plan import ModuleStep, Plan, Role
+from kmodd.scheduler import (
+    MAX_KMOD_CONCURRENT,
+    BackoffPolicy,
+    Outcome,
+    Request,
+    RunawayDetector,
+    Scheduler,
+    clamp_workers,
+    default_max_workers,
+    plan_edges,
+)
+from tests.unit.daemon_fakes import FakeClock, GatedLoader, GraphResolver, sim_kernel
+
+GRAPH = {
+    "core": (), "a": ("core",), "b": ("core",), "c": ("a",), "t": ("a", "b"),
+    "solo": (), "bad": (), "needs_bad": ("bad",), "slow": (), "fast": (),
+    "x": ("slow",), "y": ("fast",),
+}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict[str, object]]:
+    made: list[Scheduler] = []
+    yield {"tmp": tmp_path, "made": made}
+    for s in made:
+        s.shutdown(timeout=10)
+
+
+def make(env: dict[str, object], *, graph: dict[str, tuple[str, ...]] | None = None,
+         gated: tuple[str, ...] = (), kernel_kwargs: dict[str, object] | None = None,
+         resolver_kwargs: dict[str, object] | None = None, **kwargs: object
+         ) -> tuple[Scheduler, SimKernel, GatedLoader, GraphResolver]:
+    tmp = env["tmp"]
+    assert isinstance(tmp, Path)
+    g = graph or GRAPH
+    kernel = sim_kernel(tmp / "tree", g, **(kernel_kwargs or {}))
+    resolver = GraphResolver(tmp / "mods", g, **(resolver_kwargs or {}))  # type: ignore[arg-type]
+    loader = GatedLoader(kernel, gated, **{k: kwargs.pop(k) for k in ("barrier",
+                                                                      "barrier_modules")
+                                            if k in kwargs})  # type: ignore[arg-type]
+    sched = Scheduler(resolver, loader, kernel, **kwargs)  # type: ignore[arg-type]
+    made = env["made"]
+    assert isinstance(made, list)
+    made.append(sched)
+    return sched, kernel, loader, resolver
+
+
+def loads_of(kernel: SimKernel, name: str) -> int:
+    return sum(1 for c in kernel.syscalls if c.call == "finit_module" and c.name == name)
+
+
+def outcome(fut: Future[Outcome]) -> Outcome:
+    return fut.result(timeout=10)
+
+
+# --- pure helpers -------------------------------------------------------------
+
+def test_worker_count_never_above_the_kernel_limit() -> None:
+    assert clamp_workers(500) == MAX_KMOD_CONCURRENT == 50
+    assert clamp_workers(0) == 1
+    assert default_max_workers(1) == 4
+    assert default_max_workers(8) == 16
+    assert default_max_workers(128) == 50
+
+
+def test_backoff_doubles_and_caps() -> None:
+    p = BackoffPolicy(initial=5, maximum=60)
+    assert [p.delay(n) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+    assert p.delay(1000) == 60
+
+
+def test_runaway_detector_flags_and_extends_while_storm_lasts() -> None:
+    d = RunawayDetector(limit=3, window=10)
+    assert [d.hit("k", t) for t in (0, 1, 2)] == [(False, False)] * 3
+    assert d.hit("k", 3) == (True, True)          # 4th within 10 s
+    assert d.hit("k", 12) == (True, False)        # still arriving: stays flagged
+    assert d.hit("k", 30) == (False, False)       # calm for a window: cleared
+    # Arrivals spread out never trip it.
+    assert all(not d.hit("slow", t * 5)[0] for t in range(20))
+
+
+def test_runaway_detector_memory_is_bounded() -> None:
+    d = RunawayDetector(limit=2, window=10, max_keys=100)
+    for i in range(10_000):
+        d.hit(f"key{i}", 0)
+    assert len(d._times) <= 100
+
+
+def test_plan_edges_softdeps_and_hard_deps() -> None:
+    plan = Plan("t", ("t",), (
+        ModuleStep("pre", "/p", role=Role.SOFTDEP_PRE),
+        ModuleStep("dep", "/d", role=Role.DEPENDENCY),
+        ModuleStep("t", "/t", deps=("dep",), role=Role.TARGET),
+        ModuleStep("post", "/q", role=Role.SOFTDEP_POST),
+    ))
+    edges = plan_edges(plan)
+    assert edges == {"pre": set(), "dep": {"pre"}, "t": {"dep", "pre"}, "post": {"pre", "t"}}
+
+
+# --- scheduling ----------------------------------------------------------------
+
+def test_loads_dependencies_before_dependents(env: dict[str, object]) -> None:
+    sched, kernel, _, _ = make(env, max_workers=8)
+    out = outcome(sched.submit(Request("admin", "t")))
+    assert out.status == "loaded" and out.modules == ("t",)
+    order = kernel.load_order
+    assert set(order) == {"core", "a", "b", "t"}
+    assert order.index("core") < order.index("a") < order.index("t")
+    assert order.index("b") < order.index("t")
+
+
+def test_thousand_simultaneous_requests_for_one_alias_load_once(env: dict[str, object]
+                                                                 ) -> None:
+    sched, kernel, loader, resolver = make(env, gated=("solo",), max_workers=8,
+                                           resolver_kwargs={"aliases": {"pci:v1d2": ("solo",)}})
+    futures: list[Future[Outcome]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def burst() -> None:
+        start.wait()
+        for i in range(125):
+            f = sched.submit(Request("modalias", "pci:v1d2", f"/devices/d{i}", "uevent"))
+            with lock:
+                futures.append(f)
+
+    threads = [threading.Thread(target=burst) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loader.entered["solo"].wait(10)
+    assert sched.pending() == 1               # 1000 requests, one pending entry
+    loader.release()
+    done, not_done = wait(futures, timeout=10)
+    assert not not_done and len(done) == 1000
+    outs = [f.result() for f in futures]
+    assert {o.status for o in outs} == {"loaded"}
+    # Each caller gets its own request back.
+    assert len({o.request.devpath for o in outs}) == 125
+    assert loads_of(kernel, "solo") == 1
+    assert resolver.calls == 1
+
+
+def test_concurrency_never_above_max_workers(env: dict[str, object]) -> None:
+    graph = {f"m{i}": () for i in range(40)}
+    sched, kernel, loader, _ = make(env, graph=graph, max_workers=4,
+                                    kernel_kwargs={"init_delays": dict.fromkeys(graph, 0.01)})
+    futures = [sched.submit(Request("modalias", f"m{i}")) for i in range(40)]
+    assert all(outcome(f).status == "loaded" for f in futures)
+    assert kernel.max_concurrent_seen <= 4
+    assert loader.max_active <= 4
+    assert sched.max_loading_seen <= 4
+
+
+def test_independent_modules_load_in_parallel(env: dict[str, object]) -> None:
+    # A barrier of 4 only opens if four loads are inside load_step at once.
+    barrier = threading.Barrier(4)
+    graph = {f"p{i}": () for i in range(4)}
+    sched, _, _, _ = make(env, graph=graph, max_workers=4, barrier=barrier,
+                          barrier_modules=set(graph))
+    futures = [sched.submit(Request("coldplug", f"p{i}")) for i in range(4)]
+    assert [outcome(f).status for f in futures] == ["loaded"] * 4
+    assert not barrier.broken
+
+
+def test_a_module_starts_when_its_own_deps_are_live_no_waves(env: dict[str, object]) -> None:
+    sched, kernel, loader, resolver = make(env, gated=("slow",), max_workers=4)
+    y_done = threading.Event()
+    plan = Plan("both", ("x", "y"), (
+        ModuleStep("slow", resolver.path("slow"), role=Role.DEPENDENCY),
+        ModuleStep("fast", resolver.path("fast"), role=Role.DEPENDENCY),
+        ModuleStep("x", resolver.path("x"), deps=("slow",)),
+        ModuleStep("y", resolver.path("y"), deps=("fast",)),
+    ))
+    resolver.plan = lambda request, **kw: plan  # type: ignore[method-assign]
+    sched._on_module = lambda step, req, targets, res: (
+        y_done.set() if step.name == "y" else None)
+    fut = sched.submit(Request("admin", "both"))
+    # y goes live while slow (x's dependency) is still held in its init.
+    assert y_done.wait(10)
+    assert not fut.done() and "x" not in kernel.loaded()
+    loader.release()
+    assert outcome(fut).status == "loaded"
+    assert kernel.load_order.index("slow") < kernel.load_order.index("x")
+
+
+def test_live_and_builtin_modules_are_skipped(env: dict[str, object]) -> None:
+    sched, kernel, loader, resolver = make(
+        env, graph={"live": (), "top": ("live", "bi"), "bi": ()},
+        kernel_kwargs={"builtin": ("bi",)},
+        resolver_kwargs={"builtin": ("bi",)})
+    kernel.load_module("live", resolver.path("live"))
+    assert outcome(sched.submit(Request("admin", "live"))).status == "present"
+    assert outcome(sched.submit(Request("admin", "bi"))).status == "builtin"
+    assert outcome(sched.submit(Request("admin", "top"))).status == "loaded"
+    assert loader.calls == ["top"]
+    assert loads_of(kernel, "live") == 1
+
+
+def test_unresolved_and_blacklisted(env: dict[str, object]) -> None:
+    sched, kernel, _, _ = make(env, resolver_kwargs={
+        "aliases": {"usb:v1": ("solo",)}, "blacklist": ("solo",)})
+    assert outcome(sched.submit(Request("modalias", "pci:none"))).status == "unresolved"
+    # udev semantics for device requests: the blacklist applies to every module...
+    assert outcome(sched.submit(Request("modalias", "usb:v1"))).status == "blacklisted"
+    assert outcome(sched.submit(Request("coldplug", "solo"))).status == "blacklisted"
+    # ...modprobe semantics for the kernel's and administrators' by-name requests.
+    assert outcome(sched.submit(Request("kernel", "solo"))).status == "loaded"
+    assert loads_of(kernel, "solo") == 1
+
+
+def test_dependency_failure_fails_dependents_without_trying_them(env: dict[str, object]
+                                                                  ) -> None:
+    sched, kernel, loader, _ = make(env, kernel_kwargs={"load_errors": {"bad": E.EIO}})
+    out = outcome(sched.submit(Request("admin", "needs_bad")))
+    assert out.status == "failed" and out.errno == E.EIO
+    assert "bad" in (out.error or "")
+    assert "needs_bad" not in loader.calls
+
+
+def test_failures_back_off_exponentially(env: dict[str, object]) -> None:
+    clock = FakeClock()
+    sched, kernel, _, _ = make(env, clock=clock, backoff=BackoffPolicy(5, 600),
+                               kernel_kwargs={"load_errors": {"bad": E.ENODEV}},
+                               resolver_kwargs={"aliases": {"pci:bad": ("bad",)}})
+    first = outcome(sched.submit(Request("modalias", "pci:bad", "/devices/a")))
+    assert first.status == "failed" and first.errno == E.ENODEV
+    # More uevents for the same failing driver: not retried, answered "backoff".
+    for dev in ("/devices/b", "/devices/c"):
+        again = outcome(sched.submit(Request("modalias", "pci:bad", dev)))
+        assert again.status == "backoff" and again.errno == E.ENODEV
+    assert loads_of(kernel, "bad") == 1
+    clock.advance(5.1)
+    assert outcome(sched.submit(Request("modalias", "pci:bad"))).status == "failed"
+    assert loads_of(kernel, "bad") == 2
+    rec = sched.failures()["bad"]
+    assert rec.failures == 2 and rec.retry_at == pytest.approx(clock.now + 10)
+    clock.advance(6)      # inside the doubled delay
+    assert outcome(sched.submit(Request("kernel", "bad"))).status == "backoff"
+    # An administrator asking explicitly means: try now.
+    assert outcome(sched.submit(Request("admin", "bad"))).status == "failed"
+    assert loads_of(kernel, "bad") == 3
+    # A success clears the record.
+    kernel.load_errors.clear()
+    assert outcome(sched.submit(Request("admin", "bad"))).status == "loaded"
+    assert "bad" not in sched.failures()
+
+
+def test_request_storm_is_reported_as_runaway_not_looped_on(env: dict[str, object]) -> None:
+    clock = FakeClock()
+    sched, _, _, resolver = make(env, clock=clock, runaway_limit=5, runaway_window=10)
+    outs = [outcome(sched.submit(Request("kernel", "solo", None, "kernel")))
+            for _ in range(8)]
+    assert [o.status for o in outs[:5]] == ["loaded"] + ["present"] * 4
+    assert [o.status for o in outs[5:]] == ["runaway"] * 3
+    assert resolver.calls == 5           # refused requests cost nothing
+    # Another device with the same modalias is not part of the storm.
+    assert outcome(sched.submit(Request("modalias", "solo", "/devices/other"))).ok
+    clock.advance(30)
+    assert outcome(sched.submit(Request("kernel", "solo"))).status == "present"
+
+
+def test_module_reloaded_over_and_over_is_runaway(env: dict[str, object]) -> None:
+    clock = FakeClock()
+    sched, kernel, _, _ = make(env, clock=clock, runaway_limit=3, runaway_window=60)
+    statuses = []
+    for i in range(5):
+        statuses.append(outcome(sched.submit(Request("modalias", "solo", f"/d{i}"))).status)
+        if "solo" in kernel.loaded():
+            kernel.unload_module("solo")
+    assert statuses == ["loaded", "loaded", "loaded", "runaway", "runaway"]
+    assert loads_of(kernel, "solo") == 3
+
+
+def test_module_requesting_itself_does_not_deadlock(env: dict[str, object]) -> None:
+    sched, kernel, loader, _ = make(env)
+    inner: list[Outcome] = []
+    real = loader.inner.load_step
+
+    def load_step(step: ModuleStep):  # type: ignore[no-untyped-def]
+        if step.name == "solo":
+            # The module's init calls request_module() for itself: the kernel
+            # blocks until the helper answers, so we must not wait on ourselves.
+            f = sched.submit(Request("kernel", "solo", None, "kernel"))
+            inner.append(f.result(timeout=5))
+        return real(step)
+
+    loader.inner.load_step = load_step  # type: ignore[method-assign]
+    assert outcome(sched.submit(Request("modalias", "solo"))).status == "loaded"
+    assert inner and inner[0].status in ("present", "loaded")
+    assert loads_of(kernel, "solo") == 1
+
+
+def test_bounded_queue_answers_every_request(env: dict[str, object]) -> None:
+    graph = {f"q{i}": () for i in range(50)} | {"hold": ()}
+    sched, _, loader, _ = make(env, graph=graph, gated=("hold",), max_workers=1,
+                               queue_limit=10, max_waiters=3)
+    first = sched.submit(Request("admin", "hold"))
+    assert loader.entered["hold"].wait(10)
+    futures = [sched.submit(Request("modalias", f"q{i}")) for i in range(50)]
+    refused = [f.result(timeout=0) for f in futures[9:]]    # queue full: answered at once
+    assert {o.status for o in refused} == {"failed"}
+    assert {o.errno for o in refused} == {E.EAGAIN}
+    joins = [sched.submit(Request("modalias", "q0")) for _ in range(4)]
+    assert outcome(joins[-1]).status == "runaway"        # too many identical waiters
+    loader.release()
+    assert outcome(first).status == "loaded"
+    assert all(outcome(f).status == "loaded" for f in futures[:9] + joins[:2])
+    assert sched.pending() == 0
+
+
+def test_outcome_callback_once_per_distinct_request(env: dict[str, object]) -> None:
+    seen: list[Outcome] = []
+    sched, _, loader, _ = make(env, gated=("solo",), on_outcome=seen.append)
+    futures = [sched.submit(Request("modalias", "solo", f"/d{i}")) for i in range(20)]
+    loader.release()
+    for f in futures:
+        outcome(f)
+    assert sched.wait_idle(10)
+    assert [o.status for o in seen] == ["loaded"]
+
+
+def test_shutdown_finishes_inflight_and_refuses_the_rest(env: dict[str, object]) -> None:
+    sched, kernel, loader, _ = make(env, gated=("a",), max_workers=2)
+    inflight = sched.submit(Request("admin", "a"))      # core, then a (held)
+    assert loader.entered["a"].wait(10)
+    waiting = sched.submit(Request("admin", "c"))       # c waits for a
+    stopper = threading.Thread(target=sched.shutdown, kwargs={"timeout": 10})
+    stopper.start()
+    # Everything not started is answered without waiting for the held load.
+    out_c = outcome(waiting)
+    assert out_c.status == "failed" and out_c.errno == E.ESHUTDOWN
+    assert not inflight.done()
+    late = outcome(sched.submit(Request("admin", "solo")))
+    assert late.status == "failed" and late.errno == E.ESHUTDOWN
+    loader.release()
+    stopper.join(10)
+    assert outcome(inflight).status == "loaded"
+    assert "a" in kernel.loaded() and "c" not in kernel.loaded()
+
+
+def test_loader_exception_becomes_failed_outcome(env: dict[str, object]) -> None:
+    sched, _, loader, _ = make(env)
+
+    def boom(step: ModuleStep):  # type: ignore[no-untyped-def]
+        raise OSError(E.EIO, "disk on fire")
+
+    loader.inner.load_step = boom  # type: ignore[method-assign]
+    out = outcome(sched.submit(Request("admin", "solo")))
+    assert out.status == "failed" and out.errno == E.EIO
+    # The workers survived.
+    loader.inner.load_step = Loader(loader.inner.kernel).load_step  # type: ignore[method-assign]
+    assert outcome(sched.submit(Request("admin", "fast"))).status == "loaded"
+
+
+def test_resolver_exception_becomes_failed_outcome(env: dict[str, object]) -> None:
+    sched, _, _, resolver = make(env)
+
+    def broken(request: str, **kw: object) -> Plan:
+        raise ValueError("index corrupt")
+
+    resolver.plan = broken  # type: ignore[method-assign]
+    out = outcome(sched.submit(Request("modalias", "anything")))
+    assert out.status == "failed" and "index corrupt" in (out.error or "")
