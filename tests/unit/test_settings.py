@@ -1,0 +1,97 @@
+"""kmodd.conf and flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kmodd.scheduler import MAX_KMOD_CONCURRENT
+from kmodd.settings import Settings, SettingsError, parse_settings
+
+
+def write(tmp: Path, text: str) -> str:
+    path = tmp / "kmodd.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_follow_the_root(tmp_path: Path) -> None:
+    s, _ = parse_settings(["--root", str(tmp_path)])
+    assert 1 <= s.max_workers <= MAX_KMOD_CONCURRENT
+    assert s.autoclean_interval == 60 and s.idle_timeout == 60
+    assert s.never_unload == () and s.coldplug is True and s.kernel == "real"
+    assert s.socket == str(tmp_path / "run/kmodd/control")
+    assert s.state_file == str(tmp_path / "run/kmodd/state.json")
+    assert s.config_file == str(tmp_path / "etc/kmodd.conf")
+
+
+def test_real_defaults_without_root() -> None:
+    s = Settings()
+    assert s.socket == "/run/kmodd/control" and s.state_file == "/run/kmodd/state.json"
+
+
+def test_file_values_and_flags_win(tmp_path: Path) -> None:
+    conf = write(tmp_path, 'max_workers = 3\nautoclean_interval = 0\nidle_timeout = 300\n'
+                           'never_unload = ["snd-hda-intel", "e1000"]\nsocket = "/tmp/s"\n')
+    s, _ = parse_settings(["--config", conf])
+    assert (s.max_workers, s.autoclean_interval, s.idle_timeout) == (3, 0.0, 300.0)
+    assert s.never_unload == ("snd_hda_intel", "e1000")
+    assert s.socket == "/tmp/s"
+    s, _ = parse_settings(["--config", conf, "--max-workers", "7", "--idle-timeout", "5",
+                           "--never-unload", "a,b-c", "--never-unload", "d",
+                           "--socket", "/x/ctl", "--no-coldplug", "--kernel", "sim:/t",
+                           "-S", "6.1.0", "-C", "/etc/m.conf"])
+    assert (s.max_workers, s.idle_timeout, s.socket) == (7, 5.0, "/x/ctl")
+    assert s.never_unload == ("a", "b_c", "d")
+    assert s.coldplug is False and s.kernel == "sim:/t" and s.version == "6.1.0"
+    assert s.modprobe_config == ("/etc/m.conf",)
+
+
+def test_kmodd_table_is_accepted(tmp_path: Path) -> None:
+    s, _ = parse_settings(["--config", write(tmp_path, "[kmodd]\nidle_timeout = 9\n")])
+    assert s.idle_timeout == 9
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("max_wrokers = 3\n", "unknown setting 'max_wrokers'"),
+    ('max_workers = "four"\n', "max_workers must be an integer"),
+    ("max_workers = true\n", "max_workers must be an integer"),
+    ("max_workers = 51\n", "between 1 and 50"),
+    ("max_workers = 0\n", "between 1 and 50"),
+    ('idle_timeout = "soon"\n', "idle_timeout must be a number"),
+    ("autoclean_interval = -1\n", "must not be negative"),
+    ("never_unload = [1, 2]\n", "never_unload must be a list of strings"),
+    ('coldplug = "yes"\n', "coldplug must be true or false"),
+    ('log_level = "loud"\n', "log_level must be one of"),
+    ("this is = not toml [", "not valid TOML"),
+])
+def test_bad_file_gives_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    conf = write(tmp_path, text)
+    with pytest.raises(SettingsError) as info:
+        parse_settings(["--config", conf])
+    assert message in str(info.value) and conf in str(info.value)
+
+
+def test_explicit_config_must_exist_default_may_not(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="no such configuration file"):
+        parse_settings(["--config", str(tmp_path / "missing.conf")])
+    parse_settings(["--root", str(tmp_path)])       # no etc/kmodd.conf: defaults
+
+
+def test_bad_flags(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="between 1 and 50"):
+        parse_settings(["--root", str(tmp_path), "--max-workers", "99"])
+    with pytest.raises(SettingsError, match="sim:PATH"):
+        parse_settings(["--root", str(tmp_path), "--kernel", "fake"])
+    with pytest.raises(SystemExit):
+        parse_settings(["--max-workers", "many"])
+
+
+def test_reload_rereads_the_file_and_keeps_flags(tmp_path: Path) -> None:
+    conf = write(tmp_path, "idle_timeout = 10\nmax_workers = 2\n")
+    s, source = parse_settings(["--config", conf, "--max-workers", "5"])
+    assert (s.idle_timeout, s.max_workers) == (10, 5)
+    write(tmp_path, "idle_timeout = 20\nmax_workers = 3\n")
+    s2 = source.load()
+    assert (s2.idle_timeout, s2.max_workers) == (20, 5)

@@ -1,0 +1,91 @@
+"""The persisted record of what kmodd loaded."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from kmodd.state import ModuleRecord, StateStore
+
+
+def rec(name: str, loaded_at: float = 100.0, **kw: object) -> ModuleRecord:
+    return ModuleRecord(name=name, loaded_at=loaded_at, kind=str(kw.pop("kind", "modalias")),
+                        key=str(kw.pop("key", f"pci:{name}")), **kw)  # type: ignore[arg-type]
+
+
+def test_round_trip_and_atomic_write(tmp_path: Path) -> None:
+    path = tmp_path / "run/kmodd/state.json"
+    store = StateStore(path)
+    store.record(rec("e1000", devpath="/devices/pci0000:00/0000:00:03.0",
+                     requested_by="uevent", idle_since=150.0, idle_sweeps=1))
+    store.record(rec("crc32c", role="dependency", via=("btrfs",), kind="kernel", key="fs-btrfs"))
+    store.save()
+    # Only the final file: the temporary one was renamed over it.
+    assert [p.name for p in path.parent.iterdir()] == ["state.json"]
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and len(data["modules"]) == 2
+    again = StateStore(path)
+    again.load(live=["e1000", "crc32c", "other"])
+    assert again.records() == store.records()
+    assert again.get("crc32c") is not None and again.get("crc32c").via == ("btrfs",)  # type: ignore[union-attr]
+
+
+def test_restart_drops_modules_no_longer_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    store = StateStore(path)
+    for name in ("a", "b", "c"):
+        store.record(rec(name))
+    store.save()
+    again = StateStore(path)
+    again.load(live=["a", "c", "unrelated"])
+    assert sorted(again.records()) == ["a", "c"]
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", "[]", '{"modules": "x"}', '{"modules": [{"name": "a"}]}',
+    '{"modules": [42]}', "\xff\xfe garbage",
+])
+def test_corrupt_file_is_logged_and_ignored(tmp_path: Path, content: str,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(content, errors="surrogateescape")
+    store = StateStore(path)
+    with caplog.at_level(logging.WARNING, logger="kmodd.state"):
+        store.load(live=["a"])
+    assert len(store) == 0
+    assert "starting fresh" in caplog.text
+    # And the next save replaces it with a good file.
+    store.record(rec("a"))
+    store.save()
+    assert json.loads(path.read_text())["modules"][0]["name"] == "a"
+
+
+def test_missing_file_is_a_first_start(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                       ) -> None:
+    store = StateStore(tmp_path / "nope/state.json")
+    with caplog.at_level(logging.WARNING):
+        store.load(live=[])
+    assert len(store) == 0 and not caplog.text
+
+
+def test_idle_updates_ignore_a_module_reloaded_since(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.json")
+    store.record(rec("m", loaded_at=1.0))
+    store.set_idle("m", 1.0, 50.0, 1)
+    assert store.get("m").idle_since == 50.0  # type: ignore[union-attr]
+    store.record(rec("m", loaded_at=2.0))      # unloaded and loaded again meanwhile
+    store.set_idle("m", 1.0, 60.0, 2)
+    assert store.get("m").idle_since is None  # type: ignore[union-attr]
+    assert not store.forget_if("m", 1.0) and "m" in store
+    assert store.forget_if("m", 2.0) and "m" not in store
+
+
+def test_records_are_copies(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.json")
+    store.record(rec("m"))
+    copy = store.records()
+    copy["m"].idle_sweeps = 99
+    assert store.get("m").idle_sweeps == 0  # type: ignore[union-attr]
