@@ -1,0 +1,179 @@
+"""Autoclean: the pure policy, then sweeps against the simulated kernel."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from kmodd.autoclean import (
+    Autoclean,
+    AutocleanPolicy,
+    ModuleUse,
+    busy_reason,
+    kernel_snapshot,
+    plan_sweep,
+)
+from kmodd.loader import Loader
+from kmodd.state import ModuleRecord, StateStore
+from tests.unit.daemon_fakes import FakeClock, GraphResolver, sim_kernel
+
+POLICY = AutocleanPolicy(idle_timeout=60, never_unload=frozenset({"keepme"}))
+
+
+def rec(name: str, idle_since: float | None = None, sweeps: int = 0) -> ModuleRecord:
+    return ModuleRecord(name, 0.0, "modalias", f"pci:{name}", idle_since=idle_since,
+                        idle_sweeps=sweeps)
+
+
+def use(name: str, **kw: object) -> ModuleUse:
+    return ModuleUse(name, True, **kw)  # type: ignore[arg-type]
+
+
+def test_idle_module_goes_only_on_the_second_sweep_after_idle_timeout() -> None:
+    records = {"m": rec("m")}
+    uses = {"m": use("m")}
+    first = plan_sweep(records, uses, POLICY, now=1000)
+    assert first.unload == [] and first.idle["m"] == (1000, 1)
+    # Second sweep, but not idle long enough yet.
+    early = plan_sweep({"m": rec("m", 1000, 1)}, uses, POLICY, now=1030)
+    assert early.unload == [] and early.idle["m"] == (1000, 2)
+    assert "idle for 30s" in early.kept["m"]
+    late = plan_sweep({"m": rec("m", 1000, 2)}, uses, POLICY, now=1060)
+    assert late.unload == ["m"]
+    # idle_timeout 0 still needs two sweeps, like kerneld.
+    zero = AutocleanPolicy(idle_timeout=0)
+    assert plan_sweep(records, uses, zero, now=5).unload == []
+    assert plan_sweep({"m": rec("m", 5, 1)}, uses, zero, now=6).unload == ["m"]
+
+
+@pytest.mark.parametrize(("u", "reason"), [
+    (use("m", refcount=1), "refcount 1"),
+    (use("m", holders=("x",), refcount=1), "used by x"),
+    (use("m", bound_devices=2), "2 device(s) bound"),
+    (use("m", permanent=True), "permanent"),
+    (use("m", refcount=None), "cannot unload"),
+    (use("keepme"), "never_unload"),
+])
+def test_modules_in_use_are_kept_and_their_idle_time_resets(u: ModuleUse, reason: str
+                                                            ) -> None:
+    assert reason in (busy_reason(u, POLICY) or "")
+    records = {u.name: rec(u.name, idle_since=0, sweeps=5)}
+    out = plan_sweep(records, {u.name: u}, POLICY, now=10_000)
+    assert out.unload == []
+    assert out.idle[u.name] == (None, 0)
+
+
+def test_module_with_a_request_in_flight_is_kept() -> None:
+    out = plan_sweep({"m": rec("m", 0, 3)}, {"m": use("m")}, POLICY, now=999, busy={"m"})
+    assert out.unload == [] and "in flight" in out.kept["m"]
+
+
+def test_modules_kmodd_did_not_load_are_never_considered() -> None:
+    # "other" is idle and unused, but there is no record: kmodd did not load it.
+    uses = {"m": use("m"), "other": use("other")}
+    out = plan_sweep({"m": rec("m", 0, 1)}, uses, POLICY, now=100)
+    assert out.unload == ["m"]
+    assert "other" not in out.idle and "other" not in out.kept
+
+
+def test_dependencies_follow_only_when_nobody_else_uses_them() -> None:
+    records = {n: rec(n, 0, 1) for n in ("top", "dep", "shared", "deeper", "busy_dep")}
+    uses = {
+        "top": use("top"),
+        "dep": use("dep", holders=("top",), refcount=1),
+        "deeper": use("deeper", holders=("dep",), refcount=1),
+        "shared": use("shared", holders=("top", "other"), refcount=2),
+        "busy_dep": use("busy_dep", holders=("top",), refcount=2),   # plus an open device
+        "foreign_dep": use("foreign_dep", holders=("top",), refcount=1),  # not ours
+    }
+    out = plan_sweep(records, uses, POLICY, now=100)
+    assert out.unload == ["top", "dep", "deeper"]
+    assert out.followers == {"dep", "deeper"}
+    assert "foreign_dep" not in out.unload and "shared" not in out.unload
+
+
+def test_records_of_modules_gone_are_forgotten() -> None:
+    out = plan_sweep({"gone": rec("gone"), "m": rec("m")},
+                     {"gone": ModuleUse("gone", False), "m": use("m")}, POLICY, now=1)
+    assert out.forget == ["gone"]
+
+
+# --- against the simulated kernel ------------------------------------------------
+
+GRAPH = {"dummy": ("libdummy",), "libdummy": (), "nic": (), "snd": (), "held": (),
+         "perm": (), "foreign": (), "keepme": ()}
+
+
+def loaded_by_kmodd(tmp: Path) -> tuple[Autoclean, object, StateStore, FakeClock]:
+    kernel = sim_kernel(tmp / "tree", GRAPH, permanent=("perm",))
+    resolver = GraphResolver(tmp / "mods", GRAPH)
+    loader = Loader(kernel)
+    state = StateStore(tmp / "state.json")
+    clock = FakeClock(10_000)
+    for name in ("dummy", "nic", "snd", "held", "perm", "keepme"):
+        plan = resolver.plan(name)
+        for step in plan.steps:
+            if kernel.initstate(step.name).value == "absent":
+                assert loader.load_step(step).status == "loaded"
+                state.record(ModuleRecord(step.name, clock.now, "kernel", name))
+    # Loaded by someone else (modprobe by hand, initramfs): no record.
+    kernel.load_module("foreign", resolver.path("foreign"))
+    kernel.bind_device("nic", "e1000", "0000:00:03.0")
+    kernel.set_users("held", 1)
+    ac = Autoclean(kernel, state, loader.unload,
+                   AutocleanPolicy(idle_timeout=60, never_unload=frozenset({"keepme"})),
+                   clock=clock)
+    return ac, kernel, state, clock
+
+
+def test_sweeps_unload_only_what_kmodd_loaded_and_nobody_uses(tmp_path: Path) -> None:
+    ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
+    first = ac.sweep()
+    assert first.unloaded == []
+    clock.advance(60)
+    second = ac.sweep()
+    assert second.unloaded == ["dummy", "snd", "libdummy"]
+    # The dependency went after the module that used it.
+    assert second.unloaded.index("dummy") < second.unloaded.index("libdummy")
+    left = set(kernel.loaded())  # type: ignore[attr-defined]
+    assert left == {"nic", "held", "perm", "keepme", "foreign"}
+    assert "bound" in second.kept["nic"] and "refcount" in second.kept["held"]
+    assert "permanent" in second.kept["perm"] and "never_unload" in second.kept["keepme"]
+    assert sorted(state.records()) == ["held", "keepme", "nic", "perm"]
+    deletes = [c.name for c in kernel.syscalls if c.call == "delete_module"]  # type: ignore[attr-defined]
+    assert "foreign" not in deletes and "nic" not in deletes
+
+
+def test_module_used_again_between_sweeps_is_kept(tmp_path: Path) -> None:
+    ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
+    ac.sweep()
+    kernel.set_users("snd", 1)  # type: ignore[attr-defined]
+    clock.advance(100)
+    ac.sweep()
+    kernel.set_users("snd", 0)  # type: ignore[attr-defined]
+    clock.advance(100)
+    report = ac.sweep()
+    # Idle again, but only seen idle on one sweep since it was last used.
+    assert "snd" not in report.unloaded and "snd" in kernel.loaded()  # type: ignore[attr-defined]
+    clock.advance(60)
+    assert "snd" in ac.sweep().unloaded
+
+
+def test_unload_failure_is_reported_and_keeps_its_dependencies(tmp_path: Path) -> None:
+    ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
+    kernel.unload_errors["dummy"] = errno.EBUSY  # type: ignore[attr-defined]
+    ac.sweep()
+    clock.advance(60)
+    report = ac.sweep()
+    assert "dummy" in report.failed and "libdummy" in report.failed
+    assert {"dummy", "libdummy"} <= set(kernel.loaded())  # type: ignore[attr-defined]
+    assert "dummy" in state and "libdummy" in state
+
+
+def test_snapshot_of_a_module_gone_meanwhile(tmp_path: Path) -> None:
+    kernel = sim_kernel(tmp_path / "tree", GRAPH)
+    uses = kernel_snapshot(kernel, ["nothere"])
+    assert uses["nothere"].loaded is False
+
