@@ -147,7 +147,7 @@ def test_sweeps_unload_only_what_kmodd_loaded_and_nobody_uses(tmp_path: Path) ->
 
 
 def test_module_used_again_between_sweeps_is_kept(tmp_path: Path) -> None:
-    ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
+    ac, kernel, _state, clock = loaded_by_kmodd(tmp_path)
     ac.sweep()
     kernel.set_users("snd", 1)  # type: ignore[attr-defined]
     clock.advance(100)
