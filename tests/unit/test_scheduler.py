@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno as E
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, wait
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def env(tmp_path: Path) -> Iterator[dict[str, object]]:
         s.shutdown(timeout=10)
 
 
-def make(env: dict[str, object], *, graph: dict[str, tuple[str, ...]] | None = None,
+def make(env: dict[str, object], *, graph: Mapping[str, tuple[str, ...]] | None = None,
          gated: tuple[str, ...] = (), kernel_kwargs: dict[str, object] | None = None,
          resolver_kwargs: dict[str, object] | None = None, **kwargs: object
          ) -> tuple[Scheduler, SimKernel, GatedLoader, GraphResolver]:

@@ -1,0 +1,208 @@
+"""The control socket: protocol, permissions by SO_PEERCRED, bad messages."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmodd.control import MAX_MESSAGE, Client, Connection, ControlServer, PeerCred
+from kmodd.service import EventLoop
+
+
+class Harness:
+    def __init__(self, path: Path, peercred: Any = None) -> None:
+        self.loop = EventLoop()
+        self.calls: list[tuple[int, dict[str, Any]]] = []
+        kwargs = {"peercred": peercred} if peercred is not None else {}
+        self.server = ControlServer(path, self.loop, self.handle, **kwargs)
+        self.server.start()
+        self.stop = False
+        self.thread = threading.Thread(target=self.loop.run, args=(lambda: self.stop,),
+                                       daemon=True)
+        self.thread.start()
+
+    def handle(self, conn: Connection, msg: dict[str, Any]) -> dict[str, Any] | None:
+        self.calls.append((conn.uid, msg))
+        if msg["op"] == "why":
+            if not isinstance(msg.get("module"), str):
+                raise ValueError("'module' must be a module name")
+            return {"ok": True, "module": msg["module"]}
+        return {"ok": True, "op": msg["op"], "uid": conn.uid}
+
+    def close(self) -> None:
+        def halt() -> None:
+            self.stop = True
+        self.loop.call_soon_threadsafe(halt)
+        self.thread.join(5)
+        self.server.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # Not under pytest's 0700 tmp dir: a child running as nobody must reach it.
+    d = Path(tempfile.mkdtemp(prefix="kmodd-ctl-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def harness(sockdir: Path) -> Iterator[Harness]:
+    h = Harness(sockdir / "control")
+    yield h
+    h.close()
+
+
+def raw(path: Path) -> tuple[socket.socket, Any]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(path))
+    return s, s.makefile("rb")
+
+
+def test_status_round_trip_and_socket_mode(harness: Harness) -> None:
+    with Client(harness.server.path, timeout=5) as c:
+        assert c.status() == {"ok": True, "op": "status", "uid": 0}
+    mode = stat.S_IMODE(os.stat(harness.server.path).st_mode)
+    assert mode == 0o666     # anyone may connect; SO_PEERCRED decides the rest
+
+
+def test_request_id_is_echoed_for_pipelining(harness: Harness) -> None:
+    s, f = raw(harness.server.path)
+    s.sendall(b'{"op": "status", "id": 1}\n{"op": "list", "id": "two"}\n')
+    replies = [json.loads(f.readline()), json.loads(f.readline())]
+    assert [(r["op"], r["id"]) for r in replies] == [("status", 1), ("list", "two")]
+    s.close()
+
+
+@pytest.mark.parametrize(("line", "code", "text"), [
+    (b"{not json\n", "EINVAL", "malformed JSON"),
+    (b"[1, 2]\n", "EINVAL", "must be a JSON object"),
+    (b'{"no": "op"}\n', "EINVAL", "missing 'op'"),
+    (b'{"op": 7}\n', "EINVAL", "missing 'op'"),
+    (b'{"op": "format_disk"}\n', "ENOSYS", "unknown op"),
+    (b'{"op": "why", "module": ["x"]}\n', "EINVAL", "bad why request"),
+    (b"\xff\xfe\x00garbage\n", "EINVAL", "malformed JSON"),
+    (b'{"op": "status"' + b" " * 100 + b"\n", "EINVAL", "malformed JSON"),
+])
+def test_bad_messages_get_an_error_and_the_connection_survives(
+        harness: Harness, line: bytes, code: str, text: str) -> None:
+    s, f = raw(harness.server.path)
+    s.sendall(line)
+    reply = json.loads(f.readline())
+    assert reply["ok"] is False and reply["code"] == code and text in reply["error"]
+    s.sendall(b'{"op": "status"}\n')
+    assert json.loads(f.readline())["ok"] is True
+    s.close()
+
+
+def test_oversized_message_is_refused_and_the_server_lives_on(harness: Harness) -> None:
+    s, f = raw(harness.server.path)
+    with contextlib.suppress(OSError):    # the server may close while we still send
+        s.sendall(b"x" * (MAX_MESSAGE + 10))
+    reply = json.loads(f.readline())
+    assert reply["code"] == "EMSGSIZE"
+    assert f.readline() == b""          # closed after the error
+    s.close()
+    with Client(harness.server.path, timeout=5) as c:
+        assert c.status()["ok"]
+
+
+def test_non_root_peer_may_read_but_not_load(sockdir: Path) -> None:
+    h = Harness(sockdir / "control", peercred=lambda sock: PeerCred(4242, 1000, 1000))
+    try:
+        with Client(h.server.path, timeout=5) as c:
+            for op in ("status", "list", "settle", "monitor"):
+                assert c.request({"op": op})["ok"] is True
+            for op in ("load", "unload", "reload"):
+                reply = c.request({"op": op, "name": "e1000"})
+                assert reply["ok"] is False and reply["code"] == "EPERM"
+                assert "needs root" in reply["error"]
+        assert {m["op"] for _, m in h.calls} == {"status", "list", "settle", "monitor"}
+    finally:
+        h.close()
+
+
+def test_real_peer_credentials_of_another_uid(harness: Harness) -> None:
+    """A child that drops to uid 65534 is refused by the kernel-reported uid."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:           # child: become nobody, ask to load and to read
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            with Client(harness.server.path, timeout=5) as c:
+                load = c.request({"op": "load", "name": "dummy"})
+                status = c.request({"op": "status"})
+            os.write(w, json.dumps([load, status]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    load, status = json.loads(data)
+    assert load["ok"] is False and load["code"] == "EPERM"
+    assert status["ok"] is True and status["uid"] == 65534
+    assert [m["op"] for _, m in harness.calls] == ["status"]
+    # And root (this test process) may load.
+    with Client(harness.server.path, timeout=5) as c:
+        assert c.request({"op": "load", "name": "dummy"})["uid"] == 0
+
+
+def test_handler_crash_is_an_error_reply(sockdir: Path) -> None:
+    h = Harness(sockdir / "control")
+
+    def crash(conn: Connection, msg: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    h.server.handler = crash
+    try:
+        with Client(h.server.path, timeout=5) as c:
+            reply = c.request({"op": "status"})
+            assert reply["ok"] is False and "boom" in reply["error"]
+            assert c.request({"op": "status"})["ok"] is False   # still connected
+    finally:
+        h.close()
+
+
+def test_try_connect_and_stale_socket(sockdir: Path) -> None:
+    path = sockdir / "control"
+    assert Client.try_connect(path) is None
+    # A socket file left by a crashed daemon is replaced.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    h = Harness(path)
+    try:
+        c = Client.try_connect(path)
+        assert c is not None and c.status()["ok"]
+        c.close()
+        # A live daemon's socket is not stolen.
+        other = ControlServer(path, EventLoop(), h.handle)
+        with pytest.raises(RuntimeError, match="already listening"):
+            other.start()
+    finally:
+        h.close()
+    assert not path.exists()
+
+
+def test_peer_that_hangs_up_mid_request(harness: Harness) -> None:
+    s, _ = raw(harness.server.path)
+    s.sendall(b'{"op": "sta')
+    s.close()
+    with Client(harness.server.path, timeout=5) as c:
+        assert c.status()["ok"]
