@@ -26,10 +26,9 @@ def _inputs(aliases: list[str]) -> Iterator[str]:
         if alias != "-":
             yield alias
             continue
+        # Every line answers, empty ones included, so output lines pair with input lines.
         for line in sys.stdin:
-            line = line.rstrip("\r\n")
-            if line:
-                yield line
+            yield line.rstrip("\r\n")
 
 
 def run(args: argparse.Namespace) -> int:
