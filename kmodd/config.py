@@ -12,17 +12,18 @@ logged and never fatal.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kmodd.names import alias_normalize
 from kmodd.root import Root
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import logging
 
 # glibc's fnmatch special characters; a pattern without them is a plain string.
 _GLOB_CHARS = frozenset("*?[\\")
@@ -83,6 +84,12 @@ class ModprobeConfig:
             return " ".join(o for o in self.options.get(module, ()) if o)
         return " ".join(opts for name, opts in self.option_entries
                         if opts and name in (module, alias))
+
+
+def _log() -> logging.Logger:
+    # Imported on first problem only: kmodctl resolve's startup time is measured.
+    import logging
+    return logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- fnmatch
@@ -290,7 +297,7 @@ class _Builder:
     def problem(self, path: str, line: int, message: str) -> None:
         problem = ConfigProblem(path, line, message)
         self.config.problems.append(problem)
-        log.warning("%s", problem)
+        _log().warning("%s", problem)
 
     def add_options(self, module: str, options: str) -> None:
         options = options.replace("\t", " ")
@@ -442,7 +449,7 @@ def _conf_candidates(path: Path) -> Iterator[tuple[str, Path]]:
             continue
         full = path / name
         if full.is_dir():
-            log.warning("directories inside directories are not supported: %s", full)
+            _log().warning("directories inside directories are not supported: %s", full)
             continue
         yield name, full
 
