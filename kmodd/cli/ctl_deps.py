@@ -37,6 +37,10 @@ def plan_json(plan: Plan) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     root, version = tree_from_args(args)
+    if not root.modules_dir(version).is_dir():
+        print(f"kmodctl deps: {root.modules_dir(version)} is not a module directory",
+              file=sys.stderr)
+        return 2
     resolver = open_resolver(root, version, args.config)
     blacklist_all = bool(args.use_blacklist)
     status = 0

@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from kmodd.resolve import open_resolver
 
     root, version = tree_from_args(args)
+    if not root.modules_dir(version).is_dir():
+        print(f"kmodctl resolve: {root.modules_dir(version)} is not a module directory",
+              file=sys.stderr)
+        return 2
     resolver = open_resolver(root, version, args.config)
     resolve = resolver.resolve
     blacklist_all = bool(args.use_blacklist)

@@ -7,7 +7,11 @@ and without ``-b``) or from libkmod, run on the same tree and configuration.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,3 +268,52 @@ def test_config_object_reusable(tree: Path, confdir: Path) -> None:
     a = Resolver(config, ModuleTree(moddir))
     b = Resolver(config, ModuleTree(moddir))
     assert [a.lookup(r) for r in REQUESTS] == [b.lookup(r) for r in REQUESTS]
+
+
+def _kmodctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "kmodd.cli.kmodctl", *args], input=stdin,
+                          capture_output=True, text=True, check=False, cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+
+
+def test_cli_resolve_pairs_lines_with_modprobe(tree: Path, confdir: Path) -> None:
+    common = ["-d", str(tree), "-S", VERSION, "-C", str(confdir)]
+    stdin_part = REQUESTS[:10]
+    res = _kmodctl("resolve", *common, "multi:ab", "-", "nothing",
+                   stdin="".join(r + "\n" for r in stdin_part))
+    inputs = ["multi:ab", *stdin_part, "nothing"]
+    assert res.returncode == 1                     # "nothing" does not resolve
+    lines = res.stdout.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == inputs
+    for alias, line in zip(inputs, lines, strict=True):
+        _, out = _kmod(tree, [str(confdir)], "-R", alias)
+        assert line == f"{alias}\t{' '.join(out)}"
+    ok = _kmodctl("resolve", *common, "mid", "two")
+    assert ok.returncode == 0 and ok.stdout == "mid\tmid\ntwo\tok_drv blk\n"
+    blocked = _kmodctl("resolve", *common, "-b", "two", "blk:1")
+    assert blocked.returncode == 1 and blocked.stdout == "two\tok_drv\nblk:1\t\n"
+    js = _kmodctl("resolve", *common, "--json", "two", "nothing")
+    assert [json.loads(ln) for ln in js.stdout.splitlines()] == [
+        {"alias": "two", "modules": ["ok_drv", "blk"]}, {"alias": "nothing", "modules": []}]
+    missing = _kmodctl("resolve", "-d", str(tree), "-S", "no-such-version", "mid")
+    assert missing.returncode == 2 and "no-such-version" in missing.stderr
+
+
+def test_cli_deps_prints_modprobe_lines(tree: Path, confdir: Path) -> None:
+    common = ["-d", str(tree), "-S", VERSION, "-C", str(confdir)]
+    requests = ["top-drv", "inst", "sd-main", "shared2:x1", "blk:1"]
+    for flags in ([], ["-b"]):
+        res = _kmodctl("deps", *common, *flags, *requests)
+        expected = "".join(modprobe("-d", str(tree), "-S", VERSION, "-C", str(confdir), *flags,
+                                    "--show-depends", r).stdout for r in requests)
+        assert res.returncode == 0 and res.stdout == expected
+    bad = _kmodctl("deps", *common, "top-drv", "nothing")
+    assert bad.returncode == 1 and "nothing" in bad.stderr
+    js = _kmodctl("deps", *common, "--json", "sd-main", "blk:1")
+    first, second = (json.loads(ln) for ln in js.stdout.splitlines())
+    plan = _resolver(tree, [str(confdir)]).plan("sd-main")
+    assert first["targets"] == list(plan.targets)
+    assert [(s["name"], s["role"], s["path"], s["options"]) for s in first["steps"]] == \
+        [(s.name, s.role.value, s.path, s.options) for s in plan.steps]
+    assert second["resolved"] is False and second["blacklisted"] == ["blk"]
