@@ -423,9 +423,21 @@ class Scheduler:
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop accepting; answer everything not started with a failure; let the
         loads already inside the kernel finish.  True when every worker exited."""
+        self.begin_shutdown()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(remaining)
+        return not any(t.is_alive() for t in self._threads)
+
+    def begin_shutdown(self) -> None:
+        """The non-blocking half of :meth:`shutdown`: from now on every new
+        request is refused (ESHUTDOWN) and nothing new starts."""
         done: list[tuple[Future[Outcome], Outcome]] = []
         outcomes: list[Outcome] = []
         with self._lock:
+            if self._exit:
+                return
             self._stopping = True
             while self._resolve_q:
                 entry = self._resolve_q.popleft()
@@ -441,11 +453,6 @@ class Scheduler:
             self._exit = True
             self._cond.notify_all()
         self._deliver(done, outcomes, [])
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            t.join(remaining)
-        return not any(t.is_alive() for t in self._threads)
 
     # --- workers -----------------------------------------------------------
 

@@ -471,8 +471,6 @@ class Service:
         if self._stopping:
             return
         self._stopping = True
-        slog(LOG, logging.INFO, "stopping: finishing loads in flight")
-        self.notify(STOPPING=1, STATUS="stopping: finishing loads in flight")
         self.control.stop_accepting()
         # Sources first: pending kernel requests are answered "retry" and
         # the helper loads for itself, so nothing the kernel waits on is lost.
@@ -486,6 +484,11 @@ class Service:
             with contextlib.suppress(Exception):
                 self.watcher.close()
             self.watcher = None
+        # Then refuse everything new (a control peer already connected, the
+        # coldplug thread) and drop what has not started.
+        self.scheduler.begin_shutdown()
+        slog(LOG, logging.INFO, "stopping: finishing loads in flight")
+        self.notify(STOPPING=1, STATUS="stopping: finishing loads in flight")
 
         def drain() -> None:
             try:

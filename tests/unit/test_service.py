@@ -1,0 +1,371 @@
+"""The daemon object end to end on the simulated kernel: control ops, signals,
+READY/STATUS/watchdog, coldplug and settle, state across a restart, autoclean."""
+
+from __future__ import annotations
+
+import errno as E
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmodd.control import Client
+from kmodd.kernel.sim import SimKernel
+from kmodd.loader import StepResult
+from kmodd.scheduler import Outcome, Request
+from kmodd.service import Service
+from kmodd.settings import Settings, SettingsSource
+from tests.unit.daemon_fakes import GatedLoader, GraphResolver, sim_kernel
+
+GRAPH = {"core": (), "a": ("core",), "slow": (), "solo": (), "foreign": (), "nic": ()}
+ALIASES = {"pci:v8086d100E": ("nic",)}
+
+
+class Notifier:
+    """Records sd_notify fields; tests wait on what they expect."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, object]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, **fields: object) -> bool:
+        with self.cond:
+            self.messages.append(fields)
+            self.cond.notify_all()
+        return True
+
+    def wait_for(self, key: str, timeout: float = 10) -> dict[str, object]:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: any(key in m for m in self.messages), timeout)
+            assert ok, f"no {key} in {self.messages}"
+            return next(m for m in self.messages if key in m)
+
+
+class Env:
+    def __init__(self, tmp: Path, sockdir: Path) -> None:
+        self.tmp = tmp
+        self.sock = sockdir / "control"
+        self.kernel: SimKernel = sim_kernel(tmp / "tree", GRAPH)
+        self.resolvers: list[GraphResolver] = []
+        self.factory_event = threading.Event()
+        self.factory_error: Exception | None = None
+
+    def factory(self, settings: Settings) -> GraphResolver:
+        if self.factory_error is not None:
+            raise self.factory_error
+        r = GraphResolver(self.tmp / "mods", GRAPH, aliases=ALIASES)
+        self.resolvers.append(r)
+        if len(self.resolvers) > 1:
+            self.factory_event.set()
+        return r
+
+    def settings(self, **kw: Any) -> Settings:
+        base: dict[str, Any] = {
+            "max_workers": 4, "autoclean_interval": 0, "socket": str(self.sock),
+            "state_file": str(self.tmp / "run/state.json"), "root": str(self.tmp / "tree"),
+            "coldplug": False, "version": "6.1.0-test"}
+        base.update(kw)
+        return Settings(**base)
+
+    def service(self, *, gated: tuple[str, ...] = (), coldplug: Any = None,
+                sources: Any = (), notify: Notifier | None = None,
+                watchdog: float | None = None, **settings: Any) -> Service:
+        self.loader = GatedLoader(self.kernel, gated)
+        self.notifier = notify or Notifier()
+        return Service(self.settings(**settings), self.kernel, self.factory,
+                       loader=self.loader, sources=sources, coldplug=coldplug, watcher=None,
+                       notify=self.notifier, watchdog_interval=lambda: watchdog)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    d = Path(tempfile.mkdtemp(prefix="kmodd-svc-", dir="/tmp"))
+    yield Env(tmp_path, d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def in_thread(svc: Service) -> tuple[threading.Thread, list[int]]:
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(svc.run()), daemon=True)
+    t.start()
+    return t, rc
+
+
+def stop(svc: Service, t: threading.Thread, rc: list[int]) -> None:
+    svc.request_stop()
+    t.join(15)
+    assert not t.is_alive() and rc == [0]
+
+
+def test_control_operations_end_to_end(env: Env) -> None:
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    env.kernel.load_module("foreign", env.resolvers[0].path("foreign"))
+    with Client(env.sock, timeout=10) as c:
+        mon = Client(env.sock, timeout=10)
+        events = mon.stream("monitor")
+        assert next(events)["monitoring"] is True
+        reply = c.load("a")
+        assert reply["ok"] and reply["status"] == "loaded"
+        assert reply["outcome"]["modules"] == ["a"]
+        event = next(events)
+        assert event["event"] == "outcome" and event["status"] == "loaded"
+        assert event["request"]["key"] == "a" and event["request"]["kind"] == "admin"
+        mon.close()
+
+        mods = {m["name"]: m for m in c.list_modules()["modules"]}
+        assert mods["a"]["loaded_by_kmodd"] and mods["core"]["loaded_by_kmodd"]
+        assert mods["a"]["why"]["requested_by"].startswith("kmodctl uid=0")
+        assert mods["core"]["why"]["role"] == "dependency"
+        assert mods["core"]["why"]["via"] == ["a"]
+        assert mods["foreign"]["loaded_by_kmodd"] is False and mods["foreign"]["why"] is None
+
+        why = c.why("a")
+        assert why["loaded_by_kmodd"] and why["kind"] == "admin" and why["state"] == "live"
+        assert c.why("foreign")["loaded_by_kmodd"] is False
+        assert c.why("nothing")["state"] == "absent"
+
+        status = c.status()
+        assert status["ready"] and status["settled"] and status["coldplug"] == "disabled"
+        assert status["loaded_by_kmodd"] == 2 and status["outcomes"]["loaded"] == 1
+        assert status["workers"] == 4
+        assert c.settle(5) == {"ok": True, "settled": True}
+
+        unload = c.unload("a")
+        assert unload["status"] == "unloaded" and "a" not in env.kernel.loaded()
+        assert c.why("a")["loaded_by_kmodd"] is False
+
+        assert c.reload()["reloads"] == 1 and len(env.resolvers) == 2
+        bad = c.request({"op": "load", "name": "--force"})
+        assert bad["ok"] is False and "module name" in bad["error"]
+    stop(svc, t, rc)
+    saved = json.loads(Path(svc.settings.state_file).read_text())
+    assert [m["name"] for m in saved["modules"]] == ["core"]
+
+
+def test_sigterm_finishes_inflight_loads_saves_state_and_exits_0(env: Env) -> None:
+    closed = threading.Event()
+
+    class FakeSource:
+        def __init__(self, submit: Callable[[Request], Future[Outcome]]) -> None:
+            self.a, self.b = socket.socketpair()
+
+        def fileno(self) -> int:
+            return self.a.fileno()
+
+        def on_readable(self) -> None:
+            self.a.recv(100)
+
+        def close(self) -> None:
+            closed.set()
+            self.a.close()
+            self.b.close()
+
+    svc = env.service(gated=("slow",), sources=[FakeSource])
+    results: dict[str, Any] = {}
+
+    def driver() -> None:
+        try:
+            env.notifier.wait_for("READY")
+            results["inflight"] = svc.submit(Request("kernel", "slow", None, "kernel"))
+            assert env.loader.entered["slow"].wait(10)
+            os.kill(os.getpid(), signal.SIGTERM)
+            env.notifier.wait_for("STOPPING")
+            assert closed.wait(10)           # sources closed first: no new requests
+            results["late"] = svc.submit(Request("modalias", "solo")).result(10)
+            results["inflight_done_before_release"] = results["inflight"].done()
+        finally:
+            env.loader.release()
+
+    helper = threading.Thread(target=driver)
+    helper.start()
+    rc = svc.run()          # main thread: real signal handlers
+    helper.join(10)
+    assert rc == 0
+    assert results["inflight_done_before_release"] is False
+    assert results["inflight"].result(0).status == "loaded"
+    assert results["late"].status == "failed" and results["late"].errno == E.ESHUTDOWN
+    saved = json.loads(Path(svc.settings.state_file).read_text())
+    assert [m["name"] for m in saved["modules"]] == ["slow"]
+    assert not env.sock.exists()
+    assert signal.getsignal(signal.SIGTERM) is not None   # handlers restored
+
+
+def test_sighup_reloads_configuration(env: Env, tmp_path: Path) -> None:
+    conf = tmp_path / "kmodd.conf"
+    conf.write_text("idle_timeout = 10\n")
+    flags = {"config_file": str(conf), "socket": str(env.sock), "root": str(tmp_path / "tree"),
+             "state_file": str(tmp_path / "state.json"), "coldplug": False,
+             "autoclean_interval": 0.0, "max_workers": 2}
+    source = SettingsSource(flags)
+    settings = source.load()
+    notifier = Notifier()
+    svc = Service(settings, env.kernel, env.factory, loader=GatedLoader(env.kernel),
+                  sources=(), coldplug=None, watcher=None, notify=notifier,
+                  watchdog_interval=lambda: None, settings_source=source)
+
+    def driver() -> None:
+        notifier.wait_for("READY")
+        conf.write_text("idle_timeout = 99\nnever_unload = ['nic']\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert env.factory_event.wait(10)
+        svc.request_stop()
+
+    helper = threading.Thread(target=driver)
+    helper.start()
+    assert svc.run() == 0
+    helper.join(10)
+    assert svc.reloads == 1
+    assert svc.autoclean.policy.idle_timeout == 99
+    assert svc.autoclean.policy.never_unload == frozenset({"nic"})
+    assert svc.scheduler._resolver is env.resolvers[-1]
+
+
+def test_restart_remembers_what_kmodd_loaded(env: Env) -> None:
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    for name in ("a", "solo"):
+        assert svc.submit(Request("modalias", name, f"/devices/{name}", "uevent")
+                          ).result(10).status == "loaded"
+    stop(svc, t, rc)
+    env.kernel.unload_module("solo")         # someone removed it while kmodd was down
+    svc2 = env.service()
+    t2, rc2 = in_thread(svc2)
+    env.notifier.wait_for("READY")
+    with Client(env.sock, timeout=10) as c:
+        why = c.why("a")
+        assert why["loaded_by_kmodd"] and why["devpath"] == "/devices/a"
+        assert why["requested_by"] == "uevent"
+        assert c.why("solo")["loaded_by_kmodd"] is False
+        assert c.status()["loaded_by_kmodd"] == 2      # a and its dependency core
+    stop(svc2, t2, rc2)
+
+
+def test_ready_after_coldplug_is_queued_and_settle_waits_for_it(env: Env) -> None:
+    queued = threading.Event()
+
+    def coldplug(submit: Callable[[Request], Future[Outcome]],
+                 on_queued: Callable[[int], None]) -> object:
+        fut = submit(Request("coldplug", "pci:v8086d100E", "/devices/pci0/0000:00:03.0",
+                             "coldplug"))
+        queued.set()
+        on_queued(1)
+        return fut.result(10)
+
+    svc = env.service(gated=("nic",), coldplug=coldplug)
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    assert queued.is_set() and svc.coldplug_state == "running"
+    with Client(env.sock, timeout=10) as c:
+        assert c.settle(0)["settled"] is False
+        assert c.settle(0.05)["settled"] is False           # times out, answered
+        waiter = Client(env.sock, timeout=10)
+        waiter.send({"op": "settle", "timeout": 30})
+        env.loader.release()
+        assert waiter.receive() == {"ok": True, "settled": True}
+        waiter.close()
+        assert c.status()["coldplug"] == "done"
+        assert c.why("nic")["kind"] == "coldplug"
+    stop(svc, t, rc)
+
+
+def test_broken_source_and_bad_input_do_not_take_it_down(env: Env) -> None:
+    fired = threading.Event()
+
+    class Broken:
+        def __init__(self, submit: Callable[[Request], Future[Outcome]]) -> None:
+            self.a, self.b = socket.socketpair()
+            self.b.send(b"x")
+
+        def fileno(self) -> int:
+            return self.a.fileno()
+
+        def on_readable(self) -> None:
+            self.a.recv(10)
+            fired.set()
+            raise ValueError("garbled uevent")
+
+        def close(self) -> None:
+            self.a.close()
+            self.b.close()
+
+    def cannot_start(submit: Callable[[Request], Future[Outcome]]) -> Any:
+        raise OSError(E.EACCES, "netlink refused")
+
+    svc = env.service(sources=[Broken, cannot_start])
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    assert fired.wait(10)
+    with Client(env.sock, timeout=10) as c:
+        assert c.request({"op": "load", "name": 12})["ok"] is False
+        assert c.request({"op": "settle", "timeout": "soon"})["ok"] is False
+        assert c.status()["sources"] == ["Broken"]
+    stop(svc, t, rc)
+
+
+def test_unreadable_module_tree_then_reload_fixes_it(env: Env) -> None:
+    env.factory_error = RuntimeError("modules.dep.bin: bad magic")
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    out = svc.submit(Request("kernel", "solo")).result(10)
+    assert out.status == "failed" and "bad magic" in (out.error or "")
+    with Client(env.sock, timeout=10) as c:
+        failed = c.request({"op": "reload"})
+        assert failed["ok"] is False and "bad magic" in failed["error"]
+        env.factory_error = None
+        assert c.reload()["ok"]
+    assert svc.submit(Request("admin", "solo")).result(10).status == "loaded"
+    stop(svc, t, rc)
+
+
+def test_watchdog_pings_and_status_line(env: Env) -> None:
+    svc = env.service(watchdog=0.2)
+    t, rc = in_thread(svc)
+    ready = env.notifier.wait_for("READY")
+    assert "loaded by kmodd" in str(ready["STATUS"])
+    env.notifier.wait_for("WATCHDOG")
+    stop(svc, t, rc)
+
+
+def test_autoclean_timer_unloads_idle_modules_it_loaded(env: Env) -> None:
+    unloaded = threading.Event()
+    svc = env.service(autoclean_interval=0.05, idle_timeout=0.0)
+    inner_unload = env.loader.unload
+
+    def unload(name: str, **kw: Any) -> StepResult:
+        res = inner_unload(name, **kw)
+        if name == "core":
+            unloaded.set()
+        return res
+
+    env.loader.unload = unload  # type: ignore[method-assign]
+    real_load = env.loader.inner.load_step
+
+    def load_and_bind(step: Any) -> StepResult:
+        res = real_load(step)
+        if step.name == "nic":
+            # Bound while still in flight, so no sweep can see it unbound.
+            env.kernel.bind_device("nic", "e1000", "0000:00:03.0")
+        return res
+
+    env.loader.inner.load_step = load_and_bind  # type: ignore[method-assign]
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    env.kernel.load_module("foreign", env.resolvers[0].path("foreign"))
+    assert svc.submit(Request("kernel", "a")).result(10).status == "loaded"
+    assert svc.submit(Request("kernel", "nic")).result(10).status == "loaded"
+    assert unloaded.wait(10)           # a went, then its dependency core followed
+    stop(svc, t, rc)
+    assert set(env.kernel.loaded()) == {"foreign", "nic"}
