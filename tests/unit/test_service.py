@@ -369,3 +369,75 @@ def test_autoclean_timer_unloads_idle_modules_it_loaded(env: Env) -> None:
     assert unloaded.wait(10)           # a went, then its dependency core followed
     stop(svc, t, rc)
     assert set(env.kernel.loaded()) == {"foreign", "nic"}
+
+
+# --- the real wiring: kmodd main() on a depmod-built tree and the simulated kernel --------
+
+def test_kmodd_main_coldplugs_serves_kmodctl_and_stops_on_sigterm(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kmodd.cli import daemon, kmodctl
+    from tests.fixtures import VERSION, FakeModule, build_tree
+
+    tree = tmp_path / "tree"
+    build_tree(tree, [
+        FakeModule("fakelib", exports=["fakelib_fn"]),
+        FakeModule("fakenet", aliases=["pci:v00008086d0000100Esv*sd*bc*sc*i*"],
+                   uses=["fakelib_fn"]),
+        FakeModule("fakeidle", aliases=["fs-fakeidle"]),
+    ])
+    dev = tree / "sys/devices/pci0000:00/0000:00:03.0"
+    dev.mkdir(parents=True)
+    (dev / "modalias").write_text("pci:v00008086d0000100Esv00008086sd00001000bc02sc00i00\n")
+    sock = tree / "run/kmodd/control"
+    args = ["--root", str(tree), "--kernel", f"sim:{tree}", "-S", VERSION,
+            "--autoclean-interval", "0", "--max-workers", "3", "--no-journal"]
+    results: dict[str, Any] = {}
+
+    def ctl(*argv: str) -> tuple[int, str]:
+        rc = kmodctl.main([*argv, "--socket", str(sock)])
+        return rc, capsys.readouterr().out
+
+    def driver() -> None:
+        try:
+            for _ in range(500):                 # the socket appears once kmodd runs
+                if Client.try_connect(sock, timeout=1) is not None:
+                    break
+                threading.Event().wait(0.02)
+            results["settle"] = ctl("settle", "--timeout", "30")
+            results["status"] = ctl("status", "--json")
+            results["why"] = ctl("why", "fakelib", "--json")
+            with Client(sock, timeout=10) as c:
+                results["load"] = c.load("fs-fakeidle", kind="kernel", requested_by="kernel")
+            results["list"] = ctl("list", "--json")
+            results["human"] = ctl("list")
+            results["reload"] = ctl("reload")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    helper = threading.Thread(target=driver)
+    helper.start()
+    rc = daemon.main(args)
+    helper.join(30)
+    assert rc == 0
+    assert results["settle"][0] == 0
+    status = json.loads(results["status"][1])
+    assert status["coldplug"] == "done" and status["settled"] is True
+    assert status["loaded_by_kmodd"] == 2
+    why = json.loads(results["why"][1])
+    assert why["loaded_by_kmodd"] and why["kind"] == "coldplug" and why["role"] == "dependency"
+    assert why["devpath"].endswith("0000:00:03.0") and why["via"] == ["fakenet"]
+    assert results["load"]["status"] == "loaded"
+    listed = {m["name"]: m for m in json.loads(results["list"][1])}
+    assert set(listed) == {"fakelib", "fakenet", "fakeidle"}
+    assert all(m["loaded_by_kmodd"] for m in listed.values())
+    assert "fakenet" in results["human"][1] and "coldplug" in results["human"][1]
+    assert results["reload"][0] == 0
+    state = json.loads((tree / "run/kmodd/state.json").read_text())
+    assert {m["name"] for m in state["modules"]} == {"fakelib", "fakenet", "fakeidle"}
+
+
+def test_kmodctl_without_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kmodd.cli import kmodctl
+    assert kmodctl.main(["status", "--socket", str(tmp_path / "none")]) == 1
+    assert "kmodd is not running" in capsys.readouterr().err
+    assert kmodctl.main(["settle", "--socket", str(tmp_path / "none")]) == 1
