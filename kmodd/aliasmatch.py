@@ -1,45 +1,48 @@
 """Alias patterns: glibc ``fnmatch(pattern, string, 0)`` semantics and kmod's result order.
 
 Python's :mod:`fnmatch` differs from glibc (no backslash escapes, ``[^...]``
-is not a negation, no ``[:class:]``), so patterns are translated here into
-regular expressions that follow glibc in the C locale, the locale modprobe
-runs in.
+is not a negation, no ``[:class:]``), and compiling thousands of regular
+expressions costs more than a whole ``kmodctl resolve`` may take.  Patterns
+are therefore parsed here into star-separated chunks of fixed width and
+matched directly, following glibc in the C locale (kmod never calls
+setlocale).
 """
 
 from __future__ import annotations
 
-import re
+import marshal
+from array import array
+from bisect import bisect_right
 from collections.abc import Iterable
 
 WILDCARDS = "*?["
 
-_CLASSES = {
-    "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "blank": " \\t", "cntrl": "\\x00-\\x1f\\x7f",
-    "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~",
-    "punct": "!-/:-@\\[-`{-~", "space": " \\t\\n\\r\\f\\v", "upper": "A-Z",
-    "xdigit": "0-9A-Fa-f",
+# [:class:] members in the C locale, as inclusive code point ranges
+_CLASSES: dict[str, tuple[int, ...]] = {
+    "alnum": (48, 57, 65, 90, 97, 122), "alpha": (65, 90, 97, 122), "blank": (9, 9, 32, 32),
+    "cntrl": (0, 31, 127, 127), "digit": (48, 57), "graph": (33, 126), "lower": (97, 122),
+    "print": (32, 126), "punct": (33, 47, 58, 64, 91, 96, 123, 126), "space": (9, 13, 32, 32),
+    "upper": (65, 90), "xdigit": (48, 57, 65, 70, 97, 102),
 }
 
-NEVER = re.compile(r"(?!)")
+# A chunk item: a literal run (str), any one character (None), or a bracket
+# expression (negate, flat inclusive ranges lo, hi, lo, hi...).
+Item = str | None | tuple[bool, tuple[int, ...]]
+Chunk = tuple[int, tuple[Item, ...]]            # (width, items)
+Glob = tuple[Chunk, ...]                        # chunks between the '*'s
 
 
-def _esc(ch: str) -> str:
-    o = ord(ch)
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+def _bracket(pat: str, i: int) -> tuple[Item, int] | None:
+    """Parse the bracket expression whose '[' is at ``i``: (item, index after ']').
 
-
-def _bracket(pat: str, i: int) -> tuple[str, int] | None:
-    """Translate the bracket expression whose '[' is at ``i``.
-
-    Returns (regex, index after ']'), None when the '[' is unterminated (glibc
-    then takes it as a literal '['), or ('(?!)', ...) when it can never match.
+    None when the '[' is unterminated: glibc then takes it as a literal '['.
     """
     n = len(pat)
     p = i + 1
     negate = p < n and pat[p] in "!^"
     if negate:
         p += 1
-    parts: list[str] = []
+    ranges: list[int] = []
     never = False
     first = True
     while True:
@@ -63,10 +66,10 @@ def _bracket(pat: str, i: int) -> tuple[str, int] | None:
             name = pat[p + 1:close]
             p = close + 2
             if kind == ":":
-                if name not in _CLASSES:
-                    never = True      # glibc: an unknown class name never matches
+                if name in _CLASSES:
+                    ranges.extend(_CLASSES[name])
                 else:
-                    parts.append(_CLASSES[name])
+                    never = True      # glibc: an unknown class name never matches
                 continue
             if len(name) != 1:        # C locale: only single-character symbols exist
                 never = True
@@ -81,64 +84,131 @@ def _bracket(pat: str, i: int) -> tuple[str, int] | None:
                     return None
                 end = pat[p]
                 p += 1
-            if ord(c) <= ord(end):
-                parts.append(f"{_esc(c)}-{_esc(end)}")
+            ranges.extend((ord(c), ord(end)))     # an inverted range is empty
             continue
-        parts.append(_esc(c))
+        ranges.extend((ord(c), ord(c)))
     if never:
-        return "(?!)", p
-    if not parts:
-        return ("(?s:.)" if negate else "(?!)"), p
-    return f"[{'^' if negate else ''}{''.join(parts)}]", p
+        return (False, ()), p
+    return (negate, tuple(ranges)), p
 
 
-def translate(pattern: str) -> str | None:
-    """Regex source equivalent to glibc fnmatch(pattern, s, 0); None if it never matches."""
-    out: list[str] = []
+def compile_glob(pattern: str) -> Glob | None:
+    """The pattern as star-separated chunks; None when it can never match."""
+    chunks: list[Chunk] = []
+    items: list[Item] = []
+    lit: list[str] = []
+    width = 0
     i = 0
     n = len(pattern)
+
+    def flush() -> None:
+        if lit:
+            items.append("".join(lit))
+            lit.clear()
+
     while i < n:
         c = pattern[i]
+        i += 1
         if c == "*":
+            flush()
+            chunks.append((width, tuple(items)))
+            items = []
+            width = 0
             while i < n and pattern[i] == "*":
                 i += 1
-            out.append("(?s:.*)")
             continue
         if c == "?":
-            out.append("(?s:.)")
-        elif c == "[":
-            br = _bracket(pattern, i)
-            if br is not None:
-                out.append(br[0])
-                i = br[1]
-                continue
-            out.append(_esc(c))
-        elif c == "\\":
-            if i + 1 >= n:
-                return None           # a trailing backslash never matches in glibc
-            i += 1
-            out.append(_esc(pattern[i]))
+            flush()
+            items.append(None)
+        elif c == "[" and (br := _bracket(pattern, i - 1)) is not None:
+            flush()
+            items.append(br[0])
+            i = br[1]
         else:
-            out.append(re.escape(c))
+            if c == "\\":
+                if i >= n:
+                    return None       # a trailing backslash never matches in glibc
+                c = pattern[i]
+                i += 1
+            lit.append(c)
+        width += 1
+    flush()
+    chunks.append((width, tuple(items)))
+    return tuple(chunks)
+
+
+def _fits(items: tuple[Item, ...], s: str, i: int) -> bool:
+    """Whether a chunk's items match ``s`` at ``i`` (the caller checked the width)."""
+    for item in items:
+        if item.__class__ is str:
+            if not s.startswith(item, i):     # type: ignore[arg-type]
+                return False
+            i += len(item)                    # type: ignore[arg-type]
+            continue
+        if item is not None:
+            negate, ranges = item             # type: ignore[misc]
+            o = ord(s[i])
+            inside = False
+            for k in range(0, len(ranges), 2):
+                if ranges[k] <= o <= ranges[k + 1]:
+                    inside = True
+                    break
+            if inside == negate:
+                return False
         i += 1
-    return "".join(out)
+    return True
 
 
-_compiled: dict[str, re.Pattern[str]] = {}
+def glob_match(glob: Glob | None, s: str, pos: int = 0) -> bool:
+    """Whether ``s[pos:]`` matches the compiled pattern.
+
+    Fixed-width chunks between stars are placed at their leftmost fit, which
+    finds a match whenever one exists; the last chunk is tied to the end.
+    """
+    if glob is None:
+        return False
+    end = len(s)
+    if len(glob) == 1:
+        width, items = glob[0]
+        return end - pos == width and _fits(items, s, pos)
+    width, items = glob[0]
+    if end - pos < width or not _fits(items, s, pos):
+        return False
+    pos += width
+    width, items = glob[-1]
+    end -= width
+    if end < pos or not _fits(items, s, end):
+        return False
+    for k in range(1, len(glob) - 1):
+        width, items = glob[k]
+        if not width:
+            continue
+        head = items[0]
+        i = pos
+        while True:
+            if i + width > end:
+                return False
+            if head.__class__ is str:
+                i = s.find(head, i, end)      # type: ignore[arg-type]
+                if i < 0:
+                    return False
+            if i + width <= end and _fits(items, s, i):
+                break
+            i += 1
+        pos = i + width
+    return True
 
 
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    rx = _compiled.get(pattern)
-    if rx is None:
-        src = translate(pattern)
-        rx = NEVER if src is None else re.compile(src)
-        _compiled[pattern] = rx
-    return rx
+_compiled: dict[str, Glob | None] = {}
 
 
 def fnmatch(pattern: str, string: str) -> bool:
     """glibc ``fnmatch(pattern, string, 0) == 0``."""
-    return compile_pattern(pattern).fullmatch(string) is not None
+    try:
+        glob = _compiled[pattern]
+    except KeyError:
+        glob = _compiled[pattern] = compile_glob(pattern)
+    return glob_match(glob, string)
 
 
 def literal_len(pattern: str) -> int:
@@ -149,67 +219,297 @@ def literal_len(pattern: str) -> int:
     return len(pattern)
 
 
-def kmod_order(found: list[tuple[int, str, int, str]]) -> list[str]:
-    """Order matches as index_mm_searchwild returns them.
+Payload = tuple[tuple[int, str], ...]          # (kmod order key, value) per match
+# A node of a group's segment trie: (ends, tails, tail_buckets, kids, kid_buckets)
+#   ends         payload of the patterns whose remaining part is just '*'
+#   tails        ((tail, payload), ...): the pattern ends with that literal
+#   tail_buckets {first char: {tail: payload}} instead, when there are many tails
+#   kids         ((segment, more segments, node, leaf payload), ...): the pattern
+#                continues '*' segment '*' more... then node (None when only
+#                the leaf payload, patterns ending in '*', remains)
+#   kid_buckets  {two first chars: (segment lengths, {segment: (more, node, leaf)})}
+#                instead of kids, when there are many
+Node = tuple[Payload, tuple[tuple[str, Payload], ...], "dict[str, dict[str, Payload]] | None",
+             tuple[tuple[str, tuple[str, ...], "Node | None", Payload], ...],
+             "dict[str, tuple[tuple[int, ...], dict[str, tuple[tuple[str, ...], Node | None, Payload]]]] | None"]  # noqa: E501
+_SMALL = 6
 
-    ``found`` holds (priority, pattern, position of the value in its node,
-    value).  kmod walks the trie down the key's literal path; at each depth it
-    visits the '*', '?' and '[' subtrees (children in ascending order, a
-    node's values after its children) before going deeper, and the exact key
-    last.  Each value is inserted before the first one of equal or higher
-    priority, so equal priorities come out in reverse visiting order.
-    """
-    if len(found) <= 1:
-        return [f[3] for f in found]
-    visit = sorted(found, key=lambda f: (literal_len(f[1]), f[1] + "\uffff", f[2]),
-                   reverse=True)
-    visit.sort(key=lambda f: f[0])
-    return [f[3] for f in visit]
+
+def _star_only(rest: str) -> bool:
+    return "?" not in rest and "[" not in rest and "\\" not in rest
+
+
+_EMPTY: Node = ((), (), None, (), None)
+_FORMAT = 1
 
 
 class WildIndex:
-    """Patterns with values, searched like kmod's wildcard index search.
+    """Patterns with values, searched with kmod's wildcard semantics and order.
 
-    Patterns are bucketed by their literal prefix (what kmod walks literally
-    in the trie); a key only needs the buckets whose prefix it starts with,
-    and only the part after the prefix goes through the regex.
+    kmod walks a trie and calls fnmatch on every pattern below each wildcard
+    it meets.  Here patterns are grouped by their literal prefix (the part
+    kmod compares literally); the groups whose prefix starts the key are found
+    with one bisection.  Inside a group, patterns made of literals and '*'
+    only, nearly all of them, sit in a trie of their literal segments: a
+    segment is matched at its leftmost occurrence (which is exact for '*'
+    globs), patterns share the work of their common segments, and wide fan-outs
+    are indexed by the segment's first characters, so a key visits a handful of
+    nodes instead of testing hundreds of patterns.  The few others ('?', '[',
+    '\\') go through :func:`glob_match`.
+
+    Matches are ordered by a precomputed key that encodes kmod's result order.
+    :meth:`to_bytes` stores everything with marshal; :meth:`from_bytes` loads
+    it back and decodes each group only when a key first needs it.
     """
 
-    def __init__(self, items: Iterable[tuple[str, Iterable[tuple[int, str]]]]) -> None:
-        # entry: (priority, pattern, position in node, value)
-        self.exact: dict[str, list[tuple[int, str, int, str]]] = {}
-        self.groups: dict[str, list[tuple[int, str, int, str]]] = {}
+    def __init__(self, items: Iterable[tuple[str, Iterable[tuple[int, str]]]] = ()) -> None:
+        # (visit rank key, priority, pattern, value) for every value
+        flat: list[tuple[tuple[int, str, int], int, str, str]] = []
         for pattern, values in items:
             w = literal_len(pattern)
-            bucket = self.exact if w == len(pattern) else self.groups
-            lst = bucket.setdefault(pattern[:w], [])
             for pos, (prio, value) in enumerate(values):
-                lst.append((prio, pattern, pos, value))
-        self.lengths = sorted({len(k) for k in self.groups})
+                flat.append(((w, pattern + "\uffff", pos), prio, pattern, value))
+        # kmod visits shallow wildcards first, children before a node's own
+        # values, and returns by priority with later visits first on ties.
+        flat.sort(key=lambda f: f[0])
+        n = len(flat)
+        per_pattern: dict[str, list[tuple[int, str]]] = {}
+        self._entries: list[tuple[str, str, int]] | None = [
+            (pattern, value, prio) for _, prio, pattern, value in flat]
+        for rank, (_, prio, pattern, value) in enumerate(flat):
+            per_pattern.setdefault(pattern, []).append((prio * (n + 1) + (n - rank), value))
+        self.exact: dict[str, Payload] = {}
+        grouped: dict[str, list[tuple[str, Payload]]] = {}
+        for pattern, vals in per_pattern.items():
+            w = literal_len(pattern)
+            payload = tuple(vals)
+            if w == len(pattern):
+                self.exact[pattern] = payload
+            else:
+                grouped.setdefault(pattern[:w], []).append((pattern[w:], payload))
+        self.prefixes: list[str] = sorted(grouped)
+        parents = array("i")
+        stack: list[int] = []
+        for i, prefix in enumerate(self.prefixes):
+            while stack and not prefix.startswith(self.prefixes[stack[-1]]):
+                stack.pop()
+            parents.append(stack[-1] if stack else -1)
+            stack.append(i)
+        self.parents = parents
+        self._nodes: list[Node | None] = []
+        self.complex: dict[int, list[tuple[Glob | None, Payload]]] = {}
+        for i, prefix in enumerate(self.prefixes):
+            simple = [(r, p) for r, p in grouped[prefix] if _star_only(r)]
+            hard = [(compile_glob(r), p) for r, p in grouped[prefix] if not _star_only(r)]
+            self._nodes.append(_build_node(simple) if simple else _EMPTY)
+            if hard:
+                self.complex[i] = hard
+        self._blob = b""
+        self._offsets = array("I")
+        self._entries_blob = b""
+
+    # -- storing -------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """Everything, marshalled; each group separately so it can be decoded alone."""
+        nodes = [self._node(g) for g in range(len(self.prefixes))]
+        parts = [marshal.dumps(node) for node in nodes]
+        offsets = array("I", [0])
+        for part in parts:
+            offsets.append(offsets[-1] + len(part))
+        return marshal.dumps((_FORMAT, self.exact, self.prefixes, self.parents.tobytes(),
+                              self.complex, offsets.tobytes(), b"".join(parts),
+                              marshal.dumps(self.patterns())))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> WildIndex:
+        """Load :meth:`to_bytes` output; raises ValueError if it is not one."""
+        try:
+            state = marshal.loads(data)
+            fmt, exact, prefixes, parents, complex_, offsets, blob, entries = state
+        except (EOFError, TypeError, ValueError) as e:
+            raise ValueError(f"not a stored alias index: {e}") from None
+        if fmt != _FORMAT:
+            raise ValueError("stored alias index of another format")
+        self = cls.__new__(cls)
+        self.exact = exact
+        self.prefixes = prefixes
+        self.parents = array("i")
+        self.parents.frombytes(parents)
+        self.complex = complex_
+        self._offsets = array("I")
+        self._offsets.frombytes(offsets)
+        self._blob = blob
+        self._nodes = [None] * len(prefixes)
+        self._entries = None
+        self._entries_blob = entries
+        if len(self.parents) != len(prefixes) or len(self._offsets) != len(prefixes) + 1 \
+                or self._offsets[-1] != len(blob):
+            raise ValueError("stored alias index is inconsistent")
+        return self
+
+    def _node(self, g: int) -> Node:
+        node = self._nodes[g]
+        if node is None:
+            node = self._nodes[g] = marshal.loads(
+                self._blob[self._offsets[g]:self._offsets[g + 1]])
+        return node
+
+    # -- searching -----------------------------------------------------------
 
     def search(self, key: str) -> list[str]:
-        found: list[tuple[int, str, int, str]] = []
-        n = len(key)
-        groups = self.groups
-        for w in self.lengths:
-            if w > n:
-                break
-            entries = groups.get(key[:w])
-            if entries:
-                rest = key[w:]
-                for e in entries:
-                    if compile_pattern(e[1][w:]).fullmatch(rest) is not None:
-                        found.append(e)
+        found: list[tuple[int, str]] = []
+        prefixes = self.prefixes
+        g = bisect_right(prefixes, key) - 1
+        # the longest group prefix that starts the key is an ancestor of the
+        # greatest prefix sorting before it
+        parents = self.parents
+        while g >= 0 and not key.startswith(prefixes[g]):
+            g = parents[g]
+        nodes = self._nodes
+        while g >= 0:
+            node = nodes[g]
+            if node is None:
+                node = self._node(g)
+            w = len(prefixes[g])
+            _walk(node, key, w, found)
+            hard = self.complex.get(g)
+            if hard:
+                for glob, payload in hard:
+                    if glob_match(glob, key, w):
+                        found.extend(payload)
+            g = parents[g]
         exact = self.exact.get(key)
         if exact:
             found.extend(exact)
-        return kmod_order(found)
+        if len(found) == 1:
+            return [found[0][1]]
+        found.sort()
+        return [v for _, v in found]
 
     def patterns(self) -> list[tuple[str, str, int]]:
-        """(pattern, value, priority) of every entry."""
-        out = [(e[1], e[3], e[0]) for lst in self.exact.values() for e in lst]
-        out += [(e[1], e[3], e[0]) for lst in self.groups.values() for e in lst]
-        return out
+        """(pattern, value, priority) of every entry, in kmod's visiting order."""
+        if self._entries is None:
+            self._entries = [tuple(e) for e in marshal.loads(self._entries_blob)]  # type: ignore[misc]
+        return list(self._entries)
+
+
+def _build_node(rests: list[tuple[str, Payload]]) -> Node:
+    """The segment trie of '*'-only pattern rests (each starts with '*')."""
+    tree = _new()
+    for rest, payload in rests:
+        parts = rest.split("*")
+        node = tree
+        for seg in parts[1:-1]:
+            if seg:
+                node = node["kids"].setdefault(seg, _new())
+        last = parts[-1]
+        if last:
+            node["tails"].setdefault(last, []).extend(payload)
+        else:
+            node["ends"].extend(payload)
+    return _freeze(tree)
+
+
+def _new() -> dict:  # type: ignore[type-arg]
+    return {"ends": [], "tails": {}, "kids": {}}
+
+
+def _edge(seg: str, child: dict) -> tuple[str, tuple[str, ...], Node | None, Payload]:  # type: ignore[type-arg]
+    """Follow single-child chains so one edge checks several segments in a row."""
+    more: list[str] = []
+    while not child["ends"] and not child["tails"] and len(child["kids"]) == 1:
+        (nxt, child), = child["kids"].items()
+        more.append(nxt)
+    if not child["tails"] and not child["kids"]:
+        return seg, tuple(more), None, tuple(child["ends"])
+    return seg, tuple(more), _freeze(child), ()
+
+
+def _freeze(node: dict) -> Node:  # type: ignore[type-arg]
+    ends = tuple(node["ends"])
+    tails = tuple((t, tuple(p)) for t, p in node["tails"].items())
+    tail_buckets: dict[str, dict[str, Payload]] | None = None
+    if len(tails) > _SMALL:
+        tail_buckets = {}
+        for t, p in tails:
+            tail_buckets.setdefault(t[0], {})[t] = p
+        tails = ()
+    kids = [_edge(seg, child) for seg, child in node["kids"].items()]
+    kid_buckets = None
+    if len(kids) > _SMALL:
+        buckets: dict[str, dict[str, tuple[tuple[str, ...], Node | None, Payload]]] = {}
+        for seg, more, child, leaf in kids:
+            if len(seg) >= 2:
+                buckets.setdefault(seg[:2], {})[seg] = (more, child, leaf)
+        kid_buckets = {c2: (tuple(sorted({len(s) for s in b})), b) for c2, b in buckets.items()}
+        kids = [k for k in kids if len(k[0]) < 2]
+    return (ends, tails, tail_buckets, tuple(kids), kid_buckets)
+
+
+def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]]) -> None:
+    """Add the payload of every pattern in ``node`` that matches ``key[pos:]``."""
+    ends, tails, tail_buckets, kids, kid_buckets = node
+    if ends:
+        found.extend(ends)
+    find = key.find
+    if tails:
+        room = len(key) - pos
+        for tail, payload in tails:
+            if len(tail) <= room and key.endswith(tail):
+                found.extend(payload)
+    elif tail_buckets:
+        for first, table in tail_buckets.items():
+            j = find(first, pos)
+            while j >= 0:
+                payload = table.get(key[j:])
+                if payload:
+                    found.extend(payload)
+                j = find(first, j + 1)
+    for seg, more, child, leaf in kids:
+        j = find(seg, pos)
+        if j < 0:
+            continue
+        j += len(seg)
+        for seg in more:
+            j = find(seg, j)
+            if j < 0:
+                break
+            j += len(seg)
+        else:
+            if child is None:
+                found.extend(leaf)
+            else:
+                _walk(child, key, j, found)
+    if kid_buckets:
+        for c2, (lengths, table) in kid_buckets.items():
+            j = find(c2, pos)
+            if j < 0:
+                continue
+            done: set[str] | None = None
+            while j >= 0:
+                for n in lengths:
+                    seg = key[j:j + n]
+                    edge = table.get(seg)
+                    # a segment counts at its leftmost occurrence only
+                    if edge is None or (done is not None and seg in done):
+                        continue
+                    if done is None:
+                        done = set()
+                    done.add(seg)
+                    more, child, leaf = edge
+                    k = j + n
+                    for seg2 in more:
+                        k = find(seg2, k)
+                        if k < 0:
+                            break
+                        k += len(seg2)
+                    else:
+                        if child is None:
+                            found.extend(leaf)
+                        else:
+                            _walk(child, key, k, found)
+                j = find(c2, j + 1)
 
 
 def depmod_values(values: list[tuple[int, str]], prio: int, value: str) -> None:

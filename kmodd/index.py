@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodd import aliasmatch
+from kmodd import aliasmatch, index_cache
 from kmodd.aliasmatch import WildIndex, depmod_values
 from kmodd.index_bin import BinIndex, IndexCorrupt, key_bytes_str
 
@@ -49,12 +49,20 @@ _MISSING = _Missing()
 
 
 class ModuleTree:
-    """Lookups in the indexes of one module directory; each file is read on first use."""
+    """Lookups in the indexes of one module directory; each file is read on first use.
 
-    def __init__(self, moddir: Path) -> None:
+    The prepared alias index is kept in a private cache (see
+    :mod:`kmodd.index_cache`); ``cache_dir`` overrides its location and
+    ``use_cache=False`` turns it off.
+    """
+
+    def __init__(self, moddir: Path, *, cache_dir: Path | None = None,
+                 use_cache: bool = True) -> None:
         self.moddir = Path(moddir)
         self._dirname = os.fspath(self.moddir)
         self._loaded: dict[str, object] = {}
+        directory = (cache_dir or index_cache.default_dir()) if use_cache else None
+        self._cache = index_cache.IndexCache(directory)
 
     # -- plumbing ----------------------------------------------------------
 
@@ -68,25 +76,24 @@ class ModuleTree:
             self._loaded[name] = obj
         return obj
 
-    def _bin(self, name: str) -> BinIndex | None:
-        path = self._file(name + ".bin")
+    def _read(self, path: str) -> tuple[bytes, os.stat_result] | None:
+        """A file's bytes and the stat of what was read; None if it does not exist."""
         try:
-            return BinIndex(path)
+            with open(path, "rb") as f:
+                return f.read(), os.fstat(f.fileno())
         except FileNotFoundError:
             return None
         except IsADirectoryError as e:
             raise IndexCorrupt(f"{path}: is a directory") from e
 
+    def _bin(self, name: str) -> BinIndex | None:
+        path = self._file(name + ".bin")
+        got = self._read(path)
+        return None if got is None else BinIndex(path, got[0])
+
     def _text(self, name: str) -> list[str] | None:
-        path = self._file(name)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        except IsADirectoryError as e:
-            raise IndexCorrupt(f"{path}: is a directory") from e
-        return data.decode("latin-1").splitlines()
+        got = self._read(self._file(name))
+        return None if got is None else got[0].decode("latin-1").splitlines()
 
     # -- modules.dep -------------------------------------------------------
 
@@ -183,10 +190,24 @@ class ModuleTree:
 
     def _alias_index(self) -> WildIndex | None:
         def load() -> object:
-            b = self._bin("modules.alias")
-            if b is not None:
-                return WildIndex(b.items())
-            return self._alias_text("modules.alias", True) or _MISSING
+            path = self._file("modules.alias.bin")
+            got = self._read(path)
+            if got is None:
+                return self._alias_text("modules.alias", True) or _MISSING
+            data, st = got
+            big = st.st_size >= index_cache.MIN_SOURCE_SIZE
+            ident = index_cache.identity(st)
+            if big:
+                stored = self._cache.get("alias", path, ident)
+                if stored is not None:
+                    try:
+                        return WildIndex.from_bytes(stored)
+                    except ValueError:
+                        pass
+            idx = WildIndex(BinIndex(path, data).items())
+            if big:
+                self._cache.put("alias", path, ident, idx.to_bytes())
+            return idx
         idx = self._get("modules.alias", load)
         return idx if isinstance(idx, WildIndex) else None
 
@@ -204,39 +225,42 @@ class ModuleTree:
             return []
         return [(p, v) for p, v, _ in sorted(idx.patterns(), key=lambda e: (e[2], e[0]))]
 
-    def _wild(self, name: str, text: Callable[[], WildIndex | None]) -> BinIndex | WildIndex | None:
+    def _wild(self, name: str, text: Callable[[], WildIndex | None],
+              prepare: bool) -> BinIndex | WildIndex | None:
+        """A wildcard index: the trie as is (rare lookups) or prepared (``prepare``)."""
         def load() -> object:
-            return self._bin(name) or text() or _MISSING
+            b = self._bin(name)
+            if b is not None:
+                return WildIndex(b.items()) if prepare else b
+            return text() or _MISSING
         idx = self._get(name, load)
         return idx if isinstance(idx, BinIndex | WildIndex) else None
 
     def symbol(self, symbol: str) -> list[str]:
         """modules.symbols matches for a ``symbol:NAME`` key."""
-        idx = self._wild("modules.symbols", lambda: self._alias_text("modules.symbols", False))
+        # symbol: lookups are rare (symbol_request); modules.symbols.bin is big
+        idx = self._wild("modules.symbols", lambda: self._alias_text("modules.symbols", False),
+                         prepare=False)
         return _search(idx, symbol)
 
     # -- builtin -------------------------------------------------------------
 
-    def _builtin_index(self) -> BinIndex | set[str] | None:
+    def _builtin_index(self) -> set[str] | None:
         def load() -> object:
             b = self._bin("modules.builtin")
             if b is not None:
-                return b
+                return {key for key, _ in b.items()}
             lines = self._text("modules.builtin")
             if lines is None:
                 return _MISSING
             # depmod skips lines that do not start with a letter
             return {path_to_modname(ln) for ln in lines if ln[:1].isalpha()}
         idx = self._get("modules.builtin", load)
-        return idx if isinstance(idx, BinIndex | set) else None
+        return idx if isinstance(idx, set) else None
 
     def is_builtin(self, name: str) -> bool:
         idx = self._builtin_index()
-        if isinstance(idx, BinIndex):
-            return idx.search(name) is not None
-        if isinstance(idx, set):
-            return key_bytes_str(name) in idx
-        return False
+        return idx is not None and key_bytes_str(name) in idx
 
     def _builtin_modinfo_aliases(self) -> WildIndex | None:
         """Builtin aliases from modules.builtin.modinfo, as depmod builds the .bin from it."""
@@ -261,7 +285,8 @@ class ModuleTree:
 
     def builtin_alias(self, alias: str) -> list[str]:
         """Builtin modules whose aliases match (modules.builtin.alias.bin)."""
-        idx = self._wild("modules.builtin.alias", self._builtin_modinfo_aliases)
+        # every alias that misses modules.alias ends up here: prepare it (it is small)
+        idx = self._wild("modules.builtin.alias", self._builtin_modinfo_aliases, prepare=True)
         return _search(idx, alias)
 
 
