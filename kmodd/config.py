@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # glibc's fnmatch special characters; a pattern without them is a plain string.
 _GLOB_CHARS = frozenset("*?[\\")
 # C's isspace() in the C locale, which the softdep parser uses.
+_C_BLANKS = frozenset(" \t\n\v\f\r")
 _C_SPACE = re.compile(r"[ \t\n\v\f\r]+")
 
 
@@ -243,6 +244,9 @@ def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
             if c == "\\":
                 if i + 1 >= n:
                     continued = number < len(physical) or text.endswith("\n")
+                    if not continued:
+                        # getc() returned EOF after the backslash: libkmod keeps it as 0xff
+                        buf.append("\udcff")
                     break
                 buf.append(raw[i + 1])
                 i += 2
@@ -254,7 +258,8 @@ def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, "".join(parts)
             parts = []
     if parts and "".join(parts):
-        yield len(physical), "".join(parts)
+        # a continuation ran into the end of the file: libkmod counts one line more
+        yield len(physical) + 1, "".join(parts)
 
 
 def _token(line: str, pos: int) -> tuple[str | None, int]:
@@ -275,19 +280,44 @@ def _rest(line: str, pos: int) -> str | None:
     return line[pos:] if pos < len(line) else None
 
 
+def softdep_words(text: str) -> list[tuple[str, str]]:
+    """(``pre:``/``post:``, name) in line order, split as ``kmod_config_add_softdep`` splits.
+
+    Its scanner only skips a blank when another blank follows, so a single
+    blank at the very start sticks to the first word (``"\tpre:"`` is not
+    ``pre:``); words before any ``pre:``/``post:`` are ignored.
+    """
+    words: list[tuple[str, str]] = []
+    mode = ""
+    start = 0
+    was_space = False
+    n = len(text)
+    for i in range(n + 1):
+        end = i == n
+        if not end:
+            if text[i] not in _C_BLANKS:
+                was_space = False
+                continue
+            if was_space:
+                start = i + 1
+                continue
+            was_space = True
+            if start >= i:
+                continue
+        word = text[start:i]
+        if word in ("pre:", "post:"):
+            mode = word
+        elif (not end or not was_space) and mode:
+            words.append((mode, word))
+        start = i + 1
+    return words
+
+
 def parse_softdep(text: str) -> SoftDep:
-    """A softdep line's lists: names after ``pre:`` / ``post:``, others ignored."""
-    pre: list[str] = []
-    post: list[str] = []
-    current: list[str] | None = None
-    for word in _C_SPACE.split(text):
-        if word == "pre:":
-            current = pre
-        elif word == "post:":
-            current = post
-        elif word and current is not None:
-            current.append(word)
-    return SoftDep(tuple(pre), tuple(post))
+    """A softdep line's ``pre:`` and ``post:`` lists."""
+    words = softdep_words(text)
+    return SoftDep(tuple(w for m, w in words if m == "pre:"),
+                   tuple(w for m, w in words if m == "post:"))
 
 
 class _Builder:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodd.config import ModprobeConfig
+from kmodd.config import ModprobeConfig, softdep_words
 
 MODPROBE = shutil.which("modprobe") or "/usr/sbin/modprobe"
 DEPMOD = shutil.which("depmod") or "/usr/sbin/depmod"
@@ -35,8 +35,12 @@ def modprobe(*args: str, cmdline: str | None = None) -> subprocess.CompletedProc
         fd_path = _cmdline_file(cmdline)
         script = 'mount --bind "$1" /proc/cmdline && shift && exec "$@"'
         argv = ["unshare", "-m", "sh", "-c", script, "sh", fd_path, *argv]
-    return subprocess.run(argv, capture_output=True, text=True, check=False,
-                          env={**os.environ, "LC_ALL": "C", "MODPROBE_OPTIONS": ""})
+    # Bytes, decoded by hand: text mode would turn a '\r' in the output into a newline.
+    res = subprocess.run(argv, capture_output=True, check=False,
+                         env={**os.environ, "LC_ALL": "C", "MODPROBE_OPTIONS": ""})
+    return subprocess.CompletedProcess(res.args, res.returncode,
+                                       res.stdout.decode("utf-8", "surrogateescape"),
+                                       res.stderr.decode("utf-8", "surrogateescape"))
 
 
 _CMDLINE_FILES: dict[str, str] = {}
@@ -85,13 +89,7 @@ def _softdep_text(raw: str) -> str:
     """libkmod 30's softdep_to_char: it prints the buffer span from the first to
     the last pre name (post names parsed in between included), then glues
     "post:" and the post span to it."""
-    tagged: list[tuple[str, str]] = []
-    mode = ""
-    for word in re.split(r"[ \t\n\v\f\r]+", raw):
-        if word in ("pre:", "post:"):
-            mode = word
-        elif word and mode:
-            tagged.append((mode, word))
+    tagged = softdep_words(raw)
     text = ""
     for mode in ("pre:", "post:"):
         idx = [i for i, (m, _) in enumerate(tagged) if m == mode]

@@ -7,6 +7,7 @@ compared with what :func:`kmodd.config.load_config` makes of the same files.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,38 @@ def test_glob_follows_glibc(pattern: str, hits: list[str], misses: list[str]) ->
         expected = libc.fnmatch(pattern.encode(), s.encode(), 0) == 0
         assert match(s) == expected, (pattern, s)
     assert all(match(s) for s in hits) and not any(match(s) for s in misses)
+
+
+def _random_config(rng: random.Random) -> str:
+    words = ["alias", "blacklist", "options", "install", "remove", "softdep", "include",
+             "bogus", "#", "pre:", "post:", "mod-a", "mod_b", "x[a-c]-y", "a]b", "c[d",
+             "k=v", 'p="q r"', "\\", "\\\\", "-", "_", "*", "?", "\t", "\r", "\x0b",
+             "pre:x", "options\tm"]
+    lines = []
+    for _ in range(rng.randrange(1, 25)):
+        n = rng.randrange(0, 7)
+        sep = [" ", "  ", "\t", " \t"]
+        line = "".join(rng.choice(words) + rng.choice(sep) for _ in range(n))
+        if rng.random() < 0.2:
+            line = rng.choice(["", " ", "\t"]) + line
+        if rng.random() < 0.15:
+            line += "\\"
+        if rng.random() < 0.3:
+            line = line.rstrip()
+        lines.append(line)
+    text = "\n".join(lines)
+    return text + ("\n" if rng.random() < 0.8 else "")
+
+
+def test_random_configs_like_libkmod(tree: Path, tmp_path: Path) -> None:
+    """Fuzzed files (blanks, backslashes, brackets, bad commands) against modprobe -c."""
+    rng = random.Random(1234)
+    for i in range(60):
+        conf = tmp_path / f"r{i}.conf"
+        conf.write_text(_random_config(rng))
+        theirs, stderr = modprobe_show_config(tree, VERSION, [str(conf)])
+        cfg = load_config(Root(modules_base=tree), tree / "lib/modules" / VERSION, [str(conf)])
+        assert render_config(cfg) == theirs, conf.read_text()
+        ours_bad = {(p.path, p.line) for p in cfg.problems
+                    if not p.message.startswith(("command include", "command config"))}
+        assert ours_bad == kmod_bad_lines(stderr), conf.read_text()
