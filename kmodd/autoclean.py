@@ -195,6 +195,11 @@ class Autoclean:
         failed_users: set[str] = set()
         for name in decision.unload:
             use = uses[name]
+            if name in set(self.busy()):
+                # A request for it arrived since the snapshot: leave it.
+                report.kept[name] = "a request for it is in flight"
+                failed_users.add(name)
+                continue
             if name in decision.followers and failed_users & set(use.holders):
                 report.failed[name] = "a module using it could not be unloaded"
                 failed_users.add(name)

@@ -770,7 +770,7 @@ class Service:
             "uptime": round(time.time() - self.started_at, 3),
             "ready": self.ready, "stopping": self._stopping,
             "coldplug": self.coldplug_state, "settled": self.settled(),
-            "kernel_version": self.settings.version,
+            "kernel_version": self._kernel_version(),
             "workers": snap["max_workers"], "loading": snap["loading"],
             "pending": snap["pending"], "queued_loads": snap["queued_loads"],
             "waiting_loads": snap["waiting_loads"], "submitted": snap["submitted"],
@@ -785,6 +785,15 @@ class Service:
             "sources": [type(s).__name__ for s in self.sources],
             "monitors": len(self.monitors), "socket": self.settings.socket,
         }
+
+    def _kernel_version(self) -> str | None:
+        if self.settings.version:
+            return self.settings.version
+        try:
+            from kmodd.root import running_kernel_version
+            return running_kernel_version(self.settings.root_obj)
+        except Exception:
+            return None
 
     def list_modules(self) -> list[dict[str, Any]]:
         records = self.state.records()

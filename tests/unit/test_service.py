@@ -441,3 +441,38 @@ def test_kmodctl_without_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert kmodctl.main(["status", "--socket", str(tmp_path / "none")]) == 1
     assert "kmodd is not running" in capsys.readouterr().err
     assert kmodctl.main(["settle", "--socket", str(tmp_path / "none")]) == 1
+
+
+def test_kmodctl_monitor_why_and_status_output(env: Env,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from kmodd.cli import kmodctl
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    sock = str(env.sock)
+    mon_rc: list[int] = []
+    # Watch for the monitor's subscription instead of sleeping.
+    mon = threading.Thread(target=lambda: mon_rc.append(
+        kmodctl.main(["monitor", "-n", "2", "--json", "--socket", sock])))
+    mon.start()
+    for _ in range(500):
+        if svc.monitors:
+            break
+        threading.Event().wait(0.01)
+    assert svc.monitors
+    assert svc.submit(Request("modalias", "pci:v8086d100E", "/devices/pci0/nic0",
+                              "uevent")).result(10).status == "loaded"
+    assert svc.submit(Request("modalias", "pci:nothing")).result(10).status == "unresolved"
+    mon.join(10)
+    assert mon_rc == [0]
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(e["status"], e["request"]["key"]) for e in lines] == [
+        ("loaded", "pci:v8086d100E"), ("unresolved", "pci:nothing")]
+    assert kmodctl.main(["why", "nic", "--socket", sock]) == 0
+    out = capsys.readouterr().out
+    assert "loaded by kmodd" in out and "/devices/pci0/nic0" in out and "uevent" in out
+    assert kmodctl.main(["status", "--socket", sock]) == 0
+    out = capsys.readouterr().out
+    assert "loaded by kmodd: 1" in out and "settled: yes" in out
+    assert kmodctl.main(["settle", "--timeout", "0", "--socket", sock]) == 0
+    stop(svc, t, rc)
