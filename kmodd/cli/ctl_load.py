@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno as E
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -77,6 +78,10 @@ def load_plan_direct(plan: Plan, kernel: Kernel, *, params: Sequence[str] = (),
                      coming_timeout: float = 30.0) -> LoadOutcome:
     """Execute an already resolved plan; ``params`` are the admin's for the targets."""
     if not plan.resolved:
+        if plan.blacklisted:
+            return LoadOutcome(plan.request, False,
+                               f"{plan.request}: blacklisted ({', '.join(plan.blacklisted)})",
+                               errno=E.EPERM)
         return LoadOutcome(plan.request, False, f"{plan.request}: module not found",
                            errno=E.ENOENT)
     if params:
@@ -128,7 +133,12 @@ def load_direct(request: str, params: Sequence[str] = (), *, root: Root | None =
         from kmodd.kernel.real import RealKernel
 
         kernel = RealKernel(Root())   # -d only moves the module tree, never /proc or /sys
-    return load_plan_direct(plan, kernel, params=params, coming_timeout=coming_timeout)
+    outcome = load_plan_direct(plan, kernel, params=params, coming_timeout=coming_timeout)
+    if not plan.resolved and not plan.blacklisted:
+        moddir = root.modules_dir(version)
+        where = moddir if moddir.is_dir() else f"{moddir}, which does not exist"
+        outcome.message = f"{request}: module not found in {where}"
+    return outcome
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -140,6 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The loader logs "no module support" for the daemon's journal; here the
+    # same message is printed once below.
+    logging.getLogger("kmodd.loader").setLevel(logging.CRITICAL)
     root, version = tree_from_args(args)
     outcome = load_direct(args.name, args.params, root=root, version=version,
                           config_paths=args.config, blacklist_all=args.use_blacklist,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno as E
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -94,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The loader logs "no module support" for the daemon's journal; here the
+    # same message is printed once below.
+    logging.getLogger("kmodd.loader").setLevel(logging.CRITICAL)
     root, version = tree_from_args(args)
     outcome = unload_direct(args.name, recursive=args.recursive, force=args.force, root=root,
                             version=version, config_paths=args.config)
