@@ -317,3 +317,44 @@ def test_cli_deps_prints_modprobe_lines(tree: Path, confdir: Path) -> None:
     assert [(s["name"], s["role"], s["path"], s["options"]) for s in first["steps"]] == \
         [(s.name, s.role.value, s.path, s.options) for s in plan.steps]
     assert second["resolved"] is False and second["blacklisted"] == ["blk"]
+
+
+def _random_config(rng: random.Random) -> str:
+    names = [m.file for m in MODULES] + ["bltin", "bltin-two", "ghost", "nothing"]
+    patterns = [*names, "sd*", "*-a", "mult?-*", "top[-_]drv", "[a-c]*", "mid:*", "two", "al1"]
+    lines = []
+    for _ in range(rng.randrange(3, 14)):
+        kind = rng.randrange(6)
+        if kind == 0:
+            lines.append(f"alias {rng.choice(['al1', 'al2', *patterns])} {rng.choice(names)}")
+        elif kind == 1:
+            lines.append(f"options {rng.choice([*names, 'al1', 'mid:x', 'two'])} "
+                         f"{rng.choice(['a=1', 'b=2 c=3', '', ' d=4'])}")
+        elif kind == 2:
+            pre = " ".join(rng.sample([*names, "al1", "mid:1", "shared:1"], rng.randrange(3)))
+            post = " ".join(rng.sample([*names, "al2"], rng.randrange(3)))
+            lines.append(f"softdep {rng.choice(patterns)} pre: {pre} post: {post}")
+        elif kind == 3:
+            lines.append(f"install {rng.choice(patterns)} /bin/cmd{rng.randrange(9)} $CMDLINE_OPTS")
+        elif kind == 4:
+            lines.append(f"remove {rng.choice(patterns)} /bin/rm{rng.randrange(9)}")
+        else:
+            lines.append(f"blacklist {rng.choice(names)}")
+    return "\n".join(lines) + "\n"
+
+
+def test_random_configurations_like_modprobe(tree: Path, tmp_path: Path) -> None:
+    """Random mixes of aliases, options, softdeps (cycles included), install and
+    remove commands and blacklists: plans and lookups equal modprobe's."""
+    for seed in range(12):
+        rng = random.Random(seed)
+        conf = tmp_path / f"c{seed}.conf"
+        conf.write_text(_random_config(rng))
+        resolver = _resolver(tree, [str(conf)])
+        for req in rng.sample([*REQUESTS, "al1", "al2"], 8):
+            rc, out = _kmod(tree, [str(conf)], "-R", "--", req)
+            assert resolver.lookup(req) == out, (conf.read_text(), req)
+            for flags in ([], ["-b"]):
+                rc, out = _kmod(tree, [str(conf)], *flags, "--show-depends", "--", req)
+                lines, found = resolver.show_depends(req, blacklist_all=bool(flags))
+                assert (lines, found) == (out, rc == 0), (conf.read_text(), req, flags)
