@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 from dataclasses import dataclass
 
 SHELL = "/bin/sh"
@@ -66,6 +65,8 @@ def expand(command: str, options: str) -> str:
 def run_command(kind: str, module: str, command: str, options: str = "", *,
                 timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
     """Run an install/remove ``command`` for ``module`` through /bin/sh."""
+    import subprocess  # here: the daemon imports this module long before any command runs
+
     cmd = expand(command, options)
     env = dict(os.environ)
     env["MODPROBE_MODULE"] = module

@@ -37,7 +37,6 @@ class StepResult:
     status: str
     error: str | None = None
     errno: int | None = None
-    warning: str | None = None
 
     @property
     def ok(self) -> bool:
