@@ -197,7 +197,7 @@ class ControlServer:
         self.connections: set[Connection] = set()
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if Client.try_connect(self.path, timeout=1.0) is not None:
                 raise RuntimeError(f"{self.path}: another kmodd is already listening")

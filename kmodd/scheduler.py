@@ -368,9 +368,9 @@ class Scheduler:
             if immediate is not None:
                 self.counts[immediate.status] = self.counts.get(immediate.status, 0) + 1
         assert immediate is not None
-        fut.set_result(immediate)
         if self._on_outcome is not None:
             self._safe(self._on_outcome, immediate)
+        fut.set_result(immediate)
         return fut
 
     def pending(self) -> int:
@@ -603,6 +603,10 @@ class Scheduler:
             err = getattr(exc, "errno", None)
             result = StepOutcome(step.name, "failed", f"{step.name}: {exc}",
                                  err if isinstance(err, int) else None)
+        # Tell the owner (state record) before any dependent can start or any
+        # caller hears back, so "loaded" always implies "recorded".
+        if self._on_module is not None:
+            self._safe(self._on_module, step, task.request, task.targets, result)
         done: list[tuple[Future[Outcome], Outcome]] = []
         outcomes: list[Outcome] = []
         module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...], StepResultLike]] = []
@@ -619,7 +623,7 @@ class Scheduler:
             elif result.status != "skipped":
                 self._failures.pop(step.name, None)
             self._complete_task_locked(task, result, done, outcomes, module_cbs)
-        self._deliver(done, outcomes, module_cbs)
+        self._deliver(done, outcomes, [cb for cb in module_cbs if cb[0] is not step])
 
     # --- bookkeeping (lock held) ------------------------------------------------
 
@@ -688,16 +692,17 @@ class Scheduler:
     def _deliver(self, done: list[tuple[Future[Outcome], Outcome]], outcomes: list[Outcome],
                  module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...],
                                         StepResultLike]]) -> None:
-        # Module callbacks first so state is recorded before callers hear back.
+        # Callbacks first: a caller that has its answer knows the monitors
+        # were told, in the order the answers were given.
         if self._on_module is not None:
             for step, request, targets, res in module_cbs:
                 self._safe(self._on_module, step, request, targets, res)
-        for fut, out in done:
-            if not fut.done():
-                fut.set_result(out)
         if self._on_outcome is not None:
             for out in outcomes:
                 self._safe(self._on_outcome, out)
+        for fut, out in done:
+            if not fut.done():
+                fut.set_result(out)
 
     @staticmethod
     def _safe(fn: Callable[..., object], *args: Any) -> None:

@@ -318,6 +318,7 @@ class Service:
         self.reloads = 0
         self.last_reload_error: str | None = None
         self.last_sweep: SweepReport | None = None
+        self._started = False
         self._stopping = False
         self._stopped = False
         self._exit_code = 0
@@ -403,7 +404,8 @@ class Service:
             slog(LOG, logging.WARNING, "cannot list loaded modules: %s", exc)
             live = None
         self.state.load(live)
-        self.control.start()
+        self.control.start()       # fails if another kmodd listens: touch nothing then
+        self._started = True
         for factory in self._source_factories:
             try:
                 src = factory(self.submit)
@@ -508,11 +510,12 @@ class Service:
         self._stopped = True
 
     def _cleanup(self) -> None:
-        if not self._stopped:          # start() failed: still save what we know
+        if not self._stopped:          # start() failed or the loop crashed
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(timeout=30.0)
-            with contextlib.suppress(Exception):
-                self._save_state()
+            if self._started:
+                with contextlib.suppress(Exception):
+                    self._save_state()
             for src in self.sources:
                 with contextlib.suppress(Exception):
                     src.close()

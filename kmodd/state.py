@@ -106,7 +106,7 @@ class StateStore:
             payload = {"version": STATE_VERSION,
                        "modules": [r.to_dict() for r in self._records.values()]}
         data = json.dumps(payload, indent=1, sort_keys=True).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -476,3 +476,19 @@ def test_kmodctl_monitor_why_and_status_output(env: Env,
     assert "loaded by kmodd: 1" in out and "settled: yes" in out
     assert kmodctl.main(["settle", "--timeout", "0", "--socket", sock]) == 0
     stop(svc, t, rc)
+
+
+def test_second_daemon_on_the_same_socket_refuses_and_touches_nothing(env: Env) -> None:
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    assert svc.submit(Request("admin", "solo")).result(10).status == "loaded"
+    svc._save_state()
+    before = Path(svc.settings.state_file).read_bytes()
+    second = env.service()
+    with pytest.raises(RuntimeError, match="already listening"):
+        second.run()
+    assert Path(svc.settings.state_file).read_bytes() == before
+    with Client(env.sock, timeout=10) as c:          # the first one still serves
+        assert c.status()["loaded_by_kmodd"] == 1
+    stop(svc, t, rc)
