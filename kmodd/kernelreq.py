@@ -1,0 +1,364 @@
+"""The daemon's side of the kernel's request_module() helper.
+
+The kernel runs ``/proc/sys/kernel/modprobe -q -- NAME`` and blocks the
+requesting process until it exits, so the helper (``contrib/kmodd-request``,
+a POSIX shell script) must cost next to nothing: it makes a reply FIFO,
+writes one line ``NAME REPLYPATH`` into the daemon's request FIFO and reads
+one line back.  Wire protocol:
+
+* request FIFO: ``RUN/request`` (mode 0600, so only root can ask); the
+  daemon keeps it open read-write, so a helper's open() never blocks while
+  the daemon lives and the daemon never sees end-of-file.
+* ``RUN/request.pid``: the daemon's pid; a helper that finds no live
+  process there loads the module itself instead of writing into a FIFO
+  nobody reads.
+* reply channel: ``/proc/HELPERPID/fd/N``, the read end of a pipe the
+  helper made (dash turns a here-document into a pipe, so this costs no
+  process), or with other shells a FIFO ``RUN/reply.HELPERPID`` it made
+  with mkfifo (root, 0600).  The helper holds a write end of its own until
+  the daemon answers ``+`` (taken), so a reply written early is never lost,
+  then drops it, so end-of-file means the daemon died.  The daemon opens the
+  channel non-blocking, writes ``+`` at once, and later one line
+  ``CODE STATUS DETAIL`` (CODE 0: loaded, built in or already there;
+  1: failed; ``retry``: the daemon is going away, load it yourself).  A
+  reply FIFO is unlinked by the daemon as soon as it has it open.
+
+Everything read from the FIFO is validated: the name's characters and
+length, and the reply path (a pipe under ``/proc/PID/fd/``, or a FIFO
+directly in the run directory named ``reply.DIGITS`` and not a symlink;
+either way owned by the daemon's uid, i.e. made by root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import re
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+from kmodd.scheduler import Outcome, Request
+from kmodd.systemd import log
+
+LOG = logging.getLogger("kmodd.kernelreq")
+
+Submit = Callable[[Request], "Future[Outcome]"]
+
+# request_module() formats into a MODULE_NAME_LEN (56) buffer, so names from
+# the kernel are short; the limit leaves room for administrators' aliases.
+MAX_NAME = 255
+# What request_module() names look like: "fs-ext4", "char-major-10-229",
+# "net-pf-10-proto-6", "crypto-cbc(aes)-all", "rtnl-link-dummy",
+# "nf-logger-2-0", "tcp_bbr", "pci:v00008086d...".  No '/', no whitespace,
+# no shell metacharacters except the parentheses crypto names need; never
+# a leading '-' (it would read as an option to a fallback modprobe).
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,:+@()=-]*\Z")
+REPLY_RE = re.compile(r"reply\.[0-9]{1,10}\Z")
+PROC_REPLY_RE = re.compile(r"/proc/[0-9]{1,10}/fd/[0-9]{1,4}\Z")
+ACK = b"+\n"
+MAX_LINE = 4096          # PIPE_BUF: the helper's write is atomic below it
+SUCCESS = frozenset({"loaded", "present", "builtin"})
+
+
+def check_name(name: str) -> str | None:
+    """Why ``name`` is not acceptable as a request_module() name, or None."""
+    if not name:
+        return "empty name"
+    if len(name) > MAX_NAME:
+        return f"name longer than {MAX_NAME} characters"
+    if not NAME_RE.match(name):
+        return "name has characters a module name or alias cannot have"
+    return None
+
+
+def reply_line(outcome: Outcome | None, error: str | None = None) -> bytes:
+    """The one line written back to a helper."""
+    if outcome is None:
+        code, status, detail = "1", "failed", error or "internal error"
+    else:
+        code = "0" if outcome.status in SUCCESS else "1"
+        status = outcome.status
+        detail = outcome.error or " ".join(outcome.modules)
+    text = f"{code} {status} {detail}".strip()
+    text = text.replace("\n", " ").replace("\r", " ")[:1000]
+    return (text + "\n").encode("utf-8", "replace")
+
+
+class _Reply:
+    """An open reply FIFO waiting for its outcome."""
+
+    __slots__ = ("answered", "fd", "name", "path")
+
+    def __init__(self, fd: int, path: str, name: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.name = name
+        self.answered = False
+
+
+class KernelRequestSource:
+    """Event-loop source serving ``kmodd-request`` helpers over FIFOs."""
+
+    def __init__(self, submit: Submit, fifo_path: str | os.PathLike[str], *,
+                 owner_uid: int | None = None) -> None:
+        self.submit = submit
+        self.fifo_path = Path(fifo_path)
+        self.run_dir = self.fifo_path.parent
+        self.pid_path = self.fifo_path.with_name(self.fifo_path.name + ".pid")
+        # Root in production; tests run the daemon side as themselves.
+        self.owner_uid = os.geteuid() if owner_uid is None else owner_uid
+        self.served = 0
+        self.rejected = 0
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Reply] = {}
+        self._buffer = b""
+        self._discarding = False
+        self._closed = False
+        self._stopping = False
+        self._prepare_dir()
+        self._fd = self._make_fifo()
+        self._sweep_stale_replies()
+        self._write_pidfile()
+
+    # -- setup -------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        self.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        st = os.lstat(self.run_dir)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ENOTDIR, "not a directory", str(self.run_dir))
+        # Anyone who can write the directory could plant reply FIFOs or
+        # replace the request FIFO.
+        if st.st_uid != self.owner_uid or st.st_mode & 0o022:
+            raise PermissionError(errno.EPERM,
+                                  "run directory must be owned by the daemon's user "
+                                  "and not group/world-writable", str(self.run_dir))
+
+    def _make_fifo(self) -> int:
+        path = os.fspath(self.fifo_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale FIFO from a previous run, or anything else
+        old_umask = os.umask(0o077)
+        try:
+            os.mkfifo(path, 0o600)
+        finally:
+            os.umask(old_umask)
+        # O_RDWR: never blocks on open, and we stay a writer ourselves, so
+        # the FIFO never reports end-of-file between helpers.
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _write_pidfile(self) -> None:
+        tmp = self.pid_path.with_name(self.pid_path.name + ".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.pid_path)
+
+    def _sweep_stale_replies(self) -> None:
+        """Answer or remove reply FIFOs left by a previous daemon.
+
+        A helper whose daemon died before answering is still blocked reading
+        its FIFO: tell it to load the module itself.  A FIFO nobody reads
+        (its helper is gone) is removed.
+        """
+        try:
+            names = os.listdir(self.run_dir)
+        except OSError:
+            return
+        for name in names:
+            if not REPLY_RE.match(name):
+                continue
+            path = os.path.join(self.run_dir, name)
+            fd = self._open_reply(path)  # unlinks it when it is a valid one
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(fd, ACK + b"retry restarted daemon lost the request\n")
+                os.close(fd)
+
+    # -- event-loop source -------------------------------------------------
+    def fileno(self) -> int:
+        return self._fd
+
+    def on_readable(self) -> None:
+        """Read every queued request line and answer or queue each; never blocks."""
+        while not self._closed:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log(LOG, logging.ERROR, "request FIFO read failed: %s", exc, errno=exc.errno)
+                return
+            if not chunk:
+                return
+            self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> None:
+        data = self._buffer + chunk
+        lines = data.split(b"\n")
+        self._buffer = lines.pop()
+        for raw in lines:
+            if self._discarding:
+                self._discarding = False  # end of an over-long line
+                continue
+            self.handle_line(raw)
+        if len(self._buffer) > MAX_LINE:
+            # Not a helper's line (they are written atomically and short):
+            # drop it up to its newline instead of growing without bound.
+            self._buffer = b""
+            self._discarding = True
+            self._reject("over-long line on the request FIFO")
+
+    def handle_line(self, raw: bytes) -> Future[Outcome] | None:
+        """Validate one ``NAME REPLYPATH`` line, open the reply and queue the request."""
+        try:
+            line = raw.decode("ascii")
+        except UnicodeDecodeError:
+            self._reject("non-ASCII request line")
+            return None
+        parts = line.split(" ")
+        if len(parts) != 2:
+            self._reject(f"malformed request line {line[:80]!r}")
+            return None
+        name, reply_path = parts
+        fd = self._open_reply(reply_path)
+        if fd is None:
+            self._reject(f"unusable reply path {reply_path[:120]!r} for {name[:80]!r}")
+            return None
+        reply = _Reply(fd, reply_path, name)
+        try:
+            os.write(fd, ACK)  # the helper may now drop its own write end
+        except OSError:
+            os.close(fd)  # the helper is gone
+            return None
+        if self._stopping:
+            self._answer(reply, None, line=b"retry daemon stopping\n")
+            return None
+        problem = check_name(name)
+        if problem is not None:
+            self.rejected += 1
+            log(LOG, logging.WARNING, "kernel request refused: %s", problem,
+                request=name[:80], requested_by="kernel")
+            self._answer(reply, None, problem)
+            return None
+        request = Request(kind="kernel", key=name, requested_by="kernel")
+        try:
+            future = self.submit(request)
+        except Exception as exc:
+            log(LOG, logging.ERROR, "cannot queue kernel request %s: %s", name, exc,
+                request=name, requested_by="kernel")
+            self._answer(reply, None, f"daemon could not queue the request: {exc}")
+            return None
+        with self._lock:
+            self._pending[fd] = reply
+        self.served += 1
+        # Runs in whichever thread completes the future (a worker), or right
+        # here when it is already done; the write cannot block (see _answer).
+        future.add_done_callback(functools.partial(self._complete, reply))
+        return future
+
+    def _open_reply(self, path: str) -> int | None:
+        """Open a helper's reply channel for writing if, and only if, it is a valid one."""
+        # O_NONBLOCK: fails with ENXIO instead of waiting when nobody reads
+        # (the helper is gone).
+        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        in_run_dir = False
+        if PROC_REPLY_RE.match(path):
+            pass  # /proc/PID/fd/N is a magic link by nature: no O_NOFOLLOW
+        elif (os.path.isabs(path) and os.path.dirname(path) == os.fspath(self.run_dir)
+                and REPLY_RE.match(os.path.basename(path))):
+            flags |= os.O_NOFOLLOW  # no symlink games in the run directory
+            in_run_dir = True
+        else:
+            return None
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        if not stat.S_ISFIFO(st.st_mode) or st.st_uid != self.owner_uid:
+            os.close(fd)
+            return None
+        if in_run_dir:
+            # Both ends are open now (the helper opened its own first), so
+            # the name is no longer needed: nothing is left behind whatever
+            # happens next.  Only the FIFO we opened is removed.
+            with contextlib.suppress(OSError):
+                current = os.lstat(path)
+                if (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino):
+                    os.unlink(path)
+        return fd
+
+    def _complete(self, reply: _Reply, future: Future[Outcome]) -> None:
+        try:
+            outcome = future.result()
+        except Exception as exc:
+            self._answer(reply, None, f"internal error: {exc}")
+            return
+        self._answer(reply, outcome)
+
+    def _answer(self, reply: _Reply, outcome: Outcome | None, error: str | None = None,
+                *, line: bytes | None = None) -> None:
+        with self._lock:
+            if reply.answered:
+                return
+            reply.answered = True
+            self._pending.pop(reply.fd, None)
+        data = line if line is not None else reply_line(outcome, error)
+        try:
+            # One short write into an empty pipe: atomic and never blocks.
+            # EPIPE: the helper died meanwhile; nothing to tell anyone.
+            os.write(reply.fd, data)
+        except OSError:
+            pass
+        finally:
+            os.close(reply.fd)
+
+    def _reject(self, what: str) -> None:
+        self.rejected += 1
+        log(LOG, logging.WARNING, "request FIFO: %s", what, requested_by="kernel")
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def close(self) -> None:
+        """Stop serving: answer queued and in-flight requests with ``retry``.
+
+        The helpers then load the module themselves, so nothing the kernel
+        waits for is lost across a daemon stop or restart.  Call after the
+        daemon has let in-flight loads finish if it wants their real
+        outcomes delivered.
+        """
+        if self._closed:
+            return
+        # Requests already written but not yet read are answered too.
+        self._stopping = True
+        self.on_readable()
+        self._closed = True
+        with self._lock:
+            pending = list(self._pending.values())
+        for reply in pending:
+            self._answer(reply, None, line=b"retry daemon stopping\n")
+        try:
+            if self.pid_path.read_text().strip() == str(os.getpid()):
+                self.pid_path.unlink()
+        except OSError:
+            pass
+        try:
+            st = os.lstat(self.fifo_path)
+            if stat.S_ISFIFO(st.st_mode):
+                os.unlink(self.fifo_path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = -1

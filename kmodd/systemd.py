@@ -1,0 +1,194 @@
+"""systemd integration: sd_notify, the watchdog interval, journald logging.
+
+Everything here is cheap to import: ``socket`` and ``os`` only.  The
+journal handler (systemd-python, ~7 ms of imports) is loaded by
+``setup_logging`` only when the process really runs under systemd, and
+``logging`` itself is imported by whoever logs.  sd_notify is a single
+datagram, so it is written here rather than imported from
+``systemd.daemon`` (same wire format, no import cost).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import logging
+
+# Structured journal fields kmodd attaches to its messages.  Keyword names
+# are accepted in lower case (module=...) and sent upper case (MODULE=...),
+# the form journald requires and ``journalctl MODULE=e1000`` matches.
+FIELDS = ("MODULE", "MODALIAS", "DEVPATH", "ERRNO", "REQUESTED_BY", "STATUS_CODE", "REQUEST")
+
+IDENTIFIER = "kmodd"
+
+_notify_lock = threading.Lock()
+_notify_socket: socket.socket | None = None
+_notify_address: str | bytes | None = None
+
+
+def _notify_target() -> str | bytes | None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return None
+    if address[0] == "@":
+        # Abstract namespace: the leading '@' stands for a NUL byte.
+        return b"\0" + address[1:].encode()
+    if address[0] != "/":
+        return None  # vsock and other forms: not used for system services
+    return address
+
+
+def notify(**fields: object) -> bool:
+    """Send ``KEY=value`` lines to the service manager (``notify(READY=1, STATUS="...")``).
+
+    Returns True when a message was sent, False when not under a service
+    manager (no ``NOTIFY_SOCKET``) or the send failed.  Never raises: a lost
+    status line must not take the daemon down.
+    """
+    global _notify_socket, _notify_address
+    address = _notify_target()
+    if address is None or not fields:
+        return False
+    lines = []
+    for key, value in fields.items():
+        text = str(value)
+        if "\n" in text:
+            text = text.replace("\n", " ")  # one line per field in the protocol
+        lines.append(f"{key.upper()}={text}")
+    payload = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+    with _notify_lock:
+        try:
+            if _notify_socket is None or _notify_address != address:
+                if _notify_socket is not None:
+                    _notify_socket.close()
+                _notify_socket = socket.socket(socket.AF_UNIX,
+                                               socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                _notify_address = address
+            _notify_socket.sendto(payload, address)
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between watchdog pings (half of ``WATCHDOG_USEC``), or None when off.
+
+    Like sd_watchdog_enabled(): ``WATCHDOG_PID``, when set, must be our pid,
+    so a child that inherited the environment does not ping for us.
+    """
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec:
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid:
+        try:
+            if int(pid) != os.getpid():
+                return None
+        except ValueError:
+            return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    if value <= 0:
+        return None
+    return value / 2_000_000
+
+
+def under_systemd() -> bool:
+    """True when stderr goes to the journal or we were started as a unit.
+
+    ``JOURNAL_STREAM`` is compared with stderr's device and inode, as
+    systemd.exec(5) recommends: it is inherited by children whose stderr
+    may have been redirected elsewhere.
+    """
+    stream = os.environ.get("JOURNAL_STREAM")
+    if stream:
+        try:
+            dev, ino = (int(part) for part in stream.split(":", 1))
+            st = os.fstat(2)
+            if st.st_dev == dev and st.st_ino == ino:
+                return True
+        except (ValueError, OSError):
+            pass
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
+def _make_stderr_formatter() -> logging.Formatter:
+    import logging
+
+    class FieldFormatter(logging.Formatter):
+        """``kmodd: message [MODULE=x DEVPATH=y]`` so stderr carries the same facts."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            extra = [f"{name}={record.__dict__[name]}" for name in FIELDS
+                     if name in record.__dict__]
+            return f"{text} [{' '.join(extra)}]" if extra else text
+
+    return FieldFormatter("%(name)s: %(levelname)s: %(message)s")
+
+
+def setup_logging(use_journal: bool | None = None, *, level: int | None = None,
+                  logger_name: str = "kmodd") -> logging.Handler:
+    """Attach a journald handler (under systemd) or a stderr handler to the ``kmodd`` logger.
+
+    ``use_journal=None`` decides from the environment (see ``under_systemd``).
+    When systemd-python cannot be imported or the journal socket is absent,
+    stderr is used: under systemd that still reaches the journal, without
+    the structured fields.  Returns the handler installed.
+    """
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    for old in list(logger.handlers):
+        if getattr(old, "_kmodd_handler", False):
+            logger.removeHandler(old)
+            old.close()
+    if use_journal is None:
+        use_journal = under_systemd()
+    handler: logging.Handler | None = None
+    if use_journal:
+        try:
+            from systemd.journal import JournalHandler
+            # JournalHandler sends every upper-case attribute of the record
+            # (our ``extra=`` fields) as a journal field of that name.
+            handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER)
+        except (ImportError, OSError):
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_make_stderr_formatter())
+    handler._kmodd_handler = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level if level is not None else logging.INFO)
+    logger.propagate = False
+    return handler
+
+
+def journal_fields(**fields: Any) -> dict[str, str]:
+    """``module="e1000", errno=None`` -> ``{"MODULE": "e1000"}``: upper case, None dropped."""
+    out: dict[str, str] = {}
+    for key, value in fields.items():
+        if value is None or value == "":
+            continue
+        if isinstance(value, (tuple, list)):
+            value = " ".join(str(v) for v in value)
+        out[key.upper()] = str(value)
+    return out
+
+
+def log(logger: logging.Logger, level: int, msg: str, *args: object, **fields: Any) -> None:
+    """Log ``msg`` with structured fields: ``log(LOG, INFO, "loaded", module="e1000")``.
+
+    The fields become journal fields (``journalctl -u kmodd MODULE=e1000``)
+    and are appended to the line on stderr.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    logger.log(level, msg, *args, extra=journal_fields(**fields))

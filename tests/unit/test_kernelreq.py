@@ -1,0 +1,373 @@
+"""The request_module() helper path: the real contrib/kmodd-request script
+against the daemon-side KernelRequestSource, and its fallback without a daemon."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from kmodd.kernelreq import KernelRequestSource, check_name, reply_line
+from kmodd.scheduler import Outcome, Request
+
+HELPER = Path(__file__).resolve().parents[2] / "contrib" / "kmodd-request"
+
+
+class Loop:
+    """A minimal event loop thread standing in for the service's."""
+
+    def __init__(self, source: KernelRequestSource) -> None:
+        self.source = source
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.source.fileno(), selectors.EVENT_READ)
+        while not self.stop.is_set():
+            if sel.select(timeout=0.05):
+                self.source.on_readable()
+        sel.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+class FakeScheduler:
+    """submit() answering from a table, optionally later from another thread."""
+
+    def __init__(self, statuses: dict[str, str], delay: float = 0.0) -> None:
+        self.statuses = statuses
+        self.delay = delay
+        self.requests: list[Request] = []
+
+    def submit(self, request: Request) -> Future[Outcome]:
+        self.requests.append(request)
+        future: Future[Outcome] = Future()
+        status = self.statuses.get(request.key, "unresolved")
+        modules = (request.key,) if status in ("loaded", "present", "builtin") else ()
+        error = None if modules else f"module {request.key} not found"
+        outcome = Outcome(request=request, status=status, modules=modules, error=error)
+        if self.delay:
+            threading.Timer(self.delay, future.set_result, (outcome,)).start()
+        else:
+            future.set_result(outcome)
+        return future
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "run"
+    d.mkdir(mode=0o755)
+    return d
+
+
+@pytest.fixture
+def fallback_log(tmp_path: Path) -> Path:
+    return tmp_path / "fallback.log"
+
+
+@pytest.fixture
+def fake_kmodctl(tmp_path: Path, fallback_log: Path) -> Path:
+    """Stands in for 'kmodctl load' in the helper's direct path; records its argv."""
+    script = tmp_path / "kmodctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> {fallback_log}\n'
+                      '[ "$4" = missing ] && exit 1\nexit 0\n')
+    script.chmod(0o755)
+    return script
+
+
+def helper_env(run_dir: Path, kmodctl: Path) -> dict[str, str]:
+    # The kernel's usermode-helper environment, plus our test overrides.
+    return {"HOME": "/", "TERM": "linux", "PATH": "/sbin:/usr/sbin:/bin:/usr/bin",
+            "KMODD_RUN_DIR": str(run_dir), "KMODD_KMODCTL": str(kmodctl),
+            "KMODD_FALLBACK": "kmodctl"}
+
+
+def run_helper(env: dict[str, str], *args: str,
+               timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(HELPER), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def served(run_dir: Path) -> Iterator[Callable[[FakeScheduler], KernelRequestSource]]:
+    made: list[tuple[KernelRequestSource, Loop]] = []
+
+    def make(sched: FakeScheduler) -> KernelRequestSource:
+        source = KernelRequestSource(sched.submit, run_dir / "request")
+        made.append((source, Loop(source)))
+        return source
+
+    yield make
+    for source, loop in made:
+        loop.close()
+        source.close()
+
+
+def test_round_trip_success_failure_and_already_present(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path,
+        fake_kmodctl: Path, fallback_log: Path) -> None:
+    sched = FakeScheduler({"dummy": "loaded", "fs-ext4": "present",
+                           "crypto-cbc(aes)-all": "builtin"})
+    source = served(sched)
+    env = helper_env(run_dir, fake_kmodctl)
+
+    assert run_helper(env, "-q", "--", "dummy").returncode == 0
+    assert run_helper(env, "-q", "--", "fs-ext4").returncode == 0
+    assert run_helper(env, "-q", "--", "crypto-cbc(aes)-all").returncode == 0
+    failed = run_helper(env, "--", "nosuchmodule")
+    assert failed.returncode == 1
+    assert "nosuchmodule: unresolved: module nosuchmodule not found" in failed.stderr
+    # Quiet, as the kernel calls it: no output at all.
+    quiet = run_helper(env, "-q", "--", "nosuchmodule")
+    assert quiet.returncode == 1 and quiet.stderr == ""
+
+    assert [r.key for r in sched.requests] == [
+        "dummy", "fs-ext4", "crypto-cbc(aes)-all", "nosuchmodule", "nosuchmodule"]
+    assert all(r.kind == "kernel" and r.requested_by == "kernel" for r in sched.requests)
+    # The daemon answered: the direct loader was never used.
+    assert not fallback_log.exists()
+    assert source.served == 5 and source.pending == 0
+    # Reply FIFOs are cleaned up by the daemon.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["request", "request.pid"]
+
+
+def test_fifo_and_pidfile_permissions(served: Callable[[FakeScheduler], KernelRequestSource],
+                                      run_dir: Path) -> None:
+    served(FakeScheduler({}))
+    st = os.lstat(run_dir / "request")
+    assert stat.S_ISFIFO(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert (run_dir / "request.pid").read_text().strip() == str(os.getpid())
+
+
+def test_slow_load_answered_when_future_completes(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path,
+        fake_kmodctl: Path) -> None:
+    sched = FakeScheduler({"slow": "loaded"}, delay=0.3)
+    source = served(sched)
+    env = helper_env(run_dir, fake_kmodctl)
+    start = time.monotonic()
+    # Several helpers at once, as several request_module() callers would.
+    procs = [subprocess.Popen([str(HELPER), "-q", "--", "slow"], env=env) for _ in range(8)]
+    codes = [p.wait(10) for p in procs]
+    assert codes == [0] * 8
+    assert 0.3 <= time.monotonic() - start < 5
+    assert source.pending == 0
+
+
+def test_fallback_without_daemon(run_dir: Path, fake_kmodctl: Path, fallback_log: Path) -> None:
+    env = helper_env(run_dir, fake_kmodctl)
+    # No FIFO at all: early boot.
+    assert run_helper(env, "-q", "--", "dummy").returncode == 0
+    assert run_helper(env, "-q", "--", "missing").returncode == 1
+    assert fallback_log.read_text().splitlines() == ["load -q -- dummy", "load -q -- missing"]
+
+
+def test_fallback_when_daemon_died_leaving_fifo(run_dir: Path, fake_kmodctl: Path,
+                                                fallback_log: Path) -> None:
+    # A crashed daemon leaves its FIFO and pid file; nobody reads the FIFO.
+    os.mkfifo(run_dir / "request", 0o600)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run_dir / "request.pid").write_text(f"{dead.pid}\n")
+    result = run_helper(helper_env(run_dir, fake_kmodctl), "-q", "--", "dummy", timeout=5)
+    assert result.returncode == 0
+    assert fallback_log.read_text().splitlines() == ["load -q -- dummy"]
+
+
+def test_daemon_stopping_answers_retry_and_helper_loads_itself(
+        run_dir: Path, fake_kmodctl: Path, fallback_log: Path) -> None:
+    never: list[Future[Outcome]] = []
+
+    def submit(request: Request) -> Future[Outcome]:
+        future: Future[Outcome] = Future()
+        never.append(future)
+        return future
+
+    source = KernelRequestSource(submit, run_dir / "request")
+    loop = Loop(source)
+    proc = subprocess.Popen([str(HELPER), "-q", "--", "dummy"],
+                            env=helper_env(run_dir, fake_kmodctl))
+    deadline = time.monotonic() + 5
+    while source.pending == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert source.pending == 1
+    loop.close()
+    source.close()
+    assert proc.wait(5) == 0
+    assert fallback_log.read_text().splitlines() == ["load -q -- dummy"]
+    # Stopping removes the FIFO and pid file so later helpers go direct at once.
+    assert not (run_dir / "request").exists()
+    assert not (run_dir / "request.pid").exists()
+    # A late completion is not written twice (the reply is already closed).
+    never[0].set_result(Outcome(Request("kernel", "dummy"), "loaded", ("dummy",)))
+
+
+def test_daemon_dying_after_taking_request_means_direct_load(
+        run_dir: Path, fake_kmodctl: Path, fallback_log: Path) -> None:
+    # Once the daemon has taken a request the helper holds no write end of
+    # its own: the daemon's death is end-of-file, and the helper loads itself.
+    lost: list[Request] = []
+
+    def swallow(request: Request) -> Future[Outcome]:
+        lost.append(request)
+        return Future()
+
+    first = KernelRequestSource(swallow, run_dir / "request")
+    loop = Loop(first)
+    proc = subprocess.Popen([str(HELPER), "-q", "--", "dummy"],
+                            env=helper_env(run_dir, fake_kmodctl))
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lost
+    loop.close()
+    time.sleep(0.2)
+    assert proc.poll() is None  # waiting for the outcome
+    # Crash: the kernel closes every descriptor the daemon had.
+    with first._lock:
+        for reply in first._pending.values():
+            os.close(reply.fd)
+        first._pending.clear()
+    os.close(first._fd)
+    assert proc.wait(5) == 0
+    assert fallback_log.read_text().splitlines() == ["load -q -- dummy"]
+
+
+def test_restarted_daemon_answers_reply_fifos_left_waiting(run_dir: Path) -> None:
+    # A FIFO-variant helper (non-dash shell) whose request died with the
+    # old daemon is told to load the module itself by the next daemon.
+    reply = run_dir / "reply.31337"
+    os.mkfifo(reply, 0o600)
+    fd = os.open(reply, os.O_RDWR | os.O_NONBLOCK)
+    abandoned = run_dir / "reply.31338"   # its helper is gone: nobody reads
+    os.mkfifo(abandoned, 0o600)
+    source = KernelRequestSource(FakeScheduler({}).submit, run_dir / "request")
+    try:
+        assert os.read(fd, 100) == b"+\nretry restarted daemon lost the request\n"
+        assert not reply.exists()
+        # An unread FIFO stays (the daemon cannot tell it from one being set
+        # up) but is harmless; the daemon never blocks on it.
+        assert abandoned.exists()
+    finally:
+        os.close(fd)
+        source.close()
+
+
+def test_fifo_variant_round_trip_under_bash(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path,
+        fake_kmodctl: Path, fallback_log: Path) -> None:
+    # bash makes here-documents files, not pipes: the helper falls back to a
+    # FIFO in the run directory, which the daemon unlinks once it is open.
+    sched = FakeScheduler({"dummy": "loaded"})
+    served(sched)
+    env = helper_env(run_dir, fake_kmodctl)
+    ok = subprocess.run(["bash", str(HELPER), "-q", "--", "dummy"], env=env, timeout=10)
+    bad = subprocess.run(["bash", str(HELPER), "-q", "--", "other"], env=env, timeout=10)
+    assert (ok.returncode, bad.returncode) == (0, 1)
+    assert [r.key for r in sched.requests] == ["dummy", "other"]
+    assert not fallback_log.exists()
+    assert not list(run_dir.glob("reply.*"))
+
+
+def test_hostile_lines_are_refused_without_crashing(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path,
+        tmp_path: Path, fake_kmodctl: Path) -> None:
+    sched = FakeScheduler({"dummy": "loaded"})
+    source = served(sched)
+    elsewhere = tmp_path / "reply.1"
+    os.mkfifo(elsewhere)
+    symlink = run_dir / "reply.77"
+    symlink.symlink_to(elsewhere)
+    regular = run_dir / "reply.78"
+    regular.write_text("")
+    lines = [
+        b"\xff\xfe binary\n",
+        b"justonefield\n",
+        b"a b c\n",
+        f"dummy {elsewhere}\n".encode(),             # outside the run directory
+        f"dummy {symlink}\n".encode(),               # symlink into elsewhere
+        f"dummy {regular}\n".encode(),               # not a FIFO
+        f"dummy {run_dir}/reply.abc\n".encode(),     # not reply.DIGITS
+        f"dummy {run_dir}/../run/reply.5\n".encode(),
+        b"x" * 10000 + b"\n",                        # over-long line
+    ]
+    with open(run_dir / "request", "wb", buffering=0) as fifo:
+        for line in lines:
+            fifo.write(line)
+    deadline = time.monotonic() + 5
+    while source.rejected < len(lines) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert source.rejected == len(lines)
+    assert sched.requests == []
+    # Still serving afterwards.
+    assert run_helper(helper_env(run_dir, fake_kmodctl), "-q", "--", "dummy").returncode == 0
+    assert [r.key for r in sched.requests] == ["dummy"]
+
+
+def test_bad_name_with_valid_reply_gets_an_answer(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path) -> None:
+    sched = FakeScheduler({})
+    served(sched)
+    reply = run_dir / "reply.4242"
+    os.mkfifo(reply, 0o600)
+    fd = os.open(reply, os.O_RDWR)
+    try:
+        with open(run_dir / "request", "wb", buffering=0) as fifo:
+            fifo.write(f"a/../../etc {reply}\n".encode())
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as r:
+            ack = r.readline()
+            line = r.readline()
+    finally:
+        os.close(fd)
+    assert ack == b"+\n"
+    assert line.startswith(b"1 failed name has characters")
+    assert sched.requests == []
+    assert not reply.exists()
+
+
+@pytest.mark.parametrize("name,ok", [
+    ("dummy", True), ("fs-ext4", True), ("char-major-10-229", True),
+    ("crypto-cbc(aes)-all", True), ("net-pf-10-proto-6", True), ("nf_conntrack-2", True),
+    ("", False), ("-r", False), ("a b", False), ("a/b", False), ("$(reboot)", False),
+    ("a;b", False), ("x" * 256, False), ("é", False), ("a\nb", False),
+])
+def test_check_name(name: str, ok: bool) -> None:
+    assert (check_name(name) is None) is ok
+
+
+def test_reply_line_codes() -> None:
+    req = Request("kernel", "dummy")
+    assert reply_line(Outcome(req, "loaded", ("dummy",))) == b"0 loaded dummy\n"
+    assert reply_line(Outcome(req, "present", ("dummy",))) == b"0 present dummy\n"
+    assert reply_line(Outcome(req, "builtin", ("dummy",))).startswith(b"0 ")
+    assert reply_line(Outcome(req, "failed", (), "boom\nline two")) == b"1 failed boom line two\n"
+    assert reply_line(Outcome(req, "blacklisted", ())).startswith(b"1 blacklisted")
+
+
+def test_helper_round_trip_is_fast(served: Callable[[FakeScheduler], KernelRequestSource],
+                                   run_dir: Path, fake_kmodctl: Path) -> None:
+    """The helper sits on the kernel's request path: no Python, a few ms at most."""
+    served(FakeScheduler({"dummy": "present"}))
+    env = helper_env(run_dir, fake_kmodctl)
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        assert run_helper(env, "-q", "--", "dummy").returncode == 0
+        times.append(time.perf_counter() - start)
+    times.sort()
+    # Median well under a Python interpreter's start-up (~25 ms here),
+    # with room for a loaded CI machine.
+    assert times[len(times) // 2] < 0.025, times
