@@ -4,6 +4,7 @@
     python -m testbed run [--devices ...] -- CMD...   # boot, run CMD, print, exit with its status
     python -m testbed console -- CMD...        # CMD is the guest's only job, console streamed
     python -m testbed shell                    # boot, then read commands from stdin
+    python -m testbed main                     # the README's main job (testbed/main_job.py)
     python -m testbed devices                  # the default device list
     python -m testbed qemu-cmdline             # print the QEMU command line
 """
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p_con.add_argument("command", nargs=argparse.REMAINDER)
     p_sh = sub.add_parser("shell", help="boot, then run commands read from stdin")
     _add_vm_options(p_sh)
+    p_main = sub.add_parser("main", help="the README's main job (see testbed/main_job.py)")
+    p_main.add_argument("--quiet-console", action="store_true")
     sub.add_parser("devices", help="print the default devices")
     p_cl = sub.add_parser("qemu-cmdline", help="print the QEMU command line")
     _add_vm_options(p_cl)
@@ -153,11 +156,18 @@ def main(argv: list[str] | None = None) -> int:
             _, vmlinux, initramfs = build()
             print(shlex.join(_make_vm(args, console=False).command_line(vmlinux, initramfs)))
             return 0
+        if args.mode == "main":
+            from testbed.main_job import main as main_job
+
+            return main_job(console=not args.quiet_console)
         if args.mode == "run":
             return cmd_run(args)
         if args.mode == "console":
             return cmd_console(args)
         return cmd_shell(args)
+    except GuestTimeout as exc:
+        print(f"testbed: {exc}", file=sys.stderr)
+        return 124
     except TestbedError as exc:
         print(f"testbed: cannot boot the test bed: {exc}", file=sys.stderr)
         return 3

@@ -151,6 +151,7 @@ class VM:
         kernel_version: str | None = None,
         console: IO[str] | None = None,
         keep_rundir: bool = False,
+        cache_venv: bool = True,
     ) -> None:
         self.devices = list(DEFAULT_DEVICES if devices is None else devices)
         self.memory = memory
@@ -162,6 +163,7 @@ class VM:
         self.kernel_version = kernel_version
         self.console_stream = console
         self.keep_rundir = keep_rundir
+        self.cache_venv = cache_venv
         self.kernel: Kernel | None = None
         self.boot_seconds: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -230,6 +232,13 @@ class VM:
             "-fsdev", f"local,id=share,path={self.share},security_model=none,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=share,mount_tag=share",
         ]
+        venv = self.share / ".venv"
+        if self.cache_venv and venv.is_dir():
+            args += ["-fsdev", f"local,id=venv,path={venv},security_model=none,readonly=on,"
+                               "multidevs=remap",
+                     "-device", "virtio-9p-pci,fsdev=venv,mount_tag=venv"]
+            append += f" tb_venv={venv}"
+            args[args.index("-append") + 1] = append
         args += _audio_and_net_backends(self.devices)
         for dev in self.devices:
             args += ["-device", dev]

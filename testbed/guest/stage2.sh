@@ -37,7 +37,6 @@ mkdir -p /run/lock /var/tmp 2>/dev/null
 
 export PATH="$tb_share/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 export HOME=/root LANG=C.UTF-8 TERM=dumb TESTBED_GUEST=1
-unset tb_rootcache
 cd "$tb_share" || poweroff_now
 
 case $tb_mode in
