@@ -22,7 +22,9 @@ class ModuleStep:
     ``deps`` are the module's own hard dependencies (from modules.dep), so a
     scheduler can start it as soon as those are live.  ``install_command`` is
     set when modprobe.d replaces the load with an ``install`` command; the
-    loader runs that instead of loading ``path``.
+    loader runs that instead of loading ``path``.  It should be the command as
+    written, ``$CMDLINE_OPTS`` included: the loader substitutes ``options``
+    shell-quoted (kmodd.commands), so request text never reaches the shell raw.
     """
 
     name: str

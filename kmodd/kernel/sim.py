@@ -338,6 +338,18 @@ class SimKernel(SyscallKernel):
             self._cond.notify_all()
 
 
+def modules_dep_names(moddir: Path) -> dict[str, tuple[str, ...]]:
+    """module -> its modules.dep dependencies, as names: a ``deps`` map for SimKernel."""
+    from kmodd.names import modname_normalize
+
+    result: dict[str, tuple[str, ...]] = {}
+    for line in (Path(moddir) / "modules.dep").read_text().splitlines():
+        path, sep, rest = line.partition(":")
+        if sep:
+            result[modname_normalize(path)] = tuple(modname_normalize(d) for d in rest.split())
+    return result
+
+
 def _rmtree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()

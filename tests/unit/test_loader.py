@@ -294,3 +294,108 @@ def test_unload_builtin_and_remove_command_failure(tmp_path: Path) -> None:
 def test_load_plan_direct_rejects_unresolved(sim: SimKernel) -> None:
     outcome = load_plan_direct(Plan("nosuch", ()), sim)
     assert not outcome.ok and outcome.errno == E.ENOENT and "not found" in outcome.message
+
+
+# -- kmodctl load/unload's direct path, on a tree of real Debian modules --------------------
+
+REAL = Path("/lib/modules/6.1.0-56-amd64")
+TREE_VERSION = "6.1.0-kmodd-test"
+TREE_MODULES = ("kernel/sound/soundcore.ko", "kernel/sound/core/snd.ko",
+                "kernel/sound/core/snd-timer.ko", "kernel/drivers/block/loop.ko")
+
+
+@pytest.fixture(scope="module")
+def real_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four real modules and their indexes, made by the real depmod."""
+    import shutil
+    import subprocess
+
+    base = tmp_path_factory.mktemp("tree")
+    moddir = base / "lib/modules" / TREE_VERSION
+    for rel in TREE_MODULES:
+        (moddir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REAL / rel, moddir / rel)
+    for f in ("modules.builtin", "modules.builtin.modinfo"):
+        shutil.copy(REAL / f, moddir / f)
+    subprocess.run(["depmod", "-b", str(base), TREE_VERSION], check=True)
+    return base
+
+
+def _sim_for(tree: Path, tmp_path: Path) -> SimKernel:
+    from kmodd.kernel.sim import modules_dep_names
+
+    return SimKernel(tmp_path / "sim", deps=modules_dep_names(tree / "lib/modules" /
+                                                              TREE_VERSION),
+                     module_params={"loop": {"max_loop": "0", "max_part": "0"}})
+
+
+def test_load_direct_and_unload_direct(real_tree: Path, tmp_path: Path) -> None:
+    from kmodd.cli.ctl_load import load_direct
+    from kmodd.cli.ctl_unload import unload_direct
+    from kmodd.root import Root
+
+    sim = _sim_for(real_tree, tmp_path)
+    root = Root(modules_base=real_tree)
+    kw = {"root": root, "version": TREE_VERSION, "config_paths": [str(tmp_path / "none")],
+          "kernel": sim}
+    out = load_direct("snd-timer", **kw)  # type: ignore[arg-type]
+    assert out.ok and out.message == "snd_timer loaded", out
+    assert sim.load_order == ["soundcore", "snd", "snd_timer"]
+    assert load_direct("snd_timer", **kw).message == "snd_timer already"  # type: ignore[arg-type]
+    busy = unload_direct("snd", **kw)  # type: ignore[arg-type]
+    assert not busy.ok and busy.errno == E.EBUSY and busy.message == "snd: in use by: snd_timer"
+    done = unload_direct("snd_timer", recursive=True, **kw)  # type: ignore[arg-type]
+    assert done.ok and done.message == "unloaded snd_timer snd soundcore"
+    assert sim.loaded() == {}
+    gone = unload_direct("snd_timer", **kw)  # type: ignore[arg-type]
+    assert not gone.ok and gone.message == "snd_timer: not loaded"
+    missing = load_direct("nosuch", **kw)  # type: ignore[arg-type]
+    assert not missing.ok and "nosuch: module not found in" in missing.message
+
+
+def test_load_direct_checks_admin_parameters(real_tree: Path, tmp_path: Path) -> None:
+    from kmodd.cli.ctl_load import load_direct
+    from kmodd.root import Root
+
+    sim = _sim_for(real_tree, tmp_path)
+    kw = {"root": Root(modules_base=real_tree), "version": TREE_VERSION,
+          "config_paths": [str(tmp_path / "none")], "kernel": sim}
+    bad = load_direct("loop", ["max_loop=4", "bogus=1"], **kw)  # type: ignore[arg-type]
+    assert not bad.ok and bad.errno == E.EINVAL
+    assert bad.message.startswith("loop: unknown parameter bogus (the module's parameters: ")
+    assert "max_loop" in bad.message
+    assert sim.syscalls == []
+    good = load_direct("loop", ["max_loop=4", "dyndbg=+p"], **kw)  # type: ignore[arg-type]
+    assert good.ok
+    assert sim.parameters("loop")["max_loop"] == "4"
+    assert sim.syscalls[-1].params == "max_loop=4 dyndbg=+p"
+
+
+def test_load_direct_install_command_with_hostile_parameters(real_tree: Path,
+                                                             tmp_path: Path) -> None:
+    from kmodd.cli.ctl_load import load_direct
+    from kmodd.root import Root
+
+    out = tmp_path / "args"
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "loop.conf").write_text(f"install loop printf '%s|' $CMDLINE_OPTS > {out}\n")
+    sim = _sim_for(real_tree, tmp_path)
+    hostile = f"max_loop=$(touch {tmp_path}/pwned);touch {tmp_path}/pwned2"
+    res = load_direct("loop", [hostile], root=Root(modules_base=real_tree),
+                      version=TREE_VERSION, config_paths=[str(conf)], kernel=sim)
+    assert res.ok, res
+    assert [r.status for r in res.results] == ["install-command"]
+    assert not list(tmp_path.glob("pwned*"))
+    # One argument, exactly the parameter the kernel would have been given.
+    assert out.read_text() == format_params([hostile]) + "|"
+    assert sim.syscalls == []
+
+
+def test_unsubstitute_only_touches_options_needing_quotes() -> None:
+    from kmodd.loader import unsubstitute
+
+    assert unsubstitute("cmd $CMDLINE_OPTS", "a=$(x)") == "cmd $CMDLINE_OPTS"
+    assert unsubstitute("cmd a=1 b=2", "a=1 b=2") == "cmd a=1 b=2"
+    assert unsubstitute("cmd a=$(x) b", "a=$(x) b") == "cmd $CMDLINE_OPTS"
+    assert unsubstitute("cmd", "") == "cmd"
