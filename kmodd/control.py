@@ -14,7 +14,6 @@ error reply; they never reach the daemon's logic, let alone crash it.
 from __future__ import annotations
 
 import contextlib
-import errno as errno_mod
 import json
 import logging
 import os
@@ -30,6 +29,12 @@ log = logging.getLogger("kmodd.control")
 DEFAULT_SOCKET = "/run/kmodd/control"
 MAX_MESSAGE = 64 * 1024          # one request line
 MAX_OUTPUT = 4 * 1024 * 1024     # queued replies to a peer that does not read
+
+# Connections: unprivileged peers get a share each and together, so they can
+# never lock root's kmodctl out; root always finds room up to the hard cap.
+MAX_CONNECTIONS = 512
+MAX_UNPRIVILEGED = 256
+MAX_PER_UID = 32
 
 READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping"})
 ROOT_OPS = frozenset({"load", "unload", "reload"})
@@ -167,7 +172,7 @@ class Connection:
             self.server.reactor.remove(self.sock)
         with contextlib.suppress(OSError):
             self.sock.close()
-        self.server.connections.discard(self)
+        self.server.connection_closed(self)
         for cb in self.on_close:
             try:
                 cb(self)
@@ -195,6 +200,7 @@ class ControlServer:
         self.mode = mode
         self.sock: socket.socket | None = None
         self.connections: set[Connection] = set()
+        self._paused = False
 
     def start(self) -> None:
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -243,9 +249,11 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno_mod.EMFILE, errno_mod.ENFILE, errno_mod.ENOBUFS,
-                                 errno_mod.ENOMEM):
-                    log.warning("control: cannot accept: %s", exc)
+                # Out of descriptors: the socket stays readable, so stop
+                # watching it (no busy loop) until a connection closes.
+                log.warning("control: cannot accept: %s", exc)
+                self.reactor.remove(self.sock)
+                self._paused = True
                 return
             peer.setblocking(False)
             try:
@@ -254,9 +262,34 @@ class ControlServer:
                 log.warning("control: no peer credentials (%s); dropping peer", exc)
                 peer.close()
                 continue
+            refusal = self._over_limit(cred)
+            if refusal is not None:
+                with contextlib.suppress(OSError):
+                    peer.send(json.dumps(error_reply(refusal, "EAGAIN")).encode() + b"\n")
+                peer.close()
+                continue
             conn = Connection(self, peer, cred)
             self.connections.add(conn)
             self.reactor.add_reader(peer, conn.on_readable)
+
+    def _over_limit(self, cred: PeerCred) -> str | None:
+        total = len(self.connections)
+        if total >= MAX_CONNECTIONS:
+            return "too many connections"
+        if cred.is_root:
+            return None
+        unprivileged = [c for c in self.connections if not c.cred.is_root]
+        if len(unprivileged) >= MAX_UNPRIVILEGED:
+            return "too many connections from unprivileged users"
+        if sum(1 for c in unprivileged if c.cred.uid == cred.uid) >= MAX_PER_UID:
+            return f"too many connections from uid {cred.uid}"
+        return None
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if self._paused and self.sock is not None:
+            self._paused = False
+            self.reactor.add_reader(self.sock, self._accept)
 
     def dispatch(self, conn: Connection, line: bytes) -> None:
         try:

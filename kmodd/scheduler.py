@@ -277,7 +277,7 @@ ModuleCallback = Callable[[ModuleStep, Request, tuple[str, ...], StepResultLike]
 
 class Scheduler:
     def __init__(self, resolver: ResolverLike, loader: LoaderLike, kernel: KernelStateLike, *,
-                 max_workers: int | None = None, queue_limit: int = 4096,
+                 max_workers: int | None = None, queue_limit: int = 16384,
                  max_waiters: int = 4096, backoff: BackoffPolicy | None = None,
                  runaway_limit: int = MAX_KMOD_CONCURRENT, runaway_window: float = 10.0,
                  clock: Callable[[], float] = time.monotonic,

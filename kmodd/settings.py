@@ -43,7 +43,7 @@ class Settings:
     backoff_max: float = 600.0
     runaway_limit: int = MAX_KMOD_CONCURRENT
     runaway_window: float = 10.0
-    queue_limit: int = 4096
+    queue_limit: int = 16384
     # not in the file: where and what to run against
     config_file: str = DEFAULT_CONFIG
     root: str = "/"

@@ -206,3 +206,38 @@ def test_peer_that_hangs_up_mid_request(harness: Harness) -> None:
     s.close()
     with Client(harness.server.path, timeout=5) as c:
         assert c.status()["ok"]
+
+
+def test_unprivileged_peers_cannot_crowd_out_root(sockdir: Path) -> None:
+    from kmodd.control import MAX_PER_UID
+    uid = {"next": 1000}
+
+    def cred(sock: socket.socket) -> PeerCred:
+        return PeerCred(1, uid["next"], uid["next"])
+
+    h = Harness(sockdir / "control", peercred=cred)
+    held: list[Client] = []
+    try:
+        for _ in range(MAX_PER_UID):
+            c = Client(h.server.path, timeout=5)
+            assert c.status()["ok"]
+            held.append(c)
+        extra = Client(h.server.path, timeout=5)
+        reply = extra.receive()
+        assert reply["code"] == "EAGAIN" and "uid 1000" in reply["error"]
+        extra.close()
+        uid["next"] = 0           # root still gets in
+        with Client(h.server.path, timeout=5) as root:
+            assert root.status()["uid"] == 0
+        held.pop().close()         # a slot frees up for uid 1000 again
+        for _ in range(500):       # once the server has seen the hang-up
+            if len(h.server.connections) < MAX_PER_UID:
+                break
+            threading.Event().wait(0.01)
+        uid["next"] = 1000
+        with Client(h.server.path, timeout=5) as again:
+            assert again.status()["uid"] == 1000
+    finally:
+        for c in held:
+            c.close()
+        h.close()
