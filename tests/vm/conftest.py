@@ -8,13 +8,14 @@
               end-to-end tests); every VM it made is shut down when the module ends.
 
 Both raise (never skip) when the test bed cannot boot: the error says why.
-Every test under tests/vm is marked ``vm``.
+Every test under tests/vm is marked ``vm``, and a vm test that skips is
+reported as a failure.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.vm)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                             ) -> Generator[None, Any, None]:
+    """A VM test that skips is a failure: the test bed must never be silently absent."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and item.get_closest_marker("vm") is not None
+            and not hasattr(report, "wasxfail")):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"VM tests must never be skipped (skip reason: {reason})"
 
 
 def _boot(**kwargs: Any) -> VM:
