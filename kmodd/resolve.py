@@ -90,6 +90,8 @@ class Resolver:
                 self._alias_glob.append((i, compile_glob(pattern), pattern, module))
             else:
                 self._alias_plain.setdefault(pattern, []).append((i, pattern, module))
+        self._has_config_aliases = bool(config.aliases)
+        self._has_commands = bool(config.install or config.remove)
         self._install_for = _first_match(config.install)
         self._softdep_for = _first_match(config.softdeps)
         self._softdep_cache: dict[str, tuple[list[_Mod], list[_Mod]]] = {}
@@ -110,7 +112,7 @@ class Resolver:
 
     def _lookup(self, name: str) -> list[_Mod]:
         """``kmod_module_new_from_lookup`` on a normalised alias: the first source that answers."""
-        if self._alias_plain or self._alias_glob:
+        if self._has_config_aliases:
             mods = self._config_aliases(name)
             if mods:
                 return mods
@@ -123,7 +125,7 @@ class Resolver:
             if found:
                 return [_Mod(m, name) for m in found]
         cfg = self.config
-        if cfg.install or cfg.remove:
+        if self._has_commands:
             install = cfg.install.get(name)
             if install is not None:
                 return [_Mod(name, install=install)]
@@ -137,11 +139,38 @@ class Resolver:
         return [_Mod(m, name, builtin=True) for m in tree.builtin_alias(name)]
 
     def lookup(self, alias: str) -> list[str]:
-        """Module names an alias or name resolves to, in kmod's order (``modprobe -R``)."""
-        name = _normalize(alias)
-        if name is None:
-            return []
-        return [m.name for m in self._lookup(name)]
+        """Module names an alias or name resolves to, in kmod's order (``modprobe -R``).
+
+        The same steps as :meth:`_lookup`, names only: this is the hot path of
+        ``kmodctl resolve -`` and of every uevent.
+        """
+        if "[" in alias or "]" in alias:
+            norm = _normalize(alias)
+            if norm is None:
+                return []
+            name = norm
+        else:
+            name = alias.replace("-", "_")
+        if self._has_config_aliases:
+            mods = self._config_aliases(name)
+            if mods:
+                return [m.name for m in mods]
+        tree = self.tree
+        if ":" not in name:
+            if tree.dep_path(name) is not None:
+                return [name]
+        elif name.startswith("symbol:"):
+            found = tree.symbol(name)
+            if found:
+                return list(found)
+        if self._has_commands and (name in self.config.install or name in self.config.remove):
+            return [name]
+        found = tree.alias(name)
+        if found:
+            return list(found)
+        if tree.is_builtin(name):
+            return [name]
+        return list(tree.builtin_alias(name))
 
     def resolve(self, alias: str, *, blacklist_all: bool = False) -> list[str]:
         """What ``kmodctl resolve`` prints: ``modprobe -R``, or with ``blacklist_all``
