@@ -291,6 +291,8 @@ class Scheduler:
         self.max_workers = clamp_workers(max_workers or default_max_workers())
         self.queue_limit = queue_limit
         self.max_waiters = max_waiters
+        self.max_total_waiters = max(queue_limit, 65536)
+        self._waiting = 0               # futures held in pending entries
         self.backoff = backoff or BackoffPolicy()
         self._clock = clock
         self._on_outcome = on_outcome
@@ -337,9 +339,15 @@ class Scheduler:
             if self._stopping:
                 immediate = Outcome(request, "failed", (), "kmodd is stopping",
                                     errno_mod.ESHUTDOWN)
+            elif self._waiting >= self.max_total_waiters:
+                # Memory stays bounded whatever the burst; the caller is told.
+                immediate = Outcome(request, "failed", (),
+                                    f"too many requests waiting ({self._waiting})",
+                                    errno_mod.EAGAIN)
             elif entry is not None and len(entry.waiters) < self.max_waiters:
                 # Identical request already pending: share its outcome, costs nothing.
                 entry.waiters.append((request, fut))
+                self._waiting += 1
                 return fut
             elif entry is not None:
                 immediate = Outcome(request, "runaway", (),
@@ -362,6 +370,7 @@ class Scheduler:
                 if immediate is None:
                     entry = _Entry(dkey, request, [(request, fut)])
                     self._entries[dkey] = entry
+                    self._waiting += 1
                     self._resolve_q.append(entry)
                     self._cond.notify()
                     return fut
@@ -681,6 +690,7 @@ class Scheduler:
             del self._entries[entry.dkey]
         self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
         outcomes.append(outcome)
+        self._waiting -= len(entry.waiters)
         for req, fut in entry.waiters:
             done.append((fut, outcome if req is entry.request else replace(outcome, request=req)))
         entry.waiters = []

@@ -319,10 +319,14 @@ def test_bounded_queue_answers_every_request(env: dict[str, object]) -> None:
     assert {o.errno for o in refused} == {E.EAGAIN}
     joins = [sched.submit(Request("modalias", "q0")) for _ in range(4)]
     assert outcome(joins[-1]).status == "runaway"        # too many identical waiters
+    # And a global cap on every future held, whatever the mix of keys.
+    sched.max_total_waiters = sched._waiting
+    over = sched.submit(Request("modalias", "q1")).result(timeout=0)
+    assert over.status == "failed" and over.errno == E.EAGAIN
     loader.release()
     assert outcome(first).status == "loaded"
     assert all(outcome(f).status == "loaded" for f in futures[:9] + joins[:2])
-    assert sched.pending() == 0
+    assert sched.pending() == 0 and sched._waiting == 0
 
 
 def test_outcome_callback_once_per_distinct_request(env: dict[str, object]) -> None:
