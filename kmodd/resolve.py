@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from kmodd.config import ModprobeConfig, compile_glob, is_glob, load_config
-from kmodd.index import ModuleTree
+from kmodd.index import DepEntry, ModuleTree
 from kmodd.names import alias_normalize
 from kmodd.plan import ModuleStep, Plan, Role
 from kmodd.root import Root
@@ -95,6 +95,8 @@ class Resolver:
         self._install_for = _first_match(config.install)
         self._softdep_for = _first_match(config.softdeps)
         self._softdep_cache: dict[str, tuple[list[_Mod], list[_Mod]]] = {}
+        # modules.dep entries met by plans; the tree does not change under a resolver.
+        self._dep_cache: dict[str, DepEntry | None] = {}
 
     # -------------------------------------------------------------- lookups
 
@@ -202,12 +204,18 @@ class Resolver:
         self._softdep_cache[name] = (pre, post)
         return pre, post
 
+    def _dep(self, name: str) -> DepEntry | None:
+        try:
+            return self._dep_cache[name]
+        except KeyError:
+            entry = self._dep_cache[name] = self.tree.dep(name)
+            return entry
+
     def _probe_list(self, target: _Mod) -> list[tuple[_Mod, Role]]:
         """``kmod_module_get_probe_list``: softdeps pre, dependencies, module, softdeps post."""
         visited: set[_Key] = set()
         required: set[_Key] = set()
         out: list[tuple[_Mod, Role]] = []
-        tree = self.tree
 
         def fill(mod: _Mod, role: Role) -> None:
             pre, post = self._softdeps(mod.name)
@@ -221,7 +229,7 @@ class Resolver:
             if mod.key in visited:
                 return
             visited.add(mod.key)
-            entry = tree.dep(mod.name)
+            entry = self._dep(mod.name)
             # libkmod prepends each modules.dep entry: the last listed comes first.
             deps = [_Mod(d) for d in reversed(entry.deps)] if entry is not None else []
             if req:
@@ -258,7 +266,7 @@ class Resolver:
             if pre or post:
                 # A module with softdeps is loaded directly (mod->ignorecmd).
                 raw = None
-            entry = tree.dep(name)
+            entry = self._dep(name)
             path = entry.path if entry is not None else None
             builtin = path is None and (mod.builtin or tree.is_builtin(name))
             step = ModuleStep(
