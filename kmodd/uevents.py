@@ -307,8 +307,10 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
 
     Each iteration walks ``/sys/devices``, submits every modalias not asked
     for before (kind "coldplug"), and waits for those outcomes; the walk is
-    repeated only when something was loaded (only a load creates devices),
-    and ends when a walk finds nothing new.  ``on_queued(n)`` is called once,
+    repeated until it finds nothing new.  (Devices a driver creates
+    asynchronously after its load returned, e.g. USB devices behind a new
+    root hub, also arrive as hotplug uevents: the uevent source is open
+    before coldplug starts, so nothing falls between the two.)  ``on_queued(n)`` is called once,
     right after the first walk's requests are queued: the daemon reports
     READY then.  ``seen`` lets the caller share the set of modaliases
     already handled (a later ``kmodctl reload`` walks again without
@@ -352,7 +354,6 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
                 on_queued(len(futures))
         if not futures:
             break
-        loaded_any = False
         pending = set(futures)
         while pending:
             remaining = deadline - time.monotonic()
@@ -367,9 +368,7 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
                     log(LOG, logging.ERROR, "coldplug request failed: %s", exc)
                     continue
                 result.outcomes.append(outcome)
-                if outcome.status == "loaded":
-                    loaded_any = True
-        if result.timed_out or not loaded_any:
+        if result.timed_out:
             break
     result.elapsed = time.monotonic() - start
     return result
