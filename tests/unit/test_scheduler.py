@@ -382,3 +382,30 @@ def test_resolver_exception_becomes_failed_outcome(env: dict[str, object]) -> No
     resolver.plan = broken  # type: ignore[method-assign]
     out = outcome(sched.submit(Request("modalias", "anything")))
     assert out.status == "failed" and "index corrupt" in (out.error or "")
+
+
+def test_module_whose_init_keeps_requesting_itself_is_reported_once(env: dict[str, object]
+                                                                     ) -> None:
+    reports: list[str] = []
+    sched, kernel, loader, _ = make(env, runaway_limit=10, runaway_window=60,
+                                    on_runaway=lambda key, req: reports.append(key))
+    inner: list[str] = []
+    real = loader.inner.load_step
+
+    def load_step(step: ModuleStep):  # type: ignore[no-untyped-def]
+        if step.name == "solo":
+            # A buggy init that calls request_module() for itself in a loop.
+            for _ in range(100):
+                inner.append(sched.submit(Request("kernel", "solo", None, "kernel")
+                                          ).result(timeout=5).status)
+        return real(step)
+
+    loader.inner.load_step = load_step  # type: ignore[method-assign]
+    assert outcome(sched.submit(Request("modalias", "solo"))).status == "loaded"
+    # The first answers mirror modprobe for a COMING module; then (the
+    # original uevent counted too) the storm is cut off.
+    first = inner.index("runaway")
+    assert first == 9 and set(inner[:first]) == {"present"}
+    assert set(inner[first:]) == {"runaway"}
+    assert reports == ["solo"]              # reported once, not per request
+    assert loads_of(kernel, "solo") == 1
