@@ -700,6 +700,8 @@ class Service:
                  module=name)
         if report.unloaded or report.forgotten:
             self._save_state()
+        elif report.kept:
+            self._mark_dirty()       # idle times survive a restart too
         return report
 
     def _autoclean_unload(self, name: str) -> Any:
