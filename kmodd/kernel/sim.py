@@ -83,6 +83,7 @@ class SimKernel(SyscallKernel):
                  load_errors: Mapping[str, int] | None = None,
                  unload_errors: Mapping[str, int] | None = None,
                  init_delays: Mapping[str, float] | None = None,
+                 exit_delays: Mapping[str, float] | None = None,
                  permanent: Iterable[str] = (),
                  supports_modules: bool = True, modules_disabled: bool = False) -> None:
         super().__init__(Root(base=Path(tree_root)))
@@ -92,6 +93,7 @@ class SimKernel(SyscallKernel):
         self.load_errors = dict(load_errors or {})
         self.unload_errors = dict(unload_errors or {})
         self.init_delays = dict(init_delays or {})
+        self.exit_delays = dict(exit_delays or {})   # the module stays "going" meanwhile
         self.builtin = set(builtin)
         self.permanent = set(permanent)     # init without exit: can never be unloaded
         self.compression = compression
@@ -329,6 +331,13 @@ class SimKernel(SyscallKernel):
             code = self.unload_errors.get(name, 0)
             if code:
                 self._fail(call, name, p, flags, code)
+            delay = self.exit_delays.get(name, 0.0)
+            if delay:
+                mod.state = "going"
+                self._write_state()
+        if delay:
+            time.sleep(delay)      # the module's exit function, outside the lock
+        with self._cond:
             del self._mods[name]
             for d in mod.uses:
                 if d in self._mods:

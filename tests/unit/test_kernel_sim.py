@@ -259,3 +259,34 @@ def test_proc_modules_round_trip_matches_parser(sim: SimKernel, tmp_path: Path) 
     parsed = parse_proc_modules(text)
     assert parsed["a"].holders == ("b", "c") and parsed["b"].holders == ("c",)
     assert sim.load_order == ["a", "b", "c"]
+
+
+def test_going_module_refuses_load_with_ebusy(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "t", exit_delays={"a": 0.4})
+    path = ko(tmp_path, "a")
+    sim.load_module("a", path)
+    th = threading.Thread(target=sim.unload_module, args=("a",))
+    th.start()
+    time.sleep(0.1)
+    assert sim.initstate("a") is InitState.GOING
+    assert sim.modules()["a"].state == "Unloading"
+    with pytest.raises(KernelError) as info:
+        sim.load_module("a", path)
+    assert info.value.errno == E.EBUSY
+    th.join()
+    assert sim.initstate("a") is InitState.ABSENT
+
+
+def test_parallel_loads_of_independent_modules(tmp_path: Path) -> None:
+    names = [f"m{i}" for i in range(6)]
+    sim = SimKernel(tmp_path / "t", init_delays={n: 0.3 for n in names})
+    paths = {n: ko(tmp_path, n) for n in names}
+    threads = [threading.Thread(target=sim.load_module, args=(n, paths[n])) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sim.max_concurrent_seen == 6
+    assert sorted(sim.load_order) == names
+    assert set(sim.modules()) == set(names)
+    assert all(s.result == 0 for s in sim.syscalls)

@@ -399,3 +399,18 @@ def test_unsubstitute_only_touches_options_needing_quotes() -> None:
     assert unsubstitute("cmd a=1 b=2", "a=1 b=2") == "cmd a=1 b=2"
     assert unsubstitute("cmd a=$(x) b", "a=$(x) b") == "cmd $CMDLINE_OPTS"
     assert unsubstitute("cmd", "") == "cmd"
+
+
+def test_waits_for_going_module_then_loads(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "t", exit_delays={"soundcore": 0.4})
+    loader = Loader(sim, coming_timeout=5)
+    s = step(tmp_path, "soundcore", Role.TARGET)
+    assert loader.load_step(s).status == "loaded"
+    th = threading.Thread(target=loader.unload, args=("soundcore",))
+    th.start()
+    time.sleep(0.1)
+    res = loader.load_step(s)
+    th.join()
+    # Waited for the removal to finish instead of failing with the kernel's EBUSY.
+    assert res.status == "loaded"
+    assert [c.call for c in sim.syscalls] == ["finit_module", "delete_module", "finit_module"]
