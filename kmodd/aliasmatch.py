@@ -14,6 +14,7 @@ import marshal
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
+from typing import Any
 
 WILDCARDS = "*?["
 
@@ -140,13 +141,13 @@ def compile_glob(pattern: str) -> Glob | None:
 def _fits(items: tuple[Item, ...], s: str, i: int) -> bool:
     """Whether a chunk's items match ``s`` at ``i`` (the caller checked the width)."""
     for item in items:
-        if item.__class__ is str:
-            if not s.startswith(item, i):     # type: ignore[arg-type]
+        if isinstance(item, str):
+            if not s.startswith(item, i):
                 return False
-            i += len(item)                    # type: ignore[arg-type]
+            i += len(item)
             continue
         if item is not None:
-            negate, ranges = item             # type: ignore[misc]
+            negate, ranges = item
             o = ord(s[i])
             inside = False
             for k in range(0, len(ranges), 2):
@@ -188,8 +189,8 @@ def glob_match(glob: Glob | None, s: str, pos: int = 0) -> bool:
         while True:
             if i + width > end:
                 return False
-            if head.__class__ is str:
-                i = s.find(head, i, end)      # type: ignore[arg-type]
+            if isinstance(head, str):
+                i = s.find(head, i, end)
                 if i < 0:
                     return False
             if i + width <= end and _fits(items, s, i):
@@ -229,9 +230,7 @@ Payload = tuple[tuple[int, str], ...]          # (kmod order key, value) per mat
 #                the leaf payload, patterns ending in '*', remains)
 #   kid_buckets  {two first chars: (segment lengths, {segment: (more, node, leaf)})}
 #                instead of kids, when there are many
-Node = tuple[Payload, tuple[tuple[str, Payload], ...], "dict[str, dict[str, Payload]] | None",
-             tuple[tuple[str, tuple[str, ...], "Node | None", Payload], ...],
-             "dict[str, tuple[tuple[int, ...], dict[str, tuple[tuple[str, ...], Node | None, Payload]]]] | None"]  # noqa: E501
+Node = tuple[Any, ...]
 _SMALL = 6
 
 
@@ -367,17 +366,20 @@ class WildIndex:
         while g >= 0 and not key.startswith(prefixes[g]):
             g = parents[g]
         nodes = self._nodes
+        complex_ = self.complex
         while g >= 0:
             node = nodes[g]
             if node is None:
                 node = self._node(g)
-            w = len(prefixes[g])
-            _walk(node, key, w, found)
-            hard = self.complex.get(g)
-            if hard:
-                for glob, payload in hard:
-                    if glob_match(glob, key, w):
-                        found.extend(payload)
+            if node[3] or node[4] or node[0] or node[1] or node[2]:
+                _walk(node, key, len(prefixes[g]), found)
+            if complex_:
+                hard = complex_.get(g)
+                if hard:
+                    w = len(prefixes[g])
+                    for glob, payload in hard:
+                        if glob_match(glob, key, w):
+                            found.extend(payload)
             g = parents[g]
         exact = self.exact.get(key)
         if exact:
@@ -390,7 +392,7 @@ class WildIndex:
     def patterns(self) -> list[tuple[str, str, int]]:
         """(pattern, value, priority) of every entry, in kmod's visiting order."""
         if self._entries is None:
-            self._entries = [tuple(e) for e in marshal.loads(self._entries_blob)]  # type: ignore[misc]
+            self._entries = [(p, v, n) for p, v, n in marshal.loads(self._entries_blob)]
         return list(self._entries)
 
 
@@ -411,11 +413,11 @@ def _build_node(rests: list[tuple[str, Payload]]) -> Node:
     return _freeze(tree)
 
 
-def _new() -> dict:  # type: ignore[type-arg]
+def _new() -> dict[str, Any]:
     return {"ends": [], "tails": {}, "kids": {}}
 
 
-def _edge(seg: str, child: dict) -> tuple[str, tuple[str, ...], Node | None, Payload]:  # type: ignore[type-arg]
+def _edge(seg: str, child: dict[str, Any]) -> tuple[str, tuple[str, ...], Node | None, Payload]:
     """Follow single-child chains so one edge checks several segments in a row."""
     more: list[str] = []
     while not child["ends"] and not child["tails"] and len(child["kids"]) == 1:
@@ -426,11 +428,11 @@ def _edge(seg: str, child: dict) -> tuple[str, tuple[str, ...], Node | None, Pay
     return seg, tuple(more), _freeze(child), ()
 
 
-def _freeze(node: dict) -> Node:  # type: ignore[type-arg]
+def _freeze(node: dict[str, Any]) -> Node:
     ends = tuple(node["ends"])
     tails = tuple((t, tuple(p)) for t, p in node["tails"].items())
     tail_buckets: dict[str, dict[str, Payload]] | None = None
-    if len(tails) > _SMALL:
+    if len(tails) > _SMALL:  # bucket by first character
         tail_buckets = {}
         for t, p in tails:
             tail_buckets.setdefault(t[0], {})[t] = p

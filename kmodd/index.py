@@ -63,6 +63,10 @@ class ModuleTree:
         self._loaded: dict[str, object] = {}
         directory = (cache_dir or index_cache.default_dir()) if use_cache else None
         self._cache = index_cache.IndexCache(directory)
+        # hot paths, bound on first use
+        self._alias_search: Callable[[str], list[str]] | None = None
+        self._builtin_alias_search: Callable[[str], list[str]] | None = None
+        self._builtin_names: set[str] | None = None
 
     # -- plumbing ----------------------------------------------------------
 
@@ -213,10 +217,11 @@ class ModuleTree:
 
     def alias(self, alias: str) -> list[str]:
         """Modules whose modules.alias patterns match, in kmod's order (duplicates kept)."""
-        idx = self._alias_index()
-        if idx is None:
-            return []
-        return idx.search(key_bytes_str(alias))
+        search = self._alias_search
+        if search is None:
+            idx = self._alias_index()
+            search = self._alias_search = idx.search if idx is not None else _nothing
+        return search(alias if alias.isascii() else key_bytes_str(alias))
 
     def alias_patterns(self) -> list[tuple[str, str]]:
         """(pattern, module) of every modules.alias entry, by module priority then pattern."""
@@ -259,8 +264,10 @@ class ModuleTree:
         return idx if isinstance(idx, set) else None
 
     def is_builtin(self, name: str) -> bool:
-        idx = self._builtin_index()
-        return idx is not None and key_bytes_str(name) in idx
+        names = self._builtin_names
+        if names is None:
+            names = self._builtin_names = self._builtin_index() or set()
+        return (name if name.isascii() else key_bytes_str(name)) in names
 
     def _builtin_modinfo_aliases(self) -> WildIndex | None:
         """Builtin aliases from modules.builtin.modinfo, as depmod builds the .bin from it."""
@@ -285,9 +292,18 @@ class ModuleTree:
 
     def builtin_alias(self, alias: str) -> list[str]:
         """Builtin modules whose aliases match (modules.builtin.alias.bin)."""
-        # every alias that misses modules.alias ends up here: prepare it (it is small)
-        idx = self._wild("modules.builtin.alias", self._builtin_modinfo_aliases, prepare=True)
-        return _search(idx, alias)
+        search = self._builtin_alias_search
+        if search is None:
+            # every alias that misses modules.alias ends up here: prepare it (it is small)
+            idx = self._wild("modules.builtin.alias", self._builtin_modinfo_aliases,
+                             prepare=True)
+            search = self._builtin_alias_search = (idx.search if isinstance(idx, WildIndex)
+                                                   else _nothing)
+        return search(alias if alias.isascii() else key_bytes_str(alias))
+
+
+def _nothing(_: str) -> list[str]:
+    return []
 
 
 def _search(idx: BinIndex | WildIndex | None, key: str) -> list[str]:

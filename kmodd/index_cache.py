@@ -17,12 +17,10 @@ is ever written next to the kernel's files.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import marshal
 import os
 import stat
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -56,8 +54,12 @@ class IndexCache:
     def _path(self, kind: str, source: str) -> Path | None:
         if self.directory is None:
             return None
-        digest = hashlib.blake2b(os.fsencode(source), digest_size=12).hexdigest()
-        return self.directory / f"{kind}-{digest}.idx"
+        # readable when short; hashlib would cost more start-up time than it is worth
+        name = source.strip("/").replace("%", "%25").replace("/", "%")
+        if len(name) > 200:
+            raw = os.fsencode(source)
+            name = f"{zlib.crc32(raw):08x}{zlib.adler32(raw):08x}{len(raw)}"
+        return self.directory / f"{kind}-{name}.idx"
 
     def _meta(self, kind: str, source: str, ident: tuple[int, ...]) -> tuple[object, ...]:
         return (kind, source, ident, sys.implementation.cache_tag, marshal.version)
@@ -99,14 +101,16 @@ class IndexCache:
         path = self._path(kind, source)
         if path is None:
             return
-        header = marshal.dumps((self._meta(kind, source, ident), zlib.crc32(payload)))
+        header = marshal.dumps((self._meta(kind, source, ident), zlib.crc32(payload)))  # type: ignore[arg-type]
         tmp = None
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             dst = os.stat(path.parent)
             if dst.st_uid != os.geteuid() or dst.st_mode & 0o022:
                 return
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            tmp = str(path.parent / f".tmp-{os.getpid()}-{path.name}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(_MAGIC + len(header).to_bytes(4, "big") + header + payload)
             os.replace(tmp, path)
