@@ -1,0 +1,168 @@
+"""sd_notify against a real datagram socket, the watchdog interval, and the
+journald / stderr choice with structured fields."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmodd import systemd as sd
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    yield sock
+    sock.close()
+
+
+def test_notify_sends_fields(notify_socket: socket.socket) -> None:
+    assert sd.notify(READY=1, STATUS="coldplug queued: 12 devices")
+    assert notify_socket.recv(4096) == b"READY=1\nSTATUS=coldplug queued: 12 devices\n"
+    assert sd.notify(WATCHDOG=1)
+    assert notify_socket.recv(4096) == b"WATCHDOG=1\n"
+
+
+def test_notify_keeps_one_line_per_field(notify_socket: socket.socket) -> None:
+    sd.notify(STATUS="two\nlines")
+    assert notify_socket.recv(4096) == b"STATUS=two lines\n"
+
+
+def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"kmodd-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(2)
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    try:
+        assert sd.notify(STOPPING=1)
+        assert sock.recv(100) == b"STOPPING=1\n"
+    finally:
+        sock.close()
+
+
+def test_notify_without_socket_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd.notify(READY=1) is False
+
+
+def test_notify_to_a_vanished_socket_does_not_raise(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    assert sd.notify(READY=1) is False
+
+
+@pytest.mark.parametrize("usec,pid,expected", [
+    ("30000000", None, 15.0),
+    ("30000000", "self", 15.0),
+    ("30000000", "1", None),      # meant for another process
+    ("0", None, None),
+    ("junk", None, None),
+    (None, None, None),
+])
+def test_watchdog_interval(usec: str | None, pid: str | None, expected: float | None,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, str(os.getpid()) if value == "self" else value)
+    assert sd.watchdog_interval() == expected
+
+
+@pytest.fixture
+def clean_logger() -> Iterator[logging.Logger]:
+    logger = logging.getLogger("kmodd")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield logger
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    for handler in saved[0]:
+        logger.addHandler(handler)
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+def test_stderr_when_not_under_systemd(monkeypatch: pytest.MonkeyPatch,
+                                       clean_logger: logging.Logger) -> None:
+    for name in ("JOURNAL_STREAM", "INVOCATION_ID"):
+        monkeypatch.delenv(name, raising=False)
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    handler = sd.setup_logging()
+    assert isinstance(handler, logging.StreamHandler)
+    sd.log(logging.getLogger("kmodd.service"), logging.INFO, "loaded %s", "e1000",
+           module="e1000", modalias="pci:v00008086d0000100E", devpath="/devices/pci0000:00",
+           errno=None)
+    line = stream.getvalue()
+    assert line.startswith("kmodd.service: INFO: loaded e1000")
+    assert "MODULE=e1000" in line and "MODALIAS=pci:v00008086d0000100E" in line
+    assert "ERRNO" not in line      # None fields are left out
+
+
+def test_journal_under_systemd_with_structured_fields(monkeypatch: pytest.MonkeyPatch,
+                                                      clean_logger: logging.Logger) -> None:
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    handler = sd.setup_logging()
+    from systemd.journal import JournalHandler
+    assert isinstance(handler, JournalHandler)
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    def capture(message: str, /, **fields: Any) -> None:
+        # Same shape as systemd.journal.send(MESSAGE, **fields).
+        sent.append((message, fields))
+
+    handler.send = capture
+    sd.log(logging.getLogger("kmodd.scheduler"), logging.ERROR, "cannot load %s", "e1000",
+           module="e1000", errno=2, requested_by="uevent", devpath=None)
+    message, fields = sent[0]
+    assert message == "cannot load e1000"
+    assert fields["MODULE"] == "e1000"
+    assert fields["ERRNO"] == "2"
+    assert fields["REQUESTED_BY"] == "uevent"
+    assert fields["SYSLOG_IDENTIFIER"] == "kmodd"
+    assert fields["PRIORITY"] == "3"
+    assert "DEVPATH" not in fields
+
+
+def test_journal_stream_must_match_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    st = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    assert sd.under_systemd()
+    # Inherited by a child whose stderr went elsewhere: not ours.
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")
+    assert not sd.under_systemd()
+
+
+def test_explicit_choice_wins(monkeypatch: pytest.MonkeyPatch,
+                              clean_logger: logging.Logger) -> None:
+    monkeypatch.setenv("INVOCATION_ID", "x")
+    assert isinstance(sd.setup_logging(use_journal=False), logging.StreamHandler)
+    # Calling again replaces the handler instead of doubling every line.
+    sd.setup_logging(use_journal=False)
+    assert len(clean_logger.handlers) == 1
+
+
+def test_import_is_cheap() -> None:
+    """kmodd.systemd sits on the path to READY: no journal or logging import."""
+    code = ("import sys, kmodd.systemd; "
+            "print(sorted(m for m in ('logging', 'systemd.journal', 'ctypes') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.stdout.strip() == "[]"
