@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from kmodd.kernel.protocol import KernelError
-from kmodd.root import Root
+from kmodd.root import Root, running_kernel_version
 
 # The kernel answers delete_module() for a module in use with EWOULDBLOCK
 # (== EAGAIN); rmmod/modprobe and administrators know that situation as EBUSY.
@@ -70,6 +70,27 @@ def _eperm_reason(root: Root, module: str) -> str:
     return "operation not permitted (lockdown, security module or missing CAP_SYS_MODULE)"
 
 
+def _enoexec_reason(path: str | None, root: Root) -> str:
+    """Tell a corrupt file from a module built for another kernel (only on this error path,
+    so the ELF reader is imported only then)."""
+    generic = "corrupt file or built for another kernel (vermagic/modversions; see dmesg)"
+    if not path:
+        return generic
+    try:
+        from kmodd.elf import vermagic
+
+        magic = vermagic(path)
+    except Exception:
+        return "not a valid kernel module (corrupt or truncated file; see dmesg)"
+    if not magic:
+        return "the file has no vermagic: not a kernel module (see dmesg)"
+    built_for = magic.split()[0]
+    running = running_kernel_version(root)
+    if built_for != running:
+        return f"built for kernel {built_for}, this kernel is {running} (see dmesg)"
+    return "rejected by the kernel: symbol version (modversions) mismatch or corrupt (see dmesg)"
+
+
 def load_message(errno_: int, module: str, *, path: str | None = None, params: str = "",
                  root: Root | None = None) -> str:
     """What an administrator should read when loading ``module`` failed with ``errno_``."""
@@ -81,8 +102,7 @@ def load_message(errno_: int, module: str, *, path: str | None = None, params: s
         return (f"{module}: busy: another load of this module was in progress and failed, "
                 "or the module is being removed (see dmesg)")
     if errno_ == E.ENOEXEC:
-        return (f"{module}{where}: invalid module format: corrupt file or built for another "
-                "kernel (vermagic/modversions mismatch; see dmesg)")
+        return f"{module}{where}: invalid module format: {_enoexec_reason(path, root)}"
     if errno_ == E.EKEYREJECTED:
         return f"{module}{where}: module signature rejected by the kernel (see dmesg)"
     if errno_ == E.ENOKEY:

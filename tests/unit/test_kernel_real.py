@@ -152,3 +152,18 @@ def test_real_syscall_on_this_host(tmp_path: Path) -> None:
         assert k.no_module_support
         with pytest.raises(KernelError):
             k.unload_module("x")
+
+
+def test_enoexec_tells_corrupt_from_other_kernel(tmp_path: Path) -> None:
+    real = Path("/lib/modules/6.1.0-56-amd64/kernel/drivers/block/loop.ko")
+    root = Root(base=tmp_path)
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
+    (tmp_path / "proc/sys/kernel/osrelease").write_text("9.9.9-other\n")
+    msg = errors.load_message(E.ENOEXEC, "loop", path=str(real), root=root)
+    assert "built for kernel 6.1.0-56-amd64, this kernel is 9.9.9-other" in msg
+    (tmp_path / "proc/sys/kernel/osrelease").write_text("6.1.0-56-amd64\n")
+    assert "modversions" in errors.load_message(E.ENOEXEC, "loop", path=str(real), root=root)
+    junk = tmp_path / "junk.ko"
+    junk.write_bytes(b"\x7fELF" + bytes(100))
+    msg = errors.load_message(E.ENOEXEC, "junk", path=str(junk), root=root)
+    assert msg.startswith(f"junk ({junk}): invalid module format: not a valid kernel module")

@@ -191,6 +191,14 @@ def test_corrupt_modules_give_clear_errors(report: dict[str, Any]) -> None:
         assert "invalid module format" in s[label]["message"]
         # kmod says the same thing.
         assert "Invalid module format" in s[label + "_insmod"]["stderr"]
+    assert "not a valid kernel module" in s["truncated"]["message"]
+    # A module for another kernel release is told apart from a corrupt one.
+    assert s["patched"]
+    assert s["other_kernel"]["errno"] == E.ENOEXEC
+    assert (f"built for kernel {s['other_release']}, this kernel is"
+            in s["other_kernel"]["message"])
+    assert "Invalid module format" in s["other_kernel_insmod"]["stderr"]
+    assert s["state_loop"] == {"loop": "absent"}
     assert s["bad_xz"]["errno"] == E.ENOEXEC
     assert "corrupt xz stream" in s["bad_xz"]["message"]
     assert s["state_e1000"] == {"e1000": "absent"}

@@ -367,11 +367,20 @@ def check_corrupt() -> dict[str, Any]:
     truncated.write_bytes(e1000[: len(e1000) // 2])
     badxz = TMP / "bad.ko.xz"
     badxz.write_bytes(b"\xfd7zXZ\x00" + b"not really xz" * 20)
+    # A module "built for another kernel": same file, vermagic release patched
+    # (same length, so the ELF stays valid; signatures are not enforced here).
+    other_release = ("8" if VERSION[0] == "9" else "9") + VERSION[1:]
+    loop = (MODDIR / "kernel/drivers/block/loop.ko").read_bytes()
+    patched = loop.replace(f"vermagic={VERSION} ".encode(), f"vermagic={other_release} ".encode())
+    other = TMP / "other-kernel.ko"
+    other.write_bytes(patched)
     k = RealKernel()
-    out: dict[str, Any] = {}
+    unload_all(["loop", "e1000"])
+    out: dict[str, Any] = {"other_release": other_release, "patched": patched != loop}
     for label, path, name in (("garbage", garbage, "garbage"),
                               ("truncated", truncated, "e1000"),
-                              ("bad_xz", badxz, "badxz")):
+                              ("bad_xz", badxz, "badxz"),
+                              ("other_kernel", other, "loop")):
         try:
             k.load_module(name, str(path))
             out[label] = {"errno": 0}
@@ -379,6 +388,7 @@ def check_corrupt() -> dict[str, Any]:
             out[label] = {"errno": e.errno, "message": e.message}
         out[label + "_insmod"] = sh("insmod", str(path))
     out["state_e1000"] = state_of(["e1000"])
+    out["state_loop"] = state_of(["loop"])
     # A module built for another kernel would be ENOEXEC too; a bad plan path is ENOENT.
     plan = Plan("ghost", ("ghost",), (ModuleStep(name="ghost", path=str(TMP / "missing.ko")),))
     out["missing_file"] = results_json(Loader(k).load_plan(plan))
