@@ -556,7 +556,13 @@ class Scheduler:
                          outcomes: list[Outcome]) -> None:
         request = entry.request
         now = self._clock()
-        todo = [s for s in plan.steps if s.name not in in_kernel]
+        # A module our own worker is loading reads as COMING in sysfs; every
+        # request but the kernel's joins that load and shares its outcome.
+        todo = [s for s in plan.steps
+                if s.name not in in_kernel or (request.kind != "kernel"
+                                               and s.name in self._tasks)]
+        for step in todo:
+            entry.results.pop(step.name, None)
         if request.kind != "admin":     # an administrator asking again means retry now
             for step in todo:
                 rec = self._failures.get(step.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno as E
 import threading
+import types
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, wait
 from pathlib import Path
@@ -409,3 +410,28 @@ def test_module_whose_init_keeps_requesting_itself_is_reported_once(env: dict[st
     assert set(inner[first:]) == {"runaway"}
     assert reports == ["solo"]              # reported once, not per request
     assert loads_of(kernel, "solo") == 1
+
+
+def test_later_request_joins_a_load_already_inside_the_kernel(
+        env: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    import kmodd.kernel.sim as sim_mod
+    in_init = threading.Event()
+    gate = threading.Event()
+
+    def held_init(seconds: float) -> None:       # the module's init function
+        in_init.set()
+        assert gate.wait(10)
+
+    sched, kernel, _, _ = make(env, kernel_kwargs={"init_delays": {"slow": 1.0}})
+    # Only the simulation's clock: its init "delay" now waits for the gate.
+    monkeypatch.setattr(sim_mod, "time", types.SimpleNamespace(sleep=held_init))
+    first = sched.submit(Request("modalias", "slow", "/d1"))
+    assert in_init.wait(10)
+    assert kernel.initstate("slow").value == "coming"
+    kernel_view = sched.submit(Request("kernel", "slow"))      # modprobe's COMING rule
+    assert outcome(kernel_view).status == "present"
+    admin = sched.submit(Request("admin", "slow"))             # shares the real outcome
+    other_dev = sched.submit(Request("modalias", "slow", "/d2"))
+    gate.set()
+    assert [outcome(f).status for f in (first, admin, other_dev)] == ["loaded"] * 3
+    assert loads_of(kernel, "slow") == 1
