@@ -414,3 +414,31 @@ def test_waits_for_going_module_then_loads(tmp_path: Path) -> None:
     # Waited for the removal to finish instead of failing with the kernel's EBUSY.
     assert res.status == "loaded"
     assert [c.call for c in sim.syscalls] == ["finit_module", "delete_module", "finit_module"]
+
+
+def test_kmodctl_load_unload_cli(real_tree: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import kmodd.kernel.real
+    from kmodd.cli.kmodctl import main
+
+    sim = _sim_for(real_tree, tmp_path)
+    monkeypatch.setattr(kmodd.kernel.real, "RealKernel", lambda root=None: sim)
+    tree = ["-d", str(real_tree), "-S", TREE_VERSION, "-C", str(tmp_path / "none")]
+    assert main(["load", *tree, "snd-timer"]) == 0
+    assert capsys.readouterr().out == "snd_timer loaded\n"
+    assert main(["load", *tree, "--json", "loop", "max_loop=3"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and doc["results"] == [{"name": "loop", "status": "loaded", "error": None,
+                                             "errno": None}]
+    assert sim.parameters("loop")["max_loop"] == "3"
+    assert main(["unload", *tree, "snd"]) == 1
+    assert capsys.readouterr().err == "kmodctl unload: snd: in use by: snd_timer\n"
+    assert main(["unload", *tree, "-r", "snd_timer"]) == 0
+    assert capsys.readouterr().out == "unloaded snd_timer snd soundcore\n"
+    assert main(["load", *tree, "loop", "nope=1"]) == 1
+    assert "loop: unknown parameter nope" in capsys.readouterr().err
+    assert main(["load", *tree, "nosuch"]) == 1
+    assert "nosuch: module not found in" in capsys.readouterr().err
