@@ -8,6 +8,7 @@ imported only once the arguments are parsed.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Iterator
 
@@ -21,14 +22,35 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "one per line")
 
 
-def _inputs(aliases: list[str]) -> Iterator[str]:
-    for alias in aliases:
-        if alias != "-":
-            yield alias
-            continue
+def _stdin_batches() -> Iterator[list[str]]:
+    """Lines of standard input, in batches of whatever has arrived.
+
+    Answers are flushed after each batch: a long input streams at full speed,
+    and a caller feeding one alias at a time through a pipe gets each answer
+    before it sends the next.
+    """
+    stdin = sys.stdin.buffer
+    # read1: whatever is available now, without waiting to fill the buffer.
+    read = stdin.read1 if isinstance(stdin, io.BufferedReader) else stdin.read
+    tail = b""
+    while True:
+        chunk = read(65536)
+        if not chunk:
+            break
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
         # Every line answers, empty ones included, so output lines pair with input lines.
-        for line in sys.stdin:
-            yield line.rstrip("\r\n")
+        yield [ln.rstrip(b"\r").decode("utf-8", "surrogateescape") for ln in lines]
+    if tail:
+        yield [tail.rstrip(b"\r").decode("utf-8", "surrogateescape")]
+
+
+def _batches(aliases: list[str]) -> Iterator[list[str]]:
+    for alias in aliases:
+        if alias == "-":
+            yield from _stdin_batches()
+        else:
+            yield [alias]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,22 +65,29 @@ def run(args: argparse.Namespace) -> int:
     resolver = open_resolver(root, version, args.config)
     resolve = resolver.resolve
     blacklist_all = bool(args.use_blacklist)
-    write = sys.stdout.write
+    out = sys.stdout
+    if isinstance(out, io.TextIOWrapper):
+        out.reconfigure(errors="surrogateescape")
     status = 0
+    dumps = None
+    if args.json:
+        import json
+        dumps = json.dumps
     try:
-        if args.json:
-            import json
-            for alias in _inputs(args.aliases):
+        for batch in _batches(args.aliases):
+            text = []
+            for alias in batch:
                 names = resolve(alias, blacklist_all=blacklist_all)
-                status |= not names
-                write(json.dumps({"alias": alias, "modules": names}) + "\n")
-        else:
-            for alias in _inputs(args.aliases):
-                names = resolve(alias, blacklist_all=blacklist_all)
-                status |= not names
-                write(f"{alias}\t{' '.join(names)}\n")
+                if not names:
+                    status = 1
+                if dumps is not None:
+                    text.append(dumps({"alias": alias, "modules": names}) + "\n")
+                else:
+                    text.append(f"{alias}\t{' '.join(names)}\n")
+            out.write("".join(text))
+            out.flush()
     except IndexCorrupt as exc:
-        sys.stdout.flush()
+        out.flush()
         print(f"kmodctl resolve: {exc}", file=sys.stderr)
         return 2
-    return 1 if status else 0
+    return status

@@ -358,3 +358,29 @@ def test_random_configurations_like_modprobe(tree: Path, tmp_path: Path) -> None
                 rc, out = _kmod(tree, [str(conf)], *flags, "--show-depends", "--", req)
                 lines, found = resolver.show_depends(req, blacklist_all=bool(flags))
                 assert (lines, found) == (out, rc == 0), (conf.read_text(), req, flags)
+
+
+def test_cli_resolve_answers_each_line_as_it_arrives(tree: Path, confdir: Path) -> None:
+    """A caller feeding one alias at a time through a pipe gets each answer
+    before sending the next; odd bytes and a last line without newline pair up."""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kmodd.cli.kmodctl", "resolve", "-d", str(tree), "-S", VERSION,
+         "-C", str(confdir), "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.stdin is not None and proc.stdout is not None
+    def kmod(alias: str) -> bytes:
+        return " ".join(_kmod(tree, [str(confdir)], "-R", "--", alias)[1]).encode()
+
+    try:
+        for alias in (b"mid", b"two", b"", b"x\xff"):
+            proc.stdin.write(alias + b"\n")
+            proc.stdin.flush()
+            expected = kmod(alias.decode("utf-8", "surrogateescape")) if alias[:1] != b"x" else b""
+            assert proc.stdout.readline() == alias + b"\t" + expected + b"\n"
+        proc.stdin.write(b"shared:1")
+        proc.stdin.close()
+        assert proc.stdout.read() == b"shared:1\t" + kmod("shared:1") + b"\n"
+        assert proc.wait(timeout=30) == 1
+    finally:
+        proc.kill()
