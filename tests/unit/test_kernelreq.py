@@ -82,7 +82,7 @@ def fake_kmodctl(tmp_path: Path, fallback_log: Path) -> Path:
     """Stands in for 'kmodctl load' in the helper's direct path; records its argv."""
     script = tmp_path / "kmodctl"
     script.write_text(f'#!/bin/sh\necho "$*" >> {fallback_log}\n'
-                      '[ "$4" = missing ] && exit 1\nexit 0\n')
+                      '[ "$3" = missing ] && exit 1\nexit 0\n')
     script.chmod(0o755)
     return script
 
@@ -172,7 +172,7 @@ def test_fallback_without_daemon(run_dir: Path, fake_kmodctl: Path, fallback_log
     # No FIFO at all: early boot.
     assert run_helper(env, "-q", "--", "dummy").returncode == 0
     assert run_helper(env, "-q", "--", "missing").returncode == 1
-    assert fallback_log.read_text().splitlines() == ["load -q -- dummy", "load -q -- missing"]
+    assert fallback_log.read_text().splitlines() == ["load -- dummy", "load -- missing"]
 
 
 def test_fallback_when_daemon_died_leaving_fifo(run_dir: Path, fake_kmodctl: Path,
@@ -184,7 +184,7 @@ def test_fallback_when_daemon_died_leaving_fifo(run_dir: Path, fake_kmodctl: Pat
     (run_dir / "request.pid").write_text(f"{dead.pid}\n")
     result = run_helper(helper_env(run_dir, fake_kmodctl), "-q", "--", "dummy", timeout=5)
     assert result.returncode == 0
-    assert fallback_log.read_text().splitlines() == ["load -q -- dummy"]
+    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
 
 
 def test_daemon_stopping_answers_retry_and_helper_loads_itself(
@@ -207,7 +207,7 @@ def test_daemon_stopping_answers_retry_and_helper_loads_itself(
     loop.close()
     source.close()
     assert proc.wait(5) == 0
-    assert fallback_log.read_text().splitlines() == ["load -q -- dummy"]
+    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
     # Stopping removes the FIFO and pid file so later helpers go direct at once.
     assert not (run_dir / "request").exists()
     assert not (run_dir / "request.pid").exists()
@@ -243,7 +243,7 @@ def test_daemon_dying_after_taking_request_means_direct_load(
         first._pending.clear()
     os.close(first._fd)
     assert proc.wait(5) == 0
-    assert fallback_log.read_text().splitlines() == ["load -q -- dummy"]
+    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
 
 
 def test_restarted_daemon_answers_reply_fifos_left_waiting(run_dir: Path) -> None:
@@ -371,3 +371,59 @@ def test_helper_round_trip_is_fast(served: Callable[[FakeScheduler], KernelReque
     # Median well under a Python interpreter's start-up (~25 ms here),
     # with room for a loaded CI machine.
     assert times[len(times) // 2] < 0.025, times
+
+
+# -- the Python console script -------------------------------------------------
+
+def run_console(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+    root = str(Path(__file__).resolve().parents[2])
+    return subprocess.run([sys.executable, "-m", "kmodd.cli.request", *args],
+                          env={**env, "PYTHONPATH": root}, capture_output=True, text=True,
+                          timeout=30, cwd=root)
+
+
+def test_console_script_speaks_the_protocol_itself(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path,
+        fake_kmodctl: Path, fallback_log: Path) -> None:
+    sched = FakeScheduler({"dummy": "loaded"})
+    served(sched)
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_PYTHON": "1"}
+    assert run_console(env, "-q", "--", "dummy").returncode == 0
+    failed = run_console(env, "--", "other")
+    assert failed.returncode == 1 and "other: unresolved" in failed.stderr
+    assert [r.key for r in sched.requests] == ["dummy", "other"]
+    assert not fallback_log.exists()
+
+
+def test_console_script_execs_the_sh_helper(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path,
+        fake_kmodctl: Path) -> None:
+    sched = FakeScheduler({"dummy": "loaded"})
+    served(sched)
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_HELPER": str(HELPER)}
+    assert run_console(env, "-q", "--", "dummy").returncode == 0
+    assert [r.key for r in sched.requests] == ["dummy"]
+
+
+def test_console_script_loads_directly_without_daemon(run_dir: Path, fake_kmodctl: Path) -> None:
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_PYTHON": "1"}
+    # Real kmodctl load in-process; a name nothing provides touches no kernel.
+    result = run_console(env, "--", "kmodd-test-no-such-module")
+    assert result.returncode == 1
+    assert "kmodd-test-no-such-module" in result.stderr
+    quiet = run_console(env, "-q", "--", "kmodd-test-no-such-module")
+    assert quiet.returncode == 1 and quiet.stderr == "" and quiet.stdout == ""
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["-q", "--", "dummy"], (True, ["dummy"])),
+    (["dummy"], (False, ["dummy"])),
+    (["-v", "-b", "dummy", "numdummies=2"], (False, ["dummy", "numdummies=2"])),
+    (["-r", "dummy"], (False, None)),
+    (["-q"], (True, None)),
+])
+def test_console_argument_parsing(argv: list[str],
+                                  expected: tuple[bool, list[str] | None]) -> None:
+    from kmodd.cli.request import parse
+    assert parse(argv) == expected

@@ -1,0 +1,142 @@
+"""kmodd-request: the request_module() helper, Python entry point.
+
+The kernel should run the POSIX sh helper (``contrib/kmodd-request``,
+installed by ``contrib/install-request-helper.sh``) directly: a Python
+interpreter costs more than a whole modprobe.  This console script exists
+so ``kmodd-request`` on PATH always works: it execs the sh helper when one
+is installed, else speaks the same FIFO protocol itself (see
+kmodd/kernelreq.py), else loads the module directly like ``kmodctl load``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_RUN_DIR = "/run/kmodd"
+HELPER_PATHS = ("/usr/libexec/kmodd/kmodd-request", "/usr/local/libexec/kmodd/kmodd-request")
+_TOLERATED = {"-q", "--quiet", "-v", "--verbose", "-b", "--use-blacklist", "-s", "--syslog"}
+
+
+def find_helper() -> str | None:
+    """The sh helper to exec, if any: $KMODD_REQUEST_HELPER, the install paths,
+    or the source tree's contrib/ when running from a checkout."""
+    candidates = [os.environ.get("KMODD_REQUEST_HELPER", "")]
+    candidates += HELPER_PATHS
+    candidates.append(str(Path(__file__).resolve().parents[2] / "contrib" / "kmodd-request"))
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def parse(argv: list[str]) -> tuple[bool, list[str] | None]:
+    """(quiet, [NAME, params...]) or (quiet, None) when this is not a plain load."""
+    quiet = False
+    rest: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            rest = argv[i + 1:]
+            break
+        if arg in ("-q", "--quiet"):
+            quiet = True
+        elif arg in _TOLERATED:
+            continue
+        elif arg.startswith("-"):
+            return quiet, None
+        else:
+            rest = argv[i:]
+            break
+    return quiet, (rest or None)
+
+
+def _daemon_alive(run_dir: str) -> bool:
+    fifo = os.path.join(run_dir, "request")
+    try:
+        import stat
+
+        if not stat.S_ISFIFO(os.stat(fifo).st_mode):
+            return False
+        with open(fifo + ".pid") as handle:
+            pid = int(handle.read().strip())
+        return os.path.isdir(f"/proc/{pid}")
+    except (OSError, ValueError):
+        return False
+
+
+def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
+    """Send NAME to the daemon; (code, rest of the answer), or None if it went away."""
+    from kmodd.kernelreq import check_name
+
+    if check_name(name) is not None or not _daemon_alive(run_dir):
+        return None
+    read_fd, write_fd = os.pipe()
+    try:
+        # The daemon opens /proc/OURPID/fd/N to answer, as with the sh helper.
+        line = f"{name} /proc/{os.getpid()}/fd/{read_fd}\n".encode()
+        fifo = os.open(os.path.join(run_dir, "request"), os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fifo, line)
+        finally:
+            os.close(fifo)
+        with os.fdopen(read_fd, "rb", buffering=0, closefd=False) as reader:
+            ack = reader.readline()
+            os.close(write_fd)   # from now on, end-of-file means the daemon died
+            write_fd = -1
+            answer = reader.readline().decode("utf-8", "replace").strip()
+        if ack != b"+\n" or not answer:
+            return None
+        code, _, rest = answer.partition(" ")
+        return code, rest
+    except OSError:
+        return None
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+
+
+def load_directly(quiet: bool, words: list[str]) -> int:
+    from kmodd.cli.kmodctl import main as kmodctl
+
+    if not quiet:
+        return kmodctl(["load", "--", *words])
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(1), os.dup(2)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        return kmodctl(["load", "--", *words])
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("KMODD_REQUEST_PYTHON") != "1":
+        helper = find_helper()
+        if helper is not None:
+            os.execv(helper, [helper, *args])
+    quiet, words = parse(args)
+    if words is None:
+        print("usage: kmodd-request [-q] -- NAME", file=sys.stderr)
+        return 1
+    if len(words) == 1:
+        answer = ask_daemon(words[0], os.environ.get("KMODD_RUN_DIR", DEFAULT_RUN_DIR))
+        if answer is not None and answer[0] in ("0", "1"):
+            if answer[0] == "1" and not quiet:
+                print(f"kmodd-request: {words[0]}: {answer[1]}", file=sys.stderr)
+            return int(answer[0])
+    return load_directly(quiet, words)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
