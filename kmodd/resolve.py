@@ -349,7 +349,9 @@ class Resolver:
 def open_resolver(root: Root, version: str, config_paths: Sequence[str] | None = None,
                   cmdline: str | None = None) -> Resolver:
     """A resolver for ``root``'s ``lib/modules/VERSION`` and its configuration."""
-    moddir = root.modules_dir(version)
+    # libkmod makes a relative module directory absolute (modprobe -d tree),
+    # and the paths in a plan must not depend on a later working directory.
+    moddir = root.modules_dir(version).absolute()
     tree = ModuleTree(moddir)
     config = load_config(root, moddir, config_paths, cmdline)
     return Resolver(config, tree)

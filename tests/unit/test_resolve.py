@@ -22,6 +22,7 @@ from kmodd.plan import Role
 from kmodd.resolve import Resolver, open_resolver
 from kmodd.root import Root
 from tests.fixtures import (
+    MODPROBE,
     VERSION,
     FakeModule,
     LibKmod,
@@ -384,3 +385,14 @@ def test_cli_resolve_answers_each_line_as_it_arrives(tree: Path, confdir: Path) 
         assert proc.wait(timeout=30) == 1
     finally:
         proc.kill()
+
+
+def test_cli_relative_module_root_gives_absolute_paths(tree: Path, confdir: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    args = ["-d", tree.name, "-S", VERSION, "-C", str(confdir)]
+    ours = subprocess.run([sys.executable, "-m", "kmodd.cli.kmodctl", "deps", *args, "top-drv"],
+                          capture_output=True, text=True, cwd=tree.parent, check=False,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    theirs = subprocess.run([MODPROBE, *args, "--show-depends", "top-drv"], capture_output=True,
+                            text=True, cwd=tree.parent, check=False)
+    assert ours.stdout == theirs.stdout and ours.stdout.startswith(f"insmod {tree}/")
