@@ -94,16 +94,11 @@ class Loader:
     def load_step(self, step: ModuleStep) -> StepResult:
         """Load one module (its dependencies must already be live)."""
         name = step.name
-        if step.install_command is not None:
-            # modprobe runs the install command instead of loading, even for a
-            # module that is already live; the command decides.
-            res = self._run_install(name, unsubstitute(step.install_command, step.options),
-                                    step.options)
-            if res.ok:
-                return StepResult(name, "install-command")
-            return StepResult(name, "failed", res.error, E.EINVAL)
-        if step.builtin:
+        if step.builtin and step.install_command is None:
             return StepResult(name, "builtin")
+        if step.install_command is not None and not self.kernel.supports_modules():
+            # A command may not need module support at all ("install foo /bin/true").
+            return self._install(step)
         unsupported = self._unsupported(name)
         if unsupported is not None:
             return unsupported
@@ -118,10 +113,14 @@ class Loader:
                 return StepResult(name, "failed",
                                   f"{name}: still being removed after "
                                   f"{self.coming_timeout:g}s", E.EBUSY)
+        # Like kmod (module_is_inkernel): a live or built-in module is not loaded
+        # again and its install command is not run.
         if state is InitState.LIVE:
             return StepResult(name, "already")
         if state is InitState.BUILTIN:
             return StepResult(name, "builtin")
+        if step.install_command is not None:
+            return self._install(step)
         if step.path is None:
             return StepResult(name, "failed", f"{name}: no module file in the module tree",
                               E.ENOENT)
@@ -132,6 +131,14 @@ class Loader:
                 self._note_enosys()
             return StepResult(name, "failed", e.message, e.errno)
         return StepResult(name, "loaded" if inserted else "already")
+
+    def _install(self, step: ModuleStep) -> StepResult:
+        assert step.install_command is not None
+        res = self._run_install(step.name, unsubstitute(step.install_command, step.options),
+                                step.options)
+        if res.ok:
+            return StepResult(step.name, "install-command")
+        return StepResult(step.name, "failed", res.error, E.EINVAL)
 
     def load_plan(self, plan: Plan) -> list[StepResult]:
         """Load every step in order, like modprobe.

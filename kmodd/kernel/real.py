@@ -82,6 +82,10 @@ class KernelState:
         self.root = root or Root()
 
     def _module_dir(self, name: str) -> Path:
+        # Names come from requests (uevents, the kernel, admins): never let one
+        # walk out of /sys/module.  An impossible name maps to a missing entry.
+        if not name or "/" in name or "\0" in name or name.startswith("."):
+            return self.root.path("sys/module") / ".invalid-module-name"
         return self.root.path("sys/module") / name
 
     def modules(self) -> dict[str, LoadedModule]:

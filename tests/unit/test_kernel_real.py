@@ -167,3 +167,11 @@ def test_enoexec_tells_corrupt_from_other_kernel(tmp_path: Path) -> None:
     junk.write_bytes(b"\x7fELF" + bytes(100))
     msg = errors.load_message(E.ENOEXEC, "junk", path=str(junk), root=root)
     assert msg.startswith(f"junk ({junk}): invalid module format: not a valid kernel module")
+
+
+def test_hostile_names_stay_inside_sys_module(tmp_path: Path) -> None:
+    k = KernelState(_tree(tmp_path))
+    (tmp_path / "sys/kernel").mkdir(parents=True, exist_ok=True)
+    for name in ("..", "../kernel", "snd/../e1000", ".", "", "a\0b", "../../proc"):
+        assert k.initstate(name) is InitState.ABSENT, name
+        assert k.parameters(name) == {} and k.bound_devices(name) == 0

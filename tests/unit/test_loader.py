@@ -193,6 +193,12 @@ def test_install_command_replaces_load(sim: SimKernel, tmp_path: Path) -> None:
     failing = ModuleStep("snd", None, install_command="exit 3")
     res = Loader(sim).load_step(failing)
     assert res.status == "failed" and "exit status 3" in (res.error or "")
+    # Like kmod, a module already in the kernel is not "installed" again.
+    Loader(sim).load_step(step(tmp_path, "soundcore", Role.TARGET))
+    out.unlink()
+    s = ModuleStep("soundcore", None, install_command=f"echo ran > {out}")
+    assert Loader(sim).load_step(s).status == "already"
+    assert not out.exists()
 
 
 def test_hostile_request_text_never_reaches_the_shell(sim: SimKernel, tmp_path: Path) -> None:
