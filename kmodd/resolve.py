@@ -93,6 +93,7 @@ class Resolver:
         self._has_config_aliases = bool(config.aliases)
         self._has_commands = bool(config.install or config.remove)
         self._install_for = _first_match(config.install)
+        self._remove_for = _first_match(config.remove)
         self._softdep_for = _first_match(config.softdeps)
         self._softdep_cache: dict[str, tuple[list[_Mod], list[_Mod]]] = {}
         # modules.dep entries met by plans; the tree does not change under a resolver.
@@ -182,6 +183,11 @@ class Resolver:
             blacklist = self.config.blacklist
             return [n for n in names if n not in blacklist]
         return names
+
+    def remove_command(self, module: str) -> str | None:
+        """The modprobe.d ``remove`` command for a module name (first matching pattern,
+        ``kmod_module_get_remove_commands``), as written."""
+        return self._remove_for(module)
 
     # -------------------------------------------------------------- plans
 

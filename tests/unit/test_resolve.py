@@ -396,3 +396,15 @@ def test_cli_relative_module_root_gives_absolute_paths(tree: Path, confdir: Path
     theirs = subprocess.run([MODPROBE, *args, "--show-depends", "top-drv"], capture_output=True,
                             text=True, cwd=tree.parent, check=False)
     assert ours.stdout == theirs.stdout and f"insmod {tree}/lib/modules/" in ours.stdout
+
+
+def test_remove_command_first_matching_pattern(tree: Path, tmp_path: Path) -> None:
+    """The first remove command whose pattern matches, as ``modprobe -r -n -v`` shows it."""
+    conf = write_conf(tmp_path, "rm.conf", "remove mid* /bin/echo first\n"
+                      "remove mid /bin/echo exact\nremove c?re /bin/echo core\n")
+    resolver = _resolver(tree, [str(conf)])
+    for name in ("mid", "core", "sd_main"):
+        _, out = _kmod(tree, [str(conf)], "-r", "-n", "-v", name)
+        shown = [ln.removeprefix("remove ") for ln in out if ln.startswith("remove ")]
+        assert resolver.remove_command(name) == (shown[0] if shown else None), name
+    assert resolver.remove_command("mid") is not None
