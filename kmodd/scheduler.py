@@ -703,7 +703,8 @@ class Scheduler:
         self._cond.notify_all()
 
     def _idle_locked(self) -> bool:
-        return not self._entries and not self._tasks and self._busy == 0
+        # A worker may still be running callbacks, but nothing is pending.
+        return not self._entries and not self._tasks
 
     def _deliver(self, done: list[tuple[Future[Outcome], Outcome]], outcomes: list[Outcome],
                  module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...],
