@@ -492,3 +492,40 @@ def test_second_daemon_on_the_same_socket_refuses_and_touches_nothing(env: Env) 
     with Client(env.sock, timeout=10) as c:          # the first one still serves
         assert c.status()["loaded_by_kmodd"] == 1
     stop(svc, t, rc)
+
+
+def test_module_tree_change_reloads_the_resolver(env: Env) -> None:
+    class FakeWatcher:
+        def __init__(self, on_change: Callable[[], None]) -> None:
+            self.on_change = on_change
+            self.a, self.b = socket.socketpair()
+
+        def fileno(self) -> int:
+            return self.a.fileno()
+
+        def on_readable(self) -> None:
+            self.a.recv(100)
+            self.on_change()       # a depmod run: several changes in one burst
+            self.on_change()
+
+        def close(self) -> None:
+            self.a.close()
+            self.b.close()
+
+    watchers: list[FakeWatcher] = []
+
+    def factory(on_change: Callable[[], None]) -> FakeWatcher:
+        watchers.append(FakeWatcher(on_change))
+        return watchers[-1]
+
+    env.loader = GatedLoader(env.kernel)
+    notifier = Notifier()
+    svc = Service(env.settings(), env.kernel, env.factory, loader=env.loader, sources=(),
+                  coldplug=None, watcher=factory, notify=notifier,
+                  watchdog_interval=lambda: None)
+    t, rc = in_thread(svc)
+    notifier.wait_for("READY")
+    watchers[0].b.send(b"x")
+    assert env.factory_event.wait(10)
+    stop(svc, t, rc)
+    assert svc.reloads == 1 and svc.scheduler._resolver is env.resolvers[-1]
