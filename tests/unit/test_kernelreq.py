@@ -427,3 +427,57 @@ def test_console_argument_parsing(argv: list[str],
                                   expected: tuple[bool, list[str] | None]) -> None:
     from kmodd.cli.request import parse
     assert parse(argv) == expected
+
+
+# -- install-request-helper.sh ---------------------------------------------------
+
+INSTALLER = HELPER.with_name("install-request-helper.sh")
+
+
+def test_install_and_revert_on_a_tree(tmp_path: Path, run_dir: Path,
+                                      fake_kmodctl: Path, fallback_log: Path) -> None:
+    root = tmp_path / "root"
+    proc = root / "proc/sys/kernel/modprobe"
+    proc.parent.mkdir(parents=True)
+    proc.write_text("/sbin/modprobe\n")
+
+    def installer(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", str(INSTALLER), *args, "--root", str(root)],
+                              capture_output=True, text=True, timeout=30)
+
+    r = installer("install", "--kmodctl", str(fake_kmodctl), "--fallback", "kmodctl")
+    assert r.returncode == 0, r.stderr
+    installed = root / "usr/local/libexec/kmodd/kmodd-request"
+    assert proc.read_text().strip() == "/usr/local/libexec/kmodd/kmodd-request"
+    assert (root / "etc/sysctl.d/50-kmodd-request.conf").read_text().splitlines()[-1] == \
+        "kernel.modprobe = /usr/local/libexec/kmodd/kmodd-request"
+    assert (root / "var/lib/kmodd/modprobe.orig").read_text().strip() == "/sbin/modprobe"
+    assert os.access(installed, os.X_OK)
+    # The baked-in defaults work with the kernel's bare environment.
+    r2 = subprocess.run([str(installed), "-q", "--", "dummy"], capture_output=True, text=True,
+                        env={"PATH": "/sbin:/usr/sbin:/bin:/usr/bin",
+                             "KMODD_RUN_DIR": str(run_dir)}, timeout=10)
+    assert r2.returncode == 0
+    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+    # Installing twice keeps the original saved value.
+    assert installer("install", "--kmodctl", str(fake_kmodctl)).returncode == 0
+    assert (root / "var/lib/kmodd/modprobe.orig").read_text().strip() == "/sbin/modprobe"
+    assert "kernel.modprobe = /usr/local/libexec/kmodd/kmodd-request" in \
+        installer("status").stdout
+
+    r = installer("uninstall")
+    assert r.returncode == 0, r.stderr
+    assert proc.read_text().strip() == "/sbin/modprobe"
+    assert not (root / "etc/sysctl.d/50-kmodd-request.conf").exists()
+    assert not installed.exists()
+    assert not (root / "var/lib/kmodd/modprobe.orig").exists()
+
+
+def test_installer_refuses_an_unsafe_kmodctl_path(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "proc/sys/kernel").mkdir(parents=True)
+    (root / "proc/sys/kernel/modprobe").write_text("/sbin/modprobe\n")
+    r = subprocess.run(["sh", str(INSTALLER), "install", "--root", str(root),
+                        "--kmodctl", "/tmp/x|rm -rf /"], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert (root / "proc/sys/kernel/modprobe").read_text() == "/sbin/modprobe\n"
