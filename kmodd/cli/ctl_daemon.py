@@ -191,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
                 reply = client.reload()
                 if args.json:
                     _print_json(reply)
+                else:
+                    print("kmodd reloaded its configuration and the module indexes")
                 return 0
     except ControlError as exc:
         print(f"kmodctl {command}: {exc}", file=sys.stderr)
