@@ -9,9 +9,11 @@ one line back.  Wire protocol:
 * request FIFO: ``RUN/request`` (mode 0600, so only root can ask); the
   daemon keeps it open read-write, so a helper's open() never blocks while
   the daemon lives and the daemon never sees end-of-file.
-* ``RUN/request.pid``: the daemon's pid; a helper that finds no live
-  process there loads the module itself instead of writing into a FIFO
-  nobody reads.
+* ``RUN/request.pid``: ``PID MODE``, the daemon's pid (a helper that finds
+  no live process there loads the module itself instead of writing into a
+  FIFO nobody reads) and ``pipe`` or ``fifo``: whether the daemon may open
+  the helpers' ``/proc/PID/fd/N`` (ptrace read access: a daemon whose
+  capabilities are bounded needs CAP_SYS_PTRACE, the helper having all).
 * reply channel: ``/proc/HELPERPID/fd/N``, the read end of a pipe the
   helper made (dash turns a here-document into a pipe, so this costs no
   process), or with other shells a FIFO ``RUN/reply.HELPERPID`` it made
@@ -21,7 +23,10 @@ one line back.  Wire protocol:
   channel non-blocking, writes ``+`` at once, and later one line
   ``CODE STATUS DETAIL`` (CODE 0: loaded, built in or already there;
   1: failed; ``retry``: the daemon is going away, load it yourself).  A
-  reply FIFO is unlinked by the daemon as soon as it has it open.
+  reply FIFO is unlinked by the daemon as soon as it has it open.  Should
+  the daemon fail to open a ``/proc`` channel after all (an LSM), it sends
+  the helper SIGUSR1 (the helper then loads the module itself) and tells
+  later helpers ``fifo``.
 
 Everything read from the FIFO is validated: the name's characters and
 length, and the reply path (a pipe under ``/proc/PID/fd/``, or a FIFO
@@ -37,6 +42,7 @@ import functools
 import logging
 import os
 import re
+import signal
 import stat
 import threading
 from collections.abc import Callable
@@ -64,6 +70,25 @@ PROC_REPLY_RE = re.compile(r"/proc/[0-9]{1,10}/fd/[0-9]{1,4}\Z")
 ACK = b"+\n"
 MAX_LINE = 4096          # PIPE_BUF: the helper's write is atomic below it
 SUCCESS = frozenset({"loaded", "present", "builtin"})
+
+
+CAP_SYS_PTRACE = 19
+
+
+def can_open_helper_fds() -> bool:
+    """Whether /proc/PID/fd/N of a helper (root, every capability) can be opened.
+
+    ptrace_may_access() in READ mode: same uid, and either the helper's
+    permitted capabilities are a subset of ours or we have CAP_SYS_PTRACE.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def check_name(name: str) -> str | None:
@@ -106,13 +131,15 @@ class KernelRequestSource:
     """Event-loop source serving ``kmodd-request`` helpers over FIFOs."""
 
     def __init__(self, submit: Submit, fifo_path: str | os.PathLike[str], *,
-                 owner_uid: int | None = None) -> None:
+                 owner_uid: int | None = None, pipe_replies: bool | None = None) -> None:
         self.submit = submit
         self.fifo_path = Path(fifo_path)
         self.run_dir = self.fifo_path.parent
         self.pid_path = self.fifo_path.with_name(self.fifo_path.name + ".pid")
         # Root in production; tests run the daemon side as themselves.
         self.owner_uid = os.geteuid() if owner_uid is None else owner_uid
+        self.pipe_replies = can_open_helper_fds() if pipe_replies is None else pipe_replies
+        self._open_errno = 0
         self.served = 0
         self.rejected = 0
         self._lock = threading.Lock()
@@ -154,7 +181,8 @@ class KernelRequestSource:
 
     def _write_pidfile(self) -> None:
         tmp = self.pid_path.with_name(self.pid_path.name + ".tmp")
-        tmp.write_text(f"{os.getpid()}\n")
+        mode = "pipe" if self.pipe_replies else "fifo"
+        tmp.write_text(f"{os.getpid()} {mode}\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.pid_path)
 
@@ -228,6 +256,8 @@ class KernelRequestSource:
         fd = self._open_reply(reply_path)
         if fd is None:
             self._reject(f"unusable reply path {reply_path[:120]!r} for {name[:80]!r}")
+            if self._open_errno in (errno.EACCES, errno.EPERM) and PROC_REPLY_RE.match(reply_path):
+                self._cannot_reach(reply_path)
             return None
         reply = _Reply(fd, reply_path, name)
         try:
@@ -277,7 +307,8 @@ class KernelRequestSource:
             return None
         try:
             fd = os.open(path, flags)
-        except OSError:
+        except OSError as exc:
+            self._open_errno = exc.errno or 0
             return None
         try:
             st = os.fstat(fd)
@@ -296,6 +327,25 @@ class KernelRequestSource:
                 if (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino):
                     os.unlink(path)
         return fd
+
+    def _cannot_reach(self, path: str) -> None:
+        """A helper waits on a pipe we may not open: free it, and stop offering pipes."""
+        if self.pipe_replies:
+            self.pipe_replies = False
+            log(LOG, logging.WARNING, "cannot open helpers' reply pipes (%s); "
+                "switching them to FIFOs", os.strerror(self._open_errno), requested_by="kernel")
+            with contextlib.suppress(OSError):
+                self._write_pidfile()
+        pid = int(path.split("/")[2])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read(4096)
+        except OSError:
+            return
+        # Only a kmodd-request helper is signalled (its trap loads directly).
+        if b"kmodd-request" in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR1)
 
     def _complete(self, reply: _Reply, future: Future[Outcome]) -> None:
         try:
@@ -350,7 +400,7 @@ class KernelRequestSource:
         for reply in pending:
             self._answer(reply, None, line=b"retry daemon stopping\n")
         try:
-            if self.pid_path.read_text().strip() == str(os.getpid()):
+            if self.pid_path.read_text().split()[:1] == [str(os.getpid())]:
                 self.pid_path.unlink()
         except OSError:
             pass

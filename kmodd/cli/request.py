@@ -10,6 +10,7 @@ kmodd/kernelreq.py), else loads the module directly like ``kmodctl load``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -51,30 +52,44 @@ def parse(argv: list[str]) -> tuple[bool, list[str] | None]:
     return quiet, (rest or None)
 
 
-def _daemon_alive(run_dir: str) -> bool:
+def _daemon_mode(run_dir: str) -> str | None:
+    """The live daemon's reply mode ("pipe" or "fifo"), or None without a daemon."""
     fifo = os.path.join(run_dir, "request")
     try:
         import stat
 
         if not stat.S_ISFIFO(os.stat(fifo).st_mode):
-            return False
+            return None
         with open(fifo + ".pid") as handle:
-            pid = int(handle.read().strip())
-        return os.path.isdir(f"/proc/{pid}")
-    except (OSError, ValueError):
-        return False
+            words = handle.read().split()
+        if not os.path.isdir(f"/proc/{int(words[0])}"):
+            return None
+        return words[1] if len(words) > 1 else "fifo"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
     """Send NAME to the daemon; (code, rest of the answer), or None if it went away."""
     from kmodd.kernelreq import check_name
 
-    if check_name(name) is not None or not _daemon_alive(run_dir):
+    mode = _daemon_mode(run_dir)
+    if check_name(name) is not None or mode is None:
         return None
-    read_fd, write_fd = os.pipe()
-    try:
+    fifo_path = None
+    if mode == "pipe":
         # The daemon opens /proc/OURPID/fd/N to answer, as with the sh helper.
-        line = f"{name} /proc/{os.getpid()}/fd/{read_fd}\n".encode()
+        read_fd, write_fd = os.pipe()
+        reply = f"/proc/{os.getpid()}/fd/{read_fd}"
+    else:
+        fifo_path = reply = os.path.join(run_dir, f"reply.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fifo_path)
+        os.mkfifo(fifo_path, 0o600)
+        write_fd = os.open(fifo_path, os.O_RDWR)
+        read_fd = os.open(fifo_path, os.O_RDONLY)
+    try:
+        line = f"{name} {reply}\n".encode()
         fifo = os.open(os.path.join(run_dir, "request"), os.O_WRONLY | os.O_NONBLOCK)
         try:
             os.write(fifo, line)
@@ -95,6 +110,9 @@ def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
+        if fifo_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(fifo_path)
 
 
 def load_directly(quiet: bool, words: list[str]) -> int:

@@ -3,6 +3,7 @@ against the daemon-side KernelRequestSource, and its fallback without a daemon."
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import stat
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.kernelreq import KernelRequestSource, check_name, reply_line
+from kmodd.kernelreq import KernelRequestSource, can_open_helper_fds, check_name, reply_line
 from kmodd.scheduler import Outcome, Request
 
 HELPER = Path(__file__).resolve().parents[2] / "contrib" / "kmodd-request"
@@ -149,7 +150,10 @@ def test_fifo_and_pidfile_permissions(served: Callable[[FakeScheduler], KernelRe
     st = os.lstat(run_dir / "request")
     assert stat.S_ISFIFO(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
-    assert (run_dir / "request.pid").read_text().strip() == str(os.getpid())
+    pid, mode = (run_dir / "request.pid").read_text().split()
+    assert pid == str(os.getpid())
+    # Root with every capability (tests run so) may open helpers' /proc fds.
+    assert mode == ("pipe" if can_open_helper_fds() else "fifo")
 
 
 def test_slow_load_answered_when_future_completes(
@@ -481,3 +485,65 @@ def test_installer_refuses_an_unsafe_kmodctl_path(tmp_path: Path) -> None:
                         "--kmodctl", "/tmp/x|rm -rf /"], capture_output=True, text=True)
     assert r.returncode != 0
     assert (root / "proc/sys/kernel/modprobe").read_text() == "/sbin/modprobe\n"
+
+
+# -- reply modes -------------------------------------------------------------------
+
+def test_fifo_mode_is_used_when_the_daemon_says_so(run_dir: Path, fake_kmodctl: Path,
+                                                   fallback_log: Path) -> None:
+    # A daemon bounded without CAP_SYS_PTRACE cannot open helpers' /proc fds:
+    # it advertises "fifo" and dash helpers use reply FIFOs instead.
+    sched = FakeScheduler({"dummy": "loaded"})
+    source = KernelRequestSource(sched.submit, run_dir / "request", pipe_replies=False)
+    loop = Loop(source)
+    seen: list[str] = []
+    original = source._open_reply
+
+    def spy(path: str) -> int | None:
+        seen.append(path)
+        return original(path)
+
+    source._open_reply = spy  # type: ignore[method-assign]
+    try:
+        assert (run_dir / "request.pid").read_text().split()[1] == "fifo"
+        env = helper_env(run_dir, fake_kmodctl)
+        assert run_helper(env, "-q", "--", "dummy").returncode == 0
+        console = run_console({**env, "KMODD_REQUEST_PYTHON": "1"}, "-q", "--", "dummy")
+        assert console.returncode == 0
+        assert len(seen) == 2 and all(p.startswith(f"{run_dir}/reply.") for p in seen)
+        assert not fallback_log.exists()
+        assert not list(run_dir.glob("reply.*"))
+    finally:
+        loop.close()
+        source.close()
+
+
+class DeniedSource(KernelRequestSource):
+    """As if an LSM refused the daemon access to helpers' /proc fds."""
+
+    def _open_reply(self, path: str) -> int | None:
+        if path.startswith("/proc/"):
+            self._open_errno = errno.EACCES
+            return None
+        return super()._open_reply(path)
+
+
+def test_denied_pipe_frees_the_helper_and_switches_to_fifos(
+        run_dir: Path, fake_kmodctl: Path, fallback_log: Path) -> None:
+    sched = FakeScheduler({"dummy": "loaded"})
+    source = DeniedSource(sched.submit, run_dir / "request", pipe_replies=True)
+    loop = Loop(source)
+    try:
+        env = helper_env(run_dir, fake_kmodctl)
+        # The first helper is told (SIGUSR1) to load by itself, at once.
+        first = run_helper(env, "-q", "--", "dummy", timeout=10)
+        assert first.returncode == 0
+        assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+        assert (run_dir / "request.pid").read_text().split()[1] == "fifo"
+        # Later helpers use FIFOs and are served by the daemon.
+        assert run_helper(env, "-q", "--", "dummy").returncode == 0
+        assert [r.key for r in sched.requests] == ["dummy"]
+        assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+    finally:
+        loop.close()
+        source.close()
