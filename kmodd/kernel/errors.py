@@ -87,8 +87,12 @@ def _enoexec_reason(path: str | None, root: Root) -> str:
     built_for = magic.split()[0]
     running = running_kernel_version(root)
     if built_for != running:
-        return f"built for kernel {built_for}, this kernel is {running} (see dmesg)"
-    return "rejected by the kernel: symbol version (modversions) mismatch or corrupt (see dmesg)"
+        return (f"built for kernel {built_for}, this kernel is {running} "
+                f"(vermagic '{magic.strip()}'; see dmesg)")
+    # Same release: with modversions the kernel compares the rest of vermagic
+    # (SMP, preempt, mod_unload...) and each imported symbol's CRC.
+    return (f"vermagic '{magic.strip()}' or symbol versions do not match this kernel, "
+            "or the file is corrupt (see dmesg)")
 
 
 def load_message(errno_: int, module: str, *, path: str | None = None, params: str = "",

@@ -194,6 +194,11 @@ def test_corrupt_modules_give_clear_errors(report: dict[str, Any]) -> None:
     assert "not a valid kernel module" in s["truncated"]["message"]
     # A module for another kernel release is told apart from a corrupt one.
     assert s["patched"]
+    # The patched file with its now wrong signature: EKEYREJECTED, even though
+    # Debian's kernel does not require signatures.
+    assert s["bad_signature"]["errno"] == E.EKEYREJECTED
+    assert "signature rejected" in s["bad_signature"]["message"]
+    assert s["bad_signature_insmod"]["rc"] == 1
     assert s["other_kernel"]["errno"] == E.ENOEXEC
     assert (f"built for kernel {s['other_release']}, this kernel is"
             in s["other_kernel"]["message"])

@@ -357,6 +357,17 @@ def check_concurrent() -> dict[str, Any]:
     return out
 
 
+def strip_signature(image: bytes) -> bytes:
+    """Drop an appended module signature (struct module_signature + marker), as
+    ``strip --strip-unneeded`` would not: the kernel then sees an unsigned module."""
+    marker = b"~Module signature appended~\n"
+    if not image.endswith(marker):
+        return image
+    info = image[-len(marker) - 12:-len(marker)]
+    sig_len = int.from_bytes(info[8:12], "big")
+    return image[:-len(marker) - 12 - sig_len]
+
+
 @check
 def check_corrupt() -> dict[str, Any]:
     TMP.mkdir(parents=True, exist_ok=True)
@@ -367,19 +378,26 @@ def check_corrupt() -> dict[str, Any]:
     truncated.write_bytes(e1000[: len(e1000) // 2])
     badxz = TMP / "bad.ko.xz"
     badxz.write_bytes(b"\xfd7zXZ\x00" + b"not really xz" * 20)
-    # A module "built for another kernel": same file, vermagic release patched
-    # (same length, so the ELF stays valid; signatures are not enforced here).
+    # A module "built for another kernel": same file, vermagic patched (same
+    # length, so the ELF stays valid).  With modversions the kernel ignores the
+    # release part, so a flag word changes too.
     other_release = ("8" if VERSION[0] == "9" else "9") + VERSION[1:]
     loop = (MODDIR / "kernel/drivers/block/loop.ko").read_bytes()
-    patched = loop.replace(f"vermagic={VERSION} ".encode(), f"vermagic={other_release} ".encode())
+    patched = loop.replace(f"vermagic={VERSION} SMP preempt mod_unload ".encode(),
+                           f"vermagic={other_release} SMP preempt mod_UNLOAD ".encode())
+    # Still carrying the original signature, the patched file no longer matches
+    # it: the kernel rejects a bad signature even when signatures are optional.
+    badsig = TMP / "bad-signature.ko"
+    badsig.write_bytes(patched)
     other = TMP / "other-kernel.ko"
-    other.write_bytes(patched)
+    other.write_bytes(strip_signature(patched))
     k = RealKernel()
     unload_all(["loop", "e1000"])
     out: dict[str, Any] = {"other_release": other_release, "patched": patched != loop}
     for label, path, name in (("garbage", garbage, "garbage"),
                               ("truncated", truncated, "e1000"),
                               ("bad_xz", badxz, "badxz"),
+                              ("bad_signature", badsig, "loop"),
                               ("other_kernel", other, "loop")):
         try:
             k.load_module(name, str(path))
@@ -387,6 +405,7 @@ def check_corrupt() -> dict[str, Any]:
         except KernelError as e:
             out[label] = {"errno": e.errno, "message": e.message}
         out[label + "_insmod"] = sh("insmod", str(path))
+        unload_all(["loop"])
     out["state_e1000"] = state_of(["e1000"])
     out["state_loop"] = state_of(["loop"])
     # A module built for another kernel would be ENOEXEC too; a bad plan path is ENOENT.
