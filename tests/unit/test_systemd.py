@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -166,3 +167,57 @@ def test_import_is_cheap() -> None:
                          cwd=Path(__file__).resolve().parents[2], check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert out.stdout.strip() == "[]"
+
+
+# -- the units ---------------------------------------------------------------------
+
+UNITS = Path(__file__).resolve().parents[2] / "systemd"
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """KEY -> every value it is given, across sections (systemd allows repeats)."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_service_unit_contract() -> None:
+    s = unit_settings(UNITS / "kmodd.service")
+    assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
+    assert s["WatchdogSec"] and s["DefaultDependencies"] == ["no"]
+    assert "sysinit.target" in s["Before"][0] and "systemd-journald.socket" in s["After"][0]
+    assert s["RuntimeDirectory"] == ["kmodd"] and s["RuntimeDirectoryPreserve"] == ["yes"]
+    caps = s["CapabilityBoundingSet"][0].split()
+    assert "CAP_SYS_MODULE" in caps
+    # The reply pipes of kmodd-request need ptrace read access (see kernelreq).
+    assert "CAP_SYS_PTRACE" in caps
+    assert s.get("ProtectKernelModules", ["no"]) == ["no"]
+    assert s["ProtectSystem"] == ["strict"] and "/run/kmodd" in s["ReadWritePaths"][0].split()
+    assert "@module" in s["SystemCallFilter"][0]
+    assert "AF_NETLINK" in s["RestrictAddressFamilies"][0]
+
+
+def test_service_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed to check the unit (apt-get install systemd)"
+    unit = tmp_path / "kmodd.service"
+    # Point ExecStart at something that exists; everything else as shipped.
+    unit.write_text((UNITS / "kmodd.service").read_text()
+                    .replace("ExecStart=/usr/bin/kmodd", "ExecStart=/bin/true"))
+    r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                       timeout=60)
+    problems = [line for line in (r.stdout + r.stderr).splitlines()
+                if "kmodd.service" in line]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def test_udev_takeover_rules_keep_everything_but_modalias() -> None:
+    ours = (UNITS / "80-drivers-kmodd.rules").read_text()
+    assert "MODALIAS" not in "\n".join(x for x in ours.splitlines() if not x.startswith("#"))
+    for module in ("tifm_sd", "tifm_ms", "ms_block", "i2o_block", "ppdev", "sm_ftl"):
+        assert f"kmod load {module}" in ours or f"load ms_block {module}" in ours
