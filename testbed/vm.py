@@ -117,6 +117,35 @@ class QMPError(RuntimeError):
 _vm_counter = itertools.count(1)
 
 
+def _die_with_parent() -> None:
+    """In the QEMU child: get SIGKILL when the process that booted it dies.
+
+    (Linux ties this to the thread that forked: boot VMs from a thread that
+    outlives them, normally the main thread.)
+    """
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _prune_stale_rundirs(parent: Path) -> None:
+    """Remove run directories left by test-bed processes that no longer exist."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        pid = entry.name.split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def _audio_and_net_backends(devices: Sequence[str]) -> list[str]:
     args: list[str] = []
     audiodevs: list[str] = []
@@ -170,7 +199,7 @@ class VM:
         run_id = f"{os.getpid()}-{next(_vm_counter)}"
         self.rundir = self.share / "build" / "testbed" / "run" / run_id
         self.mailbox = self.rundir / "mailbox"
-        self._sockdir = Path(tempfile.mkdtemp(prefix="testbed-"))
+        self._sockdir = Path(tempfile.gettempdir()) / "testbed-unbooted"
         self._console_path = self.rundir / "console.log"
         self._agent_listener: socket.socket | None = None
         self._agent: socket.socket | None = None
@@ -255,6 +284,8 @@ class VM:
         if self.proc is not None:
             raise RuntimeError("VM already booted")
         self.kernel, vmlinux, initramfs = build(self.kernel_version)
+        self._qemu_binary()
+        self._sockdir = Path(tempfile.mkdtemp(prefix="testbed-"))
         if self.rundir.exists():
             shutil.rmtree(self.rundir)
         self.mailbox.mkdir(parents=True)
@@ -269,8 +300,10 @@ class VM:
         self._agent_listener = listener
         argv = self.command_line(vmlinux, initramfs, mode)
         start = time.monotonic()
+        _prune_stale_rundirs(self.rundir.parent)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         if self.console_stream is not None:
             self._tailer = threading.Thread(target=self._tail_console, daemon=True,
                                             name="testbed-console")
@@ -278,7 +311,7 @@ class VM:
         try:
             self._accept_agent(start + timeout)
             if mode == "agent":
-                self._wait_ready(start + timeout)
+                self._wait_ready(start + timeout, timeout)
             self.boot_seconds = time.monotonic() - start
         except BaseException:
             self.shutdown()
@@ -304,7 +337,7 @@ class VM:
                                         name="testbed-agent")
         self._reader.start()
 
-    def _wait_ready(self, deadline: float) -> None:
+    def _wait_ready(self, deadline: float, timeout: float) -> None:
         with self._cond:
             while not self._agent_ready:
                 self._cond.wait(0.2)
@@ -315,8 +348,7 @@ class VM:
                 if "TESTBED-FATAL" in console or "Kernel panic" in console:
                     raise BootError("the guest failed to boot" + self._why())
                 if time.monotonic() > deadline:
-                    raise BootError(f"the guest agent did not start within "
-                                    f"{deadline - time.monotonic() + BOOT_TIMEOUT:.0f} s"
+                    raise BootError(f"the guest agent did not start within {timeout:.0f} s"
                                     " (TCG is slow when the host is busy; raise "
                                     "TESTBED_BOOT_TIMEOUT)" + self._why())
 
@@ -611,7 +643,8 @@ class VM:
                 (BUILD_DIR / "last-console.log").write_text(self._final_console)
         if not self.keep_rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
-        shutil.rmtree(self._sockdir, ignore_errors=True)
+        if self._sockdir.name != "testbed-unbooted":
+            shutil.rmtree(self._sockdir, ignore_errors=True)
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
         """Wait for QEMU to exit by itself (console mode); return its status."""
