@@ -11,8 +11,10 @@ setlocale).
 from __future__ import annotations
 
 import marshal
+import re
 from array import array
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -238,8 +240,13 @@ def _star_only(rest: str) -> bool:
     return "?" not in rest and "[" not in rest and "\\" not in rest
 
 
-_EMPTY: Node = ((), (), None, (), None)
-_FORMAT = 1
+_EMPTY: Node = ()      # a group with only '?' / '[' patterns
+_FORMAT = 2
+# Segment chains used this often get one regular expression each: one search
+# in C instead of a find per segment (about three times faster for usb's
+# '*dsc*dp*ic*isc*ip*in*'); the few that qualify are compiled at load.
+_CHAIN_MIN_USES = 16
+_CHAIN_MAX = 32
 
 
 class WildIndex:
@@ -295,14 +302,23 @@ class WildIndex:
             parents.append(stack[-1] if stack else -1)
             stack.append(i)
         self.parents = parents
-        self._nodes: list[Node | None] = []
+        nodes: list[Node] = []
         self.complex: dict[int, list[tuple[Glob | None, Payload]]] = {}
         for i, prefix in enumerate(self.prefixes):
             simple = [(r, p) for r, p in grouped[prefix] if _star_only(r)]
             hard = [(compile_glob(r), p) for r, p in grouped[prefix] if not _star_only(r)]
-            self._nodes.append(_build_node(simple) if simple else _EMPTY)
+            nodes.append(_build_node(simple) if simple else _EMPTY)
             if hard:
                 self.complex[i] = hard
+        uses: Counter[tuple[str, ...]] = Counter()
+        for node in nodes:
+            if node:
+                _count_chains(node, uses)
+        self.chains = [c for c, n in uses.most_common(_CHAIN_MAX) if n >= _CHAIN_MIN_USES]
+        ids = {c: i for i, c in enumerate(self.chains)}
+        self._nodes: list[Node | None] = [_use_chains(node, ids) if node else node
+                                          for node in nodes]
+        self._chain_rx = _compile_chains(self.chains)
         self._blob = b""
         self._offsets = array("I")
         self._entries_blob = b""
@@ -317,15 +333,15 @@ class WildIndex:
         for part in parts:
             offsets.append(offsets[-1] + len(part))
         return marshal.dumps((_FORMAT, self.exact, self.prefixes, self.parents.tobytes(),
-                              self.complex, offsets.tobytes(), b"".join(parts),
-                              marshal.dumps(self.patterns())))
+                              self.complex, tuple(self.chains), offsets.tobytes(),
+                              b"".join(parts), marshal.dumps(self.patterns())))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> WildIndex:
         """Load :meth:`to_bytes` output; raises ValueError if it is not one."""
         try:
             state = marshal.loads(data)
-            fmt, exact, prefixes, parents, complex_, offsets, blob, entries = state
+            fmt, exact, prefixes, parents, complex_, chains, offsets, blob, entries = state
         except (EOFError, TypeError, ValueError) as e:
             raise ValueError(f"not a stored alias index: {e}") from None
         if fmt != _FORMAT:
@@ -336,6 +352,8 @@ class WildIndex:
         self.parents = array("i")
         self.parents.frombytes(parents)
         self.complex = complex_
+        self.chains = list(chains)
+        self._chain_rx = _compile_chains(self.chains)
         self._offsets = array("I")
         self._offsets.frombytes(offsets)
         self._blob = blob
@@ -371,8 +389,8 @@ class WildIndex:
             node = nodes[g]
             if node is None:
                 node = self._node(g)
-            if node[3] or node[4] or node[0] or node[1] or node[2]:
-                _walk(node, key, len(prefixes[g]), found)
+            if node:
+                _walk(node, key, len(prefixes[g]), found, self._chain_rx)
             if complex_:
                 hard = complex_.get(g)
                 if hard:
@@ -449,7 +467,51 @@ def _freeze(node: dict[str, Any]) -> Node:
     return (ends, tails, tail_buckets, tuple(kids), kid_buckets)
 
 
-def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]]) -> None:
+def _count_chains(node: Node, uses: Counter[tuple[str, ...]]) -> None:
+    for _, more, child, _ in node[3]:
+        if len(more) >= 2:
+            uses[more] += 1
+        if child is not None:
+            _count_chains(child, uses)
+    if node[4]:
+        for _, table in node[4].values():
+            for more, child, _ in table.values():
+                if len(more) >= 2:
+                    uses[more] += 1
+                if child is not None:
+                    _count_chains(child, uses)
+
+
+def _use_chains(node: Node, ids: dict[tuple[str, ...], int]) -> Node:
+    """The node with frequent chains replaced by their number."""
+    def sub(more: tuple[str, ...], child: Node | None) -> tuple[Any, Node | None]:
+        return ids.get(more, more), (None if child is None else _use_chains(child, ids))
+    ends, tails, tail_buckets, kids, kid_buckets = node
+    new_kids = []
+    for seg, more, child, leaf in kids:
+        m, c = sub(more, child)
+        new_kids.append((seg, m, c, leaf))
+    new_buckets = None
+    if kid_buckets:
+        new_buckets = {}
+        for c2, (lengths, table) in kid_buckets.items():
+            new_table = {}
+            for seg, (more, child, leaf) in table.items():
+                m, c = sub(more, child)
+                new_table[seg] = (m, c, leaf)
+            new_buckets[c2] = (lengths, new_table)
+    return (ends, tails, tail_buckets, tuple(new_kids), new_buckets)
+
+
+def _compile_chains(chains: list[tuple[str, ...]]) -> list[re.Pattern[str]]:
+    # each segment at its leftmost occurrence after the previous one, committed
+    # (atomic group): exactly finding them in turn, without backtracking
+    return [re.compile("".join(f"(?>.*?{re.escape(seg)})" for seg in chain), re.DOTALL)
+            for chain in chains]
+
+
+def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]],
+          chains: list[re.Pattern[str]]) -> None:
     """Add the payload of every pattern in ``node`` that matches ``key[pos:]``."""
     ends, tails, tail_buckets, kids, kid_buckets = node
     if ends:
@@ -473,16 +535,23 @@ def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]]) -> None:
         if j < 0:
             continue
         j += len(seg)
-        for seg in more:
-            j = find(seg, j)
-            if j < 0:
-                break
-            j += len(seg)
+        if more.__class__ is int:
+            m = chains[more].match(key, j)
+            if m is None:
+                continue
+            j = m.end()
         else:
-            if child is None:
-                found.extend(leaf)
-            else:
-                _walk(child, key, j, found)
+            for seg in more:
+                j = find(seg, j)
+                if j < 0:
+                    break
+                j += len(seg)
+            if j < 0:
+                continue
+        if child is None:
+            found.extend(leaf)
+        else:
+            _walk(child, key, j, found, chains)
     if kid_buckets:
         for c2, (lengths, table) in kid_buckets.items():
             j = find(c2, pos)
@@ -501,16 +570,23 @@ def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]]) -> None:
                     done.add(seg)
                     more, child, leaf = edge
                     k = j + n
-                    for seg2 in more:
-                        k = find(seg2, k)
-                        if k < 0:
-                            break
-                        k += len(seg2)
+                    if more.__class__ is int:
+                        m = chains[more].match(key, k)
+                        if m is None:
+                            continue
+                        k = m.end()
                     else:
-                        if child is None:
-                            found.extend(leaf)
-                        else:
-                            _walk(child, key, k, found)
+                        for seg2 in more:
+                            k = find(seg2, k)
+                            if k < 0:
+                                break
+                            k += len(seg2)
+                        if k < 0:
+                            continue
+                    if child is None:
+                        found.extend(leaf)
+                    else:
+                        _walk(child, key, k, found, chains)
                 j = find(c2, j + 1)
 
 
