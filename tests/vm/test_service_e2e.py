@@ -34,11 +34,14 @@ from testbed.vm import VM, Completed
 CHECKOUT = "/work/main"
 HELPER = f"{CHECKOUT}/contrib/kmodd-request"
 LOG = "/tmp/kmodd.log"
+CONF = "/tmp/kmodd.toml"
 AUTOCLEAN_INTERVAL = 3
-# Longer than coldplug takes under emulation, so every module coldplug
-# loaded is still there when it is compared with modprobe; dummy is then
-# gone about this long after its link is deleted.
-IDLE_TIMEOUT = 45
+# While coldplug is compared with modprobe, autoclean must not unload what
+# coldplug loaded (coldplug takes minutes under emulation on a busy host):
+# the daemon starts with a long idle timeout, and the autoclean step
+# shortens it through kmodd.conf and `kmodctl reload`.
+IDLE_TIMEOUT_START = 3600
+IDLE_TIMEOUT = 10
 HOTPLUG = {"driver": "virtio-balloon-pci", "id": "kmodd_e2e_balloon"}
 MODALIASES = "find /sys/devices -name modalias -exec cat {} + | sort -u"
 
@@ -98,9 +101,9 @@ def guest(fresh_vm: Callable[..., VM]) -> Iterator[Guest]:
     # so requests made by drivers during coldplug go through the daemon too.
     g.sh(f"echo {HELPER} > /proc/sys/kernel/modprobe && cat /proc/sys/kernel/modprobe")
     start = g.sh(
-        "date +%s.%N; "
-        f"setsid {CHECKOUT}/.venv/bin/kmodd --autoclean-interval {AUTOCLEAN_INTERVAL} "
-        f"--idle-timeout {IDLE_TIMEOUT} --no-journal --log-level debug "
+        f"printf 'autoclean_interval = {AUTOCLEAN_INTERVAL}\\nidle_timeout = "
+        f"{IDLE_TIMEOUT_START}\\n' >{CONF}; date +%s.%N; "
+        f"setsid {CHECKOUT}/.venv/bin/kmodd --config {CONF} --no-journal --log-level debug "
         f"</dev/null >{LOG} 2>&1 & echo $!").stdout.split()
     g.facts["started_at"], g.facts["pid"] = float(start[0]), int(start[1])
     # settle blocks until coldplug is done and nothing is pending; the module
@@ -133,7 +136,7 @@ def test_daemon_settles_after_coldplug(guest: Guest) -> None:
     assert status["pending"] == 0
     assert set(status["sources"]) >= {"UeventSource", "KernelRequestSource"}
     assert status["autoclean"]["interval"] == AUTOCLEAN_INTERVAL
-    assert status["autoclean"]["idle_timeout"] == IDLE_TIMEOUT
+    assert status["autoclean"]["idle_timeout"] == IDLE_TIMEOUT_START
     assert status["runaway"] in ([], {}, None, 0)
 
 
@@ -233,7 +236,12 @@ def test_autoclean_removes_dummy_but_keeps_bound_drivers(guest: Guest) -> None:
     bound = guest.facts["bound_before_hotplug"] | bound_modules(guest)
     assert {"e1000", "virtio_balloon"} <= bound
     guest.sh("ip link del x")
-    wait = IDLE_TIMEOUT + 4 * AUTOCLEAN_INTERVAL + 30
+    # Shorten the idle timeout: edit kmodd.conf and reload, as an admin would.
+    guest.sh(f"printf 'autoclean_interval = {AUTOCLEAN_INTERVAL}\\n"
+             f"idle_timeout = {IDLE_TIMEOUT}\\n' >{CONF}")
+    reload, status = guest.kmodctl_json("reload", "status")
+    assert reload["ok"] and status["autoclean"]["idle_timeout"] == IDLE_TIMEOUT
+    wait = IDLE_TIMEOUT + 4 * AUTOCLEAN_INTERVAL + 60
     t0 = time.monotonic()
     guest.sh(f"for i in $(seq {wait * 2}); do grep -q '^dummy ' /proc/modules || exit 0; "
              "sleep 0.5; done; echo 'dummy still loaded' >&2; exit 1", timeout=wait + 60)
