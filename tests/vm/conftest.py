@@ -5,7 +5,9 @@
               (``modprobe -r``) or use names nobody else relies on.
 ``fresh_vm``  module scope factory: ``fresh_vm(devices=None, **VM kwargs) -> VM``
               boots a new guest for the calling test module (e.g. the daemon
-              end-to-end tests); every VM it made is shut down when the module ends.
+              end-to-end tests); every VM it made is shut down when the module
+              ends.  The session ``vm``, if already booted, is paused meanwhile
+              (and resumed for any test that asks for ``vm``).
 
 Both raise (never skip) when the test bed cannot boot: the error says why.
 Every test under tests/vm is marked ``vm``, and a vm test that skips is
@@ -53,12 +55,40 @@ def _boot(**kwargs: Any) -> VM:
     return vm
 
 
+_session_vm: list[VM] = []
+_paused: list[VM] = []
+
+
+def _pause_session_vm() -> None:
+    for machine in _session_vm:
+        if machine not in _paused:
+            machine.qmp("stop")
+            _paused.append(machine)
+
+
+def _resume_session_vm() -> None:
+    while _paused:
+        machine = _paused.pop()
+        if machine in _session_vm:
+            machine.qmp("cont")
+
+
+@pytest.fixture(autouse=True)
+def _session_vm_running(request: pytest.FixtureRequest) -> None:
+    """A test that uses ``vm`` gets it running even if a fresh_vm paused it."""
+    if "vm" in request.fixturenames:
+        _resume_session_vm()
+
+
 @pytest.fixture(scope="session")
 def vm() -> Iterator[VM]:
     machine = _boot()
+    _session_vm.append(machine)
     try:
         yield machine
     finally:
+        _session_vm.clear()
+        _paused.clear()
         machine.shutdown()
 
 
@@ -67,6 +97,9 @@ def fresh_vm() -> Iterator[Callable[..., VM]]:
     made: list[VM] = []
 
     def factory(devices: list[str] | None = None, **kwargs: Any) -> VM:
+        # One running guest at a time on a shared 2-core host: the session VM
+        # (if booted) is paused while this module's guests run.
+        _pause_session_vm()
         machine = _boot(devices=devices, **kwargs)
         made.append(machine)
         return machine
@@ -76,3 +109,4 @@ def fresh_vm() -> Iterator[Callable[..., VM]]:
     finally:
         for machine in made:
             machine.shutdown()
+        _resume_session_vm()
