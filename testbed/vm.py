@@ -165,7 +165,18 @@ def _audio_and_net_backends(devices: Sequence[str]) -> list[str]:
 
 
 class VM:
-    """One QEMU guest; a context manager that boots on entry and shuts down on exit."""
+    """One QEMU guest; a context manager that boots on entry and shuts down on exit.
+
+    devices          ``-device`` values (default DEFAULT_DEVICES); ``audiodev=X`` and
+                     ``netdev=X`` backends are created automatically (none / user,restrict)
+    memory, cpus     guest size (``-m``, ``-smp``)
+    extra_args       more QEMU arguments;  cmdline_extra: more kernel command line
+    kernel_modprobe  what /proc/sys/kernel/modprobe is set to (None: kernel default)
+    console          a text stream the guest console is copied to as it arrives
+    share            the checkout shared read-write at the same path (default: this one)
+    keep_rundir      keep build/testbed/run/<id> (mailbox, console.log, qemu.log)
+    cache_venv       serve share/.venv from a read-only cached 9p export
+    """
 
     def __init__(
         self,
@@ -216,6 +227,7 @@ class VM:
         self._tailer: threading.Thread | None = None
         self._stopping = threading.Event()
         self._final_console: str | None = None
+        self._final_qemu_log: str | None = None
 
     # ------------------------------------------------------------------ boot
 
@@ -301,9 +313,10 @@ class VM:
         argv = self.command_line(vmlinux, initramfs, mode)
         start = time.monotonic()
         _prune_stale_rundirs(self.rundir.parent)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        with open(self.rundir / "qemu.log", "wb") as qemu_log:  # a pipe could fill and block
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         if self.console_stream is not None:
             self._tailer = threading.Thread(target=self._tail_console, daemon=True,
                                             name="testbed-console")
@@ -354,7 +367,7 @@ class VM:
 
     def _check_alive(self, when: str) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+            out = self.qemu_log()
             raise BootError(f"QEMU exited with status {self.proc.returncode} {when}"
                             + (f"\n--- qemu output ---\n{out.strip()[-3000:]}" if out else "")
                             + self._why())
@@ -405,6 +418,12 @@ class VM:
     def console_log(self) -> str:
         """Everything the guest wrote to its console (ttyS0) so far."""
         return self._read_console()
+
+    def qemu_log(self) -> str:
+        """What QEMU itself printed (warnings, errors)."""
+        if self._final_qemu_log is not None:
+            return self._final_qemu_log
+        return self._read_text(str(self.rundir / "qemu.log"))
 
     def console_tail(self, lines: int = 40) -> str:
         return "\n".join(self._read_console().splitlines()[-lines:])
@@ -635,12 +654,12 @@ class VM:
                 with contextlib.suppress(OSError):
                     sock.close()
         self._qmp = self._agent = self._agent_listener = None
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
         if self._final_console is None and self._console_path.exists():
             self._final_console = self._read_console()
             with contextlib.suppress(OSError):
                 (BUILD_DIR / "last-console.log").write_text(self._final_console)
+        if self._final_qemu_log is None:
+            self._final_qemu_log = self._read_text(str(self.rundir / "qemu.log"))
         if not self.keep_rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
         if self._sockdir.name != "testbed-unbooted":

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.initramfs import PROJECT_ROOT, find_kernel
-from testbed.vm import VM, GuestTimeout
+from testbed.initramfs import PROJECT_ROOT, TestbedError, find_kernel
+from testbed.vm import VM, BootError, GuestTimeout
 
 # Modalias prefixes the default devices must show in the guest (vendor:device).
 EXPECTED_PCI = {
@@ -134,3 +134,10 @@ def test_command_status_streams_and_timeout(vm: VM) -> None:
 
 def test_kernel_modprobe_points_at_true(vm: VM) -> None:
     assert vm.run("cat /proc/sys/kernel/modprobe").stdout.strip() == "/bin/true"
+
+
+def test_boot_failures_say_why() -> None:
+    with pytest.raises(BootError, match="not a valid device model"):
+        VM(["no-such-device"]).boot(timeout=60)
+    with pytest.raises(TestbedError, match="no kernel to boot"):
+        VM(kernel_version="0.0.0-none").boot(timeout=60)
