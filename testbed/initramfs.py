@@ -42,6 +42,8 @@ _GZIP_MAGIC = bytes.fromhex("1F8B08")
 class TestbedError(RuntimeError):
     """The test bed cannot be built or booted; the message says why and what to do."""
 
+    __test__ = False  # not a pytest test class despite the name
+
 
 @dataclass(frozen=True)
 class Kernel:
