@@ -11,6 +11,7 @@ the daemon down.
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import itertools
 import logging
@@ -641,8 +642,13 @@ class Service:
                 self._logged_failures[outcome.modules] = outcome.error
                 if len(self._logged_failures) > 4096:
                     self._logged_failures.pop(next(iter(self._logged_failures)))
-            slog(LOG, logging.DEBUG if repeat else logging.WARNING, "cannot load %s: %s",
-                 " ".join(outcome.modules) or req.key, outcome.error, **fields)
+            # A driver probed for a device it does not drive answers ENODEV:
+            # routine for hotplug and coldplug (udev logs it at debug too).
+            routine = outcome.errno in (errno.ENODEV, errno.ENXIO) and \
+                req.kind in ("modalias", "coldplug")
+            level = logging.DEBUG if repeat else logging.INFO if routine else logging.WARNING
+            slog(LOG, level, "cannot load %s: %s", " ".join(outcome.modules) or req.key,
+                 outcome.error, **fields)
         elif status == "runaway":
             slog(LOG, logging.DEBUG, "runaway request %s refused", req.key, **fields)
         else:

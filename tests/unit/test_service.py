@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno as E
 import json
+import logging
 import os
 import shutil
 import signal
@@ -414,10 +415,17 @@ def test_kmodd_main_coldplugs_serves_kmodctl_and_stops_on_sigterm(
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
+    kmodd_log = logging.getLogger("kmodd")
+    saved = (list(kmodd_log.handlers), kmodd_log.propagate, kmodd_log.level)
     helper = threading.Thread(target=driver)
     helper.start()
-    rc = daemon.main(args)
-    helper.join(30)
+    try:
+        rc = daemon.main(args)
+    finally:
+        helper.join(30)
+        # main() set up the daemon's own logging; give the other tests theirs back.
+        kmodd_log.handlers[:] = saved[0]
+        kmodd_log.propagate, kmodd_log.level = saved[1], saved[2]
     assert rc == 0
     assert results["settle"][0] == 0
     status = json.loads(results["status"][1])
@@ -529,3 +537,23 @@ def test_module_tree_change_reloads_the_resolver(env: Env) -> None:
     assert env.factory_event.wait(10)
     stop(svc, t, rc)
     assert svc.reloads == 1 and svc.scheduler._resolver is env.resolvers[-1]
+
+
+def test_each_failure_is_logged_once_at_a_fitting_level(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    env.kernel.load_errors.update({"nic": E.ENODEV, "solo": E.EINVAL})
+    svc = env.service(backoff_initial=0.0)
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    with caplog.at_level(logging.DEBUG, logger="kmodd"):
+        for dev in ("/d1", "/d2"):
+            assert svc.submit(Request("modalias", "pci:v8086d100E", dev)).result(10).errno \
+                == E.ENODEV
+            assert svc.submit(Request("kernel", "solo", dev)).result(10).errno == E.EINVAL
+    stop(svc, t, rc)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records
+             if r.getMessage().startswith("cannot load")]
+    assert [lvl for lvl, msg in lines if msg.startswith("cannot load nic")] == \
+        [logging.INFO, logging.DEBUG]             # no device for it: routine, then quiet
+    assert [lvl for lvl, msg in lines if msg.startswith("cannot load solo")] == \
+        [logging.WARNING, logging.DEBUG]
