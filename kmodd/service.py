@@ -39,6 +39,7 @@ from kmodd.scheduler import (
     Request,
     ResolverLike,
     Scheduler,
+    StepOutcome,
     StepResultLike,
 )
 from kmodd.settings import Settings, SettingsError, SettingsSource
@@ -711,13 +712,19 @@ class Service:
         return report
 
     def _autoclean_unload(self, name: str) -> Any:
+        if self._remove_command(name) is not None:
+            # An administrator's remove command may take its time and do
+            # anything; autoclean runs on the event loop and stays out of it.
+            return StepOutcome(name, "failed", "has a modprobe.d remove command; left alone")
         return self.loader_unload(name)
 
-    def loader_unload(self, name: str, *, force: bool = False) -> Any:
-        remove = None
+    def _remove_command(self, name: str) -> str | None:
         config = getattr(self.resolver, "config", None)
-        if config is not None:
-            remove = getattr(config, "remove", {}).get(name)
+        remove = getattr(config, "remove", None) if config is not None else None
+        return remove.get(name) if isinstance(remove, dict) else None
+
+    def loader_unload(self, name: str, *, force: bool = False) -> Any:
+        remove = self._remove_command(name)
         unload = getattr(self.loader, "unload", None)
         if unload is None:
             self.kernel.unload_module(name, force=force)

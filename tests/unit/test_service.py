@@ -557,3 +557,14 @@ def test_each_failure_is_logged_once_at_a_fitting_level(
         [logging.INFO, logging.DEBUG]             # no device for it: routine, then quiet
     assert [lvl for lvl, msg in lines if msg.startswith("cannot load solo")] == \
         [logging.WARNING, logging.DEBUG]
+
+
+def test_autoclean_leaves_modules_with_a_remove_command_alone(env: Env) -> None:
+    from types import SimpleNamespace
+    svc = env.service()
+    svc.resolver.config = SimpleNamespace(remove={"solo": "/sbin/custom-teardown"})  # type: ignore[attr-defined]
+    env.kernel.load_module("solo", env.resolvers[0].path("solo"))
+    res = svc._autoclean_unload("solo")
+    assert res.status == "failed" and "remove command" in (res.error or "")
+    assert "solo" in env.kernel.loaded()
+    svc.scheduler.shutdown(timeout=5)
