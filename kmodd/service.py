@@ -174,6 +174,10 @@ class EventLoop:
     def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
         timer = _Timer(time.monotonic() + max(0.0, delay), fn)
         heapq.heappush(self._timers, (timer.deadline, next(self._seq), timer))
+        if len(self._timers) > 1024:
+            # Cancelled far-future timers (settle timeouts) would pile up.
+            self._timers = [t for t in self._timers if not t[2].cancelled]
+            heapq.heapify(self._timers)
         return timer
 
     def call_every(self, interval: float, fn: Callable[[], None]) -> _Timer:
@@ -255,6 +259,7 @@ class _BrokenResolver:
 
 
 _DEFAULT: Any = object()
+MAX_SETTLE_PER_PEER = 16
 
 
 class Service:
@@ -762,9 +767,10 @@ class Service:
         if op == "why":
             return self.why(_name_arg(msg, "module"))
         if op == "monitor":
-            self.monitors.add(conn)
-            conn.monitoring = True
-            conn.on_close.append(self.monitors.discard)
+            if not conn.monitoring:
+                self.monitors.add(conn)
+                conn.monitoring = True
+                conn.on_close.append(self.monitors.discard)
             return {"ok": True, "monitoring": True}
         if op == "settle":
             return self._settle(conn, msg)
@@ -860,6 +866,9 @@ class Service:
             return {"ok": True, "settled": True}
         if timeout == 0:
             return {"ok": True, "settled": False}
+        if sum(1 for w in self._settle_waiters if w[0] is conn) >= MAX_SETTLE_PER_PEER:
+            return error_reply("too many settle requests waiting on this connection",
+                               "EAGAIN")
         timer = None
         entry: list[Any] = []
 

@@ -568,3 +568,26 @@ def test_autoclean_leaves_modules_with_a_remove_command_alone(env: Env) -> None:
     assert res.status == "failed" and "remove command" in (res.error or "")
     assert "solo" in env.kernel.loaded()
     svc.scheduler.shutdown(timeout=5)
+
+
+def test_a_peer_cannot_pile_up_settle_or_monitor_requests(env: Env) -> None:
+    from kmodd.service import MAX_SETTLE_PER_PEER
+    svc = env.service(gated=("slow",))
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    held = svc.submit(Request("admin", "slow"))        # keeps the daemon unsettled
+    assert env.loader.entered["slow"].wait(10)
+    with Client(env.sock, timeout=10) as c:
+        for _ in range(3):
+            assert c.request({"op": "monitor"})["monitoring"] is True
+        for i in range(MAX_SETTLE_PER_PEER + 1):
+            c.send({"op": "settle", "timeout": 1e9, "id": i})
+        refused = c.receive()
+        assert refused["id"] == MAX_SETTLE_PER_PEER and refused["code"] == "EAGAIN"
+        env.loader.release()
+        replies = [c.receive() for _ in range(MAX_SETTLE_PER_PEER + 1)]
+        settles = [r for r in replies if "settled" in r]
+        assert len(settles) == MAX_SETTLE_PER_PEER and all(r["settled"] for r in settles)
+    assert held.result(10).status == "loaded"
+    stop(svc, t, rc)
+    assert len(svc.monitors) == 0
