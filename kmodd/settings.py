@@ -179,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not load drivers for devices already present")
     p.add_argument("--kernel", metavar="real|sim:PATH",
                    help="kernel to drive: the running one, or a simulated one (tests)")
+    p.add_argument("--backoff-initial", type=float, metavar="SECONDS",
+                   help="first retry delay after a failed load, doubled each time (default 5)")
+    p.add_argument("--backoff-max", type=float, metavar="SECONDS",
+                   help="longest retry delay (default 600)")
+    p.add_argument("--runaway-limit", type=int, metavar="N",
+                   help="requests for one key within the window before they are refused "
+                        f"as a runaway (default {MAX_KMOD_CONCURRENT})")
+    p.add_argument("--runaway-window", type=float, metavar="SECONDS",
+                   help="runaway detection window (default 10)")
+    p.add_argument("--queue-limit", type=int, metavar="N",
+                   help="distinct requests pending at most (default 16384)")
     p.add_argument("--log-level", choices=_LOG_LEVELS)
     journal = p.add_mutually_exclusive_group()
     journal.add_argument("--journal", dest="journal", action="store_true", default=None,
@@ -192,7 +203,8 @@ def _flag_values(ns: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("max_workers", "autoclean_interval", "idle_timeout", "socket", "state_file",
                 "request_fifo", "root", "modules_base", "version", "coldplug", "kernel",
-                "log_level", "journal", "config_file"):
+                "log_level", "journal", "config_file", "backoff_initial", "backoff_max",
+                "runaway_limit", "runaway_window", "queue_limit"):
         v = getattr(ns, key, None)
         if v is not None:
             out[key] = v

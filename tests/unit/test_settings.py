@@ -95,3 +95,17 @@ def test_reload_rereads_the_file_and_keeps_flags(tmp_path: Path) -> None:
     write(tmp_path, "idle_timeout = 20\nmax_workers = 3\n")
     s2 = source.load()
     assert (s2.idle_timeout, s2.max_workers) == (20, 5)
+
+
+def test_every_file_setting_is_also_a_flag(tmp_path: Path) -> None:
+    s, _ = parse_settings(["--root", str(tmp_path), "--backoff-initial", "1",
+                           "--backoff-max", "9", "--runaway-limit", "7",
+                           "--runaway-window", "3", "--queue-limit", "99",
+                           "--state-file", "/x/s.json", "--request-fifo", "/x/req",
+                           "--log-level", "debug", "--journal"])
+    assert (s.backoff_initial, s.backoff_max, s.runaway_limit, s.runaway_window,
+            s.queue_limit) == (1, 9, 7, 3, 99)
+    assert (s.state_file, s.request_fifo, s.log_level, s.journal) == \
+        ("/x/s.json", "/x/req", "debug", True)
+    with pytest.raises(SettingsError, match="runaway_limit must be at least 1"):
+        parse_settings(["--root", str(tmp_path), "--runaway-limit", "0"])
