@@ -328,6 +328,16 @@ class Scheduler:
             # A new config may fix what failed: give failing modules a fresh chance.
             self._failures.clear()
 
+    def reconfigure(self, *, backoff: BackoffPolicy, runaway_limit: int, runaway_window: float,
+                    queue_limit: int) -> None:
+        """Settings a reload may change while running (not the worker count)."""
+        with self._lock:
+            self.backoff = backoff
+            self._runaway.limit = max(1, runaway_limit)
+            self._runaway.window = runaway_window
+            self.queue_limit = queue_limit
+            self.max_total_waiters = max(queue_limit, 65536)
+
     def submit(self, request: Request) -> Future[Outcome]:
         fut: Future[Outcome] = Future()
         fut.set_running_or_notify_cancel()    # callers cannot cancel: every Future completes

@@ -590,7 +590,12 @@ class Service:
         self.settings = settings
         self.resolver = resolver
         self.scheduler.set_resolver(resolver)
-        self.scheduler.backoff = BackoffPolicy(settings.backoff_initial, settings.backoff_max)
+        self.scheduler.reconfigure(
+            backoff=BackoffPolicy(settings.backoff_initial, settings.backoff_max),
+            runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
+            queue_limit=settings.queue_limit)
+        if settings.max_workers != self.scheduler.max_workers:
+            slog(LOG, logging.INFO, "max_workers changes take effect at the next start")
         self.autoclean.policy = self._autoclean_policy(settings)
         if self._autoclean_timer is not None:
             self._autoclean_timer.cancel()

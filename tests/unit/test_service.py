@@ -217,7 +217,7 @@ def test_sighup_reloads_configuration(env: Env, tmp_path: Path) -> None:
 
     def driver() -> None:
         notifier.wait_for("READY")
-        conf.write_text("idle_timeout = 99\nnever_unload = ['nic']\n")
+        conf.write_text("idle_timeout = 99\nnever_unload = ['nic']\nrunaway_limit = 7\n")
         os.kill(os.getpid(), signal.SIGHUP)
         assert env.factory_event.wait(10)
         svc.request_stop()
@@ -229,6 +229,7 @@ def test_sighup_reloads_configuration(env: Env, tmp_path: Path) -> None:
     assert svc.reloads == 1
     assert svc.autoclean.policy.idle_timeout == 99
     assert svc.autoclean.policy.never_unload == frozenset({"nic"})
+    assert svc.scheduler._runaway.limit == 7
     assert svc.scheduler._resolver is env.resolvers[-1]
 
 
