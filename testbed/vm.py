@@ -217,6 +217,7 @@ class VM:
         self._qmp: socket.socket | None = None
         self._qmp_buf = b""
         self._qmp_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self.qmp_events: list[dict[str, Any]] = []
         self._seq = itertools.count(1)
         self._done: dict[int, int] = {}
@@ -492,7 +493,7 @@ class VM:
             Path(f"{base}.in").write_bytes(input.encode() if isinstance(input, str) else input)
         Path(f"{base}.cmd").write_text(self._script(cmd, cwd, env))
         start = time.monotonic()
-        self._agent.sendall(f"run {n}\n".encode())
+        self._send(f"run {n}\n")
         rc_path = Path(f"{base}.rc")
         deadline = None if timeout is None else start + timeout
         offsets = [0, 0]
@@ -509,7 +510,7 @@ class VM:
                 if deadline is not None and now > deadline:
                     if killed_at is None:
                         killed_at = now
-                        self._agent.sendall(f"kill {n}\n".encode())
+                        self._send(f"kill {n}\n")
                     elif now > killed_at + 15:
                         break
                 self._cond.wait(0.05 if stream is not None else 0.25)
@@ -544,6 +545,11 @@ class VM:
         if check:
             result.check()
         return result
+
+    def _send(self, line: str) -> None:
+        with self._send_lock:  # run() may be called from several threads
+            assert self._agent is not None
+            self._agent.sendall(line.encode())
 
     @staticmethod
     def _read_text(path: str) -> str:

@@ -141,3 +141,14 @@ def test_boot_failures_say_why() -> None:
         VM(["no-such-device"]).boot(timeout=60)
     with pytest.raises(TestbedError, match="no kernel to boot"):
         VM(kernel_version="0.0.0-none").boot(timeout=60)
+
+
+def test_commands_run_concurrently(vm: VM) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(vm.run, "sleep 3; echo slow")
+        time.sleep(0.2)
+        fast = vm.run("echo fast")
+        assert fast.stdout == "fast\n" and not slow.done()
+        assert slow.result().stdout == "slow\n"
