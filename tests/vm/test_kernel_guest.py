@@ -44,10 +44,18 @@ TMP = Path("/tmp/kmodd-kernel-checks")
 
 Check = Callable[[], dict[str, Any]]
 CHECKS: dict[str, Check] = {}
+# Checks that leave the guest unusable for anything else (modules_disabled is
+# one-way): run only when named, on a guest of their own.
+DESTRUCTIVE: dict[str, Check] = {}
 
 
 def check(fn: Check) -> Check:
     CHECKS[fn.__name__.removeprefix("check_")] = fn
+    return fn
+
+
+def destructive(fn: Check) -> Check:
+    DESTRUCTIVE[fn.__name__.removeprefix("check_")] = fn
     return fn
 
 
@@ -438,13 +446,46 @@ def check_kmodctl() -> dict[str, Any]:
     return out
 
 
+@destructive
+def check_eperm() -> dict[str, Any]:
+    """Expects a guest booted with ``module_blacklist=loop``; ends with modules_disabled=1."""
+    loop = resolver().plan("loop").steps[-1]
+    e1000 = resolver().plan("e1000").steps[-1]
+    k = RealKernel()
+    out: dict[str, Any] = {"cmdline": Path("/proc/cmdline").read_text()}
+
+    def attempt(name: str, path: str | None) -> dict[str, Any]:
+        assert path is not None
+        try:
+            return {"errno": 0, "inserted": k.load_module(name, path)}
+        except KernelError as e:
+            return {"errno": e.errno, "message": e.message}
+
+    out["blacklisted"] = attempt("loop", loop.path)
+    out["blacklisted_loader"] = results_json([Loader(k).load_step(loop)])[0]
+    out["modprobe_blacklisted"] = sh("modprobe", "loop")
+    out["e1000_before"] = attempt("e1000", e1000.path)
+    Path("/proc/sys/kernel/modules_disabled").write_text("1\n")
+    out["modules_disabled"] = k.modules_disabled()
+    unload_all(["e1000"])   # unloading is refused too
+    out["e1000_state"] = state_of(["e1000"])
+    try:
+        k.unload_module("e1000")
+        out["unload_disabled"] = {"errno": 0}
+    except KernelError as e:
+        out["unload_disabled"] = {"errno": e.errno, "message": e.message}
+    out["dummy_disabled"] = attempt("loop", loop.path)
+    out["kmodctl_disabled"] = kmodctl("load", "virtio_rng")
+    return out
+
+
 def main(argv: list[str]) -> int:
     wanted = argv or list(CHECKS)
     report: dict[str, Any] = {}
     for name in wanted:
         t0 = time.monotonic()
         try:
-            data = CHECKS[name]()
+            data = {**CHECKS, **DESTRUCTIVE}[name]()
             data["ok"] = True
         except Exception:
             data = {"ok": False, "traceback": traceback.format_exc()}
