@@ -267,7 +267,7 @@ class _Task:
     request: Request
     targets: tuple[str, ...]
     waiting_on: set[str]
-    dependents: set[str] = field(default_factory=set)
+    dependents: list[_Task] = field(default_factory=list)
     entries: list[_Entry] = field(default_factory=list)
     state: str = "waiting"          # waiting | ready | running | done
 
@@ -602,7 +602,7 @@ class Scheduler:
                 task = _Task(step, request, plan.targets, waits)
                 self._tasks[step.name] = task
                 for dep in waits:
-                    self._tasks[dep].dependents.add(step.name)
+                    self._tasks[dep].dependents.append(task)
                 if not waits:
                     task.state = "ready"
                     self._ready.append(task)
@@ -667,10 +667,10 @@ class Scheduler:
             current.state = "done"
             module_cbs.append((current.step, current.request, current.targets, res))
             failed = res.status in ("failed", "skipped")
-            for dep_name in current.dependents:
-                dependent = self._tasks.get(dep_name)
-                if dependent is None:
-                    continue
+            for dependent in current.dependents:
+                dep_name = dependent.step.name
+                if self._tasks.get(dep_name) is not dependent:
+                    continue        # already done (a sibling dependency failed first)
                 if failed:
                     if dependent.state != "running":
                         if dependent.state == "ready":
