@@ -90,9 +90,8 @@ def load_plan_direct(plan: Plan, kernel: Kernel, *, params: Sequence[str] = (),
                 continue
             try:
                 unknown, declared = unknown_params(step.path, params)
-            except Exception as e:   # a corrupt file: the kernel will say so more precisely
+            except Exception:   # an unreadable file: loading it will say why more precisely
                 unknown, declared = [], []
-                del e
             if unknown:
                 plural = "s" if len(unknown) > 1 else ""
                 known = ", ".join(declared) if declared else "none"
