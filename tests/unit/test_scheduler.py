@@ -435,3 +435,29 @@ def test_later_request_joins_a_load_already_inside_the_kernel(
     gate.set()
     assert [outcome(f).status for f in (first, admin, other_dev)] == ["loaded"] * 3
     assert loads_of(kernel, "slow") == 1
+
+
+def test_softdeps_keep_modprobe_order(env: dict[str, object]) -> None:
+    graph = {"drv": ("lib",), "lib": (), "pre": (), "post": ()}
+    sched, kernel, _, _ = make(env, graph=graph, max_workers=4, resolver_kwargs={
+        "softdeps": {"drv": (("pre",), ("post",))}})
+    assert outcome(sched.submit(Request("admin", "drv"))).status == "loaded"
+    order = kernel.load_order
+    assert order.index("pre") < order.index("lib") < order.index("drv") < order.index("post")
+
+
+def test_one_failure_answers_every_request_that_needed_it(env: dict[str, object]) -> None:
+    graph = {"bad": (), "u1": ("bad",), "u2": ("bad",), "ok": ()}
+    sched, kernel, loader, _ = make(env, graph=graph, gated=("bad",), max_workers=4,
+                                    kernel_kwargs={"load_errors": {"bad": E.EIO}})
+    f1 = sched.submit(Request("admin", "u1"))
+    assert loader.entered["bad"].wait(10)
+    f2 = sched.submit(Request("admin", "u2"))
+    f3 = sched.submit(Request("admin", "ok"))
+    assert outcome(f3).status == "loaded"          # unrelated work is not held up
+    loader.release()
+    for f in (f1, f2):
+        out = outcome(f)
+        assert out.status == "failed" and out.errno == E.EIO and "bad" in (out.error or "")
+    assert loads_of(kernel, "bad") == 1 and "u1" not in loader.calls
+    assert "u2" not in loader.calls and sched.wait_idle(10)
