@@ -68,13 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"testbed: booted {vm.kernel.version if vm.kernel else '?'} in "
               f"{vm.boot_seconds:.1f} s", file=sys.stderr)
         try:
-            result = vm.run(command, timeout=args.timeout, stream=sys.stdout)
+            result = vm.run(command, timeout=args.timeout, stream=sys.stdout,
+                            stream_err=sys.stderr)
         except GuestTimeout as exc:
             print(f"testbed: {exc}", file=sys.stderr)
             return 124
         sys.stdout.flush()
-        if result.stderr and not result.stdout.endswith("\n") and result.stdout:
-            print()
         print(f"testbed: exit status {result.rc} after {time.monotonic() - start:.1f} s",
               file=sys.stderr)
         return result.rc

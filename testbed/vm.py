@@ -474,12 +474,14 @@ class VM:
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         stream: IO[str] | None = None,
+        stream_err: IO[str] | None = None,
     ) -> Completed:
         """Run *cmd* in the guest (a shell string for ``/bin/sh``, or an argv list).
 
         The command runs as root, in *cwd* (default: the project checkout), with
         the project's venv first on PATH.  Output is returned when it finishes;
-        with *stream*, stdout and stderr are also copied there as they arrive.
+        with *stream*, stdout and stderr are also copied there as they arrive
+        (stderr to *stream_err* instead, if given).
         Raises ``GuestTimeout`` (with partial output and the console tail) when
         *timeout* expires; the command and every process it started are killed
         first.  *timeout* None waits forever.
@@ -515,7 +517,7 @@ class VM:
                         break
                 self._cond.wait(0.05 if stream is not None else 0.25)
                 if stream is not None:
-                    self._stream_new(base, offsets, stream)
+                    self._stream_new(base, offsets, stream, stream_err)
                 if n not in self._done and rc_path.exists():  # doorbell reply lost
                     text = rc_path.read_text()
                     if text.endswith("\n"):
@@ -523,7 +525,7 @@ class VM:
                         break
         duration = time.monotonic() - start
         if stream is not None:
-            self._stream_new(base, offsets, stream)
+            self._stream_new(base, offsets, stream, stream_err)
         out = self._read_text(f"{base}.out")
         err = self._read_text(f"{base}.err")
         shown = cmd if isinstance(cmd, str) else shlex.join([str(c) for c in cmd])
@@ -559,8 +561,10 @@ class VM:
             return ""
 
     @staticmethod
-    def _stream_new(base: Path, offsets: list[int], stream: IO[str]) -> None:
+    def _stream_new(base: Path, offsets: list[int], stream: IO[str],
+                    stream_err: IO[str] | None) -> None:
         for i, suffix in enumerate((".out", ".err")):
+            target = stream_err if i == 1 and stream_err is not None else stream
             try:
                 with open(f"{base}{suffix}", "rb") as fh:
                     fh.seek(offsets[i])
@@ -569,8 +573,8 @@ class VM:
                 continue
             if data:
                 offsets[i] += len(data)
-                stream.write(data.decode(errors="replace"))
-                stream.flush()
+                target.write(data.decode(errors="replace"))
+                target.flush()
 
     def ping(self, timeout: float = 10.0) -> float:
         """Round trip through the agent running ``true``; returns seconds."""
