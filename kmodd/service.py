@@ -123,6 +123,7 @@ class EventLoop:
         self._rsock.setblocking(False)
         self._wsock.setblocking(False)
         self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._wakeup_pending = False
         self._timers: list[tuple[float, int, _Timer]] = []
         self._seq = itertools.count()
         self._handlers: dict[int, tuple[Callable[[], None] | None,
@@ -168,8 +169,12 @@ class EventLoop:
     # callbacks and timers ------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
         self._calls.append((fn, args))
-        with contextlib.suppress(BlockingIOError, OSError):
-            self._wsock.send(b"\0")
+        # One wake-up byte per batch: the loop clears the flag before taking
+        # the batch, so a call appended after that always sends its own.
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._wsock.send(b"\0")
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
         timer = _Timer(time.monotonic() + max(0.0, delay), fn)
@@ -228,6 +233,7 @@ class EventLoop:
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
                 self._guard(timer.callback)
+        self._wakeup_pending = False
         for _ in range(len(self._calls)):
             fn, args = self._calls.popleft()
             self._guard(fn, *args)
@@ -331,6 +337,8 @@ class Service:
         self._exit_code = 0
         self._state_dirty = False
         self._save_timer: Any = None
+        self._saver: threading.Thread | None = None
+        self._save_wanted = threading.Event()
         self._autoclean_timer: Any = None
         self._reload_timer: Any = None
         self._last_status = ""
@@ -672,9 +680,30 @@ class Service:
         self._state_dirty = True
         if self._save_timer is None:
             # Coalesce the writes of a coldplug burst into one.
-            self._save_timer = self.loop.call_later(0.5, self._save_state)
+            self._save_timer = self.loop.call_later(0.5, self._save_in_background)
+
+    def _save_in_background(self) -> None:
+        # fsync must not hold up uevent intake: a writer thread does it.
+        self._save_timer = None
+        self._state_dirty = False
+        if self._saver is None:
+            self._saver = threading.Thread(target=self._saver_thread, name="kmodd-state",
+                                           daemon=True)
+            self._saver.start()
+        self._save_wanted.set()
+
+    def _saver_thread(self) -> None:
+        while True:
+            self._save_wanted.wait()
+            self._save_wanted.clear()
+            try:
+                self.state.save()
+            except OSError as exc:
+                slog(LOG, logging.ERROR, "cannot save state to %s: %s", self.state.path, exc)
 
     def _save_state(self) -> None:
+        if self._save_timer is not None:
+            self._save_timer.cancel()
         self._save_timer = None
         self._state_dirty = False
         try:

@@ -63,6 +63,7 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._records: dict[str, ModuleRecord] = {}
 
     # --- persistence ---------------------------------------------------------
@@ -102,6 +103,12 @@ class StateStore:
             self._records = records
 
     def save(self) -> None:
+        # One writer at a time, each writing a snapshot taken after the last
+        # write: an older snapshot can never replace a newer file.
+        with self._save_lock:
+            self._save()
+
+    def _save(self) -> None:
         with self._lock:
             payload = {"version": STATE_VERSION,
                        "modules": [r.to_dict() for r in self._records.values()]}
