@@ -14,7 +14,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,11 @@ class ModuleRecord:
     idle_sweeps: int = 0             # consecutive sweeps that saw it unused
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["via"] = list(self.via)
-        return d
+        # By hand: dataclasses.asdict deep-copies and is slow for every save.
+        return {"name": self.name, "loaded_at": self.loaded_at, "kind": self.kind,
+                "key": self.key, "devpath": self.devpath, "requested_by": self.requested_by,
+                "role": self.role, "via": list(self.via), "idle_since": self.idle_since,
+                "idle_sweeps": self.idle_sweeps}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModuleRecord:
@@ -153,7 +155,7 @@ class StateStore:
     def records(self) -> dict[str, ModuleRecord]:
         """A copy: callers may change the values without racing the workers."""
         with self._lock:
-            return {k: ModuleRecord(**asdict(v)) for k, v in self._records.items()}
+            return {k: replace(v) for k, v in self._records.items()}
 
     def set_idle(self, name: str, loaded_at: float, idle_since: float | None,
                  idle_sweeps: int) -> None:
