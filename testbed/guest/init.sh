@@ -44,6 +44,10 @@ mount -t tmpfs -o mode=0755 tmpfs /ovl || fatal "cannot mount tmpfs"
 mkdir -p /ovl/upper /ovl/work
 mount -t overlay -o lowerdir=/lower,upperdir=/ovl/upper,workdir=/ovl/work overlay /newroot \
     || fatal "cannot mount the overlay on the host root"
+# tmpfs on /run and /tmp first, so a checkout below them is mounted on top.
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fatal "cannot mount /run"
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/tmp || fatal "cannot mount /tmp"
+mkdir -p "/newroot$tb_share"
 [ -d "/newroot$tb_share" ] || fatal "$tb_share does not exist on the host"
 mount -t 9p -o "$opts,cache=none" share "/newroot$tb_share" \
     || fatal "cannot mount the project checkout over 9p (mount_tag share)"
@@ -58,7 +62,6 @@ fi
 for d in dev proc sys; do
     mount --move "/$d" "/newroot/$d" || fatal "cannot move /$d"
 done
-mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fatal "cannot mount /run"
 mkdir -p /newroot/run/testbed
 cp /testbed/*.sh /newroot/run/testbed/
 exec switch_root /newroot /bin/sh /run/testbed/stage2.sh
