@@ -36,6 +36,12 @@ log = logging.getLogger("kmodd.scheduler")
 # The kernel warns "request_module: runaway loop" past this many concurrent
 # modprobe calls (kernel/module/kmod.c); a loader should never need more.
 MAX_KMOD_CONCURRENT = 50
+# Requests for one key (or loads of one module) within RUNAWAY_WINDOW seconds
+# before they are refused as a runaway.  A real loop (a module asking for
+# itself, a device re-announcing itself) runs far faster; a script calling
+# the request helper in a loop or a device burst stays well below.
+RUNAWAY_LIMIT = 100
+RUNAWAY_WINDOW = 10.0
 
 REQUEST_KINDS = ("modalias", "kernel", "admin", "coldplug")
 OUTCOME_STATUSES = ("loaded", "present", "builtin", "failed", "unresolved", "blacklisted",
@@ -162,7 +168,7 @@ class RunawayDetector:
     seen dropped first) and each keeps at most ``limit + 1`` timestamps.
     """
 
-    def __init__(self, limit: int = MAX_KMOD_CONCURRENT, window: float = 10.0,
+    def __init__(self, limit: int = RUNAWAY_LIMIT, window: float = RUNAWAY_WINDOW,
                  max_keys: int = 4096) -> None:
         self.limit = max(1, limit)
         self.window = window
@@ -279,7 +285,7 @@ class Scheduler:
     def __init__(self, resolver: ResolverLike, loader: LoaderLike, kernel: KernelStateLike, *,
                  max_workers: int | None = None, queue_limit: int = 16384,
                  max_waiters: int = 4096, backoff: BackoffPolicy | None = None,
-                 runaway_limit: int = MAX_KMOD_CONCURRENT, runaway_window: float = 10.0,
+                 runaway_limit: int = RUNAWAY_LIMIT, runaway_window: float = RUNAWAY_WINDOW,
                  clock: Callable[[], float] = time.monotonic,
                  on_outcome: Callable[[Outcome], None] | None = None,
                  on_module: ModuleCallback | None = None,

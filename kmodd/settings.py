@@ -14,7 +14,12 @@ from typing import Any
 
 from kmodd.names import modname_normalize
 from kmodd.root import Root
-from kmodd.scheduler import MAX_KMOD_CONCURRENT, default_max_workers
+from kmodd.scheduler import (
+    MAX_KMOD_CONCURRENT,
+    RUNAWAY_LIMIT,
+    RUNAWAY_WINDOW,
+    default_max_workers,
+)
 
 DEFAULT_CONFIG = "/etc/kmodd.conf"
 DEFAULT_SOCKET = "/run/kmodd/control"
@@ -41,8 +46,8 @@ class Settings:
     journal: bool | None = None          # None: journald when running under systemd
     backoff_initial: float = 5.0
     backoff_max: float = 600.0
-    runaway_limit: int = MAX_KMOD_CONCURRENT
-    runaway_window: float = 10.0
+    runaway_limit: int = RUNAWAY_LIMIT
+    runaway_window: float = RUNAWAY_WINDOW
     queue_limit: int = 16384
     # not in the file: where and what to run against
     config_file: str = DEFAULT_CONFIG
@@ -185,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest retry delay (default 600)")
     p.add_argument("--runaway-limit", type=int, metavar="N",
                    help="requests for one key within the window before they are refused "
-                        f"as a runaway (default {MAX_KMOD_CONCURRENT})")
+                        f"as a runaway (default {RUNAWAY_LIMIT})")
     p.add_argument("--runaway-window", type=float, metavar="SECONDS",
-                   help="runaway detection window (default 10)")
+                   help=f"runaway detection window (default {RUNAWAY_WINDOW:g})")
     p.add_argument("--queue-limit", type=int, metavar="N",
                    help="distinct requests pending at most (default 16384)")
     p.add_argument("--log-level", choices=_LOG_LEVELS)

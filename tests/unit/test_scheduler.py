@@ -16,6 +16,7 @@ from kmodd.loader import Loader
 from kmodd.plan import ModuleStep, Plan, Role
 from kmodd.scheduler import (
     MAX_KMOD_CONCURRENT,
+    RUNAWAY_LIMIT,
     BackoffPolicy,
     Outcome,
     Request,
@@ -461,3 +462,11 @@ def test_one_failure_answers_every_request_that_needed_it(env: dict[str, object]
         assert out.status == "failed" and out.errno == E.EIO and "bad" in (out.error or "")
     assert loads_of(kernel, "bad") == 1 and "u1" not in loader.calls
     assert "u2" not in loader.calls and sched.wait_idle(10)
+
+
+def test_a_script_asking_in_a_loop_is_not_a_runaway(env: dict[str, object]) -> None:
+    # e.g. timing the request helper 50 times: answered, not refused.
+    sched, _, _, _ = make(env)
+    outs = [outcome(sched.submit(Request("kernel", "solo", None, "kernel")))
+            for _ in range(RUNAWAY_LIMIT)]
+    assert {o.status for o in outs} == {"loaded", "present"}

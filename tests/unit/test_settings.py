@@ -21,6 +21,7 @@ def test_defaults_follow_the_root(tmp_path: Path) -> None:
     assert 1 <= s.max_workers <= MAX_KMOD_CONCURRENT
     assert s.autoclean_interval == 60 and s.idle_timeout == 60
     assert s.never_unload == () and s.coldplug is True and s.kernel == "real"
+    assert (s.runaway_limit, s.runaway_window) == (100, 10.0)
     assert s.socket == str(tmp_path / "run/kmodd/control")
     assert s.state_file == str(tmp_path / "run/kmodd/state.json")
     assert s.config_file == str(tmp_path / "etc/kmodd.conf")
