@@ -758,6 +758,13 @@ class Service:
         return self.loader_unload(name)
 
     def _remove_command(self, name: str) -> str | None:
+        lookup = getattr(self.resolver, "remove_command", None)
+        if callable(lookup):
+            try:
+                found = lookup(name)
+            except Exception:
+                found = None
+            return found if isinstance(found, str) else None
         config = getattr(self.resolver, "config", None)
         remove = getattr(config, "remove", None) if config is not None else None
         return remove.get(name) if isinstance(remove, dict) else None
