@@ -7,7 +7,8 @@ applies the decision and is driven by the service's timer.
 A module is unloaded only when kmodd loaded it, it has been seen unused on
 two consecutive sweeps and for at least ``idle_timeout``, its refcount is
 zero, nothing holds it, no device is bound to its drivers, it is not
-permanent and not listed in ``never_unload``.  Its dependencies that kmodd
+permanent and not listed in ``never_unload`` -- and, when it was loaded for
+a device (uevent, coldplug), that device is gone.  Its dependencies that kmodd
 loaded and that only it used follow in the same sweep.  Modules loaded by
 anyone else have no record, so they are never even considered.
 """
@@ -18,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kmodd.kernel.protocol import InitState, Kernel
@@ -73,9 +75,11 @@ def busy_reason(use: ModuleUse, policy: AutocleanPolicy) -> str | None:
 
 def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse],
                policy: AutocleanPolicy, now: float,
-               busy: Iterable[str] = ()) -> SweepPlan:
-    """Decide one sweep.  ``busy``: modules a pending request involves."""
+               busy: Iterable[str] = (), devices_present: Iterable[str] = ()) -> SweepPlan:
+    """Decide one sweep.  ``busy``: modules a pending request involves;
+    ``devices_present``: modules loaded for a device that is still there."""
     busy_set = set(busy)
+    present = set(devices_present)
     out = SweepPlan()
     for name, rec in records.items():
         use = uses.get(name)
@@ -85,6 +89,10 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
         reason = busy_reason(use, policy)
         if reason is None and name in busy_set:
             reason = "a request for it is in flight"
+        if reason is None and name in present:
+            # Loaded for a device, like udev would: it stays while the device
+            # does (CPU feature modules, drivers whose probe passed it over).
+            reason = f"its device {rec.devpath} is present"
         if reason is not None:
             out.idle[name] = (None, 0)
             out.kept[name] = reason
@@ -107,7 +115,7 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
             use = uses.get(name)
             if name in going or use is None or not use.loaded or not use.holders:
                 continue
-            if name in busy_set or not set(use.holders) <= going:
+            if name in busy_set or name in present or not set(use.holders) <= going:
                 continue
             rest = (use.refcount or 0) - len(use.holders)
             if use.refcount is None or rest != 0 or use.bound_devices or use.permanent \
@@ -166,7 +174,8 @@ class Autoclean:
 
     def __init__(self, kernel: Kernel, state: StateStore, unload: Callable[[str], Any],
                  policy: AutocleanPolicy, *, busy: Callable[[], Iterable[str]] = lambda: (),
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, sys_dir: Path | None = None) -> None:
+        self.sys_dir = sys_dir
         self.kernel = kernel
         self.state = state
         self.unload_fn = unload
@@ -184,7 +193,8 @@ class Autoclean:
         uses = kernel_snapshot(self.kernel, records)
         if not uses:
             return report
-        decision = plan_sweep(records, uses, self.policy, self.clock(), self.busy())
+        decision = plan_sweep(records, uses, self.policy, self.clock(), self.busy(),
+                              self._devices_present(records))
         self.sweeps += 1
         for name in decision.forget:
             if self.state.forget_if(name, records[name].loaded_at):
@@ -213,6 +223,19 @@ class Autoclean:
                 report.failed[name] = error
                 failed_users.add(name)
         return report
+
+    def _devices_present(self, records: Mapping[str, ModuleRecord]) -> set[str]:
+        if self.sys_dir is None:
+            return set()
+        present = set()
+        for name, rec in records.items():
+            if rec.kind in ("modalias", "coldplug") and rec.devpath:
+                try:
+                    if (self.sys_dir / rec.devpath.lstrip("/")).exists():
+                        present.add(name)
+                except OSError:
+                    present.add(name)
+        return present
 
     def _unload(self, name: str) -> str | None:
         try:

@@ -312,7 +312,8 @@ class Service:
             on_runaway=self._on_runaway, on_idle=self._on_idle)
         self.autoclean = Autoclean(kernel, self.state, self._autoclean_unload,
                                    self._autoclean_policy(settings),
-                                   busy=self.scheduler.busy_modules)
+                                   busy=self.scheduler.busy_modules,
+                                   sys_dir=settings.root_obj.sys)
         kwargs: dict[str, Any] = {}
         if peercred is not None:
             kwargs["peercred"] = peercred

@@ -177,3 +177,33 @@ def test_snapshot_of_a_module_gone_meanwhile(tmp_path: Path) -> None:
     uses = kernel_snapshot(kernel, ["nothere"])
     assert uses["nothere"].loaded is False
 
+
+
+def test_module_loaded_for_a_device_stays_while_the_device_does() -> None:
+    r = ModuleRecord("aesni", 0.0, "coldplug", "cpu:type:x86,ven0000fam0006mod003F:feature:,0070",
+                     devpath="/devices/system/cpu/cpu0", idle_since=0, idle_sweeps=3)
+    uses = {"aesni": use("aesni"), "lib": use("lib", holders=("aesni",), refcount=1)}
+    records = {"aesni": r, "lib": rec("lib", 0, 3)}
+    kept = plan_sweep(records, uses, POLICY, now=1000, devices_present={"aesni"})
+    assert kept.unload == [] and "device /devices/system/cpu/cpu0" in kept.kept["aesni"]
+    gone = plan_sweep(records, uses, POLICY, now=1000)          # unplugged
+    assert gone.unload == ["aesni", "lib"]
+
+
+def test_sweep_checks_the_device_under_sys(tmp_path: Path) -> None:
+    ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
+    ac.sys_dir = tmp_path / "tree/sys"
+    dev = ac.sys_dir / "devices/pci0000:00/0000:00:1f.3"
+    dev.mkdir(parents=True)
+    rec_snd = state.get("snd")
+    assert rec_snd is not None
+    state.record(ModuleRecord("snd", rec_snd.loaded_at, "modalias", "pci:v8086d1", devpath=
+                              "/devices/pci0000:00/0000:00:1f.3"))
+    ac.sweep()
+    clock.advance(60)
+    assert "snd" not in ac.sweep().unloaded           # the sound card is still there
+    dev.rmdir()                                         # hot-unplugged
+    assert "snd" not in ac.sweep().unloaded             # idle from now: two sweeps again
+    clock.advance(60)
+    assert "snd" in ac.sweep().unloaded
+    assert "snd" not in kernel.loaded()  # type: ignore[attr-defined]
