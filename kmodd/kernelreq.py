@@ -9,9 +9,10 @@ one line back.  Wire protocol:
 * request FIFO: ``RUN/request`` (mode 0600, so only root can ask); the
   daemon keeps it open read-write, so a helper's open() never blocks while
   the daemon lives and the daemon never sees end-of-file.
-* ``RUN/request.pid``: ``PID MODE``, the daemon's pid (a helper that finds
-  no live process there loads the module itself instead of writing into a
-  FIFO nobody reads) and ``pipe`` or ``fifo``: whether the daemon may open
+* ``RUN/request.pid``: ``PID MODE START``, the daemon's pid and start time
+  (a helper that finds no such process loads the module itself instead of
+  writing into a FIFO nobody reads; the start time guards against a pid
+  reused after a crash) and ``pipe`` or ``fifo``: whether the daemon may open
   the helpers' ``/proc/PID/fd/N`` (ptrace read access: a daemon whose
   capabilities are bounded needs CAP_SYS_PTRACE, the helper having all).
 * reply channel: ``/proc/HELPERPID/fd/N``, the read end of a pipe the
@@ -89,6 +90,13 @@ def can_open_helper_fds() -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def process_start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat: with the pid, names a process for good."""
+    with open(f"/proc/{pid}/stat") as handle:
+        text = handle.read()
+    return text[text.rindex(")") + 2:].split()[19]
 
 
 def check_name(name: str) -> str | None:
@@ -182,7 +190,7 @@ class KernelRequestSource:
     def _write_pidfile(self) -> None:
         tmp = self.pid_path.with_name(self.pid_path.name + ".tmp")
         mode = "pipe" if self.pipe_replies else "fifo"
-        tmp.write_text(f"{os.getpid()} {mode}\n")
+        tmp.write_text(f"{os.getpid()} {mode} {process_start_time(os.getpid())}\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.pid_path)
 

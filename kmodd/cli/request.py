@@ -62,7 +62,11 @@ def _daemon_mode(run_dir: str) -> str | None:
             return None
         with open(fifo + ".pid") as handle:
             words = handle.read().split()
-        if not os.path.isdir(f"/proc/{int(words[0])}"):
+        from kmodd.kernelreq import process_start_time
+
+        # The start time guards against a pid recycled after a crash.
+        start = process_start_time(int(words[0]))
+        if len(words) > 2 and words[2] != start:
             return None
         return words[1] if len(words) > 1 else "fifo"
     except (OSError, ValueError, IndexError):

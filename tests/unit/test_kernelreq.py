@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.kernelreq import KernelRequestSource, can_open_helper_fds, check_name, reply_line
+from kmodd.kernelreq import (
+    KernelRequestSource,
+    can_open_helper_fds,
+    check_name,
+    process_start_time,
+    reply_line,
+)
 from kmodd.scheduler import Outcome, Request
 
 HELPER = Path(__file__).resolve().parents[2] / "contrib" / "kmodd-request"
@@ -150,7 +156,7 @@ def test_fifo_and_pidfile_permissions(served: Callable[[FakeScheduler], KernelRe
     st = os.lstat(run_dir / "request")
     assert stat.S_ISFIFO(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
-    pid, mode = (run_dir / "request.pid").read_text().split()
+    pid, mode, _start = (run_dir / "request.pid").read_text().split()
     assert pid == str(os.getpid())
     # Root with every capability (tests run so) may open helpers' /proc fds.
     assert mode == ("pipe" if can_open_helper_fds() else "fifo")
@@ -547,3 +553,32 @@ def test_denied_pipe_frees_the_helper_and_switches_to_fifos(
     finally:
         loop.close()
         source.close()
+
+
+def test_stale_pidfile_with_a_recycled_pid_does_not_hang(run_dir: Path, fake_kmodctl: Path,
+                                                         fallback_log: Path) -> None:
+    # A crashed daemon left its FIFO (nobody reads it: opening it for writing
+    # would block forever) and a pid file whose pid now belongs to someone
+    # else -- here this very test process, with another start time.
+    os.mkfifo(run_dir / "request", 0o600)
+    (run_dir / "request.pid").write_text(f"{os.getpid()} pipe 1\n")
+    result = run_helper(helper_env(run_dir, fake_kmodctl), "-q", "--", "dummy", timeout=5)
+    assert result.returncode == 0
+    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+
+
+def test_pidfile_names_the_daemon_process(served: Callable[[FakeScheduler], KernelRequestSource],
+                                          run_dir: Path) -> None:
+    served(FakeScheduler({}))
+    pid, _mode, start = (run_dir / "request.pid").read_text().split()
+    assert pid == str(os.getpid())
+    assert start == process_start_time(os.getpid()) and start.isdigit()
+
+
+def test_console_script_ignores_a_recycled_pid(run_dir: Path, fake_kmodctl: Path) -> None:
+    os.mkfifo(run_dir / "request", 0o600)
+    (run_dir / "request.pid").write_text(f"{os.getpid()} pipe 1\n")
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_PYTHON": "1"}
+    # Falls through to the real direct load of a name nothing provides.
+    result = run_console(env, "--", "kmodd-test-no-such-module")
+    assert result.returncode == 1 and "kmodd-test-no-such-module" in result.stderr
