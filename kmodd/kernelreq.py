@@ -27,7 +27,9 @@ one line back.  Wire protocol:
   reply FIFO is unlinked by the daemon as soon as it has it open.  Should
   the daemon fail to open a ``/proc`` channel after all (an LSM), it sends
   the helper SIGUSR1 (the helper then loads the module itself) and tells
-  later helpers ``fifo``.
+  later helpers ``fifo``.  A new daemon also sends SIGUSR1 to helpers of
+  its run directory started before it: they may be waiting on a previous
+  daemon that died between their liveness check and reading their request.
 
 Everything read from the FIFO is validated: the name's characters and
 length, and the reply path (a pipe under ``/proc/PID/fd/``, or a FIFO
@@ -46,6 +48,7 @@ import re
 import signal
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -99,6 +102,11 @@ def process_start_time(pid: int) -> str:
     return text[text.rindex(")") + 2:].split()[19]
 
 
+def boot_ticks() -> int:
+    """Now, in the clock ticks since boot that /proc/PID/stat start times use."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
 def check_name(name: str) -> str | None:
     """Why ``name`` is not acceptable as a request_module() name, or None."""
     if not name:
@@ -139,7 +147,8 @@ class KernelRequestSource:
     """Event-loop source serving ``kmodd-request`` helpers over FIFOs."""
 
     def __init__(self, submit: Submit, fifo_path: str | os.PathLike[str], *,
-                 owner_uid: int | None = None, pipe_replies: bool | None = None) -> None:
+                 owner_uid: int | None = None, pipe_replies: bool | None = None,
+                 free_orphans: bool = True) -> None:
         self.submit = submit
         self.fifo_path = Path(fifo_path)
         self.run_dir = self.fifo_path.parent
@@ -156,10 +165,17 @@ class KernelRequestSource:
         self._discarding = False
         self._closed = False
         self._stopping = False
+        # Helpers started before this instant may be waiting on a FIFO
+        # inode a previous daemon left (see free_orphaned_helpers).
+        self._born = boot_ticks()
         self._prepare_dir()
         self._fd = self._make_fifo()
         self._sweep_stale_replies()
         self._write_pidfile()
+        if free_orphans:
+            # Off the start-up path: scanning /proc takes milliseconds.
+            threading.Thread(target=self.free_orphaned_helpers, name="kmodd-orphans",
+                             daemon=True).start()
 
     # -- setup -------------------------------------------------------------
     def _prepare_dir(self) -> None:
@@ -214,6 +230,47 @@ class KernelRequestSource:
                 with contextlib.suppress(OSError):
                     os.write(fd, ACK + b"retry restarted daemon lost the request\n")
                 os.close(fd)
+
+    def free_orphaned_helpers(self, proc: str = "/proc") -> list[int]:
+        """Tell helpers a previous daemon took but never answered to load for themselves.
+
+        A helper whose daemon died after the liveness check but before
+        taking its request waits for an acknowledgement nobody will send.
+        Helpers started before this daemon are sent SIGUSR1 (their trap
+        loads the module directly); the worst case for one that was about
+        to be served by us is a second, harmless load attempt.
+        """
+        freed: list[int] = []
+        try:
+            entries = os.listdir(proc)
+        except OSError:
+            return freed
+        ours = os.fsencode(self.run_dir)
+        for entry in entries:
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"{proc}/{entry}/cmdline", "rb") as handle:
+                    argv = handle.read(4096).split(b"\0")
+                if not any(arg.endswith(b"kmodd-request") for arg in argv[:3]):
+                    continue
+                if int(process_start_time(int(entry))) >= self._born:
+                    continue
+                # Only helpers talking to this run directory.
+                with open(f"{proc}/{entry}/environ", "rb") as handle:
+                    env = handle.read(65536).split(b"\0")
+                run_dir = next((v[len(b"KMODD_RUN_DIR="):] for v in env
+                                if v.startswith(b"KMODD_RUN_DIR=")), b"/run/kmodd")
+                if run_dir.rstrip(b"/") != ours:
+                    continue
+                os.kill(int(entry), signal.SIGUSR1)
+                freed.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+        if freed:
+            log(LOG, logging.WARNING, "told %d kmodd-request helper(s) left waiting by a "
+                "previous daemon to load for themselves", len(freed), requested_by="kernel")
+        return freed
 
     # -- event-loop source -------------------------------------------------
     def fileno(self) -> int:

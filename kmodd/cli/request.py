@@ -92,6 +92,13 @@ def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
         os.mkfifo(fifo_path, 0o600)
         write_fd = os.open(fifo_path, os.O_RDWR)
         read_fd = os.open(fifo_path, os.O_RDONLY)
+    import signal
+
+    def retry(signum: int, frame: object) -> None:
+        # The daemon cannot answer (see KernelRequestSource): load ourselves.
+        raise InterruptedError("daemon asked us to load directly")
+
+    previous = signal.signal(signal.SIGUSR1, retry)
     try:
         line = f"{name} {reply}\n".encode()
         fifo = os.open(os.path.join(run_dir, "request"), os.O_WRONLY | os.O_NONBLOCK)
@@ -111,6 +118,7 @@ def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
     except OSError:
         return None
     finally:
+        signal.signal(signal.SIGUSR1, previous)
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)

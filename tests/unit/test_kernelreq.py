@@ -582,3 +582,42 @@ def test_console_script_ignores_a_recycled_pid(run_dir: Path, fake_kmodctl: Path
     # Falls through to the real direct load of a name nothing provides.
     result = run_console(env, "--", "kmodd-test-no-such-module")
     assert result.returncode == 1 and "kmodd-test-no-such-module" in result.stderr
+
+
+def test_restarted_daemon_frees_helpers_the_dead_one_left_waiting(
+        tmp_path: Path, run_dir: Path, fake_kmodctl: Path, fallback_log: Path) -> None:
+    # The old daemon passed the helper's liveness check, then died before
+    # taking the request: the helper waits for an acknowledgement.
+    other_dir = tmp_path / "other"      # another kmodd instance's run directory
+    other_dir.mkdir(mode=0o755)
+    old_daemon = subprocess.Popen(["sleep", "60"])
+    holders = []
+    for d in (run_dir, other_dir):
+        os.mkfifo(d / "request", 0o600)
+        holders.append(os.open(d / "request", os.O_RDWR | os.O_NONBLOCK))  # never read
+        (d / "request.pid").write_text(
+            f"{old_daemon.pid} pipe {process_start_time(old_daemon.pid)}\n")
+    waiting = subprocess.Popen([str(HELPER), "-q", "--", "dummy"],
+                               env=helper_env(run_dir, fake_kmodctl))
+    bystander = subprocess.Popen([str(HELPER), "-q", "--", "dummy"],
+                                 env=helper_env(other_dir, fake_kmodctl))
+    try:
+        time.sleep(0.5)
+        assert waiting.poll() is None and bystander.poll() is None  # stuck for good
+        time.sleep(0.05)  # start times have clock-tick resolution
+        source = KernelRequestSource(FakeScheduler({}).submit, run_dir / "request")
+        try:
+            assert waiting.wait(5) == 0
+            assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+            # A helper of another instance is none of this daemon's business.
+            time.sleep(0.3)
+            assert bystander.poll() is None
+        finally:
+            source.close()
+    finally:
+        for proc in (bystander, waiting, old_daemon):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for fd in holders:
+            os.close(fd)
