@@ -12,6 +12,7 @@ Keys are looked up as given: callers normalise aliases first (kmod does it in
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,9 @@ class ModuleTree:
         self.moddir = Path(moddir)
         self._dirname = os.fspath(self.moddir)
         self._loaded: dict[str, object] = {}
+        # The daemon's workers resolve concurrently: one of them builds each
+        # index, the others wait for it instead of building their own copy.
+        self._load_lock = threading.RLock()
         directory = (cache_dir or index_cache.default_dir()) if use_cache else None
         self._cache = index_cache.IndexCache(directory)
         # hot paths, bound on first use
@@ -76,8 +80,11 @@ class ModuleTree:
     def _get(self, name: str, loader: Callable[[], object]) -> object:
         obj = self._loaded.get(name)
         if obj is None:
-            obj = loader()
-            self._loaded[name] = obj
+            with self._load_lock:
+                obj = self._loaded.get(name)
+                if obj is None:
+                    obj = loader()
+                    self._loaded[name] = obj
         return obj
 
     def _read(self, path: str) -> tuple[bytes, os.stat_result] | None:
