@@ -180,6 +180,9 @@ def test_coldplug_loads_what_modprobe_resolves(guest: Guest) -> None:
         if modprobe_loaded:
             problems.append(f"kmodd did not load {modprobe_loaded}, which modprobe -b then "
                             "loaded")
+    print(f"\ncoldplug vs modprobe -b -R: {len(resolved)} modaliases, {len(wanted)} modules "
+          f"wanted, {len(by_device)} loaded by kmodd as device targets; not loaded (the "
+          f"kernel refused them, modprobe -b fails too): {' '.join(missing) or 'none'}")
     assert not problems, "\n".join(problems)
 
 
