@@ -1,8 +1,9 @@
 """Module indexes: the .bin reader against depmod's text files, modprobe and libkmod.
 
-Fixture trees hold a few real Debian modules indexed by the real ``depmod -b``;
-expected answers come from kmod itself (``modprobe -R`` and libkmod through
-ctypes) wherever kmod answers.
+Fixture trees (``tests.fixtures.build_tree``: small ELF modules carrying the
+real aliases of Debian's modules, indexed by the real ``depmod -b``) and the
+real tree; expected answers come from kmod itself (``modprobe -R`` and
+libkmod through ctypes) wherever kmod answers.
 """
 
 from __future__ import annotations
@@ -12,57 +13,91 @@ import os
 import random
 import shutil
 import struct
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from bench.libkmod import LibKmod
-from kmodd import aliasmatch
+from kmodd import aliasmatch, index, index_cache
 from kmodd.index import DepEntry, IndexCorrupt, ModuleTree
 from kmodd.index_bin import BinIndex
 from kmodd.names import alias_normalize
+from tests.fixtures import (
+    VERSION,
+    FakeModule,
+    LibKmod,
+    build_tree,
+    instantiate,
+    modprobe,
+    mutate,
+    read_alias_patterns,
+)
 
 REAL_VERSION = "6.1.0-56-amd64"
 REAL_TREE = Path("/lib/modules") / REAL_VERSION
-VERSION = "6.1.0-test"
 
-# usb-storage and uas share class patterns; option and qcserial share vendors;
-# 8139too/8139cp overlap on one PCI id: several modules answer one modalias.
+# Modules carrying the real aliases of their Debian namesakes, so the indexes
+# depmod writes have real shapes: usb-storage and uas share class patterns,
+# option and qcserial share vendors, 8139too and 8139cp overlap on one PCI id.
+# (file, subdir, uses); a module exports "sym_<name>" and uses its dependencies'.
 FIXTURE_MODULES = (
-    "kernel/drivers/net/mii.ko", "kernel/drivers/net/ethernet/realtek/8139too.ko",
-    "kernel/drivers/net/ethernet/realtek/8139cp.ko", "kernel/drivers/net/dummy.ko",
-    "kernel/drivers/usb/core/usbcore.ko", "kernel/drivers/usb/common/usb-common.ko",
-    "kernel/drivers/usb/serial/usbserial.ko", "kernel/drivers/usb/serial/usb_wwan.ko",
-    "kernel/drivers/usb/serial/option.ko", "kernel/drivers/usb/serial/qcserial.ko",
-    "kernel/drivers/usb/serial/ftdi_sio.ko", "kernel/drivers/scsi/scsi_mod.ko",
-    "kernel/drivers/scsi/scsi_common.ko", "kernel/drivers/usb/storage/usb-storage.ko",
-    "kernel/drivers/usb/storage/uas.ko", "kernel/drivers/hid/hid.ko",
-    "kernel/drivers/hid/hid-generic.ko", "kernel/drivers/hid/usbhid/usbhid.ko",
+    ("usb-common", "drivers/usb/common", ()),
+    ("usbcore", "drivers/usb/core", ("usb_common",)),
+    ("scsi_common", "drivers/scsi", ()),
+    ("scsi_mod", "drivers/scsi", ("scsi_common",)),
+    ("uas", "drivers/usb/storage", ("usb_storage", "scsi_mod", "usbcore")),
+    ("usb-storage", "drivers/usb/storage", ("scsi_mod", "usbcore")),
+    ("usbserial", "drivers/usb/serial", ("usbcore",)),
+    ("usb_wwan", "drivers/usb/serial", ("usbserial",)),
+    ("option", "drivers/usb/serial", ("usb_wwan", "usbserial")),
+    ("qcserial", "drivers/usb/serial", ("usb_wwan", "usbserial")),
+    ("ftdi_sio", "drivers/usb/serial", ("usbserial",)),
+    ("mii", "drivers/net", ()),
+    ("8139cp", "drivers/net/ethernet/realtek", ("mii",)),
+    ("8139too", "drivers/net/ethernet/realtek", ("mii",)),
+    ("dummy", "drivers/net", ()),
+    ("hid", "drivers/hid", ()),
+    ("hid-generic", "drivers/hid", ("hid",)),
+    ("usbhid", "drivers/hid/usbhid", ("hid", "usbcore")),
 )
 BIN_FILES = ("modules.dep.bin", "modules.alias.bin", "modules.symbols.bin",
              "modules.builtin.bin", "modules.builtin.alias.bin")
 
 
-def build_tree(base: Path, modules: Iterable[str] = FIXTURE_MODULES) -> Path:
-    """lib/modules/VERSION under ``base`` with real modules, indexed by the real depmod."""
-    if not REAL_TREE.is_dir():
+def _real_tree() -> Path:
+    if not (REAL_TREE / "modules.alias").exists():
         raise RuntimeError(f"{REAL_TREE} is missing: install linux-image-amd64 ({REAL_VERSION})")
-    moddir = base / "lib/modules" / VERSION
-    for rel in modules:
-        dst = moddir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REAL_TREE / rel, dst)
-    for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        shutil.copyfile(REAL_TREE / name, moddir / name)
-    subprocess.run(["depmod", "-b", str(base), VERSION], check=True)
-    return moddir
+    return REAL_TREE
+
+
+def real_builtin() -> list[tuple[str, list[str]]]:
+    """(name, aliases) of the real kernel's builtin modules."""
+    aliases: dict[str, list[str]] = {}
+    for path in (_real_tree() / "modules.builtin").read_text().split():
+        aliases[path.rsplit("/", 1)[-1].split(".")[0].replace("-", "_")] = []
+    for rec in (REAL_TREE / "modules.builtin.modinfo").read_bytes().decode().split("\0"):
+        name, _, rest = rec.partition(".")
+        key, _, value = rest.partition("=")
+        if key == "alias" and value:
+            aliases.setdefault(name, []).append(value)
+    return list(aliases.items())
+
+
+def fixture_modules() -> list[FakeModule]:
+    real: dict[str, list[str]] = {}
+    for pattern, module in read_alias_patterns(_real_tree()):
+        real.setdefault(module, []).append(pattern)
+    out = []
+    for file, subdir, uses in FIXTURE_MODULES:
+        name = file.replace("-", "_")
+        out.append(FakeModule(file, aliases=real.get(name, []), exports=[f"sym_{name}"],
+                              uses=[f"sym_{u}" for u in uses], subdir=subdir))
+    return out
 
 
 @pytest.fixture(scope="module")
 def fixture_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tree(tmp_path_factory.mktemp("tree"))
+    return build_tree(tmp_path_factory.mktemp("tree"), fixture_modules(), builtin=real_builtin())
 
 
 @pytest.fixture(scope="module")
@@ -101,42 +136,21 @@ def normalize(pattern: str) -> str:
     return "".join(out)
 
 
-def instantiate(pattern: str, rng: random.Random, mutate: float = 0.2) -> str:
-    """A string the pattern matches (usually), sometimes mutated into a near miss."""
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "*":
-            out.append(rng.choice(["", "0", "00001234", "FF", "x:y"]))
-        elif c == "?":
-            out.append(rng.choice("01AF"))
-        elif c == "[":
-            close = pattern.index("]", i + 2)
-            body = pattern[i + 1:close].lstrip("!^")
-            out.append(body[0])
-            i = close
-        else:
-            out.append(c)
-        i += 1
-    key = "".join(out)
-    if key and rng.random() < mutate:
-        j = rng.randrange(len(key))
-        key = key[:j] + rng.choice("0123456789ABCDEF") + key[j + 1:]
-    return key
-
-
 def sample_keys(patterns: Iterable[str], count: int, seed: int = 7) -> list[str]:
+    """Modaliases from the patterns, one in five mutated into a near miss."""
     rng = random.Random(seed)
     pats = sorted(set(patterns))
-    return [instantiate(rng.choice(pats), rng) for _ in range(count)]
+    keys = []
+    for _ in range(count):
+        key = instantiate(rng.choice(pats), rng)
+        keys.append(mutate(key, rng) if rng.random() < 0.2 else key)
+    return keys
 
 
 def modprobe_resolve(moddir: Path, config: Path, alias: str) -> list[str]:
     base = moddir.parent.parent.parent
-    proc = subprocess.run(["modprobe", "-d", str(base), "-S", moddir.name, "-C", str(config),
-                           "-R", alias], capture_output=True, text=True)
-    return proc.stdout.split()
+    return modprobe("-d", str(base), "-S", moddir.name, "-C", str(config), "-R",
+                    alias).stdout.split()
 
 
 def kmod_alias_lookup(tree: ModuleTree, key: str) -> list[str]:
@@ -165,7 +179,7 @@ def test_dep_bin_matches_text(fixture_tree: Path) -> None:
     assert tree.module_names() == sorted(names)
     assert tree.dep("uas") == DepEntry(
         "uas", str(fixture_tree / "kernel/drivers/usb/storage/uas.ko"),
-        ("usb_storage", "scsi_mod", "scsi_common", "usbcore", "usb_common"))
+        ("usb_storage", "usbcore", "usb_common", "scsi_mod", "scsi_common"))  # depmod's order
     assert tree.dep("usb-storage") is None        # keys are exact: callers normalise
     assert tree.dep("nosuchmodule") is None
     assert tree.dep_path("") is None
@@ -179,7 +193,7 @@ def test_alias_bin_patterns_match_text(fixture_tree: Path) -> None:
 def test_symbols_and_builtin_match_text(fixture_tree: Path) -> None:
     tree = ModuleTree(fixture_tree)
     symbols = text_aliases(fixture_tree, "modules.symbols")
-    assert len(symbols) > 100
+    assert len(symbols) == len(FIXTURE_MODULES)
     for key, module in symbols:
         assert tree.symbol(key) == [module]
     assert tree.symbol("symbol:no_such_symbol") == []
@@ -279,23 +293,17 @@ def test_text_fallback_answers_like_the_bin(fixture_tree: Path, tmp_path: Path) 
 
 def test_builtin_alias_fallback_keeps_kmods_order(tmp_path: Path) -> None:
     """All builtin aliases have priority 0: the order comes from the trie walk alone."""
-    moddir = tmp_path / VERSION
-    moddir.mkdir()
-    modinfo = b"".join(f"{m}.alias={a}\0".encode() for m, a in [
-        ("b1", "x:a*"), ("a2", "x:*"), ("c3", "x:ab"), ("d4", "x:a?"), ("e5", "x:[a]b"),
-        ("f6", "x:ab"), ("a7", "x:a*b"), ("g8", "x:a-b"), ("h9", "x:[a-]b"),
-    ]) + b"b1.license=GPL\0"
-    (moddir / "modules.builtin.modinfo").write_bytes(modinfo)
-    base = tmp_path / "base" / "lib/modules" / VERSION
-    base.mkdir(parents=True)
-    (base / "modules.builtin.modinfo").write_bytes(modinfo)
-    (base / "modules.order").write_text("")
-    (base / "modules.builtin").write_text("")
-    subprocess.run(["depmod", "-b", str(tmp_path / "base"), VERSION], check=True)
+    builtin = [("b1", ["x:a*"]), ("a2", ["x:*"]), ("c3", ["x:ab"]), ("d4", ["x:a?"]),
+               ("e5", ["x:[a]b"]), ("f6", ["x:ab"]), ("a7", ["x:a*b"]), ("g8", ["x:a-b"]),
+               ("h9", ["x:[a-]b"])]
+    base = build_tree(tmp_path / "base", [], builtin=builtin)
     assert (base / "modules.builtin.alias.bin").exists()
+    text_only = tmp_path / "text"
+    text_only.mkdir()
+    shutil.copyfile(base / "modules.builtin.modinfo", text_only / "modules.builtin.modinfo")
     kmod = LibKmod(str(base), [str(tmp_path)])
     with_bin = ModuleTree(base)
-    without = ModuleTree(moddir)
+    without = ModuleTree(text_only)
     for key in ("x:ab", "x:a_b", "x:a", "x:b", "x:aab", "x:_b", "x:abb"):
         want = kmod.lookup(key)
         assert with_bin.builtin_alias(key) == want, key
@@ -527,3 +535,123 @@ def test_real_tree_bin_reader_matches_text() -> None:
     assert len(tree.module_names()) == len(dep_lines)
     assert BinIndex(REAL_TREE / "modules.dep.bin").search("e1000e") == \
         next(ln for ln in dep_lines if ln.startswith("kernel/drivers/net/ethernet/intel/e1000e/"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fnmatch_equals_glibc_on_random_patterns(seed: int) -> None:
+    """Random patterns over the characters that matter, against libc's fnmatch."""
+    rng = random.Random(seed)
+    for _ in range(400):
+        pattern = "".join(rng.choice("ab*?[]!^-\\") for _ in range(rng.randint(0, 7)))
+        for _ in range(10):
+            s = "".join(rng.choice("ab-]\\[!") for _ in range(rng.randint(0, 5)))
+            want = _libc.fnmatch(pattern.encode(), s.encode(), 0) == 0
+            assert aliasmatch.fnmatch(pattern, s) == want, (pattern, s)
+
+
+def test_prepared_index_equals_trie_walk_on_crafted_patterns() -> None:
+    """WildIndex (buckets, chains, segment tries) against kmod's plain trie walk."""
+    rng = random.Random(3)
+    entries: dict[str, list[tuple[int, str]]] = {}
+    for i in range(800):
+        pattern = "".join(rng.choice(["a", "b", "ab", "ba", "*", "*", "?", "[ab]", "c"])
+                          for _ in range(rng.randint(1, 7)))
+        entries.setdefault("k:" + pattern, []).append((rng.randrange(50), f"m{i % 97}"))
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"kmodd-crafted-{os.getpid()}.bin"
+    try:
+        write_index(tmp, entries)
+        trie = BinIndex(tmp)
+        prepared = aliasmatch.WildIndex(trie.items())
+        reloaded = aliasmatch.WildIndex.from_bytes(prepared.to_bytes())
+    finally:
+        tmp.unlink()
+    for _ in range(400):
+        key = "k:" + "".join(rng.choice("abc") for _ in range(rng.randint(0, 9)))
+        want = trie.searchwild(key, aliasmatch.fnmatch)
+        assert prepared.search(key) == want, key
+        assert reloaded.search(key) == want, key
+
+
+# -- the prepared-index cache ------------------------------------------------------------
+
+
+@pytest.fixture
+def small_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache even the fixture tree's small index."""
+    monkeypatch.setattr(index_cache, "MIN_SOURCE_SIZE", 0)
+
+
+def cache_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("alias-*.idx"))
+
+
+def test_cache_is_used_and_validated(fixture_tree: Path, tmp_path: Path, small_cache: None,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    moddir = copy_tree(fixture_tree, tmp_path / VERSION)
+    cache = tmp_path / "cache"
+    plain = ModuleTree(moddir, use_cache=False)
+    keys = sample_keys([p for p, _ in plain.alias_patterns()], 500)
+    want = [plain.alias(k) for k in keys]
+    first = ModuleTree(moddir, cache_dir=cache)
+    assert [first.alias(k) for k in keys] == want
+    (stored,) = cache_files(cache)
+    assert stored.stat().st_mode & 0o077 == 0
+
+    # a second tree loads the stored form: the .bin is not decoded again
+    def no_decode(*args: object) -> None:
+        raise AssertionError("decoded the .bin although the cache is valid")
+    monkeypatch.setattr(index, "BinIndex", no_decode)
+    second = ModuleTree(moddir, cache_dir=cache)
+    assert [second.alias(k) for k in keys] == want
+    monkeypatch.undo()
+
+    # depmod rewrote the index: the cached answers must not survive
+    write_index(moddir / "modules.alias.new", {"pci:v*": [(0, "newmod")]})
+    os.replace(moddir / "modules.alias.new", moddir / "modules.alias.bin")
+    assert ModuleTree(moddir, cache_dir=cache).alias("pci:v1") == ["newmod"]
+    assert ModuleTree(moddir, cache_dir=cache).alias(keys[0]) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "chmod", "chown", "garbage", "symlink"])
+def test_damaged_or_foreign_cache_is_ignored(fixture_tree: Path, tmp_path: Path,
+                                             small_cache: None, damage: str) -> None:
+    moddir = copy_tree(fixture_tree, tmp_path / VERSION)
+    cache = tmp_path / "cache"
+    plain = ModuleTree(moddir, use_cache=False)
+    keys = sample_keys([p for p, _ in plain.alias_patterns()], 300, seed=len(damage))
+    want = [plain.alias(k) for k in keys]
+    ModuleTree(moddir, cache_dir=cache).alias(keys[0])
+    (stored,) = cache_files(cache)
+    data = bytearray(stored.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x55
+        stored.write_bytes(data)
+    elif damage == "truncate":
+        stored.write_bytes(data[: len(data) // 3])
+    elif damage == "chmod":
+        stored.chmod(0o666)
+    elif damage == "chown":
+        os.chown(stored, 4242, -1)
+    elif damage == "garbage":
+        stored.write_bytes(b"KMODDIX1" + bytes(range(256)) * 8)
+    else:
+        other = tmp_path / "elsewhere.idx"
+        stored.rename(other)
+        stored.symlink_to(other)
+    tree = ModuleTree(moddir, cache_dir=cache)
+    assert [tree.alias(k) for k in keys] == want
+
+
+def test_unwritable_cache_directory_is_harmless(fixture_tree: Path, tmp_path: Path,
+                                                small_cache: None) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    tree = ModuleTree(fixture_tree, cache_dir=blocker / "cache")
+    assert tree.alias("usb:v0000p0000d0000dc00dsc00dp00ic08isc06ip50in00") == \
+        ["uas", "usb_storage"]
+
+
+def test_stored_index_rejects_garbage() -> None:
+    for data in (b"", b"\x00" * 10, bytes(range(256)), aliasmatch.marshal.dumps((1, 2))):
+        with pytest.raises(ValueError):
+            aliasmatch.WildIndex.from_bytes(data)
