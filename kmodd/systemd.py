@@ -131,7 +131,10 @@ def _make_stderr_formatter() -> logging.Formatter:
                      if name in record.__dict__]
             return f"{text} [{' '.join(extra)}]" if extra else text
 
-    return FieldFormatter("%(name)s: %(levelname)s: %(message)s")
+    # Wall-clock time to the millisecond: the journal stamps its own
+    # entries, a plain log file needs it to tell how long coldplug took.
+    return FieldFormatter("%(asctime)s.%(msecs)03d %(name)s: %(levelname)s: %(message)s",
+                          datefmt="%H:%M:%S")
 
 
 def setup_logging(use_journal: bool | None = None, *, level: int | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -109,7 +110,7 @@ def test_stderr_when_not_under_systemd(monkeypatch: pytest.MonkeyPatch,
            module="e1000", modalias="pci:v00008086d0000100E", devpath="/devices/pci0000:00",
            errno=None)
     line = stream.getvalue()
-    assert line.startswith("kmodd.service: INFO: loaded e1000")
+    assert re.match(r"\d\d:\d\d:\d\d\.\d{3} kmodd.service: INFO: loaded e1000", line), line
     assert "MODULE=e1000" in line and "MODALIAS=pci:v00008086d0000100E" in line
     assert "ERRNO" not in line      # None fields are left out
 
