@@ -102,11 +102,109 @@ class _Limiter:
         return self.count <= self.first or self.count % self.every == 0
 
 
-def _open_monitor(receive_buffer: int) -> Any:
-    import pyudev  # deferred: ~20 ms of imports, only the daemon needs it
+NETLINK_KOBJECT_UEVENT = 15
+KERNEL_GROUP = 1                 # the kernel's uevents; udevd re-broadcasts on group 2
+SO_RCVBUFFORCE = 33
 
-    context = pyudev.Context()
-    monitor = pyudev.Monitor.from_netlink(context, source="kernel")
+
+class KernelUevent:
+    """One kernel uevent as the native reader parsed it (pyudev-like attributes)."""
+
+    __slots__ = ("action", "properties")
+
+    def __init__(self, action: str | None, properties: dict[str, str]) -> None:
+        self.action = action
+        self.properties = properties
+
+
+def parse_uevent(data: bytes, sender_pid: int, groups: int, uid: int | None,
+                 truncated: bool = False) -> KernelUevent | None:
+    """A kernel uevent from a netlink datagram, or None when it is not one.
+
+    The same checks libudev makes (sd-device's device_monitor_receive_device):
+    sent to the kernel group by netlink port 0 (the kernel itself; every
+    process has a non-zero port), sender uid 0 in SCM_CREDENTIALS, not
+    truncated, not a libudev-format message, an ``ACTION@/DEVPATH`` header.
+    """
+    if truncated or len(data) < 32 or sender_pid != 0 or groups != KERNEL_GROUP or uid != 0:
+        return None
+    if data.startswith(b"libudev\0"):
+        return None
+    header, sep, rest = data.partition(b"\0")
+    if not sep or b"@/" not in header or not rest:
+        return None
+    props: dict[str, str] = {}
+    for item in rest.split(b"\0"):
+        key, eq, value = item.partition(b"=")
+        if eq and key:
+            # Undecodable bytes survive as surrogates, which check_modalias refuses.
+            props[key.decode("ascii", "surrogateescape")] = value.decode("utf-8",
+                                                                         "surrogateescape")
+    return KernelUevent(props.get("ACTION"), props)
+
+
+class NetlinkMonitor:
+    """A kernel-uevent reader on a plain netlink socket: no libudev needed.
+
+    Used when pyudev or libudev is unavailable (minimal systems, containers)
+    or asked for with ``UeventSource(backend="netlink")``; it costs no
+    imports (pyudev: ~20 ms, which counts against the time to READY).
+    """
+
+    def __init__(self, receive_buffer: int = RECEIVE_BUFFER) -> None:
+        import socket
+
+        self._socket = socket
+        sock = socket.socket(socket.AF_NETLINK,
+                             socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                             NETLINK_KOBJECT_UEVENT)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind((0, KERNEL_GROUP))
+        self.sock = sock
+        self._cmsg_space = socket.CMSG_SPACE(12)   # struct ucred
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def poll(self, timeout: float | None = 0) -> KernelUevent | None:
+        """The next acceptable uevent queued, or None; never blocks."""
+        socket = self._socket
+        for _ in range(64):   # skip a few rejected messages, then yield
+            try:
+                data, ancdata, flags, address = self.sock.recvmsg(16384, self._cmsg_space)
+            except (BlockingIOError, InterruptedError):
+                return None
+            uid = None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS \
+                        and len(payload) >= 12:
+                    uid = int.from_bytes(payload[4:8], "little")
+            pid, groups = address if isinstance(address, tuple) else (-1, 0)
+            event = parse_uevent(data, pid, groups, uid, bool(flags & socket.MSG_TRUNC))
+            if event is not None:
+                return event
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _open_monitor(receive_buffer: int, backend: str = "pyudev") -> Any:
+    if backend == "netlink":
+        return NetlinkMonitor(receive_buffer)
+    try:
+        import pyudev  # deferred: ~20 ms of imports, only the daemon needs it
+
+        context = pyudev.Context()   # loads libudev.so.1
+        monitor = pyudev.Monitor.from_netlink(context, source="kernel")
+    except (ImportError, OSError) as exc:   # no pyudev, or no libudev
+        log(LOG, logging.WARNING, "pyudev unavailable (%s): reading uevents directly", exc)
+        return NetlinkMonitor(receive_buffer)
     try:
         monitor.set_receive_buffer_size(receive_buffer)  # SO_RCVBUFFORCE (CAP_NET_ADMIN)
     except (OSError, ValueError):
@@ -137,17 +235,19 @@ class UeventSource:
 
     ``monitor`` is anything with ``fileno()`` and ``poll(timeout)`` returning
     pyudev-like devices (``action``, ``properties``) or None; by default a
-    pyudev kernel-netlink monitor.  ``root`` is kept for symmetry with
+    pyudev kernel-netlink monitor (``backend="netlink"``: kmodd's own
+    reader, also used when pyudev or libudev cannot be loaded).  ``root`` is kept for symmetry with
     coldplug (device paths are relative to its ``/sys``).
     """
 
     def __init__(self, submit: Submit, root: Root | None = None, *, monitor: Any = None,
-                 receive_buffer: int = RECEIVE_BUFFER) -> None:
+                 receive_buffer: int = RECEIVE_BUFFER, backend: str = "pyudev") -> None:
         self.submit = submit
         self.root = root if root is not None else Root()
         self.stats = UeventStats()
         self._limiter = _Limiter()
-        self._monitor = monitor if monitor is not None else _open_monitor(receive_buffer)
+        self._monitor = (monitor if monitor is not None
+                         else _open_monitor(receive_buffer, backend))
         self._closed = False
 
     def fileno(self) -> int:

@@ -3,6 +3,7 @@ a fake /sys tree, and a submit() that plays the scheduler."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -21,9 +22,11 @@ from kmodd.root import Root
 from kmodd.scheduler import Outcome, Request
 from kmodd.uevents import (
     MAX_MODALIAS,
+    NetlinkMonitor,
     UeventSource,
     check_modalias,
     coldplug,
+    parse_uevent,
     walk_modaliases,
 )
 
@@ -396,3 +399,72 @@ def test_source_fileno_is_the_monitor_socket() -> None:
     assert source.fileno() == monitor.fileno()
     assert os.get_blocking(source.fileno()) is False
     source.close()
+
+
+# -- kmodd's own netlink reader (no libudev) -------------------------------------------
+
+KERNEL_ADD = (b"add@/devices/pci0000:00/0000:00:05.0\0ACTION=add\0"
+              b"DEVPATH=/devices/pci0000:00/0000:00:05.0\0SUBSYSTEM=pci\0"
+              b"MODALIAS=" + PCI.encode() + b"\0SEQNUM=1234\0")
+
+
+def test_parse_accepts_only_what_libudev_accepts() -> None:
+    event = parse_uevent(KERNEL_ADD, 0, 1, 0)
+    assert event is not None and event.action == "add"
+    assert event.properties["MODALIAS"] == PCI
+    assert event.properties["DEVPATH"] == "/devices/pci0000:00/0000:00:05.0"
+    assert parse_uevent(KERNEL_ADD, 4242, 1, 0) is None          # sent by a process
+    assert parse_uevent(KERNEL_ADD, 0, 1, 1000) is None          # not uid 0
+    assert parse_uevent(KERNEL_ADD, 0, 1, None) is None          # no credentials
+    assert parse_uevent(KERNEL_ADD, 0, 2, 0) is None             # udevd's group
+    assert parse_uevent(KERNEL_ADD, 0, 1, 0, truncated=True) is None
+    assert parse_uevent(b"libudev\0" + KERNEL_ADD, 0, 1, 0) is None
+    assert parse_uevent(b"add-no-devpath\0" + KERNEL_ADD.split(b"\0", 1)[1], 0, 1, 0) is None
+    assert parse_uevent(b"x@/y", 0, 1, 0) is None                 # too short
+
+
+def test_parse_keeps_binary_garbage_for_the_modalias_check() -> None:
+    data = b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0MODALIAS=pci:\xff\xfe\0PAD=" + \
+        b"x" * 32 + b"\0"
+    event = parse_uevent(data, 0, 1, 0)
+    assert event is not None
+    rec = Recorder()
+    source = UeventSource(rec.submit, Root(), monitor=FakeMonitor())
+    assert source.handle(event) is None and source.stats.rejected == 1
+    assert rec.requests == []
+
+
+def test_netlink_backend_rejects_forged_uevents() -> None:
+    rec = Recorder()
+    source = UeventSource(rec.submit, Root(), backend="netlink")
+    assert isinstance(source._monitor, NetlinkMonitor)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(source.fileno(), selectors.EVENT_READ)
+        forger = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)
+        forger.bind((0, 0))
+        with contextlib.suppress(PermissionError):   # without CAP_NET_ADMIN, nobody can
+            forger.sendto(KERNEL_ADD.replace(b"0000100E", b"0000BEEF"), (0, 1))
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            if sel.select(0.1):
+                source.on_readable()
+        forger.close()
+        sel.close()
+        assert not [r for r in rec.requests if "BEEF" in r.key]
+    finally:
+        source.close()
+
+
+def test_falls_back_to_netlink_without_libudev(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyudev
+
+    def no_libudev() -> None:
+        raise ImportError("No library named udev")
+
+    monkeypatch.setattr(pyudev, "Context", no_libudev)
+    source = UeventSource(Recorder().submit, Root())
+    try:
+        assert isinstance(source._monitor, NetlinkMonitor)
+    finally:
+        source.close()
