@@ -60,9 +60,9 @@ for step in "${STEPS[@]}"; do
     case $step in
         lint)     run_step lint 600 ruff check . ;;
         types)    run_step types 900 mypy ;;
-        unit)     run_step unit 900 "${PYTEST[@]}" tests/unit ;;
-        realtree) run_step realtree 1800 "${PYTEST[@]}" tests/realtree ;;
-        vm)       run_step vm 3000 "${PYTEST[@]}" tests/vm ;;
+        unit)     run_step unit 2400 "${PYTEST[@]}" tests/unit ;;
+        realtree) run_step realtree 2400 "${PYTEST[@]}" tests/realtree ;;
+        vm)       run_step vm 3600 "${PYTEST[@]}" tests/vm ;;
         *) echo "test.sh: unknown step $step (lint types unit realtree vm)" >&2; exit 2 ;;
     esac
 done
