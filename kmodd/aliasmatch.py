@@ -214,12 +214,13 @@ def fnmatch(pattern: str, string: str) -> bool:
     return glob_match(glob, string)
 
 
+_WILD = re.compile(r"[*?\[]")
+
+
 def literal_len(pattern: str) -> int:
     """Length of the part kmod compares literally: up to the first '*', '?' or '['."""
-    for k, ch in enumerate(pattern):
-        if ch in WILDCARDS:
-            return k
-    return len(pattern)
+    m = _WILD.search(pattern)
+    return len(pattern) if m is None else m.start()
 
 
 Payload = tuple[tuple[int, str], ...]          # (kmod order key, value) per match
@@ -270,24 +271,27 @@ class WildIndex:
 
     def __init__(self, items: Iterable[tuple[str, Iterable[tuple[int, str]]]] = ()) -> None:
         # (visit rank key, priority, pattern, value) for every value
-        flat: list[tuple[tuple[int, str, int], int, str, str]] = []
+        flat: list[tuple[int, str, int, int, str]] = []
+        widths: dict[str, int] = {}
         for pattern, values in items:
-            w = literal_len(pattern)
+            w = widths[pattern] = literal_len(pattern)
+            sortable = pattern + "\uffff"
             for pos, (prio, value) in enumerate(values):
-                flat.append(((w, pattern + "\uffff", pos), prio, pattern, value))
+                flat.append((w, sortable, pos, prio, value))
         # kmod visits shallow wildcards first, children before a node's own
         # values, and returns by priority with later visits first on ties.
-        flat.sort(key=lambda f: f[0])
+        flat.sort()
         n = len(flat)
         per_pattern: dict[str, list[tuple[int, str]]] = {}
         self._entries: list[tuple[str, str, int]] | None = [
-            (pattern, value, prio) for _, prio, pattern, value in flat]
-        for rank, (_, prio, pattern, value) in enumerate(flat):
-            per_pattern.setdefault(pattern, []).append((prio * (n + 1) + (n - rank), value))
+            (sortable[:-1], value, prio) for _, sortable, _, prio, value in flat]
+        for rank, (_, sortable, _, prio, value) in enumerate(flat):
+            per_pattern.setdefault(sortable[:-1], []).append(
+                (prio * (n + 1) + (n - rank), value))
         self.exact: dict[str, Payload] = {}
         grouped: dict[str, list[tuple[str, Payload]]] = {}
         for pattern, vals in per_pattern.items():
-            w = literal_len(pattern)
+            w = widths[pattern]
             payload = tuple(vals)
             if w == len(pattern):
                 self.exact[pattern] = payload
@@ -305,8 +309,13 @@ class WildIndex:
         nodes: list[Node] = []
         self.complex: dict[int, list[tuple[Glob | None, Payload]]] = {}
         for i, prefix in enumerate(self.prefixes):
-            simple = [(r, p) for r, p in grouped[prefix] if _star_only(r)]
-            hard = [(compile_glob(r), p) for r, p in grouped[prefix] if not _star_only(r)]
+            simple: list[tuple[str, Payload]] = []
+            hard: list[tuple[Glob | None, Payload]] = []
+            for r, p in grouped[prefix]:
+                if _star_only(r):
+                    simple.append((r, p))
+                else:
+                    hard.append((compile_glob(r), p))
             nodes.append(_build_node(simple) if simple else _EMPTY)
             if hard:
                 self.complex[i] = hard
@@ -416,6 +425,8 @@ class WildIndex:
 
 def _build_node(rests: list[tuple[str, Payload]]) -> Node:
     """The segment trie of '*'-only pattern rests (each starts with '*')."""
+    if len(rests) == 1:
+        return _single(*rests[0])
     tree = _new()
     for rest, payload in rests:
         parts = rest.split("*")
@@ -429,6 +440,21 @@ def _build_node(rests: list[tuple[str, Payload]]) -> Node:
         else:
             node["ends"].extend(payload)
     return _freeze(tree)
+
+
+def _single(rest: str, payload: Payload) -> Node:
+    """What _build_node makes of one pattern (most groups hold one), built directly."""
+    parts = rest.split("*")
+    mids = [seg for seg in parts[1:-1] if seg]
+    last = parts[-1]
+    if not mids:
+        return ((), ((last, payload),), None, (), None) if last else (payload, (), None, (), None)
+    edge: tuple[str, tuple[str, ...], Node | None, Payload]
+    if last:
+        edge = (mids[0], tuple(mids[1:]), ((), ((last, payload),), None, (), None), ())
+    else:
+        edge = (mids[0], tuple(mids[1:]), None, payload)
+    return ((), (), None, (edge,), None)
 
 
 def _new() -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 INDEX_MAGIC = 0xB007F457
 INDEX_VERSION_MAJOR = 2
@@ -37,12 +36,17 @@ class IndexCorrupt(Exception):
     """A module index cannot be trusted; the message names the file and the problem."""
 
 
-@dataclass(frozen=True, slots=True)
 class Node:
-    prefix: str
-    first: int                          # CHILDMAX when the node has no children
-    children: tuple[int, ...]           # raw child offsets (flags included), first..last
-    values: tuple[tuple[int, str], ...]  # (priority, value) in file order
+    """One decoded trie node (a plain slotted class: decoding makes tens of thousands)."""
+
+    __slots__ = ("children", "first", "prefix", "values")
+
+    def __init__(self, prefix: str, first: int, children: tuple[int, ...],
+                 values: tuple[tuple[int, str], ...]) -> None:
+        self.prefix = prefix
+        self.first = first              # CHILDMAX when the node has no children
+        self.children = children        # raw child offsets (flags included), first..last
+        self.values = values            # (priority, value) in file order
 
     def child(self, ch: str) -> int:
         """Raw offset of the child for ``ch``, 0 when there is none."""
@@ -233,8 +237,8 @@ class BinIndex:
                 if off in seen:
                     self._corrupt(f"node offset {off & NODE_MASK} is reached twice (cycle)")
                 seen.add(off)
-                child = self.node(off)
-                assert child is not None
+                # a full walk reads each node once: no point in caching them
+                child = self._read_node(off, off & NODE_MASK)
                 stack.append((child, key + chr(node.first + k) + child.prefix))
 
     def items(self) -> Iterator[tuple[str, tuple[tuple[int, str], ...]]]:
