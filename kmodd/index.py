@@ -202,19 +202,25 @@ class ModuleTree:
     def _alias_index(self) -> WildIndex | None:
         def load() -> object:
             path = self._file("modules.alias.bin")
-            got = self._read(path)
-            if got is None:
+            try:
+                f = open(path, "rb")  # noqa: SIM115 - read only on a cache miss
+            except FileNotFoundError:
                 return self._alias_text("modules.alias", True) or _MISSING
-            data, st = got
-            big = st.st_size >= index_cache.MIN_SOURCE_SIZE
-            ident = index_cache.identity(st)
-            if big:
-                stored = self._cache.get("alias", path, ident)
-                if stored is not None:
-                    try:
-                        return WildIndex.from_bytes(stored)
-                    except ValueError:
-                        pass
+            except IsADirectoryError as e:
+                raise IndexCorrupt(f"{path}: is a directory") from e
+            with f:
+                # the identity of what is read, not of what the path names later
+                st = os.fstat(f.fileno())
+                big = st.st_size >= index_cache.MIN_SOURCE_SIZE
+                ident = index_cache.identity(st)
+                if big:
+                    stored = self._cache.get("alias", path, ident)
+                    if stored is not None:
+                        try:
+                            return WildIndex.from_bytes(stored)
+                        except ValueError:
+                            pass
+                data = f.read()
             idx = WildIndex(BinIndex(path, data).items())
             if big:
                 self._cache.put("alias", path, ident, idx.to_bytes())
