@@ -144,6 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add_tree_options(parser)
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds to wait for a module another process is loading")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print nothing; the exit status tells (like modprobe -q)")
     parser.add_argument("name", metavar="NAME|ALIAS")
     parser.add_argument("params", nargs="*", metavar="param=value")
 
@@ -156,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
     outcome = load_direct(args.name, args.params, root=root, version=version,
                           config_paths=args.config, blacklist_all=args.use_blacklist,
                           coming_timeout=args.timeout)
-    if args.json:
+    if args.quiet:
+        pass
+    elif args.json:
         print(json.dumps(outcome.to_json(), indent=2))
     elif outcome.ok:
         print(outcome.message)

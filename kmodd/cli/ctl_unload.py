@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "(modprobe -r)")
     parser.add_argument("-f", "--force", action="store_true",
                         help="force removal even when in use (O_TRUNC; dangerous)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print nothing; the exit status tells (like modprobe -q)")
     parser.add_argument("name", metavar="NAME|ALIAS")
 
 
@@ -101,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
     root, version = tree_from_args(args)
     outcome = unload_direct(args.name, recursive=args.recursive, force=args.force, root=root,
                             version=version, config_paths=args.config)
-    if args.json:
+    if args.quiet:
+        pass
+    elif args.json:
         print(json.dumps(outcome.to_json(), indent=2))
     elif outcome.ok:
         print(outcome.message)

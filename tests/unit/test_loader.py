@@ -448,3 +448,8 @@ def test_kmodctl_load_unload_cli(real_tree: Path, tmp_path: Path,
     assert "loop: unknown parameter nope" in capsys.readouterr().err
     assert main(["load", *tree, "nosuch"]) == 1
     assert "nosuch: module not found in" in capsys.readouterr().err
+    # -q, as the kernel's request helper passes it to modprobe: status only.
+    assert main(["load", *tree, "-q", "--", "nosuch"]) == 1
+    assert main(["load", *tree, "-q", "--", "snd"]) == 0
+    assert main(["unload", *tree, "-q", "snd"]) == 0
+    assert capsys.readouterr() == ("", "")
