@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno as E
 import logging
-import shlex
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -134,7 +133,7 @@ class Loader:
 
     def _install(self, step: ModuleStep) -> StepResult:
         assert step.install_command is not None
-        res = self._run_install(step.name, unsubstitute(step.install_command, step.options),
+        res = self._run_install(step.name, step.install_command,
                                 step.options)
         if res.ok:
             return StepResult(step.name, "install-command")
@@ -280,24 +279,6 @@ class Loader:
             if res.status == "unloaded":
                 pending += below
         return results
-
-
-def unsubstitute(command: str, options: str) -> str:
-    """Undo a ``$CMDLINE_OPTS`` substitution done before the loader saw the command.
-
-    The loader quotes the options itself (kmodd.commands); a plan whose install
-    command already has them pasted in raw would hand request text to the shell.
-    Only options that need quoting are put back, so a command with plain
-    ``a=1 b=2`` options runs exactly as written.
-    """
-    if "$CMDLINE_OPTS" in command or not options.strip():
-        return command
-    words = commands.split_options(options)
-    if all(shlex.quote(w) == w for w in words) or options not in command:
-        return command
-    log.warning("install command arrived with its options already substituted; "
-                "re-quoting them")
-    return command.replace(options, "$CMDLINE_OPTS")
 
 
 def describe_failure(results: list[StepResult], plan: Plan | None = None) -> str | None:

@@ -277,8 +277,8 @@ class Resolver:
             builtin = path is None and (mod.builtin or tree.is_builtin(name))
             step = ModuleStep(
                 name=name, path=path, options=options, builtin=builtin,
-                install_command=raw.replace("$CMDLINE_OPTS", options) if raw is not None
-                else None,
+                # As written: the loader substitutes the options shell-quoted.
+                install_command=raw,
                 deps=entry.deps if entry is not None else (), role=role)
             entries.append(_Entry(mod, step, raw))
         return entries

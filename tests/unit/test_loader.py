@@ -398,15 +398,6 @@ def test_load_direct_install_command_with_hostile_parameters(real_tree: Path,
     assert sim.syscalls == []
 
 
-def test_unsubstitute_only_touches_options_needing_quotes() -> None:
-    from kmodd.loader import unsubstitute
-
-    assert unsubstitute("cmd $CMDLINE_OPTS", "a=$(x)") == "cmd $CMDLINE_OPTS"
-    assert unsubstitute("cmd a=1 b=2", "a=1 b=2") == "cmd a=1 b=2"
-    assert unsubstitute("cmd a=$(x) b", "a=$(x) b") == "cmd $CMDLINE_OPTS"
-    assert unsubstitute("cmd", "") == "cmd"
-
-
 def test_waits_for_going_module_then_loads(tmp_path: Path) -> None:
     sim = SimKernel(tmp_path / "t", exit_delays={"soundcore": 0.4})
     loader = Loader(sim, coming_timeout=5)
