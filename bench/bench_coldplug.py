@@ -242,6 +242,11 @@ def main() -> int:
                 runs.append(res)
                 extra = f", READY {common.fmt_s(res['ready_seconds'])}" \
                     if "ready_seconds" in res else ""
+                common.save_results(args.out, {   # after every run: partial results survive
+                    "benchmark": "coldplug", "date": started, "host": host,
+                    "command": "bench/bench_coldplug.py " + " ".join(sys.argv[1:]),
+                    "devices": [d.qemu for d in common.devices(max(counts))],
+                    "methods": methods, "runs": runs, "summary": ["(incomplete)"]})
                 print(f"{count:3d} devices  {method:8s} run {i}: "
                       f"{common.fmt_s(res['seconds'])}{extra}, "
                       f"{len(loaded_by(res))} modules (boot {res['boot_seconds']:.0f} s)",

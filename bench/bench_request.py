@@ -59,9 +59,19 @@ TRIGGERS = (
 
 # ------------------------------------------------------------------ guest side
 
+COMMAND_TIMEOUT = 300.0
+PROGRESS = common.ROOT / "build" / "bench-request-progress.log"
+
+
+def progress(text: str) -> None:
+    """A line the host can follow while the guest works (the checkout is shared)."""
+    with open(PROGRESS, "a") as fh:
+        fh.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+
+
 def sh(cmd: str, env: dict[str, str] | None = None, check: bool = True) -> str:
     res = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True, env=env,
-                         check=False)
+                         check=False, timeout=COMMAND_TIMEOUT)
     if check and res.returncode != 0:
         raise RuntimeError(f"{cmd!r} failed ({res.returncode}): {res.stdout}{res.stderr}")
     return res.stdout
@@ -73,8 +83,15 @@ def set_helper(path: str) -> None:
 
 def timed(cmd: str, env: dict[str, str]) -> float:
     t0 = time.perf_counter()
-    res = subprocess.run(["/bin/sh", "-c", "exec " + cmd], capture_output=True, text=True,
-                         env=env, check=False)
+    try:
+        res = subprocess.run(["/bin/sh", "-c", "exec " + cmd], capture_output=True, text=True,
+                             env=env, check=False, timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        log = Path("/tmp/kmodd-request-bench.log")
+        raise RuntimeError(f"{cmd!r} did not finish in {COMMAND_TIMEOUT:g} s; helper "
+                           f"{Path('/proc/sys/kernel/modprobe').read_text().strip()}; "
+                           f"kmodd log:\n{log.read_text()[-3000:] if log.exists() else ''}"
+                           ) from None
     elapsed = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"{cmd!r} failed ({res.returncode}): {res.stderr}")
@@ -93,6 +110,7 @@ def unload(trigger: Trigger, env: dict[str, str]) -> None:
 def guest_main(reps: int) -> int:
     helper_kmodd = f"{common.GUEST_PREFIX}/kmodd-request"
     env = dict(os.environ)
+    progress("guest driver started")
     sh("modprobe loop; dd if=/dev/zero of=/tmp/minix.img bs=1k count=1024 2>/dev/null; "
        "mkfs.minix /tmp/minix.img >/dev/null; mkdir -p /tmp/bench-mnt")
     env["LOOP"] = sh("losetup -f --show /tmp/minix.img").strip()
@@ -106,6 +124,7 @@ def guest_main(reps: int) -> int:
                               stderr=log, stdin=subprocess.DEVNULL)
     if listener.wait_for("READY", 600) is None:
         raise RuntimeError("kmodd did not become ready")
+    progress("kmodd ready")
     helpers = {"modprobe": "/sbin/modprobe", "kmodd": helper_kmodd}
     times: dict[str, dict[str, list[float]]] = {t.name: {"modprobe": [], "kmodd": [],
                                                           "floor": []} for t in TRIGGERS}
@@ -114,6 +133,7 @@ def guest_main(reps: int) -> int:
         for trig in TRIGGERS:
             for helper in ("modprobe", "kmodd"):
                 set_helper(helpers[helper])
+                progress(f"warm-up {trig.name} {helper}")
                 timed(trig.run, env)
                 unload(trig, env)
         for i in range(reps):
@@ -122,6 +142,8 @@ def guest_main(reps: int) -> int:
                 for helper in order:
                     set_helper(helpers[helper])
                     times[trig.name][helper].append(timed(trig.run, env))
+                    progress(f"rep {i} {trig.name} {helper} "
+                             f"{times[trig.name][helper][-1] * 1000:.0f} ms")
                     loaded = common.modules_loaded()
                     if not set(trig.modules) <= loaded:
                         raise RuntimeError(f"{helper}: {trig.name} did not load "
