@@ -178,8 +178,12 @@ def test_coldplug_loads_what_modprobe_resolves(guest: Guest) -> None:
         loads = dict(line.split() for line in r.stdout.splitlines())
         modprobe_loaded = [m for m, rc in loads.items() if rc == "0"]
         if modprobe_loaded:
+            # What kmodd said about them (a failure, a backoff...).
+            said = guest.sh(f"grep -a -E ': (backoff|runaway) \\(' {LOG} | sed -E "
+                            "'s/feature:[0-9A-F,]*/feature:.../g' | cut -c1-400 | sort -u "
+                            "| head -8", ok=False).stdout
             problems.append(f"kmodd did not load {modprobe_loaded}, which modprobe -b then "
-                            "loaded")
+                            f"loaded; kmodd's log says:\n{said}")
     print(f"\ncoldplug vs modprobe -b -R: {len(resolved)} modaliases, {len(wanted)} modules "
           f"wanted, {len(by_device)} loaded by kmodd as device targets; not loaded (the "
           f"kernel refused them, modprobe -b fails too): {' '.join(missing) or 'none'}")
