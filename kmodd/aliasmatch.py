@@ -242,7 +242,7 @@ def _star_only(rest: str) -> bool:
 
 
 _EMPTY: Node = ()      # a group with only '?' / '[' patterns
-_FORMAT = 2
+_FORMAT = 3
 # Segment chains used this often get one regular expression each: one search
 # in C instead of a find per segment (about three times faster for usb's
 # '*dsc*dp*ic*isc*ip*in*'); the few that qualify are compiled at load.
@@ -325,8 +325,17 @@ class WildIndex:
                 _count_chains(node, uses)
         self.chains = [c for c, n in uses.most_common(_CHAIN_MAX) if n >= _CHAIN_MIN_USES]
         ids = {c: i for i, c in enumerate(self.chains)}
-        self._nodes: list[Node | None] = [_use_chains(node, ids) if node else node
-                                          for node in nodes]
+        self._nodes: list[Node | None] = []
+        for node in nodes:
+            if node:
+                node = _use_chains(node, ids)
+                # most groups are one pattern whose segments are a frequent chain:
+                # (chain number, payload), matched without a _walk call
+                if not (node[0] or node[1] or node[2] or node[4]) and len(node[3]) == 1:
+                    seg, chain, child, leaf = node[3][0]
+                    if seg is None and child is None:
+                        node = (chain, leaf)
+            self._nodes.append(node)
         self._chain_rx = _compile_chains(self.chains)
         self._blob = b""
         self._offsets = array("I")
@@ -394,12 +403,16 @@ class WildIndex:
             g = parents[g]
         nodes = self._nodes
         complex_ = self.complex
+        chain_rx = self._chain_rx
         while g >= 0:
             node = nodes[g]
             if node is None:
                 node = self._node(g)
-            if node:
-                _walk(node, key, len(prefixes[g]), found, self._chain_rx)
+            if len(node) == 2:
+                if chain_rx[node[0]].match(key, len(prefixes[g])) is not None:
+                    found.extend(node[1])
+            elif node:
+                _walk(node, key, len(prefixes[g]), found, chain_rx)
             if complex_:
                 hard = complex_.get(g)
                 if hard:
@@ -494,9 +507,11 @@ def _freeze(node: dict[str, Any]) -> Node:
 
 
 def _count_chains(node: Node, uses: Counter[tuple[str, ...]]) -> None:
-    for _, more, child, _ in node[3]:
-        if len(more) >= 2:
-            uses[more] += 1
+    # kids count with their first segment (one regex does it all), bucket
+    # entries without (the bucket look-up found it)
+    for seg, more, child, _ in node[3]:
+        if more:
+            uses[(seg, *more)] += 1
         if child is not None:
             _count_chains(child, uses)
     if node[4]:
@@ -515,8 +530,10 @@ def _use_chains(node: Node, ids: dict[tuple[str, ...], int]) -> Node:
     ends, tails, tail_buckets, kids, kid_buckets = node
     new_kids = []
     for seg, more, child, leaf in kids:
-        m, c = sub(more, child)
-        new_kids.append((seg, m, c, leaf))
+        chain = ids.get((seg, *more)) if more else None
+        c = None if child is None else _use_chains(child, ids)
+        # None as the segment: the whole chain is one regex from the position
+        new_kids.append((None, chain, c, leaf) if chain is not None else (seg, more, c, leaf))
     new_buckets = None
     if kid_buckets:
         new_buckets = {}
@@ -557,6 +574,16 @@ def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]],
                     found.extend(payload)
                 j = find(first, j + 1)
     for seg, more, child, leaf in kids:
+        if seg is None:
+            m = chains[more].match(key, pos)
+            if m is None:
+                continue
+            j = m.end()
+            if child is None:
+                found.extend(leaf)
+            else:
+                _walk(child, key, j, found, chains)
+            continue
         j = find(seg, pos)
         if j < 0:
             continue

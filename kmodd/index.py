@@ -230,11 +230,31 @@ class ModuleTree:
 
     def alias(self, alias: str) -> list[str]:
         """Modules whose modules.alias patterns match, in kmod's order (duplicates kept)."""
+        if "*" in alias or "?" in alias or "[" in alias:
+            found = self._trie_search("modules.alias.bin", alias)
+            if found is not None:
+                return found
         search = self._alias_search
         if search is None:
             idx = self._alias_index()
             search = self._alias_search = idx.search if idx is not None else _nothing
         return search(alias if alias.isascii() else key_bytes_str(alias))
+
+    def _trie_search(self, name: str, key: str) -> list[str] | None:
+        """kmod's own trie walk, for keys holding '*', '?' or '['.
+
+        kmod then also follows the key literally through the patterns' own
+        wildcard characters and may return a module once per way it got
+        there, depending on how depmod compressed the trie; only a walk of
+        the real trie answers the same.  None when there is no .bin file.
+        """
+        trie = self._loaded.get("trie:" + name)
+        if trie is None:
+            trie = self._bin(name[:-4]) or _MISSING
+            self._loaded["trie:" + name] = trie
+        if not isinstance(trie, BinIndex):
+            return None
+        return trie.searchwild(key, aliasmatch.fnmatch)
 
     def alias_patterns(self) -> list[tuple[str, str]]:
         """(pattern, module) of every modules.alias entry, by module priority then pattern."""
@@ -305,6 +325,10 @@ class ModuleTree:
 
     def builtin_alias(self, alias: str) -> list[str]:
         """Builtin modules whose aliases match (modules.builtin.alias.bin)."""
+        if "*" in alias or "?" in alias or "[" in alias:
+            found = self._trie_search("modules.builtin.alias.bin", alias)
+            if found is not None:
+                return found
         search = self._builtin_alias_search
         if search is None:
             # every alias that misses modules.alias ends up here: prepare it (it is small)
