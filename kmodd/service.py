@@ -944,6 +944,10 @@ class Service:
         kind = msg.get("kind") or "admin"
         if kind not in ("admin", "kernel"):
             return error_reply("kind must be 'admin' or 'kernel'")
+        if kind == "admin" and options:
+            refusal = self._refuse_params(name, options)
+            if refusal is not None:
+                return error_reply(refusal, "EINVAL")
         by = msg.get("requested_by")
         requested_by = by if isinstance(by, str) and by and len(by) < 256 else \
             f"kmodctl uid={conn.uid} pid={conn.cred.pid}"
@@ -957,6 +961,15 @@ class Service:
 
         future.add_done_callback(done)
         return None
+
+    def _refuse_params(self, name: str, options: str) -> str | None:
+        """An admin's parameters unknown to the module are refused, as a direct load does."""
+        from kmodd.params import check_params, split_params
+        try:
+            plan = self.resolver.plan(name, extra_options=options)
+        except Exception:
+            return None          # the load itself will report why it cannot resolve
+        return check_params(plan, split_params(options))
 
     def _control_unload(self, conn: Connection, msg: dict[str, Any]) -> dict[str, Any] | None:
         name = modname_normalize(_name_arg(msg, "name"))

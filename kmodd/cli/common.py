@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from kmodd.root import Root, running_kernel_version
 
@@ -21,6 +22,27 @@ def add_tree_options(parser: argparse.ArgumentParser, *, blacklist: bool = True)
         parser.add_argument("-b", "--use-blacklist", action="store_true",
                             help="apply the blacklist to every module, like udev")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """``load``/``unload`` go through a running daemon unless told otherwise."""
+    parser.add_argument("--socket", metavar="PATH", default=None,
+                        help="the daemon's control socket (default /run/kmodd/control)")
+    parser.add_argument("--direct", action="store_true",
+                        help="act on the kernel directly even when the daemon runs")
+
+
+def daemon_client(args: argparse.Namespace) -> Any:
+    """A control-socket client when the request is the daemon's to serve, else None.
+
+    The daemon serves the running kernel's default tree only: with -d/-S/-C or
+    --direct the caller acts itself, as it does when no daemon answers.
+    """
+    if args.direct or args.dirname or args.version or args.config:
+        return None
+    from kmodd.control import DEFAULT_SOCKET, Client
+
+    return Client.try_connect(args.socket or DEFAULT_SOCKET, timeout=None)
 
 
 def tree_from_args(args: argparse.Namespace) -> tuple[Root, str]:

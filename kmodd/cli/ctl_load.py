@@ -14,15 +14,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from kmodd.cli.common import add_tree_options, tree_from_args
+from kmodd.cli.common import add_daemon_options, add_tree_options, daemon_client, tree_from_args
 from kmodd.kernel.protocol import Kernel
 from kmodd.loader import Loader, StepResult, describe_failure
-from kmodd.plan import Plan, Role
+from kmodd.params import check_params
+from kmodd.plan import Plan
 from kmodd.root import Root
-
-# Accepted by every module: the dynamic-debug hook (kernel/module/main.c).
-_MAGIC_PARAMS = {"dyndbg"}
 
 
 @dataclass
@@ -55,25 +54,6 @@ def format_params(params: Sequence[str]) -> str:
     return " ".join(out)
 
 
-def unknown_params(path: str, params: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(unknown names among ``params``, the module's declared names), from its .modinfo.
-
-    The kernel only logs "unknown parameter ignored" and loads the module
-    anyway; for parameters an administrator typed, failing clearly is kinder.
-    """
-    from kmodd.elf import read_modinfo
-
-    declared = [p.name for p in read_modinfo(path).parm]
-    known = {n.replace("-", "_") for n in declared} | _MAGIC_PARAMS
-    unknown = []
-    for word in params:
-        key = word.partition("=")[0].replace("-", "_")
-        # "foo.bar" would be a parameter of another module: not ours to judge.
-        if key and "." not in key and key not in known:
-            unknown.append(key)
-    return unknown, declared
-
-
 def load_plan_direct(plan: Plan, kernel: Kernel, *, params: Sequence[str] = (),
                      coming_timeout: float = 30.0) -> LoadOutcome:
     """Execute an already resolved plan; ``params`` are the admin's for the targets."""
@@ -84,21 +64,9 @@ def load_plan_direct(plan: Plan, kernel: Kernel, *, params: Sequence[str] = (),
                                errno=E.EPERM)
         return LoadOutcome(plan.request, False, f"{plan.request}: module not found",
                            errno=E.ENOENT)
-    if params:
-        for step in plan.steps:
-            if step.role is not Role.TARGET or step.path is None or step.install_command:
-                continue
-            try:
-                unknown, declared = unknown_params(step.path, params)
-            except Exception:   # an unreadable file: loading it will say why more precisely
-                unknown, declared = [], []
-            if unknown:
-                plural = "s" if len(unknown) > 1 else ""
-                known = ", ".join(declared) if declared else "none"
-                return LoadOutcome(
-                    plan.request, False,
-                    f"{step.name}: unknown parameter{plural} {', '.join(unknown)} "
-                    f"(the module's parameters: {known})", plan.targets, errno=E.EINVAL)
+    refusal = check_params(plan, params)
+    if refusal is not None:
+        return LoadOutcome(plan.request, False, refusal, plan.targets, errno=E.EINVAL)
     loader = Loader(kernel, coming_timeout=coming_timeout)
     results = loader.load_plan(plan)
     ok = Loader.plan_ok(plan, results)
@@ -146,8 +114,28 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="seconds to wait for a module another process is loading")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing; the exit status tells (like modprobe -q)")
+    add_daemon_options(parser)
     parser.add_argument("name", metavar="NAME|ALIAS")
     parser.add_argument("params", nargs="*", metavar="param=value")
+
+
+def load_via_daemon(client: Any, request: str, params: Sequence[str]) -> LoadOutcome:
+    """Hand the load to the running daemon, which records why and may autoclean it."""
+    with client:
+        reply = client.load(request, format_params(params))
+    outcome = reply.get("outcome") or {}
+    if not reply.get("ok"):
+        code = reply.get("code")
+        return LoadOutcome(request, False, f"{request}: {reply.get('error', 'refused')}",
+                           errno=getattr(E, code, None) if isinstance(code, str) else None)
+    status = str(reply.get("status", ""))
+    modules = tuple(outcome.get("modules") or ())
+    if status in ("loaded", "present", "builtin"):
+        return LoadOutcome(request, True, f"{', '.join(modules) or request} {status} "
+                           "(through kmodd)", modules)
+    error = outcome.get("error") or status
+    return LoadOutcome(request, False, f"{request}: {status}: {error}", modules,
+                       errno=outcome.get("errno"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,9 +143,13 @@ def run(args: argparse.Namespace) -> int:
     # same message is printed once below.
     logging.getLogger("kmodd.loader").setLevel(logging.CRITICAL)
     root, version = tree_from_args(args)
-    outcome = load_direct(args.name, args.params, root=root, version=version,
-                          config_paths=args.config, blacklist_all=args.use_blacklist,
-                          coming_timeout=args.timeout)
+    client = daemon_client(args)
+    if client is not None:
+        outcome = load_via_daemon(client, args.name, args.params)
+    else:
+        outcome = load_direct(args.name, args.params, root=root, version=version,
+                              config_paths=args.config, blacklist_all=args.use_blacklist,
+                              coming_timeout=args.timeout)
     if args.quiet:
         pass
     elif args.json:

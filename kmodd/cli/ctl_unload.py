@@ -12,8 +12,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from kmodd.cli.common import add_tree_options, tree_from_args
+from kmodd.cli.common import add_daemon_options, add_tree_options, daemon_client, tree_from_args
 from kmodd.kernel.protocol import Kernel
 from kmodd.loader import Loader, StepResult
 from kmodd.names import modname_normalize
@@ -36,7 +37,7 @@ class UnloadOutcome:
 
 def _resolve(request: str, root: Root, version: str, config_paths: Sequence[str] | None
              ) -> tuple[Plan | None, dict[str, str]]:
-    """The request's plan and modprobe.d remove commands, when the tree knows it."""
+    """The request's plan and the modprobe.d remove command of each module in it."""
     try:
         from kmodd.resolve import open_resolver
 
@@ -44,8 +45,9 @@ def _resolve(request: str, root: Root, version: str, config_paths: Sequence[str]
         plan = resolver.plan(request)
     except Exception:   # no tree for this kernel, corrupt index...: unload by name
         return None, {}
-    config = getattr(resolver, "config", None)
-    remove = dict(getattr(config, "remove", {}) or {})
+    names = [s.name for s in plan.steps] or [modname_normalize(request)]
+    # remove patterns are globs, first match wins, as kmod matches them
+    remove = {n: cmd for n in names if (cmd := resolver.remove_command(n)) is not None}
     return (plan if plan.resolved else None), remove
 
 
@@ -93,7 +95,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="force removal even when in use (O_TRUNC; dangerous)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing; the exit status tells (like modprobe -q)")
+    add_daemon_options(parser)
     parser.add_argument("name", metavar="NAME|ALIAS")
+
+
+def unload_via_daemon(client: Any, request: str, *, force: bool) -> UnloadOutcome:
+    """Ask the running daemon, so its record of what it loaded stays true."""
+    with client:
+        reply = client.unload(request, force=force)
+    if not reply.get("ok"):
+        return UnloadOutcome(request, False, f"{request}: {reply.get('error', 'refused')}",
+                             errno=E.EPERM if reply.get("code") == "EPERM" else None)
+    status = str(reply.get("status", ""))
+    module = str(reply.get("module", request))
+    if status in ("unloaded", "remove-command"):
+        return UnloadOutcome(request, True, f"unloaded {module} (through kmodd)")
+    error = reply.get("error") or (f"{module}: not loaded" if status == "absent" else status)
+    return UnloadOutcome(request, False, str(error), errno=reply.get("errno"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,8 +119,13 @@ def run(args: argparse.Namespace) -> int:
     # same message is printed once below.
     logging.getLogger("kmodd.loader").setLevel(logging.CRITICAL)
     root, version = tree_from_args(args)
-    outcome = unload_direct(args.name, recursive=args.recursive, force=args.force, root=root,
-                            version=version, config_paths=args.config)
+    # modprobe -r semantics (dependencies too) are worked out here, not by the daemon.
+    client = None if args.recursive else daemon_client(args)
+    if client is not None:
+        outcome = unload_via_daemon(client, args.name, force=args.force)
+    else:
+        outcome = unload_direct(args.name, recursive=args.recursive, force=args.force,
+                                root=root, version=version, config_paths=args.config)
     if args.quiet:
         pass
     elif args.json:

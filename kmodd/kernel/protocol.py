@@ -9,11 +9,11 @@ syscall or reads /proc/modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 
-class InitState(str, Enum):
+class InitState(StrEnum):
     LIVE = "live"
     COMING = "coming"
     GOING = "going"

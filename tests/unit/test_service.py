@@ -413,6 +413,12 @@ def test_kmodd_main_coldplugs_serves_kmodctl_and_stops_on_sigterm(
             results["list"] = ctl("list", "--json")
             results["human"] = ctl("list")
             results["reload"] = ctl("reload")
+            # kmodctl load/unload go through the running daemon, which keeps its record
+            results["unload"] = ctl("unload", "fakeidle")
+            results["list_after_unload"] = ctl("list", "--json")
+            results["admin_load"] = ctl("load", "fakeidle")
+            results["admin_why"] = ctl("why", "fakeidle", "--json")
+            results["bad_param"] = ctl("load", "fakeidle", "nosuchparam=1")
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -441,6 +447,13 @@ def test_kmodd_main_coldplugs_serves_kmodctl_and_stops_on_sigterm(
     assert all(m["loaded_by_kmodd"] for m in listed.values())
     assert "fakenet" in results["human"][1] and "coldplug" in results["human"][1]
     assert results["reload"][0] == 0
+    assert results["unload"][0] == 0 and "through kmodd" in results["unload"][1]
+    after = {m["name"]: m for m in json.loads(results["list_after_unload"][1])}
+    assert "fakeidle" not in after
+    assert results["admin_load"][0] == 0 and "through kmodd" in results["admin_load"][1]
+    admin_why = json.loads(results["admin_why"][1])
+    assert admin_why["kind"] == "admin" and admin_why["requested_by"].startswith("kmodctl")
+    assert results["bad_param"][0] == 1       # the daemon refuses unknown parameters
     state = json.loads((tree / "run/kmodd/state.json").read_text())
     assert {m["name"] for m in state["modules"]} == {"fakelib", "fakenet", "fakeidle"}
 
