@@ -29,6 +29,7 @@ CHILDMAX = 128
 WILDCARDS = "*?["
 
 _U32 = struct.Struct(">I")
+_CHILD_TABLES = [struct.Struct(f">{n}I") for n in range(CHILDMAX + 1)]
 _HEADER = struct.Struct(">III")
 
 
@@ -133,7 +134,7 @@ class BinIndex:
             count = last - first + 1
             if pos + 4 * count > size:
                 self._corrupt(f"node at {pos}: child table truncated")
-            children = struct.unpack_from(f">{count}I", data, pos)
+            children = _CHILD_TABLES[count].unpack_from(data, pos)
             pos += 4 * count
         values: tuple[tuple[int, str], ...] = ()
         if offset & NODE_VALUES:
@@ -152,7 +153,8 @@ class BinIndex:
                 end = data.find(b"\0", pos + 4)
                 if end < 0:
                     self._corrupt(f"node at {pos}: value runs past the end of the file")
-                vals.append((prio, decode_value(data[pos + 4:end])))
+                raw = data[pos + 4:end]
+                vals.append((prio, raw.decode("ascii") if raw.isascii() else decode_value(raw)))
                 pos = end + 1
             values = tuple(vals)
         return Node(prefix, first, children, values)
