@@ -100,8 +100,14 @@ def main() -> int:
     ap.add_argument("--kmodctl", default=_kmodctl())
     args = ap.parse_args()
 
-    version = args.version or os.uname().release
     base = Path(args.dirname or "/")
+    version = args.version or os.uname().release
+    if args.version is None and not (base / "lib/modules" / version / "modules.alias").exists():
+        # e.g. a container or VM host running another kernel: the one tree installed
+        trees = [d.name for d in (base / "lib/modules").glob("*") if (d / "modules.alias").exists()]
+        if len(trees) == 1:
+            version = trees[0]
+            print(f"note: no module tree for the running kernel; using {version}")
     moddir = base / "lib/modules" / version
     if not (moddir / "modules.alias").exists():
         raise SystemExit(f"{moddir}: no modules.alias (install the kernel's modules, run depmod)")
