@@ -248,10 +248,7 @@ class ModuleTree:
         there, depending on how depmod compressed the trie; only a walk of
         the real trie answers the same.  None when there is no .bin file.
         """
-        trie = self._loaded.get("trie:" + name)
-        if trie is None:
-            trie = self._bin(name[:-4]) or _MISSING
-            self._loaded["trie:" + name] = trie
+        trie = self._get("trie:" + name, lambda: self._bin(name[:-4]) or _MISSING)
         if not isinstance(trie, BinIndex):
             return None
         return trie.searchwild(key, aliasmatch.fnmatch)
