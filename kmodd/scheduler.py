@@ -579,13 +579,27 @@ class Scheduler:
                                                and s.name in self._tasks)]
         for step in todo:
             entry.results.pop(step.name, None)
+        edges = plan_edges(plan)
         if request.kind != "admin":     # an administrator asking again means retry now
+            # A module backing off holds back only itself and what needs it: the
+            # plan's other modules (a CPU modalias names a dozen) still load.
+            held: dict[str, StepResultLike] = {}
             for step in todo:
                 rec = self._failures.get(step.name)
                 if rec is not None and rec.retry_at > now and step.name not in self._tasks:
-                    out = Outcome(request, "backoff", plan.targets,
-                                  f"{step.name} failed {rec.failures} time(s), next retry in "
-                                  f"{rec.retry_at - now:.0f}s: {rec.error}", rec.errno)
+                    held[step.name] = StepOutcome(
+                        step.name, "backoff", f"{step.name} failed {rec.failures} time(s), "
+                        f"next retry in {rec.retry_at - now:.0f}s: {rec.error}", rec.errno)
+                elif any(d in held for d in edges.get(step.name, ())):
+                    blocker = next(d for d in edges[step.name] if d in held)
+                    held[step.name] = StepOutcome(step.name, "backoff",
+                                                  held[blocker].error, held[blocker].errno)
+            if held:
+                entry.results.update(held)
+                todo = [s for s in todo if s.name not in held]
+                if not any(s.role is Role.TARGET for s in todo):
+                    first = next(iter(held.values()))
+                    out = Outcome(request, "backoff", plan.targets, first.error, first.errno)
                     self._finish_entry_locked(entry, out, done, outcomes)
                     return
             for step in todo:
@@ -600,7 +614,6 @@ class Scheduler:
                         self._safe(self._on_runaway, step.name, request)
                     self._finish_entry_locked(entry, out, done, outcomes)
                     return
-        edges = plan_edges(plan)
         for step in todo:
             task = self._tasks.get(step.name)
             if task is None:

@@ -264,6 +264,25 @@ def test_failures_back_off_exponentially(env: dict[str, object]) -> None:
     assert "bad" not in sched.failures()
 
 
+def test_a_module_in_backoff_holds_back_only_itself_and_its_dependents(
+        env: dict[str, object]) -> None:
+    # One modalias naming several drivers (a CPU's names a dozen): the one that
+    # failed earlier backs off, the others still load, as modprobe -b loads them.
+    clock = FakeClock()
+    sched, kernel, _, _ = make(env, clock=clock, backoff=BackoffPolicy(5, 600),
+                               kernel_kwargs={"load_errors": {"bad": E.ENODEV}},
+                               resolver_kwargs={"aliases": {
+                                   "acpi:bad": ("bad",),
+                                   "cpu:many": ("bad", "solo", "needs_bad", "c")}})
+    assert outcome(sched.submit(Request("modalias", "acpi:bad"))).status == "failed"
+    many = outcome(sched.submit(Request("modalias", "cpu:many")))
+    assert many.status == "loaded"
+    assert {"solo", "c", "a", "core"} <= set(kernel.loaded())
+    assert loads_of(kernel, "bad") == 1 and loads_of(kernel, "needs_bad") == 0
+    # Nothing left to load but the backed-off module: the request backs off.
+    assert outcome(sched.submit(Request("modalias", "acpi:bad"))).status == "backoff"
+
+
 def test_request_storm_is_reported_as_runaway_not_looped_on(env: dict[str, object]) -> None:
     clock = FakeClock()
     sched, _, _, resolver = make(env, clock=clock, runaway_limit=5, runaway_window=10)
