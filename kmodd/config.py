@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kmodd import aliasmatch
 from kmodd.names import alias_normalize
 from kmodd.root import Root
 
@@ -95,106 +96,6 @@ def _log() -> logging.Logger:
 
 # ---------------------------------------------------------------- fnmatch
 
-_CLASSES: dict[str, str] = {
-    "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "blank": " \\t", "cntrl": "\\x00-\\x1f\\x7f",
-    "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~",
-    "punct": "!-/:-@\\[-`{-~", "space": " \\t\\n\\v\\f\\r", "upper": "A-Z",
-    "xdigit": "0-9A-Fa-f",
-}
-_NEVER = "(?!)"
-
-
-def _bracket(pattern: str, i: int) -> tuple[str, int] | None:
-    """Translate the bracket expression starting after ``[`` at ``i``.
-
-    Returns the regex and the index after ``]``, ``None`` when the bracket is
-    not terminated (glibc then matches ``[`` literally), or ``(_NEVER, -1)``
-    for an unknown character class (glibc then never matches).
-    """
-    n = len(pattern)
-    negate = i < n and pattern[i] in "!^"
-    if negate:
-        i += 1
-    items: list[str] = []
-    first = True
-    while True:
-        if i >= n:
-            return None
-        c = pattern[i]
-        if c == "]" and not first:
-            i += 1
-            break
-        first = False
-        if c == "[" and i + 1 < n and pattern[i + 1] == ":":
-            end = pattern.find(":]", i + 2)
-            if end < 0:
-                return None
-            cls = _CLASSES.get(pattern[i + 2:end])
-            if cls is None:
-                return _NEVER, -1
-            items.append(cls)
-            i = end + 2
-            continue
-        if c == "\\":
-            if i + 1 >= n:
-                return None
-            i += 1
-            c = pattern[i]
-        i += 1
-        # a range, unless the '-' closes the bracket
-        if i + 1 < n and pattern[i] == "-" and pattern[i + 1] != "]":
-            hi = pattern[i + 1]
-            i += 2
-            if hi == "\\":
-                if i >= n:
-                    return None
-                hi = pattern[i]
-                i += 1
-            if ord(c) <= ord(hi):
-                items.append(f"{re.escape(c)}-{re.escape(hi)}")
-            continue
-        items.append(re.escape(c))
-    if not items:
-        return ("[\\s\\S]" if negate else _NEVER), i
-    return f"[{'^' if negate else ''}{''.join(items)}]", i
-
-
-def glob_regex(pattern: str) -> str:
-    """A regular expression matching what glibc ``fnmatch(pattern, s, 0)`` matches.
-
-    Flags 0: ``*`` and ``?`` cross ``/`` and leading dots, backslash escapes,
-    ``[!...]``/``[^...]`` negate, POSIX classes in the C locale.
-    """
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        i += 1
-        if c == "*":
-            while i < n and pattern[i] == "*":
-                i += 1
-            out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif c == "\\":
-            if i >= n:
-                return _NEVER
-            out.append(re.escape(pattern[i]))
-            i += 1
-        elif c == "[":
-            translated = _bracket(pattern, i)
-            if translated is None:
-                out.append(re.escape("["))
-            elif translated[1] < 0:
-                return _NEVER
-            else:
-                out.append(translated[0])
-                i = translated[1]
-        else:
-            out.append(re.escape(c))
-    return "".join(out)
-
-
 def is_glob(pattern: str) -> bool:
     return not _GLOB_CHARS.isdisjoint(pattern)
 
@@ -203,8 +104,8 @@ def compile_glob(pattern: str) -> Callable[[str], bool]:
     """A predicate equal to ``fnmatch(pattern, s, 0) == 0`` in glibc."""
     if not is_glob(pattern):
         return pattern.__eq__
-    regex = re.compile(glob_regex(pattern), re.DOTALL)
-    return lambda s: regex.fullmatch(s) is not None
+    glob = aliasmatch.compile_glob(pattern)
+    return lambda s: aliasmatch.glob_match(glob, s)
 
 
 # ---------------------------------------------------------------- files
