@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,17 @@ def daemon_client(args: argparse.Namespace) -> Any:
     from kmodd.control import DEFAULT_SOCKET, Client
 
     return Client.try_connect(args.socket or DEFAULT_SOCKET, timeout=None)
+
+
+def report(args: argparse.Namespace, ok: bool, message: str, as_json: dict[str, Any]) -> int:
+    """Print an outcome as -q, --json or plain text ask; the exit status."""
+    if args.json and not args.quiet:
+        print(json.dumps(as_json, indent=2))
+    elif ok and not args.quiet:
+        print(message)
+    elif not ok and not args.quiet:
+        print(f"kmodctl {args.command}: {message}", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def tree_from_args(args: argparse.Namespace) -> tuple[Root, str]:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import errno as E
-import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kmodd.cli.common import add_daemon_options, add_tree_options, daemon_client, tree_from_args
+from kmodd.cli.common import (
+    add_daemon_options,
+    add_tree_options,
+    daemon_client,
+    report,
+    tree_from_args,
+)
 from kmodd.kernel.protocol import Kernel
 from kmodd.loader import Loader, StepResult, describe_failure
 from kmodd.params import check_params
@@ -150,12 +154,4 @@ def run(args: argparse.Namespace) -> int:
         outcome = load_direct(args.name, args.params, root=root, version=version,
                               config_paths=args.config, blacklist_all=args.use_blacklist,
                               coming_timeout=args.timeout)
-    if args.quiet:
-        pass
-    elif args.json:
-        print(json.dumps(outcome.to_json(), indent=2))
-    elif outcome.ok:
-        print(outcome.message)
-    else:
-        print(f"kmodctl load: {outcome.message}", file=sys.stderr)
-    return 0 if outcome.ok else 1
+    return report(args, outcome.ok, outcome.message, outcome.to_json())

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import errno as E
-import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kmodd.cli.common import add_daemon_options, add_tree_options, daemon_client, tree_from_args
+from kmodd.cli.common import (
+    add_daemon_options,
+    add_tree_options,
+    daemon_client,
+    report,
+    tree_from_args,
+)
 from kmodd.kernel.protocol import Kernel
 from kmodd.loader import Loader, StepResult
 from kmodd.names import modname_normalize
@@ -126,12 +130,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         outcome = unload_direct(args.name, recursive=args.recursive, force=args.force,
                                 root=root, version=version, config_paths=args.config)
-    if args.quiet:
-        pass
-    elif args.json:
-        print(json.dumps(outcome.to_json(), indent=2))
-    elif outcome.ok:
-        print(outcome.message)
-    else:
-        print(f"kmodctl unload: {outcome.message}", file=sys.stderr)
-    return 0 if outcome.ok else 1
+    return report(args, outcome.ok, outcome.message, outcome.to_json())
