@@ -8,7 +8,9 @@ A module is unloaded only when kmodd loaded it, it has been seen unused on
 two consecutive sweeps and for at least ``idle_timeout``, its refcount is
 zero, nothing holds it, no device is bound to its drivers, it is not
 permanent and not listed in ``never_unload`` -- and, when it was loaded for
-a device (uevent, coldplug), that device is gone.  Its dependencies that kmodd
+a device (uevent, coldplug), that device is gone; when it provides a network
+link type (``rtnl-link-dummy``), no link of that type exists, since a link
+holds no reference on its module yet dies with it.  Its dependencies that kmodd
 loaded and that only it used follow in the same sweep.  Modules loaded by
 anyone else have no record, so they are never even considered.
 """
@@ -73,13 +75,25 @@ def busy_reason(use: ModuleUse, policy: AutocleanPolicy) -> str | None:
     return None
 
 
+def link_kinds_of(name: str, rec: ModuleRecord) -> set[str]:
+    """Link types a module may provide: its own name (dummy, veth...) and the
+    kind the kernel asked for when it requested it (``rtnl-link-KIND``)."""
+    kinds = {name}
+    if rec.key.startswith("rtnl-link-"):
+        kinds.add(rec.key[len("rtnl-link-"):])
+    return kinds
+
+
 def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse],
                policy: AutocleanPolicy, now: float,
-               busy: Iterable[str] = (), devices_present: Iterable[str] = ()) -> SweepPlan:
+               busy: Iterable[str] = (), devices_present: Iterable[str] = (),
+               link_kinds: Iterable[str] | None = ()) -> SweepPlan:
     """Decide one sweep.  ``busy``: modules a pending request involves;
-    ``devices_present``: modules loaded for a device that is still there."""
+    ``devices_present``: modules loaded for a device that is still there;
+    ``link_kinds``: kinds of the network links that exist (None: unknown)."""
     busy_set = set(busy)
     present = set(devices_present)
+    links = None if link_kinds is None else set(link_kinds)
     out = SweepPlan()
     for name, rec in records.items():
         use = uses.get(name)
@@ -93,6 +107,10 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
             # Loaded for a device, like udev would: it stays while the device
             # does (CPU feature modules, drivers whose probe passed it over).
             reason = f"its device {rec.devpath} is present"
+        if reason is None and links is None and rec.key.startswith("rtnl-link-"):
+            reason = "cannot tell whether links of its type exist"
+        elif reason is None and links and (kinds := link_kinds_of(name, rec) & links):
+            reason = f"network link(s) of type {', '.join(sorted(kinds))} exist"
         if reason is not None:
             out.idle[name] = (None, 0)
             out.kept[name] = reason
@@ -194,7 +212,7 @@ class Autoclean:
         if not uses:
             return report
         decision = plan_sweep(records, uses, self.policy, self.clock(), self.busy(),
-                              self._devices_present(records))
+                              self._devices_present(records), self._link_kinds())
         self.sweeps += 1
         for name in decision.forget:
             if self.state.forget_if(name, records[name].loaded_at):
@@ -223,6 +241,13 @@ class Autoclean:
                 report.failed[name] = error
                 failed_users.add(name)
         return report
+
+    def _link_kinds(self) -> set[str] | None:
+        try:
+            return self.kernel.link_kinds()
+        except Exception as exc:
+            log.warning("autoclean: cannot list network links: %s", exc)
+            return None
 
     def _devices_present(self, records: Mapping[str, ModuleRecord]) -> set[str]:
         if self.sys_dir is None:

@@ -893,6 +893,8 @@ class Service:
             out.update(_why_dict(rec))
             out["loaded_at"] = rec.loaded_at
             out["idle_since"] = rec.idle_since
+        if self.last_sweep is not None and name in self.last_sweep.kept:
+            out["autoclean"] = self.last_sweep.kept[name]     # why it is still loaded
         failure = self.scheduler.failures().get(name)
         if failure is not None:
             out["last_failure"] = {"failures": failure.failures, "error": failure.error,

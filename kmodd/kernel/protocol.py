@@ -75,6 +75,11 @@ class Kernel(Protocol):
 
     def modules_disabled(self) -> bool: ...
 
+    def link_kinds(self) -> set[str]:
+        """Kinds of the network links that exist (dummy, bridge...): a link holds
+        no reference on the module providing its type, yet dies with it."""
+        ...
+
     def supports_modules(self) -> bool:
         """False on a kernel built without module support (no /proc/modules)."""
         ...

@@ -164,6 +164,11 @@ class KernelState:
     def supports_modules(self) -> bool:
         return self.root.path("proc/modules").exists()
 
+    def link_kinds(self) -> set[str]:
+        from kmodd.kernel.netlink import link_kinds
+
+        return link_kinds()
+
     def kernel_compression(self) -> str | None:
         """The algorithm the kernel decompresses itself (/sys/module/compression), if any."""
         text = _read(self.root.path("sys/module/compression"))

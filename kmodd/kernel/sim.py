@@ -106,6 +106,7 @@ class SimKernel(SyscallKernel):
         self.load_order: list[str] = []         # modules in the order they went live
         self.concurrent = 0
         self.max_concurrent_seen = 0
+        self.links: dict[str, str] = {}        # network interface -> its kind
         self._write_static(modules_disabled)
         self._write_state()
 
@@ -115,6 +116,10 @@ class SimKernel(SyscallKernel):
         with self._cond:
             for step in plan.steps:
                 self.deps.setdefault(step.name, tuple(step.deps))
+
+    def link_kinds(self) -> set[str]:
+        with self._cond:
+            return set(self.links.values())
 
     def set_users(self, name: str, users: int) -> None:
         """Non-module references (an open device node, a mounted filesystem...)."""

@@ -48,6 +48,25 @@ def test_idle_module_goes_only_on_the_second_sweep_after_idle_timeout() -> None:
     assert plan_sweep({"m": rec("m", 5, 1)}, uses, zero, now=6).unload == ["m"]
 
 
+def test_a_link_type_in_use_keeps_its_module() -> None:
+    # rmmod dummy would destroy interface x although dummy's refcount is 0.
+    dummy = ModuleRecord("dummy", 0.0, "kernel", "rtnl-link-dummy", idle_since=0,
+                         idle_sweeps=5)
+    bonding = ModuleRecord("bonding", 0.0, "kernel", "rtnl-link-bond", idle_since=0,
+                           idle_sweeps=5)
+    records = {"dummy": dummy, "bonding": bonding}
+    uses = {"dummy": use("dummy"), "bonding": use("bonding")}
+    kept = plan_sweep(records, uses, POLICY, now=1000, link_kinds={"dummy", "bond"})
+    assert kept.unload == []
+    assert "type dummy" in kept.kept["dummy"] and "type bond" in kept.kept["bonding"]
+    assert sorted(plan_sweep(records, uses, POLICY, now=1000,
+                             link_kinds={"veth"}).unload) == ["bonding", "dummy"]
+    # Links unknown (netlink failed): link-type modules stay, others may go.
+    mixed = {**records, "m": rec("m", 0, 5)}
+    unknown = plan_sweep(mixed, {**uses, "m": use("m")}, POLICY, now=1000, link_kinds=None)
+    assert unknown.unload == ["m"] and "cannot tell" in unknown.kept["dummy"]
+
+
 @pytest.mark.parametrize(("u", "reason"), [
     (use("m", refcount=1), "refcount 1"),
     (use("m", holders=("x",), refcount=1), "used by x"),

@@ -176,3 +176,28 @@ def test_hostile_names_stay_inside_sys_module(tmp_path: Path) -> None:
     for name in ("..", "../kernel", "snd/../e1000", ".", "", "a\0b", "../../proc"):
         assert k.initstate(name) is InitState.ABSENT, name
         assert k.parameters(name) == {} and k.bound_devices(name) == 0
+
+
+def test_rtnetlink_link_kinds_parsed_from_a_dump() -> None:
+    import struct
+
+    from kmodd.kernel.netlink import parse_link_kinds
+
+    def attr(kind: int, payload: bytes) -> bytes:
+        raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+        return raw + bytes(-len(raw) % 4)
+
+    def newlink(kind: bytes | None) -> bytes:
+        body = bytes(16) + attr(3, b"x\0")                          # IFLA_IFNAME
+        if kind is not None:                                        # nested IFLA_LINKINFO
+            body += attr(18 | 0x8000, attr(1, kind + b"\0"))
+        return struct.pack("=IHHII", 16 + len(body), 16, 2, 1, 0) + body
+
+    done = struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4)
+    assert parse_link_kinds(newlink(b"dummy") + newlink(None)) == ({"dummy"}, False)
+    assert parse_link_kinds(newlink(b"bridge") + done) == ({"bridge"}, True)
+    error = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -1) + bytes(16)
+    with pytest.raises(OSError):
+        parse_link_kinds(error)
+    with pytest.raises(OSError):
+        parse_link_kinds(newlink(b"dummy")[:-4])               # cut short

@@ -247,12 +247,18 @@ def test_autoclean_removes_dummy_but_keeps_bound_drivers(guest: Guest) -> None:
     assert guest.facts.get("dummy_loaded"), "the kernel request step did not load dummy"
     bound = guest.facts["bound_before_hotplug"] | bound_modules(guest)
     assert {"e1000", "virtio_balloon"} <= bound
-    guest.sh("ip link del x")
     # Shorten the idle timeout: edit kmodd.conf and reload, as an admin would.
     guest.sh(f"printf 'autoclean_interval = {AUTOCLEAN_INTERVAL}\\n"
              f"idle_timeout = {IDLE_TIMEOUT}\\n' >{CONF}")
     reload, status = guest.kmodctl_json("reload", "status")
     assert reload["ok"] and status["autoclean"]["idle_timeout"] == IDLE_TIMEOUT
+    # While link x exists dummy stays, although its refcount is 0: rmmod would
+    # destroy the interface.
+    time.sleep(IDLE_TIMEOUT + 3 * AUTOCLEAN_INTERVAL)
+    (why,) = guest.kmodctl_json("why dummy")
+    assert why["state"] == "live", "autoclean unloaded dummy while link x existed"
+    assert "type dummy" in why.get("autoclean", ""), why
+    guest.sh("ip link del x")
     wait = IDLE_TIMEOUT + 4 * AUTOCLEAN_INTERVAL + 60
     t0 = time.monotonic()
     guest.sh(f"for i in $(seq {wait * 2}); do grep -q '^dummy ' /proc/modules || exit 0; "
