@@ -34,6 +34,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -347,27 +348,28 @@ class Demo:
             elif not agree:
                 problems.append(f"{m['name']} loaded for {key}; modprobe -b -R gives "
                                 f"{sorted(resolved[key])}")
-            rows.append(f"{m['name']:<22} {why.get('devpath') or '-':<44} {short(key, 34)}"
+            rows.append(f"{m['name']:<20} {short(key, 36):<36} {why.get('devpath') or '-'}"
                         + ("" if agree else "   <- not what modprobe -b -R says"))
-        self.say.block("\n".join([f"{'module':<22} {'device':<44} modalias", *rows]))
+        self.say.block("\n".join([f"{'module':<20} {'modalias':<36} device", *rows]))
         if others:
-            self.say.block("and: " + " ".join(others))
+            self.say.block(textwrap.fill("and: " + " ".join(others), 100,
+                                         subsequent_indent="     "))
         wanted = set().union(*resolved.values()) if resolved else set()
         missing = sorted(wanted - loaded - builtin)
         log = self.log.text()
         refused = []
-        failures = re.findall(r"cannot load ([^:]+): (.*?)(?: \[[A-Z_]+=.*)?$", log, re.M)
+        failures = re.findall(r"cannot load ([^:]+): (.*)$", log, re.M)
         for name in missing:
-            errors = [error for mods, error in failures if name in mods.split()]
-            if errors:
-                refused.append(f"{name} ({errors[0]})")
+            if any(name in mods.split() for mods, _ in failures):
+                refused.append(name)
             else:
                 problems.append(f"{name} is wanted by a device (modprobe -b -R) but kmodd "
                                 "neither loaded it nor reported a failure")
         self.say.say(f"modprobe -b -R over the guest's {len(resolved)} modaliases wants "
                      f"{len(wanted)} modules; kmodd loaded "
                      f"{len(wanted & loaded)}, {len(wanted & builtin)} are built in"
-                     + (f"; the kernel refused: {', '.join(refused)}" if refused else ""))
+                     + (f"; not loaded, with the failure in kmodd's log: {' '.join(refused)}"
+                        if refused else ""))
         if len(by_device) < 10:
             problems.append(f"only {len(by_device)} drivers loaded for devices")
         if HOTPLUG_MODULE in loaded:
@@ -395,7 +397,7 @@ class Demo:
     # -------------------------------------------------------------- hotplug
 
     def hotplug(self) -> str:
-        self.say.heading(f"2. hotplug: a {HOTPLUG_DEVICE['driver']} NIC is plugged in "
+        self.say.heading(f"2. hotplug: an {HOTPLUG_DEVICE['driver']} NIC is plugged in "
                          "(its driver is not loaded yet)")
         mark = self.log.mark()
         t0 = time.monotonic()
@@ -479,14 +481,13 @@ class Demo:
                                   f"{HOTPLUG_MODULE} should be): {r.stdout.strip()!r} "
                                   f"{r.stderr.strip()}")
         self.say.say(f"modules whose drivers have a device bound: {' '.join(sorted(bound))}")
-        self.say.say(f"$ ip link del {DUMMY_LINK}; echo 'idle_timeout = {IDLE_TIMEOUT}' >> "
-                     f"{CONF}; kill -HUP {self.pid}   (a reload, as systemctl reload kmodd)")
+        shorten = f"sed -i 's/^idle_timeout = .*/idle_timeout = {IDLE_TIMEOUT}/' {CONF}"
+        self.say.say(f"$ ip link del {DUMMY_LINK}; {shorten}; kill -HUP {self.pid}   "
+                     "(SIGHUP reloads, as systemctl reload kmodd)")
         mark = self.log.mark()
         t0 = time.monotonic()
-        r = self.sh(f"ip link del {DUMMY_LINK} || exit 1\n"
-                    f"printf 'autoclean_interval = {AUTOCLEAN_INTERVAL}\\nidle_timeout = "
-                    f"{IDLE_TIMEOUT}\\n' >{CONF}\n"
-                    f"kill -HUP {self.pid} || exit 2\n", timeout=120)
+        r = self.sh(f"ip link del {DUMMY_LINK} || exit 1\n{shorten} || exit 2\n"
+                    f"kill -HUP {self.pid} || exit 3\n", timeout=120)
         if r.rc != 0:
             raise MilestoneFailed(f"ip link del / reload failed (exit {r.rc}): {r.stderr}")
         limit = IDLE_TIMEOUT + 4 * AUTOCLEAN_INTERVAL + 90
