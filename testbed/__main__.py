@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p_sh = sub.add_parser("shell", help="boot, then run commands read from stdin")
     _add_vm_options(p_sh)
     p_main = sub.add_parser("main", help="the README's main job (see testbed/main_job.py)")
-    p_main.add_argument("--quiet-console", action="store_true")
+    p_main.add_argument("--console", action="store_true",
+                        help="stream the guest console to stderr (otherwise only its tail, "
+                             "on failure)")
+    p_main.add_argument("--quiet-console", action="store_true", help=argparse.SUPPRESS)
     sub.add_parser("devices", help="print the default devices")
     p_cl = sub.add_parser("qemu-cmdline", help="print the QEMU command line")
     _add_vm_options(p_cl)
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "main":
             from testbed.main_job import main as main_job
 
-            return main_job(console=not args.quiet_console)
+            return main_job(console=args.console and not args.quiet_console)
         if args.mode == "run":
             return cmd_run(args)
         if args.mode == "console":
