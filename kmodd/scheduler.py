@@ -75,6 +75,7 @@ class Outcome:
     modules: tuple[str, ...]
     error: str | None = None
     errno: int | None = None
+    failed: tuple[str, ...] = ()     # the modules whose own load failed, when status is failed
 
     @property
     def ok(self) -> bool:
@@ -82,7 +83,8 @@ class Outcome:
 
     def to_dict(self) -> dict[str, Any]:
         return {"request": self.request.to_dict(), "status": self.status,
-                "modules": list(self.modules), "error": self.error, "errno": self.errno}
+                "modules": list(self.modules), "error": self.error, "errno": self.errno,
+                "failed": list(self.failed)}
 
 
 class StepResultLike(Protocol):
@@ -238,8 +240,9 @@ def summarize(request: Request, plan: Plan, results: dict[str, StepResultLike]) 
     if failures:
         # The target's own error says most; a dependency's explains a skip.
         first = next((r for r in failures if r.status == "failed"), failures[0])
+        culprits = tuple(r.name for r in failures if r.status == "failed") or (first.name,)
         return Outcome(request, "failed", targets, first.error or f"{first.name}: failed",
-                       first.errno)
+                       first.errno, culprits)
     target_status = [results[t].status for t in targets if t in results]
     if any(s in ("loaded", "install-command") for s in target_status):
         return Outcome(request, "loaded", targets)

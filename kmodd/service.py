@@ -655,11 +655,16 @@ class Service:
             with self._log_lock:
                 self._logged_failures.pop(outcome.modules, None)
         elif status == "failed":
+            # Name the module that failed, not every module the request named:
+            # journalctl MODULE=aesni_intel must not show a failure for it
+            # because acpi_cpufreq, asked for by the same CPU modalias, failed.
+            culprits = outcome.failed or outcome.modules
+            fields["module"] = " ".join(culprits) or None
             # Each failure once: the same error again (backoff expired, a
             # second device) goes to debug.
             with self._log_lock:
-                repeat = self._logged_failures.get(outcome.modules, "") == outcome.error
-                self._logged_failures[outcome.modules] = outcome.error
+                repeat = self._logged_failures.get(culprits, "") == outcome.error
+                self._logged_failures[culprits] = outcome.error
                 if len(self._logged_failures) > 4096:
                     self._logged_failures.pop(next(iter(self._logged_failures)))
             # A driver probed for a device it does not drive answers ENODEV:
@@ -667,7 +672,7 @@ class Service:
             routine = outcome.errno in (errno.ENODEV, errno.ENXIO) and \
                 req.kind in ("modalias", "coldplug")
             level = logging.DEBUG if repeat else logging.INFO if routine else logging.WARNING
-            slog(LOG, level, "cannot load %s: %s", " ".join(outcome.modules) or req.key,
+            slog(LOG, level, "cannot load %s: %s", " ".join(culprits) or req.key,
                  outcome.error, **fields)
         elif status == "runaway":
             slog(LOG, logging.DEBUG, "runaway request %s refused", req.key, **fields)

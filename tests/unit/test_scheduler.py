@@ -264,6 +264,14 @@ def test_failures_back_off_exponentially(env: dict[str, object]) -> None:
     assert "bad" not in sched.failures()
 
 
+def test_a_failed_outcome_names_the_module_that_failed(env: dict[str, object]) -> None:
+    sched, _, _, _ = make(env, kernel_kwargs={"load_errors": {"bad": E.ENODEV}},
+                          resolver_kwargs={"aliases": {"cpu:many": ("solo", "bad")}})
+    out = outcome(sched.submit(Request("modalias", "cpu:many")))
+    assert out.status == "failed" and out.modules == ("solo", "bad")
+    assert out.failed == ("bad",) and out.to_dict()["failed"] == ["bad"]
+
+
 def test_a_module_in_backoff_holds_back_only_itself_and_its_dependents(
         env: dict[str, object]) -> None:
     # One modalias naming several drivers (a CPU's names a dozen): the one that
