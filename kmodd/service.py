@@ -623,6 +623,12 @@ class Service:
                    result: StepResultLike) -> None:
         if result.status != "loaded":
             return
+        # One line per module actually inserted, so journalctl MODULE=snd_pcm
+        # finds the dependency too, and a load within a partly failed request.
+        slog(LOG, logging.INFO, "loaded %s for %s", step.name, request.key,
+             module=step.name, devpath=request.devpath,
+             requested_by=request.requested_by or request.kind,
+             modalias=request.key if request.kind in ("modalias", "coldplug") else None)
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,
@@ -650,7 +656,8 @@ class Service:
             fields["modalias"] = req.key
         status = outcome.status
         if status == "loaded":
-            slog(LOG, logging.INFO, "loaded %s for %s", " ".join(outcome.modules), req.key,
+            # Each module was logged as it went in (_on_module).
+            slog(LOG, logging.DEBUG, "%s: loaded %s", req.key, " ".join(outcome.modules),
                  **fields)
             with self._log_lock:
                 self._logged_failures.pop(outcome.modules, None)

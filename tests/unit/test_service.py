@@ -605,3 +605,17 @@ def test_a_peer_cannot_pile_up_settle_or_monitor_requests(env: Env) -> None:
     assert held.result(10).status == "loaded"
     stop(svc, t, rc)
     assert len(svc.monitors) == 0
+
+
+def test_each_inserted_module_is_logged_with_its_own_module_field(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    # journalctl MODULE=core must find the dependency loaded for "a" too.
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    with caplog.at_level(logging.INFO, logger="kmodd"):
+        assert svc.submit(Request("kernel", "a", None, "kernel")).result(10).status == "loaded"
+    stop(svc, t, rc)
+    loaded = {getattr(r, "MODULE", None): r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("loaded ")}
+    assert loaded == {"core": "loaded core for a", "a": "loaded a for a"}
