@@ -16,6 +16,8 @@ PACKAGES=(
     qemu-system-x86 ipxe-qemu linux-image-amd64 busybox-static
     # the reference tools kmodd is compared with, and what the guest runs
     kmod udev iproute2 procps coreutils mawk
+    # systemd-journald and journalctl: the structured-logging test reads the real journal
+    systemd util-linux
     # module files and kernel images
     xz-utils zstd
     # building systemd-python (journald, sd_notify) and other wheels
