@@ -343,7 +343,7 @@ class Service:
         self._autoclean_timer: Any = None
         self._reload_timer: Any = None
         self._last_status = ""
-        self._logged_failures: dict[tuple[str, ...], str | None] = {}
+        self._logged_failures: dict[str, str | None] = {}
         self._log_lock = threading.Lock()
 
     # --- construction helpers ---------------------------------------------------
@@ -621,14 +621,22 @@ class Service:
 
     def _on_module(self, step: ModuleStep, request: Request, targets: tuple[str, ...],
                    result: StepResultLike) -> None:
+        # One line per module, under its own MODULE=: journalctl MODULE=snd_pcm
+        # finds the dependency too, and each module of a request that names
+        # several (a CPU modalias) gets its own verdict.
+        fields: dict[str, Any] = {
+            "module": step.name, "devpath": request.devpath,
+            "requested_by": request.requested_by or request.kind,
+            "modalias": request.key if request.kind in ("modalias", "coldplug") else None}
+        if result.status == "failed":
+            self._log_module_failure(step.name, request, result.error or "failed",
+                                     result.errno, fields)
+            return
         if result.status != "loaded":
             return
-        # One line per module actually inserted, so journalctl MODULE=snd_pcm
-        # finds the dependency too, and a load within a partly failed request.
-        slog(LOG, logging.INFO, "loaded %s for %s", step.name, request.key,
-             module=step.name, devpath=request.devpath,
-             requested_by=request.requested_by or request.kind,
-             modalias=request.key if request.kind in ("modalias", "coldplug") else None)
+        with self._log_lock:
+            self._logged_failures.pop(step.name, None)
+        slog(LOG, logging.INFO, "loaded %s for %s", step.name, request.key, **fields)
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,
@@ -647,6 +655,21 @@ class Service:
     def _on_idle(self) -> None:
         self.loop.call_soon_threadsafe(self._check_settle)
 
+    def _log_module_failure(self, what: str, req: Request, error: str, errno_: int | None,
+                            fields: dict[str, Any]) -> None:
+        # Each failure once: the same error again (backoff expired, a second
+        # device) goes to debug.
+        with self._log_lock:
+            repeat = self._logged_failures.get(what, "") == error
+            self._logged_failures[what] = error
+            if len(self._logged_failures) > 4096:
+                self._logged_failures.pop(next(iter(self._logged_failures)))
+        # A driver probed for a device it does not drive answers ENODEV:
+        # routine for hotplug and coldplug (udev logs it at debug too).
+        routine = errno_ in (errno.ENODEV, errno.ENXIO) and req.kind in ("modalias", "coldplug")
+        level = logging.DEBUG if repeat else logging.INFO if routine else logging.WARNING
+        slog(LOG, level, "cannot load %s: %s", what, error, **{**fields, "errno": errno_})
+
     def _log_outcome(self, outcome: Outcome) -> None:
         req = outcome.request
         fields: dict[str, Any] = {
@@ -659,28 +682,12 @@ class Service:
             # Each module was logged as it went in (_on_module).
             slog(LOG, logging.DEBUG, "%s: loaded %s", req.key, " ".join(outcome.modules),
                  **fields)
-            with self._log_lock:
-                self._logged_failures.pop(outcome.modules, None)
+        elif status == "failed" and outcome.failed:
+            # Each failing module was logged as it failed (_on_module).
+            slog(LOG, logging.DEBUG, "%s: failed (%s)", req.key, outcome.error, **fields)
         elif status == "failed":
-            # Name the module that failed, not every module the request named:
-            # journalctl MODULE=aesni_intel must not show a failure for it
-            # because acpi_cpufreq, asked for by the same CPU modalias, failed.
-            culprits = outcome.failed or outcome.modules
-            fields["module"] = " ".join(culprits) or None
-            # Each failure once: the same error again (backoff expired, a
-            # second device) goes to debug.
-            with self._log_lock:
-                repeat = self._logged_failures.get(culprits, "") == outcome.error
-                self._logged_failures[culprits] = outcome.error
-                if len(self._logged_failures) > 4096:
-                    self._logged_failures.pop(next(iter(self._logged_failures)))
-            # A driver probed for a device it does not drive answers ENODEV:
-            # routine for hotplug and coldplug (udev logs it at debug too).
-            routine = outcome.errno in (errno.ENODEV, errno.ENXIO) and \
-                req.kind in ("modalias", "coldplug")
-            level = logging.DEBUG if repeat else logging.INFO if routine else logging.WARNING
-            slog(LOG, level, "cannot load %s: %s", " ".join(culprits) or req.key,
-                 outcome.error, **fields)
+            self._log_module_failure(" ".join(outcome.modules) or req.key, req,
+                                     outcome.error or "failed", outcome.errno, fields)
         elif status == "runaway":
             slog(LOG, logging.DEBUG, "runaway request %s refused", req.key, **fields)
         else:

@@ -12,6 +12,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -28,7 +29,7 @@ from kmodd.settings import Settings, SettingsSource
 from tests.unit.daemon_fakes import GatedLoader, GraphResolver, sim_kernel
 
 GRAPH = {"core": (), "a": ("core",), "slow": (), "solo": (), "foreign": (), "nic": ()}
-ALIASES = {"pci:v8086d100E": ("nic",)}
+ALIASES = {"pci:v8086d100E": ("nic",), "cpu:feature": ("solo", "slow", "a")}
 
 
 class Notifier:
@@ -619,3 +620,28 @@ def test_each_inserted_module_is_logged_with_its_own_module_field(
     loaded = {getattr(r, "MODULE", None): r.getMessage() for r in caplog.records
               if r.getMessage().startswith("loaded ")}
     assert loaded == {"core": "loaded core for a", "a": "loaded a for a"}
+
+
+def test_every_failing_module_of_a_request_is_logged_under_its_own_name(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    # A CPU modalias names several drivers: the request is decided by the first
+    # failure, yet a later failure and the loads that succeed are each logged.
+    env.kernel.load_errors.update({"solo": E.ENODEV, "slow": E.ENODEV})
+    env.kernel.init_delays["slow"] = 0.3
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    with caplog.at_level(logging.DEBUG, logger="kmodd"):
+        out = svc.submit(Request("coldplug", "cpu:feature", "/devices/system/cpu")).result(10)
+        assert out.status == "failed"
+        settle = svc.submit(Request("admin", "core")).result(10)   # queue drained
+        assert settle.ok
+        deadline = time.monotonic() + 10
+        while "slow" not in {getattr(r, "MODULE", "") for r in caplog.records} \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    stop(svc, t, rc)
+    verdicts = {(getattr(r, "MODULE", None), r.getMessage().split(":")[0])
+                for r in caplog.records if r.levelno >= logging.INFO}
+    assert {("solo", "cannot load solo"), ("slow", "cannot load slow"),
+            ("a", "loaded a for cpu"), ("core", "loaded core for cpu")} <= verdicts
