@@ -628,8 +628,8 @@ class Service:
             "module": step.name, "devpath": request.devpath,
             "requested_by": request.requested_by or request.kind,
             "modalias": request.key if request.kind in ("modalias", "coldplug") else None}
-        if result.status == "failed":
-            self._log_module_failure(step.name, request, result.error or "failed",
+        if result.status in ("failed", "skipped"):    # skipped: a dependency failed
+            self._log_module_failure(step.name, request, result.error or result.status,
                                      result.errno, fields)
             return
         if result.status != "loaded":

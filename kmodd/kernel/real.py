@@ -216,8 +216,13 @@ class SyscallKernel(KernelState):
             self._insert(name, path, pbytes, flags)
         except OSError as e:
             code = e.errno or E.EIO
-            if code == E.EEXIST:
+            if code == E.EEXIST and self.initstate(name) is not InitState.ABSENT:
                 return False
+            if code == E.EEXIST:
+                # The module's own init returned -EEXIST (a cpufreq driver when
+                # another is registered): nothing is loaded, so it failed.
+                raise KernelError(code, f"{name}: module initialisation failed: "
+                                  f"{os.strerror(code)} (see dmesg)", name) from None
             if code == E.ENOSYS:
                 self._mark_no_support()
             raise errors.load_error(code, name, path=path, params=params,

@@ -67,6 +67,17 @@ def test_eexist_is_success_returning_false(sim: SimKernel, tmp_path: Path) -> No
     assert [s.result for s in sim.syscalls] == [0, E.EEXIST]
 
 
+def test_eexist_from_the_modules_own_init_is_a_failure(tmp_path: Path) -> None:
+    # pcc_cpufreq's init answers -EEXIST when another cpufreq driver is
+    # registered: the syscall says EEXIST, yet nothing is loaded.
+    sim = SimKernel(tmp_path / "tree", load_errors={"pcc": E.EEXIST})
+    with pytest.raises(KernelError) as err:
+        sim.load_module("pcc", ko(tmp_path, "pcc"))
+    assert err.value.errno == E.EEXIST
+    assert "module initialisation failed" in err.value.message
+    assert sim.initstate("pcc") is InitState.ABSENT
+
+
 def test_concurrent_load_second_waits_then_eexist(tmp_path: Path) -> None:
     sim = SimKernel(tmp_path / "t", init_delays={"a": 0.3})
     path = ko(tmp_path, "a")
