@@ -134,25 +134,27 @@ class ModuleTree:
             return idx.get(key_bytes_str(name))
         return None
 
+    def _dep_fields(self, name: str) -> tuple[str, str] | None:
+        """(module path, dependency list) of a modules.dep entry, split at its ':'."""
+        line = self._dep_line(name)
+        if line is None:
+            return None
+        path, colon, deps = line.partition(":")
+        if not colon:
+            raise IndexCorrupt(f"{self._file('modules.dep')}: entry for {name!r} has no ':'")
+        return path, deps
+
     def dep(self, name: str) -> DepEntry | None:
         """The modules.dep entry of a module name (as kmod_search_moddep finds it)."""
-        line = self._dep_line(name)
-        if line is None:
+        fields = self._dep_fields(name)
+        if fields is None:
             return None
-        colon = line.find(":")
-        if colon < 0:
-            raise IndexCorrupt(f"{self._file('modules.dep')}: entry for {name!r} has no ':'")
-        deps = tuple(path_to_modname(p) for p in line[colon + 1:].replace("\t", " ").split())
-        return DepEntry(name, self._abspath(line[:colon]), deps)
+        deps = tuple(path_to_modname(p) for p in fields[1].replace("\t", " ").split())
+        return DepEntry(name, self._abspath(fields[0]), deps)
 
     def dep_path(self, name: str) -> str | None:
-        line = self._dep_line(name)
-        if line is None:
-            return None
-        colon = line.find(":")
-        if colon < 0:
-            raise IndexCorrupt(f"{self._file('modules.dep')}: entry for {name!r} has no ':'")
-        return self._abspath(line[:colon])
+        fields = self._dep_fields(name)
+        return None if fields is None else self._abspath(fields[0])
 
     def _abspath(self, rel: str) -> str:
         if rel.startswith("/"):
