@@ -11,6 +11,7 @@ Keys are looked up as given: callers normalise aliases first (kmod does it in
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -48,6 +49,14 @@ class _Missing:
 
 _MISSING = _Missing()
 
+# Distinct modules.alias keys answered by walking the trie before the prepared
+# index is built (see ModuleTree._bind_alias_search); 0 prepares at once.
+PREPARE_AFTER = 256
+# Trie answers remembered (a burst repeats the same few hundred modaliases).
+_WALK_MEMO = 4096
+
+log = logging.getLogger("kmodd.index")
+
 
 class ModuleTree:
     """Lookups in the indexes of one module directory; each file is read on first use.
@@ -58,7 +67,7 @@ class ModuleTree:
     """
 
     def __init__(self, moddir: Path, *, cache_dir: Path | None = None,
-                 use_cache: bool = True) -> None:
+                 use_cache: bool = True, prepare_after: int = PREPARE_AFTER) -> None:
         self.moddir = Path(moddir)
         self._dirname = os.fspath(self.moddir)
         self._loaded: dict[str, object] = {}
@@ -69,6 +78,8 @@ class ModuleTree:
         self._cache = index_cache.IndexCache(directory)
         # hot paths, bound on first use
         self._alias_search: Callable[[str], list[str]] | None = None
+        self._prepare_lock = threading.Lock()
+        self.prepare_after = prepare_after
         self._builtin_alias_search: Callable[[str], list[str]] | None = None
         self._builtin_names: set[str] | None = None
 
@@ -201,34 +212,57 @@ class ModuleTree:
             depmod_values(table.setdefault(pattern, []), prio, _value(module))
         return WildIndex(table.items())
 
-    def _alias_index(self) -> WildIndex | None:
-        def load() -> object:
-            path = self._file("modules.alias.bin")
-            try:
-                f = open(path, "rb")  # noqa: SIM115 - read only on a cache miss
-            except FileNotFoundError:
-                return self._alias_text("modules.alias", True) or _MISSING
-            except IsADirectoryError as e:
-                raise IndexCorrupt(f"{path}: is a directory") from e
-            with f:
-                # the identity of what is read, not of what the path names later
-                st = os.fstat(f.fileno())
-                big = st.st_size >= index_cache.MIN_SOURCE_SIZE
-                ident = index_cache.identity(st)
-                if big:
-                    stored = self._cache.get("alias", path, ident)
-                    if stored is not None:
-                        try:
-                            return WildIndex.from_bytes(stored)
-                        except ValueError:
-                            pass
-                data = f.read()
-            idx = WildIndex(BinIndex(path, data).items())
+    def _load_alias_index(self, *, cached_only: bool = False) -> object:
+        """The prepared modules.alias index: from the cache, else built (and
+        stored); with ``cached_only`` None when the cache has no valid entry."""
+        path = self._file("modules.alias.bin")
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - read only on a cache miss
+        except FileNotFoundError:
+            if cached_only:
+                return None
+            return self._alias_text("modules.alias", True) or _MISSING
+        except IsADirectoryError as e:
+            raise IndexCorrupt(f"{path}: is a directory") from e
+        with f:
+            # the identity of what is read, not of what the path names later
+            st = os.fstat(f.fileno())
+            big = st.st_size >= index_cache.MIN_SOURCE_SIZE
+            ident = index_cache.identity(st)
             if big:
-                self._cache.put("alias", path, ident, idx.to_bytes())
-            return idx
-        idx = self._get("modules.alias", load)
+                stored = self._cache.get("alias", path, ident)
+                if stored is not None:
+                    try:
+                        return WildIndex.from_bytes(stored)
+                    except ValueError:
+                        pass
+            if cached_only:
+                return None
+            data = f.read()
+        idx = WildIndex(BinIndex(path, data).items())
+        if big:
+            self._cache.put("alias", path, ident, idx.to_bytes())
+        return idx
+
+    def _alias_index(self) -> WildIndex | None:
+        idx = self._get("modules.alias", self._load_alias_index)
         return idx if isinstance(idx, WildIndex) else None
+
+    def prepare_aliases(self) -> None:
+        """Switch modules.alias lookups to the prepared index now (built or
+        loaded from the cache), instead of after ``prepare_after`` walks."""
+        with self._prepare_lock:
+            # Not under the load lock: other indexes stay available meanwhile.
+            idx = self._loaded.get("modules.alias")
+            if idx is None:
+                idx = self._loaded.setdefault("modules.alias", self._load_alias_index())
+            self._alias_search = idx.search if isinstance(idx, WildIndex) else _nothing
+
+    def _prepare_aside(self) -> None:
+        try:
+            self.prepare_aliases()
+        except Exception:       # the trie keeps answering; the error shows there
+            log.debug("preparing the alias index failed", exc_info=True)
 
     def alias(self, alias: str) -> list[str]:
         """Modules whose modules.alias patterns match, in kmod's order (duplicates kept)."""
@@ -238,9 +272,59 @@ class ModuleTree:
                 return found
         search = self._alias_search
         if search is None:
-            idx = self._alias_index()
-            search = self._alias_search = idx.search if idx is not None else _nothing
+            search = self._bind_alias_search()
         return search(alias if alias.isascii() else key_bytes_str(alias))
+
+    def _bind_alias_search(self) -> Callable[[str], list[str]]:
+        """Until it pays off, walk kmod's trie instead of preparing the index.
+
+        Preparing modules.alias costs as much as a few hundred walks of the
+        trie, and a daemon's coldplug asks for a few dozen: those are answered
+        by walking the trie (what libkmod does), remembered, and only a caller
+        that keeps asking gets the prepared index, built in a thread of its
+        own while the trie keeps answering.  A valid cached copy is used at once.
+        """
+        with self._prepare_lock:
+            if self._alias_search is not None:
+                return self._alias_search
+            cached = self._loaded.get("modules.alias") or \
+                self._load_alias_index(cached_only=True)
+            search: Callable[[str], list[str]]
+            if isinstance(cached, WildIndex):
+                self._loaded.setdefault("modules.alias", cached)
+                search = cached.search
+            else:
+                trie = self._get("trie:modules.alias.bin",
+                                 lambda: self._bin("modules.alias") or _MISSING)
+                if isinstance(trie, BinIndex) and self.prepare_after > 0:
+                    search = self._walking_search(trie)
+                else:
+                    idx = self._alias_index()
+                    search = idx.search if idx is not None else _nothing
+            self._alias_search = search
+            return search
+
+    def _walking_search(self, trie: BinIndex) -> Callable[[str], list[str]]:
+        answers: dict[str, list[str]] = {}
+        walks = 0
+        started = False
+
+        def search(key: str) -> list[str]:
+            nonlocal walks, started
+            found = answers.get(key)
+            if found is None:
+                found = trie.searchwild(key, aliasmatch.fnmatch)
+                if len(answers) >= _WALK_MEMO:
+                    answers.clear()
+                answers[key] = found
+                walks += 1
+                if walks >= self.prepare_after and not started:
+                    started = True
+                    threading.Thread(target=self._prepare_aside, name="kmodd-index",
+                                     daemon=True).start()
+            return list(found)
+
+        return search
 
     def _trie_search(self, name: str, key: str) -> list[str] | None:
         """kmod's own trie walk, for keys holding '*', '?' or '['.

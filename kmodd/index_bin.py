@@ -91,6 +91,7 @@ class BinIndex:
                           f"(expected {INDEX_VERSION_MAJOR}.x)")
         self.root = root
         self._nodes: dict[int, Node] = {}
+        self._below: dict[tuple[int, str], list[tuple[str, tuple[tuple[int, str], ...]]]] = {}
 
     def _corrupt(self, problem: str) -> None:
         raise IndexCorrupt(f"{self.path}: {problem}; try re-running depmod")
@@ -188,38 +189,46 @@ class BinIndex:
         """
         key = key_bytes_str(key)
         found: list[tuple[int, str]] = []
-        node = self.node(self.root)
+        offset = self.root
+        node = self.node(offset)
         i = 0
         n = len(key)
         while node is not None:
             prefix = node.prefix
             for j, ch in enumerate(prefix):
                 if ch in WILDCARDS:
-                    self._collect(node, prefix[j:], key[i + j:], fnmatch, found)
+                    self._collect(offset, node, prefix[j:], key[i + j:], fnmatch, found)
                     return _kmod_order(found)
                 if i + j >= n or ch != key[i + j]:
                     return _kmod_order(found)
             i += len(prefix)
             for wc in WILDCARDS:
-                child = self.node(node.child(wc))
+                child_offset = node.child(wc)
+                child = self.node(child_offset)
                 if child is not None:
-                    self._collect(child, wc + child.prefix, key[i:], fnmatch, found)
+                    self._collect(child_offset, child, wc + child.prefix, key[i:], fnmatch,
+                                  found)
             if i == n:
                 found.extend(node.values)
                 break
-            node = self.node(node.child(key[i]))
+            offset = node.child(key[i])
+            node = self.node(offset)
             i += 1
         return _kmod_order(found)
 
-    def _collect(self, node: Node, pattern: str, subkey: str,
+    def _collect(self, offset: int, node: Node, pattern: str, subkey: str,
                  fnmatch: Callable[[str, str], bool], found: list[tuple[int, str]]) -> None:
         """Every pattern below ``node`` (``pattern``: the key from the wildcard on).
 
         kmod visits children in ascending order and a node's own values after
         its children; sorting the patterns with a high sentinel appended gives
-        that same post-order without recursion.
+        that same post-order without recursion.  Lookups of one bus keep
+        meeting the same wildcard subtrees: each is decoded and sorted once.
         """
-        below = sorted(self._subtree(node, pattern), key=lambda kv: kv[0] + "\uffff")
+        below = self._below.get((offset, pattern))
+        if below is None:
+            below = sorted(self._subtree(node, pattern), key=lambda kv: kv[0] + "\uffff")
+            self._below[(offset, pattern)] = below
         for pat, values in below:
             if fnmatch(pat, subkey):
                 found.extend(values)

@@ -37,6 +37,7 @@ class StepResult:
     status: str
     error: str | None = None
     errno: int | None = None
+    seconds: float | None = None        # time spent in the load syscall
 
     @property
     def ok(self) -> bool:
@@ -123,13 +124,16 @@ class Loader:
         if step.path is None:
             return StepResult(name, "failed", f"{name}: no module file in the module tree",
                               E.ENOENT)
+        started = time.monotonic()
         try:
             inserted = self.kernel.load_module(name, step.path, step.options)
         except KernelError as e:
             if e.errno == E.ENOSYS:
                 self._note_enosys()
-            return StepResult(name, "failed", e.message, e.errno)
-        return StepResult(name, "loaded" if inserted else "already")
+            return StepResult(name, "failed", e.message, e.errno,
+                              time.monotonic() - started)
+        return StepResult(name, "loaded" if inserted else "already",
+                          seconds=time.monotonic() - started)
 
     def _install(self, step: ModuleStep) -> StepResult:
         assert step.install_command is not None

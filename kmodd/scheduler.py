@@ -2,14 +2,17 @@
 
 Every request (uevent, coldplug, kernel request_module(), administrator)
 goes through :meth:`Scheduler.submit` and gets a Future that always
-completes with an :class:`Outcome`.  Work is split in two kinds of jobs run
-by the same fixed set of worker threads, so no more than ``max_workers``
-modules are ever being loaded at once:
+completes with an :class:`Outcome`.  Work is split in two kinds of jobs:
 
-* *resolve* jobs turn a request into a :class:`~kmodd.plan.Plan`;
+* *resolve* jobs turn a request into a :class:`~kmodd.plan.Plan`; one
+  resolver thread runs them (they are pure Python: more threads would only
+  share the interpreter lock);
 * *load* jobs load one module, keyed by name: one load per module however
   many requests want it, started as soon as that module's own dependencies
-  are live (no waves).
+  are live (no waves).  A fixed set of ``max_workers`` threads runs them, so
+  no more than that many modules are ever being loaded at once, and loads
+  sitting in a slow module init never hold up the resolution of the next
+  requests.
 
 All bookkeeping lives under one lock; the slow parts (resolution, sysfs
 reads, the load syscall) run outside it.
@@ -310,7 +313,9 @@ class Scheduler:
         self._on_idle = on_idle
         self._runaway = RunawayDetector(runaway_limit, runaway_window)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)           # idle waiters
+        self._loads_wake = threading.Condition(self._lock)     # load workers
+        self._resolves_wake = threading.Condition(self._lock)  # the resolver
         self._entries: dict[tuple[str, str, str], _Entry] = {}
         self._resolve_q: deque[_Entry] = deque()
         self._ready: deque[_Task] = deque()
@@ -323,8 +328,11 @@ class Scheduler:
         self.max_loading_seen = 0
         self.counts: dict[str, int] = dict.fromkeys(OUTCOME_STATUSES, 0)
         self.submitted = 0
-        self._threads = [threading.Thread(target=self._worker, name=f"kmodd-worker-{i}",
-                                          daemon=True) for i in range(self.max_workers)]
+        self._threads = [threading.Thread(target=self._worker, args=(False,),
+                                          name=f"kmodd-worker-{i}", daemon=True)
+                         for i in range(self.max_workers)]
+        self._threads.append(threading.Thread(target=self._worker, args=(True,),
+                                              name="kmodd-resolver", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -391,7 +399,7 @@ class Scheduler:
                     self._entries[dkey] = entry
                     self._waiting += 1
                     self._resolve_q.append(entry)
-                    self._cond.notify()
+                    self._resolves_wake.notify()
                     return fut
             if immediate is not None:
                 self.counts[immediate.status] = self.counts.get(immediate.status, 0) + 1
@@ -480,27 +488,27 @@ class Scheduler:
                                           errno_mod.ESHUTDOWN), done, outcomes, [])
             self._exit = True
             self._cond.notify_all()
+            self._loads_wake.notify_all()
+            self._resolves_wake.notify_all()
         self._deliver(done, outcomes, [])
 
     # --- workers -----------------------------------------------------------
 
-    def _worker(self) -> None:
+    def _worker(self, resolver: bool) -> None:
+        queue: deque[_Entry] | deque[_Task] = self._resolve_q if resolver else self._ready
+        wake = self._resolves_wake if resolver else self._loads_wake
         while True:
-            with self._cond:
-                while not self._ready and not self._resolve_q and not self._exit:
-                    self._cond.wait()
-                if self._ready:
-                    task = self._ready.popleft()
-                    task.state = "running"
+            with self._lock:
+                while not queue and not self._exit:
+                    wake.wait()
+                if not queue:
+                    return
+                job = queue.popleft()
+                if isinstance(job, _Task):
+                    job.state = "running"
                     self.loading += 1
                     self.max_loading_seen = max(self.max_loading_seen, self.loading)
-                    self._busy += 1
-                    job: _Task | _Entry = task
-                elif self._resolve_q:
-                    job = self._resolve_q.popleft()
-                    self._busy += 1
-                else:
-                    return
+                self._busy += 1
             try:
                 if isinstance(job, _Task):
                     self._run_load(job)
@@ -628,7 +636,7 @@ class Scheduler:
                 if not waits:
                     task.state = "ready"
                     self._ready.append(task)
-                    self._cond.notify()
+                    self._loads_wake.notify()
             elif task.state == "running" and request.kind == "kernel":
                 # Already in the kernel's hands: answer like modprobe does for a
                 # COMING module.  Joining would deadlock a module whose init
@@ -706,7 +714,7 @@ class Scheduler:
                     if not dependent.waiting_on and dependent.state == "waiting":
                         dependent.state = "ready"
                         self._ready.append(dependent)
-                        self._cond.notify()
+                        self._loads_wake.notify()
             for entry in current.entries:
                 if entry.done:
                     continue

@@ -628,6 +628,9 @@ class Service:
             "module": step.name, "devpath": request.devpath,
             "requested_by": request.requested_by or request.kind,
             "modalias": request.key if request.kind in ("modalias", "coldplug") else None}
+        seconds = getattr(result, "seconds", None)
+        usec = None if seconds is None else int(seconds * 1e6)
+        fields["duration_usec"] = usec
         if result.status in ("failed", "skipped"):    # skipped: a dependency failed
             self._log_module_failure(step.name, request, result.error or result.status,
                                      result.errno, fields)
@@ -636,7 +639,8 @@ class Service:
             return
         with self._log_lock:
             self._logged_failures.pop(step.name, None)
-        slog(LOG, logging.INFO, "loaded %s for %s", step.name, request.key, **fields)
+        slog(LOG, logging.INFO, "loaded %s for %s%s", step.name, request.key,
+             f" in {usec / 1000:.0f} ms" if usec is not None else "", **fields)
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,

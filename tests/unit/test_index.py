@@ -13,7 +13,8 @@ import os
 import random
 import shutil
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -514,22 +515,23 @@ def test_fnmatch_equals_glibc(pattern: str) -> None:
 
 
 @pytest.mark.realtree
-@pytest.mark.parametrize("source", ["built", "cached"])
+@pytest.mark.parametrize("source", ["built", "cached", "walked"])
 def test_real_tree_alias_equals_libkmod(empty_config: Path, tmp_path: Path,
                                         source: str) -> None:
     """Thousands of modaliases: fixture-style (odd fillers, near misses) and the
-    benchmark's realistic ones; the index freshly built from the .bin, then
-    loaded back from the cache."""
+    benchmark's realistic ones; the index freshly built from the .bin, loaded
+    back from the cache, and not prepared at all (every key a walk of the trie)."""
     from bench.modaliases import make_modaliases
 
     tree_dir = _real_tree()
     cache = tmp_path / "cache"
     if source == "cached":
-        ModuleTree(tree_dir, cache_dir=cache).alias("warm:up")
+        ModuleTree(tree_dir, cache_dir=cache).prepare_aliases()
         assert cache_files(cache)
-    tree = ModuleTree(tree_dir, cache_dir=cache, use_cache=source == "cached")
+    patterns = [p for p, _ in ModuleTree(tree_dir, use_cache=False).alias_patterns()]
+    tree = ModuleTree(tree_dir, cache_dir=cache, use_cache=source == "cached",
+                      prepare_after=10**9 if source == "walked" else 0)
     kmod = LibKmod(str(tree_dir), [str(empty_config)])
-    patterns = [p for p, _ in tree.alias_patterns()]
     assert len(patterns) > 20000
     keys = sample_keys(patterns, 2500, seed=2024) + make_modaliases(tree_dir, 2500, seed=7)
     # names without ':' may be module names, which kmod looks up in modules.dep first
@@ -541,6 +543,7 @@ def test_real_tree_alias_equals_libkmod(empty_config: Path, tmp_path: Path,
         hits += bool(want)
     kmod.close()
     assert hits > 2500
+    assert ("modules.alias" in tree._loaded) == (source != "walked")
 
 
 @pytest.mark.realtree
@@ -610,6 +613,7 @@ def test_cache_is_used_and_validated(fixture_tree: Path, tmp_path: Path, small_c
     keys = sample_keys([p for p, _ in plain.alias_patterns()], 500)
     want = [plain.alias(k) for k in keys]
     first = ModuleTree(moddir, cache_dir=cache)
+    first.prepare_aliases()
     assert [first.alias(k) for k in keys] == want
     (stored,) = cache_files(cache)
     assert stored.stat().st_mode & 0o077 == 0
@@ -641,7 +645,7 @@ def test_damaged_or_foreign_cache_is_ignored(fixture_tree: Path, tmp_path: Path,
     plain = ModuleTree(moddir, use_cache=False)
     keys = sample_keys([p for p, _ in plain.alias_patterns()], 300, seed=len(damage))
     want = [plain.alias(k) for k in keys]
-    ModuleTree(moddir, cache_dir=cache).alias(keys[0])
+    ModuleTree(moddir, cache_dir=cache).prepare_aliases()
     (stored,) = cache_files(cache)
     data = bytearray(stored.read_bytes())
     if damage == "flip":
@@ -661,6 +665,44 @@ def test_damaged_or_foreign_cache_is_ignored(fixture_tree: Path, tmp_path: Path,
         stored.symlink_to(other)
     tree = ModuleTree(moddir, cache_dir=cache)
     assert [tree.alias(k) for k in keys] == want
+
+
+def test_alias_walks_the_trie_until_preparing_pays(fixture_tree: Path, tmp_path: Path,
+                                                   small_cache: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    moddir = copy_tree(fixture_tree, tmp_path / VERSION)
+    cache = tmp_path / "cache"
+    plain = ModuleTree(moddir, use_cache=False)
+    keys = [k for k in sample_keys([p for p, _ in plain.alias_patterns()], 400)
+            if not set(k) & set("*?[")]
+    keys = list(dict.fromkeys(keys))
+    want = [plain.alias(k) for k in keys]
+    assert len(keys) > 200 and sum(map(bool, want)) > 100
+    walks: list[str] = []
+    real_walk = index.BinIndex.searchwild
+
+    def counted(self: BinIndex, key: str, fnmatch: Callable[[str, str], bool]) -> list[str]:
+        walks.append(key)
+        return real_walk(self, key, fnmatch)
+    monkeypatch.setattr(index.BinIndex, "searchwild", counted)
+
+    tree = ModuleTree(moddir, cache_dir=cache, prepare_after=100)
+    assert [tree.alias(k) for k in keys[:99]] == want[:99]
+    assert [tree.alias(k) for k in keys[:99]] == want[:99]     # remembered, not walked again
+    assert walks == keys[:99]
+    assert not cache_files(cache) and "modules.alias" not in tree._loaded
+    # The 100th distinct key starts the build aside; answers are the same meanwhile.
+    assert [tree.alias(k) for k in keys[99:]] == want[99:]
+    for t in threading.enumerate():
+        if t.name == "kmodd-index":
+            t.join(30)
+    assert cache_files(cache) and "modules.alias" in tree._loaded
+    walked = len(walks)
+    assert [tree.alias(k) for k in keys] == want
+    assert len(walks) == walked                 # the prepared index answers now
+    # A later tree finds the prepared index in the cache and never walks.
+    again = ModuleTree(moddir, cache_dir=cache, prepare_after=100)
+    assert [again.alias(k) for k in keys] == want and len(walks) == walked
 
 
 def test_unwritable_cache_directory_is_harmless(fixture_tree: Path, tmp_path: Path,

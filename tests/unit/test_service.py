@@ -617,9 +617,13 @@ def test_each_inserted_module_is_logged_with_its_own_module_field(
     with caplog.at_level(logging.INFO, logger="kmodd"):
         assert svc.submit(Request("kernel", "a", None, "kernel")).result(10).status == "loaded"
     stop(svc, t, rc)
-    loaded = {getattr(r, "MODULE", None): r.getMessage() for r in caplog.records
-              if r.getMessage().startswith("loaded ")}
+    records = [r for r in caplog.records if r.getMessage().startswith("loaded ")]
+    loaded = {getattr(r, "MODULE", None): r.getMessage().split(" in ")[0] for r in records}
     assert loaded == {"core": "loaded core for a", "a": "loaded a for a"}
+    # The time inside the load syscall, in the message and as a field.
+    for r in records:
+        usec = int(r.DURATION_USEC)
+        assert usec >= 0 and r.getMessage().endswith(f" in {usec / 1000:.0f} ms")
 
 
 def test_every_failing_module_of_a_request_is_logged_under_its_own_name(
