@@ -127,10 +127,12 @@ class KernelStateLike(Protocol):
 
 
 def default_max_workers(cpus: int | None = None) -> int:
-    """Loads mostly wait (module init, firmware, udev-side probing), so twice the
-    CPUs, at least 4, never past the kernel's own limit."""
+    """Loads mostly wait (probing hardware, firmware, and every module init ends
+    by waiting for all asynchronous probes in the system, a SCSI bus scan
+    included), so 8 plus twice the CPUs, as udevd sizes its worker pool, never
+    past the kernel's own limit."""
     count = cpus if cpus is not None else (os.cpu_count() or 1)
-    return clamp_workers(max(4, 2 * count))
+    return clamp_workers(8 + 2 * count)
 
 
 def clamp_workers(n: int) -> int:

@@ -68,11 +68,22 @@ def parse_proc_modules(text: str) -> dict[str, LoadedModule]:
     return result
 
 
-def _read(path: Path) -> str | None:
+def _read(path: Path | str) -> str | None:
+    """A small procfs/sysfs file, None when it cannot be read.  Plain os
+    calls: initstate is read for every step of every request."""
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 class KernelState:
@@ -93,8 +104,9 @@ class KernelState:
         return {} if text is None else parse_proc_modules(text)
 
     def initstate(self, name: str) -> InitState:
-        moddir = self._module_dir(name)
-        text = _read(moddir / "initstate")
+        moddir = os.fspath(self._module_dir(name))
+        initstate = moddir + "/initstate"
+        text = _read(initstate)
         if text is not None:
             try:
                 return InitState(text.strip())
@@ -103,7 +115,7 @@ class KernelState:
         # Built-in modules get a /sys/module directory (for parameters or a
         # version) but no initstate.  Checking for the directory after the read
         # avoids reporting BUILTIN for a module that vanished in between.
-        if moddir.is_dir() and not (moddir / "initstate").exists():
+        if os.path.isdir(moddir) and not os.path.exists(initstate):
             return InitState.BUILTIN
         return InitState.ABSENT
 

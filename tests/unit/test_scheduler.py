@@ -75,8 +75,9 @@ def outcome(fut: Future[Outcome]) -> Outcome:
 def test_worker_count_never_above_the_kernel_limit() -> None:
     assert clamp_workers(500) == MAX_KMOD_CONCURRENT == 50
     assert clamp_workers(0) == 1
-    assert default_max_workers(1) == 4
-    assert default_max_workers(8) == 16
+    assert default_max_workers(1) == 10
+    assert default_max_workers(8) == 24
+    assert default_max_workers(21) == 50
     assert default_max_workers(128) == 50
 
 
