@@ -202,7 +202,30 @@ def glob_match(glob: Glob | None, s: str, pos: int = 0) -> bool:
     return True
 
 
-_compiled: dict[str, Glob | None] = {}
+def star_match(segments: list[str], s: str) -> bool:
+    """Whether ``s`` matches a pattern whose only wildcard is ``*``, split at
+    its stars: each middle segment at its leftmost place decides it."""
+    first = segments[0]
+    if len(segments) == 1:
+        return s == first
+    last = segments[-1]
+    if not s.startswith(first):
+        return False
+    pos = len(first)
+    end = len(s) - len(last)
+    if end < pos or not s.endswith(last):
+        return False
+    for k in range(1, len(segments) - 1):
+        seg = segments[k]
+        i = s.find(seg, pos, end)
+        if i < 0:
+            return False
+        pos = i + len(seg)
+    return True
+
+
+# Star-only patterns (nearly all of modules.alias) as their segments, others compiled.
+_compiled: dict[str, list[str] | Glob | None] = {}
 
 
 def fnmatch(pattern: str, string: str) -> bool:
@@ -210,8 +233,11 @@ def fnmatch(pattern: str, string: str) -> bool:
     try:
         glob = _compiled[pattern]
     except KeyError:
-        glob = _compiled[pattern] = compile_glob(pattern)
-    return glob_match(glob, string)
+        special = "?" in pattern or "[" in pattern or "\\" in pattern
+        glob = _compiled[pattern] = compile_glob(pattern) if special else pattern.split("*")
+    if type(glob) is list:
+        return star_match(glob, string)
+    return glob_match(glob, string)  # type: ignore[arg-type]
 
 
 _WILD = re.compile(r"[*?\[]")
