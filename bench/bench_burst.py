@@ -55,28 +55,12 @@ from kmodd.settings import Settings
 TARGET_EPS = 5000.0
 
 
-class _Forget(dict[str, bytes]):
-    """The simulator keeps every module image for tests; a benchmark must not."""
-
-    def __setitem__(self, key: str, value: bytes) -> None:
-        pass
-
-
 class BenchSimKernel(SimKernel):
     """SimKernel whose state files are updated incrementally, keeping no images."""
 
     def __init__(self, tree_root: Path) -> None:
         self._written: dict[str, tuple[str, int, tuple[str, ...]]] = {}
-        super().__init__(tree_root)
-        self.images = _Forget()
-
-    def _finit_module(self, name: str, fd: int, params: bytes, flags: int) -> None:
-        if flags:  # compressed: let the simulator decompress as the kernel would
-            super()._finit_module(name, fd, params, flags)
-            return
-        # The kernel reads the file itself; only the ELF magic matters to the
-        # simulator, so do not copy megabytes into this process per load.
-        self._load("finit_module", name, os.pread(fd, 4, 0), params, flags)
+        super().__init__(tree_root, keep_images=False)
 
     def _write_proc_modules(self) -> None:
         lines = []

@@ -12,7 +12,7 @@ from kmodd.settings import Settings, SettingsError, parse_settings
 def make_kernel(settings: Settings) -> object:
     if settings.kernel.startswith("sim:"):
         from kmodd.kernel.sim import SimKernel
-        return SimKernel(Path(settings.kernel[4:]))
+        return SimKernel(Path(settings.kernel[4:]), keep_images=False)
     from kmodd.kernel.real import RealKernel
     return RealKernel(settings.root_obj)
 

@@ -85,7 +85,8 @@ class SimKernel(SyscallKernel):
                  init_delays: Mapping[str, float] | None = None,
                  exit_delays: Mapping[str, float] | None = None,
                  permanent: Iterable[str] = (),
-                 supports_modules: bool = True, modules_disabled: bool = False) -> None:
+                 supports_modules: bool = True, modules_disabled: bool = False,
+                 keep_images: bool = True) -> None:
         super().__init__(Root(base=Path(tree_root)))
         self.tree_root = Path(tree_root)
         self.deps: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in (deps or {}).items()}
@@ -102,6 +103,9 @@ class SimKernel(SyscallKernel):
         self._mods: dict[str, _Module] = {}
         self.syscalls: list[Syscall] = []
         self.images: dict[str, bytes] = {}      # the (decompressed) image each load handed in
+        # A daemon run against the simulator keeps no copies: a real kernel's
+        # modules do not live in kmodd's memory either.
+        self.keep_images = keep_images
         self.dmesg: list[str] = []
         self.load_order: list[str] = []         # modules in the order they went live
         self.concurrent = 0
@@ -231,6 +235,10 @@ class SimKernel(SyscallKernel):
         raise OSError(code, os.strerror(code))
 
     def _finit_module(self, name: str, fd: int, params: bytes, flags: int) -> None:
+        if not self.keep_images and not flags & MODULE_INIT_COMPRESSED_FILE:
+            # The kernel reads the file itself; only the ELF magic matters here.
+            self._load("finit_module", name, os.pread(fd, 4, 0), params, flags)
+            return
         data = os.pread(fd, os.fstat(fd).st_size, 0)
         if flags & MODULE_INIT_COMPRESSED_FILE:
             from kmodd.file import Compression, ModuleFileError, decompress, detect_compression
@@ -290,7 +298,8 @@ class SimKernel(SyscallKernel):
             self._mods[name] = mod
             for d in mod.uses:
                 self._mods[d].holders.add(name)
-            self.images[name] = image
+            if self.keep_images:
+                self.images[name] = image
             self._log(call, name, params, flags, 0)
             self.concurrent += 1
             self.max_concurrent_seen = max(self.max_concurrent_seen, self.concurrent)

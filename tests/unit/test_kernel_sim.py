@@ -301,3 +301,19 @@ def test_parallel_loads_of_independent_modules(tmp_path: Path) -> None:
     assert sorted(sim.load_order) == names
     assert set(sim.modules()) == set(names)
     assert all(s.result == 0 for s in sim.syscalls)
+
+
+def test_without_kept_images_loads_the_same_and_holds_no_copies(tmp_path: Path) -> None:
+    # What a daemon run against the simulator uses: a real kernel's modules
+    # do not count against kmodd's memory either.
+    sim = SimKernel(tmp_path / "t", keep_images=False)
+    image = ELF + b"payload" * 100
+    assert sim.load_module("a", ko(tmp_path, "a", image))
+    assert sim.initstate("a") is InitState.LIVE and sim.images == {}
+    assert sim.modules()["a"].size == 4        # only the magic was read
+    with pytest.raises(KernelError) as info:
+        sim.load_module("b", ko(tmp_path, "b", b"not an ELF file"))
+    assert info.value.errno == E.ENOEXEC
+    assert sim.load_module("c", ko(tmp_path, "c", lzma.compress(image)))  # user space: init_module
+    assert [s.call for s in sim.syscalls] == ["finit_module", "finit_module", "init_module"]
+    assert sim.images == {}
