@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from kmodd import aliasmatch, index_cache
 from kmodd.aliasmatch import WildIndex, depmod_values
@@ -212,15 +213,12 @@ class ModuleTree:
             depmod_values(table.setdefault(pattern, []), prio, _value(module))
         return WildIndex(table.items())
 
-    def _load_alias_index(self, *, cached_only: bool = False) -> object:
-        """The prepared modules.alias index: from the cache, else built (and
-        stored); with ``cached_only`` None when the cache has no valid entry."""
+    def _load_alias_index(self) -> object:
+        """The prepared modules.alias index: from the cache, else built (and stored)."""
         path = self._file("modules.alias.bin")
         try:
             f = open(path, "rb")  # noqa: SIM115 - read only on a cache miss
         except FileNotFoundError:
-            if cached_only:
-                return None
             return self._alias_text("modules.alias", True) or _MISSING
         except IsADirectoryError as e:
             raise IndexCorrupt(f"{path}: is a directory") from e
@@ -236,8 +234,6 @@ class ModuleTree:
                         return WildIndex.from_bytes(stored)
                     except ValueError:
                         pass
-            if cached_only:
-                return None
             data = f.read()
         idx = WildIndex(BinIndex(path, data).items())
         if big:
@@ -279,28 +275,26 @@ class ModuleTree:
         """Until it pays off, walk kmod's trie instead of preparing the index.
 
         Preparing modules.alias costs as much as a few hundred walks of the
-        trie, and a daemon's coldplug asks for a few dozen: those are answered
-        by walking the trie (what libkmod does), remembered, and only a caller
-        that keeps asking gets the prepared index, built in a thread of its
-        own while the trie keeps answering.  A valid cached copy is used at once.
+        trie (and holds some 15 MB), and a daemon's coldplug asks for a few
+        dozen: those are answered by walking the trie (what libkmod does),
+        remembered, and only a caller that keeps asking gets the prepared
+        index (from the cache when it holds a valid copy), prepared in a
+        thread of its own while the trie keeps answering.
         """
         with self._prepare_lock:
             if self._alias_search is not None:
                 return self._alias_search
-            cached = self._loaded.get("modules.alias") or \
-                self._load_alias_index(cached_only=True)
             search: Callable[[str], list[str]]
-            if isinstance(cached, WildIndex):
-                self._loaded.setdefault("modules.alias", cached)
-                search = cached.search
+            prepared = self._loaded.get("modules.alias")
+            trie = None if prepared is not None or self.prepare_after <= 0 else \
+                self._get("trie:modules.alias.bin", lambda: self._bin("modules.alias") or _MISSING)
+            if isinstance(prepared, WildIndex):
+                search = prepared.search
+            elif trie is None or isinstance(trie, _Missing):
+                idx = self._alias_index()
+                search = idx.search if idx is not None else _nothing
             else:
-                trie = self._get("trie:modules.alias.bin",
-                                 lambda: self._bin("modules.alias") or _MISSING)
-                if isinstance(trie, BinIndex) and self.prepare_after > 0:
-                    search = self._walking_search(trie)
-                else:
-                    idx = self._alias_index()
-                    search = idx.search if idx is not None else _nothing
+                search = self._walking_search(cast(BinIndex, trie))
             self._alias_search = search
             return search
 

@@ -612,8 +612,7 @@ def test_cache_is_used_and_validated(fixture_tree: Path, tmp_path: Path, small_c
     plain = ModuleTree(moddir, use_cache=False)
     keys = sample_keys([p for p, _ in plain.alias_patterns()], 500)
     want = [plain.alias(k) for k in keys]
-    first = ModuleTree(moddir, cache_dir=cache)
-    first.prepare_aliases()
+    first = ModuleTree(moddir, cache_dir=cache, prepare_after=0)
     assert [first.alias(k) for k in keys] == want
     (stored,) = cache_files(cache)
     assert stored.stat().st_mode & 0o077 == 0
@@ -622,7 +621,7 @@ def test_cache_is_used_and_validated(fixture_tree: Path, tmp_path: Path, small_c
     def no_decode(*args: object) -> None:
         raise AssertionError("decoded the .bin although the cache is valid")
     monkeypatch.setattr(index, "BinIndex", no_decode)
-    second = ModuleTree(moddir, cache_dir=cache)
+    second = ModuleTree(moddir, cache_dir=cache, prepare_after=0)
     # (keys holding '*', '?' or '[' walk the real trie, as kmod does)
     plain_keys = [(k, w) for k, w in zip(keys, want, strict=True) if not set(k) & set("*?[")]
     assert len(plain_keys) > 300
@@ -633,8 +632,8 @@ def test_cache_is_used_and_validated(fixture_tree: Path, tmp_path: Path, small_c
     # depmod rewrote the index: the cached answers must not survive
     write_index(moddir / "modules.alias.new", {"pci:v*": [(0, "newmod")]})
     os.replace(moddir / "modules.alias.new", moddir / "modules.alias.bin")
-    assert ModuleTree(moddir, cache_dir=cache).alias("pci:v1") == ["newmod"]
-    assert ModuleTree(moddir, cache_dir=cache).alias(keys[0]) == []
+    assert ModuleTree(moddir, cache_dir=cache, prepare_after=0).alias("pci:v1") == ["newmod"]
+    assert ModuleTree(moddir, cache_dir=cache, prepare_after=0).alias(keys[0]) == []
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "chmod", "chown", "garbage", "symlink"])
@@ -663,7 +662,7 @@ def test_damaged_or_foreign_cache_is_ignored(fixture_tree: Path, tmp_path: Path,
         other = tmp_path / "elsewhere.idx"
         stored.rename(other)
         stored.symlink_to(other)
-    tree = ModuleTree(moddir, cache_dir=cache)
+    tree = ModuleTree(moddir, cache_dir=cache, prepare_after=0)
     assert [tree.alias(k) for k in keys] == want
 
 
@@ -700,9 +699,17 @@ def test_alias_walks_the_trie_until_preparing_pays(fixture_tree: Path, tmp_path:
     walked = len(walks)
     assert [tree.alias(k) for k in keys] == want
     assert len(walks) == walked                 # the prepared index answers now
-    # A later tree finds the prepared index in the cache and never walks.
+    # A later tree walks as long as the first did, then takes the cached copy
+    # (the .bin is not prepared again: the cache file stays as it was).
+    (stored,) = cache_files(cache)
+    before = stored.stat()
     again = ModuleTree(moddir, cache_dir=cache, prepare_after=100)
-    assert [again.alias(k) for k in keys] == want and len(walks) == walked
+    assert [again.alias(k) for k in keys[:99]] == want[:99] and len(walks) == walked + 99
+    assert "modules.alias" not in again._loaded
+    again.prepare_aliases()
+    assert [again.alias(k) for k in keys] == want and len(walks) == walked + 99
+    after = stored.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
 def test_unwritable_cache_directory_is_harmless(fixture_tree: Path, tmp_path: Path,
