@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         import json
         dumps = json.dumps
     try:
+        if "-" in args.aliases:
+            # A stream of modaliases: the prepared index pays off at once.
+            resolver.tree.prepare_aliases()
         for batch in _batches(args.aliases):
             text = []
             for alias in batch:

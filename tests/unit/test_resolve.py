@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import random
 import subprocess
 import sys
@@ -408,3 +409,20 @@ def test_remove_command_first_matching_pattern(tree: Path, tmp_path: Path) -> No
         shown = [ln.removeprefix("remove ") for ln in out if ln.startswith("remove ")]
         assert resolver.remove_command(name) == (shown[0] if shown else None), name
     assert resolver.remove_command("mid") is not None
+
+
+@pytest.mark.parametrize("how", ["argument", "stream"])
+def test_cli_resolve_corrupt_alias_index_is_a_clear_error(tree: Path, tmp_path: Path,
+                                                          how: str) -> None:
+    # A stream prepares the alias index at once, a single key walks the trie:
+    # both name the damaged file and exit 2, without a traceback.
+    copy = tmp_path / "tree"
+    shutil.copytree(tree, copy)
+    moddir = copy / "lib/modules" / VERSION
+    data = (moddir / "modules.alias.bin").read_bytes()
+    (moddir / "modules.alias.bin").write_bytes(data[:12] + b"\xff" * 16)
+    args = ["resolve", "-d", str(copy), "-S", VERSION, "-C", str(tmp_path / "none")]
+    res = _kmodctl(*args, "-", stdin="pci:v1\n") if how == "stream" else \
+        _kmodctl(*args, "pci:v1")
+    assert res.returncode == 2, res
+    assert "modules.alias.bin" in res.stderr and "Traceback" not in res.stderr
