@@ -10,9 +10,11 @@ completes with an :class:`Outcome`.  Work is split in two kinds of jobs:
 * *load* jobs load one module, keyed by name: one load per module however
   many requests want it, started as soon as that module's own dependencies
   are live (no waves).  A fixed set of ``max_workers`` threads runs them, so
-  no more than that many modules are ever being loaded at once, and loads
-  sitting in a slow module init never hold up the resolution of the next
-  requests.
+  no more than that many modules are ever being loaded at once (except for
+  loads a kernel request_module() waits on while every worker is busy: they
+  get a thread of their own, up to the kernel's limit, since the busy
+  workers may be inside the very inits that asked), and loads sitting in a
+  slow module init never hold up the resolution of the next requests.
 
 All bookkeeping lives under one lock; the slow parts (resolution, sysfs
 reads, the load syscall) run outside it.
@@ -284,6 +286,7 @@ class _Task:
     dependents: list[_Task] = field(default_factory=list)
     entries: list[_Entry] = field(default_factory=list)
     state: str = "waiting"          # waiting | ready | running | done
+    own_thread: bool = False        # loaded past max_workers for a kernel request
 
 
 ModuleCallback = Callable[[ModuleStep, Request, tuple[str, ...], StepResultLike], None]
@@ -327,6 +330,7 @@ class Scheduler:
         self._exit = False
         self._busy = 0                  # workers running a job
         self.loading = 0                # workers inside load_step
+        self._extra_loads = 0           # of which on threads of their own (kernel requests)
         self.max_loading_seen = 0
         self.counts: dict[str, int] = dict.fromkeys(OUTCOME_STATUSES, 0)
         self.submitted = 0
@@ -507,24 +511,56 @@ class Scheduler:
                     return
                 job = queue.popleft()
                 if isinstance(job, _Task):
-                    job.state = "running"
-                    self.loading += 1
-                    self.max_loading_seen = max(self.max_loading_seen, self.loading)
-                self._busy += 1
-            try:
-                if isinstance(job, _Task):
-                    self._run_load(job)
+                    self._start_load_locked(job)
                 else:
-                    self._run_resolve(job)
-            except Exception:       # a bug here must not kill a worker
-                log.exception("scheduler worker error")
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
-                    now_idle = self._idle_locked()
-                if now_idle and self._on_idle is not None:
-                    self._safe(self._on_idle)
+                    self._busy += 1
+            self._run_job(job)
+
+    def _make_ready_locked(self, task: _Task) -> None:
+        """Queue a load whose dependencies are live.
+
+        A module whose init calls request_module() keeps its worker inside
+        the kernel until the request is answered; if every worker is in
+        such an init, a load the kernel asked for could never start.  So a
+        load a kernel request waits for, with no worker free to take it
+        soon, gets a thread of its own, up to the kernel's own limit of
+        concurrent helpers.
+        """
+        task.state = "ready"
+        free = self.max_workers - (self.loading - self._extra_loads) - len(self._ready)
+        wanted_by_kernel = task.request.kind == "kernel" or any(
+            e.request.kind == "kernel" for e in task.entries)
+        if free <= 0 and wanted_by_kernel and self.loading < MAX_KMOD_CONCURRENT:
+            self._start_load_locked(task)
+            task.own_thread = True
+            self._extra_loads += 1
+            threading.Thread(target=self._run_job, args=(task,),
+                             name=f"kmodd-kernel-{task.step.name}", daemon=True).start()
+            return
+        self._ready.append(task)
+        self._loads_wake.notify()
+
+    def _start_load_locked(self, task: _Task) -> None:
+        task.state = "running"
+        self.loading += 1
+        self.max_loading_seen = max(self.max_loading_seen, self.loading)
+        self._busy += 1
+
+    def _run_job(self, job: _Task | _Entry) -> None:
+        try:
+            if isinstance(job, _Task):
+                self._run_load(job)
+            else:
+                self._run_resolve(job)
+        except Exception:       # a bug here must not kill a worker
+            log.exception("scheduler worker error")
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+                now_idle = self._idle_locked()
+            if now_idle and self._on_idle is not None:
+                self._safe(self._on_idle)
 
     def _run_resolve(self, entry: _Entry) -> None:
         request = entry.request
@@ -636,9 +672,7 @@ class Scheduler:
                 for dep in waits:
                     self._tasks[dep].dependents.append(task)
                 if not waits:
-                    task.state = "ready"
-                    self._ready.append(task)
-                    self._loads_wake.notify()
+                    self._make_ready_locked(task)
             elif task.state == "running" and request.kind == "kernel":
                 # Already in the kernel's hands: answer like modprobe does for a
                 # COMING module.  Joining would deadlock a module whose init
@@ -647,6 +681,9 @@ class Scheduler:
                 continue
             task.entries.append(entry)
             entry.needs.add(step.name)
+            if request.kind == "kernel" and task.state == "ready":
+                self._ready.remove(task)        # queued behind others: maybe expedite
+                self._make_ready_locked(task)
         if not entry.needs:
             self._finish_entry_locked(entry, summarize(request, plan, entry.results), done,
                                       outcomes)
@@ -669,6 +706,8 @@ class Scheduler:
         module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...], StepResultLike]] = []
         with self._lock:
             self.loading -= 1
+            if task.own_thread:
+                self._extra_loads -= 1
             now = self._clock()
             if result.status == "failed":
                 self._failures[step.name] = record_failure(
@@ -714,9 +753,7 @@ class Scheduler:
                 else:
                     dependent.waiting_on.discard(name)
                     if not dependent.waiting_on and dependent.state == "waiting":
-                        dependent.state = "ready"
-                        self._ready.append(dependent)
-                        self._loads_wake.notify()
+                        self._make_ready_locked(dependent)
             for entry in current.entries:
                 if entry.done:
                     continue

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="config_file", metavar="FILE",
                    help=f"settings file (default {DEFAULT_CONFIG} under the root)")
     p.add_argument("--max-workers", type=int, metavar="N",
-                   help=f"concurrent loads, 1..{MAX_KMOD_CONCURRENT} (default: from CPUs)")
+                   help=f"concurrent loads, 1..{MAX_KMOD_CONCURRENT} (default 8 + 2 x CPUs)")
     p.add_argument("--autoclean-interval", type=float, metavar="SECONDS",
                    help="seconds between autoclean sweeps; 0 disables (default 60)")
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS",

@@ -498,3 +498,36 @@ def test_a_script_asking_in_a_loop_is_not_a_runaway(env: dict[str, object]) -> N
     outs = [outcome(sched.submit(Request("kernel", "solo", None, "kernel")))
             for _ in range(RUNAWAY_LIMIT)]
     assert {o.status for o in outs} == {"loaded", "present"}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_module_inits_asking_for_modules_never_wait_for_a_free_worker(
+        env: dict[str, object], workers: int) -> None:
+    # Every worker sits in a module init that calls request_module() for
+    # another module (a crypto algorithm, say): the kernel holds those inits
+    # until the helper answers, so the loads it asked for (and their
+    # dependencies) must not queue behind them.
+    graph = {f"m{i}": () for i in range(workers)} | \
+        {f"want{i}": ("base",) for i in range(workers)} | {"base": ()}
+    sched, kernel, loader, _ = make(env, graph=graph, max_workers=workers)
+    all_inside = threading.Barrier(workers, timeout=5)
+    inner: dict[str, Outcome] = {}
+    real = loader.inner.load_step
+
+    def load_step(step: ModuleStep):  # type: ignore[no-untyped-def]
+        if step.name.startswith("m"):
+            all_inside.wait()           # every worker is now inside an init
+            want = "want" + step.name[1:]
+            inner[want] = sched.submit(Request("kernel", want, None, "kernel")).result(5)
+        return real(step)
+
+    loader.inner.load_step = load_step  # type: ignore[method-assign]
+    outer = [sched.submit(Request("modalias", f"m{i}")) for i in range(workers)]
+    assert [outcome(f).status for f in outer] == ["loaded"] * workers
+    assert {k: o.status for k, o in inner.items()} == {f"want{i}": "loaded"
+                                                      for i in range(workers)}
+    assert set(kernel.loaded()) == set(graph)
+    assert workers < sched.max_loading_seen <= MAX_KMOD_CONCURRENT
+    # The extra threads are gone and the pool is back to its size.
+    assert sched.wait_idle(5) and sched._extra_loads == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("kmodd-kernel-")]
