@@ -282,6 +282,36 @@ def test_daemon_is_still_alive(guest: Guest) -> None:
     assert "Traceback" not in log, log[-4000:]
 
 
+def test_module_init_asking_for_a_module_with_one_worker(guest: Guest) -> None:
+    """tcrypt's init asks the kernel for "crypto-sha3-256" (request_module()
+    from inside finit_module) and waits for the answer.  With one worker,
+    that worker is inside tcrypt's init: the requested sha3_generic must
+    load on a thread of its own, or init and helper wait on each other for
+    ever (seen here before the scheduler gave such loads their own thread).
+    tcrypt fails its init with EAGAIN by design once the algorithm (type 14:
+    a shash) was found, ENOENT when it was not."""
+    pid = guest.facts["pid"]
+    guest.sh(f"kill {pid}; for i in $(seq 300); do kill -0 {pid} 2>/dev/null || break; "
+             "sleep 0.1; done; ! kill -0 " + str(pid))
+    assert "sha3_generic" not in guest.loaded() and "tcrypt" not in guest.loaded()
+    r = guest.sh(
+        f"setsid {CHECKOUT}/.venv/bin/kmodd --max-workers 1 --no-coldplug --no-journal "
+        f"--log-level debug </dev/null >>{LOG} 2>&1 & "
+        "for i in $(seq 600); do kmodctl status >/dev/null 2>&1 && break; sleep 0.1; done; "
+        "timeout 120 kmodctl load --json tcrypt alg=sha3-256 type=14; echo \"rc=$?\"",
+        timeout=300,
+        ok=False)
+    assert "rc=124" not in r.stdout, f"kmodctl load hung:\n{r.stdout}\n{guest.log_tail()}"
+    reply = json.loads(r.stdout[:r.stdout.rindex("rc=")])
+    assert not reply["ok"] and "tcrypt" not in guest.loaded()
+    assert reply["errno"] == 11, reply          # EAGAIN: found, tcrypt's own verdict
+    assert "sha3_generic" in guest.loaded()
+    (why,) = guest.kmodctl_json("why sha3_generic")
+    assert why["kind"] == "kernel" and why["key"] == "crypto-sha3-256", why
+    (status,) = guest.kmodctl_json("status")
+    assert status["workers"] == 1, status
+
+
 def bound_modules(guest: Guest) -> set[str]:
     """Modules whose drivers have a device bound right now."""
     out = guest.sh("for l in /sys/bus/*/devices/*/driver; do "
