@@ -284,17 +284,15 @@ class ModuleTree:
         with self._prepare_lock:
             if self._alias_search is not None:
                 return self._alias_search
-            search: Callable[[str], list[str]]
-            prepared = self._loaded.get("modules.alias")
-            trie = None if prepared is not None or self.prepare_after <= 0 else \
-                self._get("trie:modules.alias.bin", lambda: self._bin("modules.alias") or _MISSING)
-            if isinstance(prepared, WildIndex):
-                search = prepared.search
-            elif trie is None or isinstance(trie, _Missing):
+            search: Callable[[str], list[str]] | None = None
+            if self.prepare_after > 0 and "modules.alias" not in self._loaded:
+                trie = self._get("trie:modules.alias.bin",
+                                 lambda: self._bin("modules.alias") or _MISSING)
+                if not isinstance(trie, _Missing):      # else: text files only
+                    search = self._walking_search(cast(BinIndex, trie))
+            if search is None:
                 idx = self._alias_index()
                 search = idx.search if idx is not None else _nothing
-            else:
-                search = self._walking_search(cast(BinIndex, trie))
             self._alias_search = search
             return search
 
