@@ -509,12 +509,39 @@ class Scheduler:
                     wake.wait()
                 if not queue:
                     return
-                job = queue.popleft()
+                job = queue.popleft() if resolver else self._pop_ready_locked()
                 if isinstance(job, _Task):
                     self._start_load_locked(job)
                 else:
                     self._busy += 1
             self._run_job(job)
+
+    def _pop_ready_locked(self) -> _Task:
+        """The next load: the one with the longest chain of loads waiting on
+        it (list scheduling by critical path), the oldest among equals.
+
+        A dependency that others wait for must not queue behind leaf modules
+        while the workers are busy: the chain behind it (a SCSI transport,
+        then the host adapter whose bus scan every later init waits for)
+        decides when coldplug ends.
+        """
+        ready = self._ready
+        if len(ready) == 1 or not any(t.dependents for t in ready):
+            return ready.popleft()
+        heights: dict[int, int] = {}
+
+        def waiting_chain(task: _Task) -> int:
+            got = heights.get(id(task))
+            if got is None:
+                got = heights[id(task)] = max(
+                    (1 + waiting_chain(d) for d in task.dependents if d.state == "waiting"),
+                    default=0)
+            return got
+
+        best = max(range(len(ready)), key=lambda i: (waiting_chain(ready[i]), -i))
+        task = ready[best]
+        del ready[best]
+        return task
 
     def _make_ready_locked(self, task: _Task) -> None:
         """Queue a load whose dependencies are live.

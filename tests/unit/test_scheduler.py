@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno as E
 import threading
+import time
 import types
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, wait
@@ -531,3 +532,23 @@ def test_module_inits_asking_for_modules_never_wait_for_a_free_worker(
     # The extra threads are gone and the pool is back to its size.
     assert sched.wait_idle(5) and sched._extra_loads == 0
     assert not [t for t in threading.enumerate() if t.name.startswith("kmodd-kernel-")]
+
+
+def test_a_load_others_wait_for_goes_before_leaves(env: dict[str, object]) -> None:
+    # One worker, held: "solo" (nothing waits for it) is queued before "core",
+    # which "a" and then "c" wait for.  Once the worker is free, that chain goes
+    # first; among loads nobody waits for, the oldest.
+    sched, kernel, loader, _ = make(env, graph=GRAPH | {"hold": ()}, gated=("hold",),
+                                    max_workers=1)
+    held = sched.submit(Request("admin", "hold"))
+    assert loader.entered["hold"].wait(10)
+    leaf = sched.submit(Request("modalias", "solo"))
+    chain = sched.submit(Request("modalias", "c"))
+    deadline = time.monotonic() + 10
+    while sched.snapshot()["waiting_loads"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snap = sched.snapshot()     # solo and core ready; a and c waiting
+    assert (snap["queued_loads"], snap["waiting_loads"]) == (2, 2)
+    loader.release()
+    assert [outcome(f).status for f in (held, leaf, chain)] == ["loaded"] * 3
+    assert kernel.load_order == ["hold", "core", "a", "solo", "c"]
