@@ -708,7 +708,7 @@ class Scheduler:
                 continue
             task.entries.append(entry)
             entry.needs.add(step.name)
-            if request.kind == "kernel" and task.state == "ready":
+            if request.kind == "kernel" and task.state == "ready" and task.request is not request:
                 self._ready.remove(task)        # queued behind others: maybe expedite
                 self._make_ready_locked(task)
         if not entry.needs:

@@ -552,3 +552,28 @@ def test_a_load_others_wait_for_goes_before_leaves(env: dict[str, object]) -> No
     loader.release()
     assert [outcome(f).status for f in (held, leaf, chain)] == ["loaded"] * 3
     assert kernel.load_order == ["hold", "core", "a", "solo", "c"]
+
+
+def test_kernel_request_joining_a_queued_load_does_not_wait_behind_the_init(
+        env: dict[str, object]) -> None:
+    # A device asked for "want" first, so its load is queued behind the one
+    # worker, which sits in m's init; then that init asks the kernel for "want".
+    sched, kernel, loader, _ = make(env, graph={"m": (), "want": ()}, max_workers=1)
+    inner: list[Outcome] = []
+    device: list[Future[Outcome]] = []
+    real = loader.inner.load_step
+
+    def load_step(step: ModuleStep):  # type: ignore[no-untyped-def]
+        if step.name == "m":
+            device.append(sched.submit(Request("modalias", "want")))
+            deadline = time.monotonic() + 5
+            while sched.snapshot()["queued_loads"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sched.snapshot()["queued_loads"] == 1
+            inner.append(sched.submit(Request("kernel", "want", None, "kernel")).result(5))
+        return real(step)
+
+    loader.inner.load_step = load_step  # type: ignore[method-assign]
+    assert outcome(sched.submit(Request("modalias", "m"))).status == "loaded"
+    assert [o.status for o in inner] == ["loaded"]
+    assert outcome(device[0]).status == "loaded" and loads_of(kernel, "want") == 1
