@@ -286,10 +286,9 @@ class ModuleTree:
                 return self._alias_search
             search: Callable[[str], list[str]] | None = None
             if self.prepare_after > 0 and "modules.alias" not in self._loaded:
-                trie = self._get("trie:modules.alias.bin",
-                                 lambda: self._bin("modules.alias") or _MISSING)
-                if not isinstance(trie, _Missing):      # else: text files only
-                    search = self._walking_search(cast(BinIndex, trie))
+                trie = self._trie("modules.alias.bin")
+                if trie is not None:                    # else: text files only
+                    search = self._walking_search(trie)
             if search is None:
                 idx = self._alias_index()
                 search = idx.search if idx is not None else _nothing
@@ -326,10 +325,13 @@ class ModuleTree:
         there, depending on how depmod compressed the trie; only a walk of
         the real trie answers the same.  None when there is no .bin file.
         """
+        trie = self._trie(name)
+        return None if trie is None else trie.searchwild(key, aliasmatch.fnmatch)
+
+    def _trie(self, name: str) -> BinIndex | None:
+        """kmod's trie in ``name`` (a .bin file), decoded on demand; None without the file."""
         trie = self._get("trie:" + name, lambda: self._bin(name[:-4]) or _MISSING)
-        if not isinstance(trie, BinIndex):
-            return None
-        return trie.searchwild(key, aliasmatch.fnmatch)
+        return None if isinstance(trie, _Missing) else cast(BinIndex, trie)
 
     def alias_patterns(self) -> list[tuple[str, str]]:
         """(pattern, module) of every modules.alias entry, by module priority then pattern."""
