@@ -157,8 +157,11 @@ def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kmodd.cli.common import VersionAction
+
     p = argparse.ArgumentParser(prog="kmodd",
                                 description="on-demand kernel module loader daemon")
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("--config", dest="config_file", metavar="FILE",
                    help=f"settings file (default {DEFAULT_CONFIG} under the root)")
     p.add_argument("--max-workers", type=int, metavar="N",
