@@ -172,4 +172,5 @@ def test_remove_gives_the_job_back_and_purge_leaves_nothing(
     for name in ("installed-check.sh", *[p.name for p in (root / "tmp").glob("kmodd_*.deb")]):
         (root / "tmp" / name).unlink(missing_ok=True)
     after = file_list(root)
-    assert sorted(after - before) == [] and sorted(before - after) == []
+    assert (sorted(after - before), sorted(before - after)) == ([], []), \
+        "left behind, then missing"

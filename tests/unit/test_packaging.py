@@ -35,6 +35,8 @@ def test_every_python_dependency_is_a_debian_package() -> None:
         name = re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0]
         assert DEBIAN[name] in depends, f"{name}: add {DEBIAN[name]} to Depends"
     assert re.search(r"python3 \(>= 3\.11\)", depends) and "kmod," in depends
+    # ExecReload=/bin/kill: procps, which minbase systems lack.
+    assert "procps," in depends
 
 
 def test_zstandard_floor_is_debian_12s() -> None:

@@ -30,6 +30,8 @@ def root(tmp_path: Path) -> Path:
     unit.parent.mkdir(parents=True)
     shutil.copy(CHECKOUT / "systemd/kmodd.service", unit)
     (r / "proc/sys/kernel").mkdir(parents=True)
+    (r / "etc").mkdir()
+    (r / "var/lib").mkdir(parents=True)
     (r / "proc/sys/kernel/modprobe").write_text("/usr/local/sbin/site-modprobe\n")
     return r
 
@@ -79,8 +81,18 @@ def test_enable_then_disable_twice_each(root: Path, spy: Path) -> None:
                      "var/lib/kmodd/modprobe.orig", WANTS):
             assert not (root / gone).exists(), gone
     assert "udev's own" in takeover(root, spy, "status").stdout
+    # The directories enable created are gone again, the tree as it was.
+    assert list((root / "etc").iterdir()) == [] and list((root / "var/lib").iterdir()) == []
     # --root never reloads the host's udev nor rebuilds its initramfs.
     assert not (spy.parent / "ran").exists()
+
+
+def test_directories_that_were_there_stay(root: Path, spy: Path) -> None:
+    (root / "etc/udev/rules.d").mkdir(parents=True)
+    assert takeover(root, spy, "enable").returncode == 0
+    assert takeover(root, spy, "disable").returncode == 0
+    assert (root / "etc/udev/rules.d").is_dir()
+    assert not (root / "etc/sysctl.d").exists()
 
 
 def test_disable_without_saved_value_restores_sbin_modprobe(root: Path, spy: Path) -> None:
