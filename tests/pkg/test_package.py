@@ -31,10 +31,11 @@ MIRROR = os.environ.get("KMODD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What an administrator's machine has besides the package's own dependencies:
 # man and completion to check the pages and completion, systemd for the unit.
 EXTRA = ("man-db", "bash-completion", "systemd")
-# Left out of the before/after comparison: dpkg's own database and logs, and
-# caches that the man-db and debconf triggers rewrite.
+# Left out of the before/after comparison: dpkg's own database and logs,
+# caches that the man-db and debconf triggers rewrite, and run/systemd/, which
+# systemctl creates when it runs in a chroot (a tmpfs on a real system).
 IGNORED = ("var/lib/dpkg/", "var/log/", "var/cache/man/", "var/cache/debconf/", "tmp/",
-           "var/cache/ldconfig/")
+           "var/cache/ldconfig/", "run/systemd/")
 
 
 def log(msg: str) -> None:
@@ -162,7 +163,14 @@ def test_remove_gives_the_job_back_and_purge_leaves_nothing(
         system: tuple[Path, set[str]]) -> None:
     root, before = system
     in_chroot(root, "kmodd-takeover", "enable", "--no-initramfs")
-    assert (root / "etc/udev/rules.d/80-drivers.rules").is_file()
+    rule = root / "etc/udev/rules.d/80-drivers.rules"
+    shipped = (root / "usr/lib/kmodd/udev/80-drivers.rules").read_text()
+    assert rule.read_text() == shipped
+    # An upgrade (here a reinstall) refreshes an outdated rule of a takeover in place.
+    rule.write_text(shipped.replace("sm_ftl", "outdated"))
+    deb = next((root / "tmp").glob("kmodd_*.deb"))
+    in_chroot(root, "dpkg", "-i", f"/tmp/{deb.name}")
+    assert rule.read_text() == shipped
     in_chroot(root, "dpkg", "-r", "kmodd")
     # prerm handed back: no rule shadowing udev's, no helper that is gone.
     assert not (root / "etc/udev/rules.d/80-drivers.rules").exists()

@@ -144,12 +144,18 @@ if [ -n "$TAKEOVER" ]; then
 		check "  nothing saved" test ! -e /var/lib/kmodd/modprobe.orig
 	done
 	# Someone else's rule is never overwritten.
+	made=
+	[ -d /etc/udev/rules.d ] || made=1
+	[ -d /etc/udev ] || made=2
 	mkdir -p /etc/udev/rules.d
 	echo '# the administrator'"'"'s own' >"$rule"
 	check "takeover refuses a foreign rule" sh -c '! kmodd-takeover enable --no-start'
 	check "  and leaves it alone" grep -q administrator "$rule"
 	check "  and leaves the kernel helper alone" test ! -e "$sysctl"
 	rm -f "$rule"
+	# Leave the system as found.
+	[ -z "$made" ] || rmdir /etc/udev/rules.d
+	[ "$made" != 2 ] || rmdir /etc/udev
 fi
 
 rm -f /tmp/kmodd-check.out
