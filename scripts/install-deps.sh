@@ -22,6 +22,12 @@ PACKAGES=(
     xz-utils zstd
     # building systemd-python (journald, sd_notify) and other wheels
     python3-venv python3-dev libsystemd-dev pkg-config gcc
+    # the Debian package (contrib/build-deb.sh): build, lint, man pages,
+    # completion, and the clean Debian 12 chroot it is installed into (tests/pkg)
+    debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+    lintian scdoc bash-completion man-db mmdebstrap
+    # the package's run-time dependencies, so the build's tests run with Debian's versions
+    python3-pyudev python3-systemd python3-pyelftools python3-zstandard
 )
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

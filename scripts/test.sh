@@ -6,12 +6,12 @@
 # (exit 5) is a failure, and so is a skipped VM test.
 #
 #   bash scripts/test.sh                 everything
-#   bash scripts/test.sh unit vm         only these steps (lint types unit realtree vm)
+#   bash scripts/test.sh unit vm         only these steps (lint types unit realtree pkg vm)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-STEPS=(lint types unit realtree vm)
+STEPS=(lint types unit realtree pkg vm)
 if [[ $# -gt 0 ]]; then STEPS=("$@"); fi
 # CI must finish within 90 minutes on 2 cores: every step gets its own limit,
 # capped by what is left of this overall budget (KMODD_TEST_BUDGET seconds).
@@ -62,8 +62,10 @@ for step in "${STEPS[@]}"; do
         types)    run_step types 900 mypy ;;
         unit)     run_step unit 2400 "${PYTEST[@]}" tests/unit ;;
         realtree) run_step realtree 2400 "${PYTEST[@]}" tests/realtree ;;
+        # The Debian package: build, lintian, install into a Debian 12 chroot, purge.
+        pkg)      run_step pkg 1800 "${PYTEST[@]}" tests/pkg ;;
         vm)       run_step vm 3600 "${PYTEST[@]}" tests/vm ;;
-        *) echo "test.sh: unknown step $step (lint types unit realtree vm)" >&2; exit 2 ;;
+        *) echo "test.sh: unknown step $step (lint types unit realtree pkg vm)" >&2; exit 2 ;;
     esac
 done
 
