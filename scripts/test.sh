@@ -6,12 +6,12 @@
 # (exit 5) is a failure, and so is a skipped VM test.
 #
 #   bash scripts/test.sh                 everything
-#   bash scripts/test.sh unit vm         only these steps (lint types unit realtree vm)
+#   bash scripts/test.sh unit vm         only these steps (lint types unit realtree vm boot)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-STEPS=(lint types unit realtree vm)
+STEPS=(lint types unit realtree vm boot)
 if [[ $# -gt 0 ]]; then STEPS=("$@"); fi
 # CI must finish within 90 minutes on 2 cores: every step gets its own limit,
 # capped by what is left of this overall budget (KMODD_TEST_BUDGET seconds).
@@ -63,7 +63,9 @@ for step in "${STEPS[@]}"; do
         unit)     run_step unit 2400 "${PYTEST[@]}" tests/unit ;;
         realtree) run_step realtree 2400 "${PYTEST[@]}" tests/realtree ;;
         vm)       run_step vm 3600 "${PYTEST[@]}" tests/vm ;;
-        *) echo "test.sh: unknown step $step (lint types unit realtree vm)" >&2; exit 2 ;;
+        # the Debian boot test bed: one image build (cached), three boots
+        boot)     run_step boot 2700 "${PYTEST[@]}" -s tests/boot ;;
+        *) echo "test.sh: unknown step $step (lint types unit realtree vm boot)" >&2; exit 2 ;;
     esac
 done
 

@@ -254,9 +254,10 @@ class BootVM:
         except OSError:
             return ""
 
-    def console_log(self) -> str:
-        """This boot's serial console so far."""
-        return self._read(self.console_path).replace("\r\n", "\n")
+    def console_log(self, boot: int | None = None) -> str:
+        """The serial console of this boot so far (or of boot number *boot*, from 1)."""
+        path = self.console_path if boot is None else self.rundir / f"console-{boot}.log"
+        return self._read(path).replace("\r\n", "\n")
 
     def _tail(self) -> None:
         stream = self.console_stream
@@ -382,8 +383,12 @@ class BootVM:
         self._wait_exit(timeout, "systemctl poweroff")
         self._after_exit()
 
-    def reboot(self, timeout: float = BOOT_TIMEOUT) -> float:
-        """``systemctl reboot`` with the guest's newest /boot files; returns boot seconds."""
+    def reboot(self, timeout: float = BOOT_TIMEOUT, *, poweroff: bool = False) -> float:
+        """``systemctl reboot`` with the guest's newest /boot files; returns boot seconds.
+
+        With *poweroff*, the guest runs ``systemctl poweroff`` instead (a power
+        cycle: the same shutdown, then a cold start).
+        """
         script = (_MOUNT_XFER + " && rm -rf " + XFER_MOUNT + "/boot && mkdir "
                   + XFER_MOUNT + "/boot && v=$(ls /boot/vmlinuz-* | sort -V | tail -n 1) && "
                   "v=${v#/boot/vmlinuz-} && cp /boot/vmlinuz-$v /boot/initrd.img-$v "
@@ -394,8 +399,9 @@ class BootVM:
         initrd = [p for p in new if p.name.startswith("initrd.img-")]
         if len(kernel) != 1 or len(initrd) != 1:
             raise BootError(f"the guest's /boot did not give one kernel and initrd: {new}")
-        self._send({"id": next(self._seq), "cmd": "systemctl reboot", "timeout": 30})
-        self._wait_exit(180, "systemctl reboot")
+        verb = "poweroff" if poweroff else "reboot"
+        self._send({"id": next(self._seq), "cmd": f"systemctl {verb}", "timeout": 30})
+        self._wait_exit(180, f"systemctl {verb}")
         self._after_exit()
         boot = self.rundir / "boot"
         shutil.rmtree(boot)

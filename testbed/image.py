@@ -201,6 +201,8 @@ def _customize(root: Path) -> None:
     # A fixed machine id: an empty one makes every boot of a fresh overlay a
     # "first boot" (systemd applies presets then), unlike the boot after a reboot.
     (root / "etc/machine-id").write_text(MACHINE_ID + "\n")
+    # A persistent journal: the shutdown of one boot is read in the next.
+    (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
 
 
 def _build(directory: Path) -> None:
