@@ -10,6 +10,12 @@ from pathlib import Path
 MODPROBE_D_DIRS = ("etc/modprobe.d", "run/modprobe.d", "usr/local/lib/modprobe.d",
                    "usr/lib/modprobe.d", "lib/modprobe.d")
 
+# While this file exists udev leaves MODALIAS loads to kmodd: the takeover's
+# copy of udev's 80-drivers.rules tests for it (systemd/80-drivers.rules, as
+# the running system sees it, so the path is fixed).  kmodd creates it once
+# it listens to uevents; the unit's ExecStopPost= and a clean stop remove it.
+UDEV_HANDOVER = "run/kmodd/udev-handover"
+
 
 @dataclass(frozen=True)
 class Root:
@@ -43,6 +49,10 @@ class Root:
     @property
     def run(self) -> Path:
         return self.path("run")
+
+    @property
+    def udev_handover(self) -> Path:
+        return self.path(UDEV_HANDOVER)
 
 
 def running_kernel_version(root: Root | None = None) -> str:

@@ -335,6 +335,7 @@ class Service:
         self._started = False
         self._stopping = False
         self._stopped = False
+        self._handover_raised = False
         self._exit_code = 0
         self._state_dirty = False
         self._save_timer: Any = None
@@ -452,6 +453,34 @@ class Service:
             self.coldplug_state = "disabled"
             self._set_ready()
 
+    def _takes_over_from_udev(self) -> bool:
+        # Only a daemon that hears uevents itself may tell udev to stand back.
+        return any(getattr(src, "udev_handover", False) for src in self.sources)
+
+    def _raise_handover_flag(self) -> None:
+        if not self._takes_over_from_udev():
+            return
+        flag = self.settings.root_obj.udev_handover
+        try:
+            flag.parent.mkdir(parents=True, exist_ok=True)
+            flag.touch()
+            self._handover_raised = True
+        except OSError as exc:
+            slog(LOG, logging.WARNING, "cannot create %s (udev keeps loading drivers): %s",
+                 flag, exc.strerror or exc)
+
+    def _drop_handover_flag(self) -> None:
+        # First thing on the way out: udev loads drivers again before kmodd
+        # stops listening, an overlap rather than a gap.
+        if not self._handover_raised:
+            return
+        self._handover_raised = False
+        try:
+            self.settings.root_obj.udev_handover.unlink(missing_ok=True)
+        except OSError as exc:
+            slog(LOG, logging.WARNING, "cannot remove %s: %s",
+                 self.settings.root_obj.udev_handover, exc.strerror or exc)
+
     def _ping_watchdog(self) -> None:
         self.notify(WATCHDOG=1)
 
@@ -461,6 +490,8 @@ class Service:
         if self.ready:
             return
         self.ready = True
+        # Uevents are heard and coldplug is queued: udev may stand back.
+        self._raise_handover_flag()
         self.notify(READY=1, STATUS=self._status_line(), MAINPID=os.getpid())
         slog(LOG, logging.INFO, "kmodd ready: %d workers, socket %s",
              self.scheduler.max_workers, self.settings.socket)
@@ -489,6 +520,7 @@ class Service:
         if self._stopping:
             return
         self._stopping = True
+        self._drop_handover_flag()
         self.control.stop_accepting()
         # Sources first: pending kernel requests are answered "retry" and
         # the helper loads for itself, so nothing the kernel waits on is lost.
@@ -526,6 +558,7 @@ class Service:
         self._stopped = True
 
     def _cleanup(self) -> None:
+        self._drop_handover_flag()
         if not self._stopped:          # start() failed or the loop crashed
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(timeout=30.0)

@@ -21,6 +21,13 @@ from kmodd.scheduler import (
 )
 
 DEFAULT_CONFIG = "/etc/kmodd.conf"
+# Drop-in directories, highest priority first, as systemd orders its own
+# (conf_files_list_strv): a file name in an earlier directory hides the same
+# name in later ones; the survivors apply in lexical order of their names
+# after the main file, later ones overriding earlier ones.  A drop-in made a
+# symlink to /dev/null (empty) masks the file of that name.
+CONFIG_DROPIN_DIRS = ("/etc/kmodd.conf.d", "/run/kmodd/kmodd.conf.d",
+                      "/usr/local/lib/kmodd/kmodd.conf.d", "/usr/lib/kmodd/kmodd.conf.d")
 DEFAULT_SOCKET = "/run/kmodd/control"
 DEFAULT_STATE = "/run/kmodd/state.json"
 DEFAULT_REQUEST_FIFO = "/run/kmodd/request"
@@ -157,8 +164,13 @@ def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kmodd.cli.common import VersionAction
+
     p = argparse.ArgumentParser(prog="kmodd",
                                 description="on-demand kernel module loader daemon")
+    p.add_argument("--version", action=VersionAction)
+    p.add_argument("--show-config", action="store_true",
+                   help="print the effective settings and where each comes from, then exit")
     p.add_argument("--config", dest="config_file", metavar="FILE",
                    help=f"settings file (default {DEFAULT_CONFIG} under the root)")
     p.add_argument("--max-workers", type=int, metavar="N",
@@ -230,9 +242,13 @@ class SettingsSource:
     """What is needed to rebuild the settings on SIGHUP: the flags, kept as given."""
 
     flags: dict[str, Any]
+    show: bool = False          # --show-config: print the settings instead of running
 
     def load(self) -> Settings:
         return merge(self.flags)
+
+    def describe(self) -> str:
+        return show_config(*merge_with_sources(self.flags))
 
 
 def _under_root(root: str, path: str) -> str:
@@ -241,25 +257,79 @@ def _under_root(root: str, path: str) -> str:
     return str(Path(root) / path.lstrip("/"))
 
 
-def merge(flags: dict[str, Any]) -> Settings:
+def config_files(root: str, config_file: str | None = None) -> list[Path]:
+    """The settings files in the order they apply: the main file, then the drop-ins.
+
+    An explicit ``--config`` file is read alone (no drop-ins)."""
+    if config_file is not None:
+        return [Path(config_file)]
+    chosen: dict[str, Path] = {}
+    for directory in CONFIG_DROPIN_DIRS:
+        try:
+            entries = list(Path(_under_root(root, directory)).iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.endswith(".conf") and entry.name not in chosen:
+                chosen[entry.name] = entry
+    return [Path(_under_root(root, DEFAULT_CONFIG))] + [chosen[n] for n in sorted(chosen)]
+
+
+def merge_with_sources(flags: dict[str, Any]) -> tuple[Settings, dict[str, str]]:
+    """The settings, and for every file setting where its value came from:
+    a file's path, "command line" or "default"."""
     root = flags.get("root", "/")
-    explicit = "config_file" in flags
-    config_file = flags.get("config_file") or _under_root(root, DEFAULT_CONFIG)
-    values = read_config_file(Path(config_file), required=explicit)
-    values.update({k: v for k, v in flags.items() if k != "config_file"})
+    explicit = flags.get("config_file")
+    files = config_files(root, explicit)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for path in files:
+        for key, value in read_config_file(path, required=explicit is not None).items():
+            values[key] = value
+            sources[key] = str(path)
+    for key, value in flags.items():
+        if key != "config_file":
+            values[key] = value
+            sources[key] = "command line"
     # Default run-time paths follow the root so tests never touch /run.
     for key, default in (("socket", DEFAULT_SOCKET), ("state_file", DEFAULT_STATE),
                          ("request_fifo", DEFAULT_REQUEST_FIFO)):
         values.setdefault(key, _under_root(root, default))
-    values["config_file"] = config_file
+    values["config_file"] = str(files[0])
     settings = Settings(**values)
-    return settings
+    for key in _FILE_KEYS:
+        sources.setdefault(key, "default")
+    return settings, sources
+
+
+def merge(flags: dict[str, Any]) -> Settings:
+    return merge_with_sources(flags)[0]
+
+
+def show_config(settings: Settings, sources: dict[str, str]) -> str:
+    """The effective file settings as kmodd.conf lines, each with its origin."""
+    import json
+
+    lines = []
+    for key in _FILE_KEYS:
+        value = getattr(settings, key)
+        if value is None:
+            lines.append(f"# {key} is unset  # {sources[key]}")
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = json.dumps(list(value))
+        else:
+            text = json.dumps(value)
+        lines.append(f"{key} = {text}  # {sources[key]}")
+    return "\n".join(lines)
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, SettingsSource]:
     """Parse flags and the file; raises SettingsError (argparse exits on bad flags)."""
     ns = build_parser().parse_args(argv)
-    source = SettingsSource(_flag_values(ns))
+    source = SettingsSource(_flag_values(ns), show=bool(ns.show_config))
     return source.load(), source
 
 

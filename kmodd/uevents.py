@@ -240,6 +240,10 @@ class UeventSource:
     coldplug (device paths are relative to its ``/sys``).
     """
 
+    # The service raises udev's hand-over flag only while a source like this
+    # one is open (kmodd.root.UDEV_HANDOVER).
+    udev_handover = True
+
     def __init__(self, submit: Submit, root: Root | None = None, *, monitor: Any = None,
                  receive_buffer: int = RECEIVE_BUFFER, backend: str = "pyudev") -> None:
         self.submit = submit

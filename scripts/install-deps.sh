@@ -25,6 +25,12 @@ PACKAGES=(
     # the boot test bed: a Debian root made with mmdebstrap, an ext4 image made
     # from it without loop mounts, copy-on-write overlays, a vfat disk
     mmdebstrap e2fsprogs qemu-utils dosfstools debian-archive-keyring
+    # the Debian package (contrib/build-deb.sh): build, lint, man pages,
+    # completion, and the clean Debian 12 chroot it is installed into (tests/pkg)
+    debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+    lintian scdoc bash-completion man-db mmdebstrap
+    # the package's run-time dependencies, so the build's tests run with Debian's versions
+    python3-pyudev python3-systemd python3-pyelftools python3-zstandard
 )
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

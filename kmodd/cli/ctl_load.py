@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno as E
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from kmodd.cli.common import (
 from kmodd.kernel.protocol import Kernel
 from kmodd.loader import Loader, StepResult, describe_failure
 from kmodd.params import check_params
-from kmodd.plan import Plan
+from kmodd.plan import ModuleStep, Plan
 from kmodd.root import Root
 
 
@@ -36,11 +37,31 @@ class LoadOutcome:
     targets: tuple[str, ...] = ()
     results: list[StepResult] = field(default_factory=list)
     errno: int | None = None
+    # modprobe -v style lines: what was (or with --dry-run, would be) done.
+    actions: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return {"request": self.request, "ok": self.ok, "message": self.message,
                 "targets": list(self.targets), "errno": self.errno,
-                "results": [asdict(r) for r in self.results]}
+                "results": [asdict(r) for r in self.results], "actions": list(self.actions)}
+
+
+def step_action(step: ModuleStep) -> str:
+    """One step as modprobe -v prints it: ``insmod PATH OPTIONS`` or ``install COMMAND``."""
+    if step.install_command is not None:
+        return f"install {step.install_command}"
+    return f"insmod {step.path}" + (f" {step.options}" if step.options else "")
+
+
+def plan_actions(plan: Plan, kernel: Kernel) -> list[str]:
+    """What loading ``plan`` would do now, like ``modprobe -n -v``: modules already
+    live or built in are skipped, as the loader skips them."""
+    try:
+        live = set(kernel.modules())
+    except OSError:
+        live = set()
+    return [step_action(step) for step in plan.steps
+            if not step.builtin and step.name not in live]
 
 
 def format_params(params: Sequence[str]) -> str:
@@ -59,7 +80,7 @@ def format_params(params: Sequence[str]) -> str:
 
 
 def load_plan_direct(plan: Plan, kernel: Kernel, *, params: Sequence[str] = (),
-                     coming_timeout: float = 30.0) -> LoadOutcome:
+                     coming_timeout: float = 30.0, dry_run: bool = False) -> LoadOutcome:
     """Execute an already resolved plan; ``params`` are the admin's for the targets."""
     if not plan.resolved:
         if plan.blacklisted:
@@ -71,23 +92,34 @@ def load_plan_direct(plan: Plan, kernel: Kernel, *, params: Sequence[str] = (),
     refusal = check_params(plan, params)
     if refusal is not None:
         return LoadOutcome(plan.request, False, refusal, plan.targets, errno=E.EINVAL)
+    if dry_run:
+        # modprobe -n: everything up to the syscalls, which are only described.
+        actions = plan_actions(plan, kernel)
+        return LoadOutcome(plan.request, True,
+                           f"{', '.join(plan.targets)}: "
+                           f"{'would load' if actions else 'nothing to do'}",
+                           plan.targets, actions=actions)
     loader = Loader(kernel, coming_timeout=coming_timeout)
     results = loader.load_plan(plan)
+    by_name = {step.name: step for step in plan.steps}
+    actions = [step_action(by_name[r.name]) for r in results
+               if r.status in ("loaded", "install-command", "failed") and r.name in by_name]
     ok = Loader.plan_ok(plan, results)
     if ok:
         done = {r.name: r.status for r in results}
         summary = ", ".join(f"{t} {done.get(t, 'loaded')}" for t in plan.targets)
-        return LoadOutcome(plan.request, True, summary, plan.targets, results)
+        return LoadOutcome(plan.request, True, summary, plan.targets, results,
+                           actions=actions)
     failed = next((r for r in results if r.status == "failed"), None)
     message = describe_failure(results, plan) or f"{plan.request}: not loaded"
     return LoadOutcome(plan.request, False, message, plan.targets, results,
-                       failed.errno if failed else None)
+                       failed.errno if failed else None, actions=actions)
 
 
 def load_direct(request: str, params: Sequence[str] = (), *, root: Root | None = None,
                 version: str | None = None, config_paths: Sequence[str] | None = None,
                 kernel: Kernel | None = None, blacklist_all: bool = False,
-                coming_timeout: float = 30.0) -> LoadOutcome:
+                coming_timeout: float = 30.0, dry_run: bool = False) -> LoadOutcome:
     """Resolve ``request`` (module name or alias) and load it, like ``modprobe``."""
     from kmodd.resolve import open_resolver
     from kmodd.root import running_kernel_version
@@ -104,7 +136,8 @@ def load_direct(request: str, params: Sequence[str] = (), *, root: Root | None =
         from kmodd.kernel.real import RealKernel
 
         kernel = RealKernel(Root())   # -d only moves the module tree, never /proc or /sys
-    outcome = load_plan_direct(plan, kernel, params=params, coming_timeout=coming_timeout)
+    outcome = load_plan_direct(plan, kernel, params=params, coming_timeout=coming_timeout,
+                               dry_run=dry_run)
     if not plan.resolved and not plan.blacklisted:
         moddir = root.modules_dir(version)
         where = moddir if moddir.is_dir() else f"{moddir}, which does not exist"
@@ -118,9 +151,18 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="seconds to wait for a module another process is loading")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing; the exit status tells (like modprobe -q)")
+    parser.add_argument("-a", "--all", action="store_true",
+                        help="every argument is a module to load, no parameters "
+                             "(like modprobe -a)")
+    parser.add_argument("-n", "--dry-run", action="store_true",
+                        help="resolve and print what would be done; load nothing "
+                             "(like modprobe -n -v)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print each insmod or install step (like modprobe -v)")
     add_daemon_options(parser)
     parser.add_argument("name", metavar="NAME|ALIAS")
-    parser.add_argument("params", nargs="*", metavar="param=value")
+    parser.add_argument("params", nargs="*", metavar="param=value",
+                        help="module parameters; with -a, more module names")
 
 
 def load_via_daemon(client: Any, request: str, params: Sequence[str]) -> LoadOutcome:
@@ -142,16 +184,41 @@ def load_via_daemon(client: Any, request: str, params: Sequence[str]) -> LoadOut
                        errno=outcome.get("errno"))
 
 
-def run(args: argparse.Namespace) -> int:
+def requests_from_args(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(name, params) per module to load: ``-a`` makes every argument a name."""
+    if args.all:
+        return [(name, []) for name in [args.name, *args.params]]
+    return [(args.name, list(args.params))]
+
+
+def run(args: argparse.Namespace, *, kernel: Kernel | None = None) -> int:
     # The loader logs "no module support" for the daemon's journal; here the
     # same message is printed once below.
     logging.getLogger("kmodd.loader").setLevel(logging.CRITICAL)
     root, version = tree_from_args(args)
-    client = daemon_client(args)
-    if client is not None:
-        outcome = load_via_daemon(client, args.name, args.params)
-    else:
-        outcome = load_direct(args.name, args.params, root=root, version=version,
-                              config_paths=args.config, blacklist_all=args.use_blacklist,
-                              coming_timeout=args.timeout)
-    return report(args, outcome.ok, outcome.message, outcome.to_json())
+    # A dry run resolves here and asks the kernel only what is loaded; -v
+    # needs the steps, which the daemon does not report: both act directly.
+    use_daemon = not (args.dry_run or args.verbose or kernel is not None)
+    status = 0
+    outcomes = []
+    for name, params in requests_from_args(args):
+        client = daemon_client(args) if use_daemon else None   # one connection per load
+        if client is not None:
+            outcome = load_via_daemon(client, name, params)
+        else:
+            outcome = load_direct(name, params, root=root, version=version,
+                                  config_paths=args.config, blacklist_all=args.use_blacklist,
+                                  coming_timeout=args.timeout, kernel=kernel,
+                                  dry_run=args.dry_run)
+        if (args.verbose or args.dry_run) and not args.quiet and not args.json:
+            for line in outcome.actions:
+                print(line)
+        outcomes.append(outcome)
+        if not args.json:
+            status |= report(args, outcome.ok, outcome.message, outcome.to_json())
+        elif not outcome.ok:
+            status = 1
+    if args.json and not args.quiet:
+        docs = [o.to_json() for o in outcomes]
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+    return status

@@ -39,6 +39,9 @@ def _setup_logging(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings, source = parse_settings(argv)
+        if source.show:
+            print(source.describe())
+            return 0
     except SettingsError as exc:
         print(f"kmodd: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: kmodctl COMMAND [options]", "", "commands:"]
+    lines = ["usage: kmodctl COMMAND [options]", "       kmodctl --version", "",
+             "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
+    if args[0] == "--version":
+        from kmodd import version
+
+        print(f"kmodctl {version()}")
+        return 0
     command = args[0]
     if command not in COMMANDS:
         print(f"kmodctl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)

@@ -649,3 +649,58 @@ def test_every_failing_module_of_a_request_is_logged_under_its_own_name(
     # "a" needs "core", which failed: a's own line says it was not loaded.
     assert {("solo", "cannot load solo"), ("slow", "cannot load slow"),
             ("core", "cannot load core"), ("a", "cannot load a")} <= verdicts
+
+
+class UeventLike:
+    """A source that, like kmodd.uevents.UeventSource, hears uevents."""
+
+    udev_handover = True
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    def fileno(self) -> int:
+        return self.r
+
+    def on_readable(self) -> None:
+        os.read(self.r, 100)
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+def test_udev_handover_flag_exists_only_while_kmodd_hears_uevents(env: Env) -> None:
+    flag = env.tmp / "tree/run/kmodd/udev-handover"
+    seen_before_ready: list[bool] = []
+
+    def coldplug(submit: Any, on_queued: Callable[[int], None]) -> object:
+        seen_before_ready.append(flag.exists())
+        on_queued(0)
+        return None
+
+    svc = env.service(sources=[lambda submit: UeventLike()], coldplug=coldplug)
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    assert seen_before_ready == [False]      # not before coldplug is queued
+    assert flag.exists()
+    stop(svc, t, rc)
+    assert not flag.exists()
+
+
+def test_no_udev_handover_without_a_uevent_source(env: Env) -> None:
+    svc = env.service(sources=())
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    assert not (env.tmp / "tree/run/kmodd/udev-handover").exists()
+    stop(svc, t, rc)
+
+
+def test_udev_handover_flag_removed_when_the_loop_dies(env: Env) -> None:
+    """run()'s finally (_cleanup) drops the flag even without a graceful stop."""
+    svc = env.service(sources=[lambda submit: UeventLike()])
+    flag = env.tmp / "tree/run/kmodd/udev-handover"
+    svc.start()
+    assert svc.ready and flag.exists()
+    svc._cleanup()
+    assert not flag.exists()

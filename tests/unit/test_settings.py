@@ -110,3 +110,74 @@ def test_every_file_setting_is_also_a_flag(tmp_path: Path) -> None:
         ("/x/s.json", "/x/req", "debug", True)
     with pytest.raises(SettingsError, match="runaway_limit must be at least 1"):
         parse_settings(["--root", str(tmp_path), "--runaway-limit", "0"])
+
+
+# -- drop-ins and --show-config -------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_dropins_merge_in_systemd_order(tmp_path: Path) -> None:
+    from kmodd.settings import merge_with_sources
+
+    root = tmp_path
+    _write(root / "etc/kmodd.conf", "idle_timeout = 10\nqueue_limit = 5\nmax_workers = 3\n")
+    _write(root / "usr/lib/kmodd/kmodd.conf.d/10-vendor.conf", "idle_timeout = 20\n"
+           "backoff_max = 99\n")
+    # The same name in /etc hides /usr/lib's (its backoff_max never applies).
+    _write(root / "usr/lib/kmodd/kmodd.conf.d/50-site.conf", "backoff_max = 1\n")
+    _write(root / "etc/kmodd.conf.d/50-site.conf", "log_level = \"debug\"\n")
+    # Later names override earlier ones, whatever their directory.
+    _write(root / "run/kmodd/kmodd.conf.d/90-late.conf", "idle_timeout = 30\n")
+    _write(root / "etc/kmodd.conf.d/README", "not a .conf file: ignored\n")
+    settings, sources = merge_with_sources({"root": str(root), "max_workers": 2})
+    assert settings.idle_timeout == 30
+    assert sources["idle_timeout"] == str(root / "run/kmodd/kmodd.conf.d/90-late.conf")
+    assert settings.backoff_max == 99
+    assert sources["backoff_max"] == str(root / "usr/lib/kmodd/kmodd.conf.d/10-vendor.conf")
+    assert settings.log_level == "debug"
+    assert settings.queue_limit == 5 and sources["queue_limit"] == str(root / "etc/kmodd.conf")
+    assert settings.max_workers == 2 and sources["max_workers"] == "command line"
+    assert sources["coldplug"] == "default"
+
+
+def test_dropin_masked_by_an_empty_file(tmp_path: Path) -> None:
+    from kmodd.settings import merge
+
+    _write(tmp_path / "usr/lib/kmodd/kmodd.conf.d/10-vendor.conf", "idle_timeout = 20\n")
+    (tmp_path / "etc/kmodd.conf.d").mkdir(parents=True)
+    (tmp_path / "etc/kmodd.conf.d/10-vendor.conf").symlink_to("/dev/null")
+    assert merge({"root": str(tmp_path)}).idle_timeout == 60.0
+
+
+def test_bad_dropin_names_its_file(tmp_path: Path) -> None:
+    from kmodd.settings import SettingsError, merge
+
+    _write(tmp_path / "etc/kmodd.conf.d/20-x.conf", "idle_timeot = 1\n")
+    with pytest.raises(SettingsError, match=r"20-x\.conf: unknown setting 'idle_timeot'"):
+        merge({"root": str(tmp_path)})
+
+
+def test_explicit_config_reads_no_dropins(tmp_path: Path) -> None:
+    from kmodd.settings import merge
+
+    _write(tmp_path / "etc/kmodd.conf.d/20-x.conf", "idle_timeout = 1\n")
+    _write(tmp_path / "mine.conf", "queue_limit = 7\n")
+    s = merge({"root": str(tmp_path), "config_file": str(tmp_path / "mine.conf")})
+    assert s.queue_limit == 7 and s.idle_timeout == 60.0
+
+
+def test_show_config_prints_values_and_origins(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from kmodd.cli.daemon import main
+
+    _write(tmp_path / "etc/kmodd.conf.d/20-x.conf", "never_unload = [\"snd-hda-intel\"]\n")
+    assert main(["--root", str(tmp_path), "--show-config", "--idle-timeout", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f'never_unload = ["snd_hda_intel"]  # {tmp_path}/etc/kmodd.conf.d/20-x.conf' in lines
+    assert "idle_timeout = 5.0  # command line" in lines
+    assert "coldplug = true  # default" in lines
+    assert "# journal is unset  # default" in lines

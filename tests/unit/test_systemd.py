@@ -201,6 +201,26 @@ def test_service_unit_contract() -> None:
     assert s["ProtectSystem"] == ["strict"] and "/run/kmodd" in s["ReadWritePaths"][0].split()
     assert "@module" in s["SystemCallFilter"][0]
     assert "AF_NETLINK" in s["RestrictAddressFamilies"][0]
+    assert s["ExecStart"] == ["/usr/sbin/kmodd"]
+    assert s["ConditionCapability"] == ["CAP_SYS_MODULE"]
+    assert s["OOMScoreAdjust"] == ["-1000"] and s["MemoryHigh"]
+    assert s["StateDirectory"] == ["kmodd"]
+    assert "man:kmodd(8)" in s["Documentation"][0].split()
+
+
+def test_service_unit_never_holds_back_udev_or_waits_for_filesystems() -> None:
+    s = unit_settings(UNITS / "kmodd.service")
+    ordering = " ".join(s.get("Before", []) + s.get("After", []) + s.get("Wants", [])
+                        + s.get("Requires", []))
+    # udevd must not wait for an interpreter's start (and udev must never
+    # be ordered after kmodd: nothing in this tree may add that back).
+    assert "systemd-udev" not in ordering
+    assert not (UNITS / "systemd-udevd.service.d").exists()
+    # PrivateTmp= pulls in After=local-fs.target through systemd-tmpfiles-setup.
+    assert s.get("PrivateTmp", ["no"]) == ["no"]
+    assert "local-fs.target" not in ordering
+    # After any stop (crash and watchdog kill included) udev takes over again.
+    assert s["ExecStopPost"] == ["-/bin/rm -f /run/kmodd/udev-handover"]
 
 
 def test_service_unit_verifies(tmp_path: Path) -> None:
@@ -209,16 +229,32 @@ def test_service_unit_verifies(tmp_path: Path) -> None:
     unit = tmp_path / "kmodd.service"
     # Point ExecStart at something that exists; everything else as shipped.
     unit.write_text((UNITS / "kmodd.service").read_text()
-                    .replace("ExecStart=/usr/bin/kmodd", "ExecStart=/bin/true"))
-    r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                    .replace("ExecStart=/usr/sbin/kmodd", "ExecStart=/bin/true"))
+    # --man=no: the pages are installed by the package (its check runs verify with them).
+    r = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True,
                        timeout=60)
     problems = [line for line in (r.stdout + r.stderr).splitlines()
                 if "kmodd.service" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
 
 
-def test_udev_takeover_rules_keep_everything_but_modalias() -> None:
-    ours = (UNITS / "80-drivers-kmodd.rules").read_text()
-    assert "MODALIAS" not in "\n".join(x for x in ours.splitlines() if not x.startswith("#"))
-    for module in ("tifm_sd", "tifm_ms", "ms_block", "i2o_block", "ppdev", "sm_ftl"):
-        assert f"kmod load {module}" in ours or f"load ms_block {module}" in ours
+def _rule_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+HANDOVER_TEST = 'TEST!="/run/kmodd/udev-handover", '
+
+
+def test_udev_takeover_rules_are_udevs_plus_the_handover_condition() -> None:
+    """The shipped rule must stay udev's own except for the hand-over TEST."""
+    udev_rules = [Path(d) / "80-drivers.rules" for d in ("/usr/lib/udev/rules.d",
+                                                         "/lib/udev/rules.d")]
+    theirs = next((p for p in udev_rules if p.is_file()), None)
+    assert theirs is not None, "udev's 80-drivers.rules is needed (apt-get install udev)"
+    ours = _rule_lines((UNITS / "80-drivers.rules").read_text())
+    modalias = [line for line in ours if "MODALIAS" in line]
+    assert len(modalias) == 1 and HANDOVER_TEST in modalias[0]
+    assert [line.replace(HANDOVER_TEST, "") for line in ours] == \
+        _rule_lines(theirs.read_text())
+    # kmodd-takeover recognises its own file by the first line.
+    assert (UNITS / "80-drivers.rules").read_text().startswith("# kmodd-takeover:")
