@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import re
 import shlex
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from testbed.initramfs import BUILD_DIR, PROJECT_ROOT, Kernel, TestbedError, build
+from testbed.qmp import QMPClient, QMPError  # noqa: F401 (re-exported: testbed.vm.QMPError)
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = float(os.environ.get("TESTBED_BOOT_TIMEOUT", "180"))
@@ -106,12 +106,6 @@ class GuestTimeout(TimeoutError):
     def __init__(self, message: str, partial: Completed | None = None) -> None:
         super().__init__(message)
         self.partial = partial
-
-
-class QMPError(RuntimeError):
-    def __init__(self, execute: str, error: Mapping[str, Any]) -> None:
-        self.error = dict(error)
-        super().__init__(f"QMP {execute} failed: {error.get('class')}: {error.get('desc')}")
 
 
 _vm_counter = itertools.count(1)
@@ -214,11 +208,8 @@ class VM:
         self._console_path = self.rundir / "console.log"
         self._agent_listener: socket.socket | None = None
         self._agent: socket.socket | None = None
-        self._qmp: socket.socket | None = None
-        self._qmp_buf = b""
-        self._qmp_lock = threading.Lock()
+        self._qmp = QMPClient(self._sockdir / "qmp.sock")
         self._send_lock = threading.Lock()
-        self.qmp_events: list[dict[str, Any]] = []
         self._seq = itertools.count(1)
         self._done: dict[int, int] = {}
         self._cond = threading.Condition()
@@ -299,6 +290,7 @@ class VM:
         self.kernel, vmlinux, initramfs = build(self.kernel_version)
         self._qemu_binary()
         self._sockdir = Path(tempfile.mkdtemp(prefix="testbed-"))
+        self._qmp = QMPClient(self._sockdir / "qmp.sock")
         if self.rundir.exists():
             shutil.rmtree(self.rundir)
         self.mailbox.mkdir(parents=True)
@@ -602,45 +594,10 @@ class VM:
 
     # ------------------------------------------------------------------- QMP
 
-    def _qmp_connect(self) -> socket.socket:
-        if self._qmp is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(30)
-            sock.connect(str(self._sockdir / "qmp.sock"))
-            self._qmp = sock
-            self._qmp_buf = b""
-            greeting = self._qmp_recv()
-            if "QMP" not in greeting:
-                raise RuntimeError(f"unexpected QMP greeting {greeting}")
-            self._qmp_send("qmp_capabilities", {})
-        return self._qmp
-
-    def _qmp_recv(self) -> dict[str, Any]:
-        assert self._qmp is not None
-        while b"\n" not in self._qmp_buf:
-            chunk = self._qmp.recv(65536)
-            if not chunk:
-                raise RuntimeError("QMP connection closed by QEMU")
-            self._qmp_buf += chunk
-        line, self._qmp_buf = self._qmp_buf.split(b"\n", 1)
-        msg: dict[str, Any] = json.loads(line)
-        return msg
-
-    def _qmp_send(self, execute: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        assert self._qmp is not None
-        msg: dict[str, Any] = {"execute": execute}
-        if arguments:
-            msg["arguments"] = dict(arguments)
-        self._qmp.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = self._qmp_recv()
-            if "event" in reply:
-                self.qmp_events.append(reply)
-                continue
-            if "error" in reply:
-                raise QMPError(execute, reply["error"])
-            ret = reply.get("return", {})
-            return ret if isinstance(ret, dict) else {"return": ret}
+    @property
+    def qmp_events(self) -> list[dict[str, Any]]:
+        """QMP events seen so far (appended while waiting for replies)."""
+        return self._qmp.events
 
     def qmp(self, execute: str, **arguments: Any) -> dict[str, Any]:
         """Run a QMP command, e.g. ``vm.qmp("device_add", driver="e1000", id="nic9")``.
@@ -651,9 +608,7 @@ class VM:
         """
         if self.proc is None:
             raise RuntimeError("VM is not booted")
-        with self._qmp_lock:
-            self._qmp_connect()
-            return self._qmp_send(execute, arguments)
+        return self._qmp.execute(execute, **arguments)
 
     # -------------------------------------------------------------- shutdown
 
@@ -661,11 +616,10 @@ class VM:
         """Stop the guest (QMP quit, then SIGTERM/SIGKILL) and clean up."""
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(Exception), self._qmp_lock:
-                self._qmp_connect()
-                assert self._qmp is not None
+            with contextlib.suppress(Exception), self._qmp.lock:
+                self._qmp.connect()
                 self._qmp.settimeout(5)
-                self._qmp_send("quit", {})
+                self._qmp.send("quit", {})
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -679,11 +633,12 @@ class VM:
         if self._tailer is not None:
             self._tailer.join(5)
             self._tailer = None
-        for sock in (self._qmp, self._agent, self._agent_listener):
+        self._qmp.close()
+        for sock in (self._agent, self._agent_listener):
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()
-        self._qmp = self._agent = self._agent_listener = None
+        self._agent = self._agent_listener = None
         if self._final_console is None and self._console_path.exists():
             self._final_console = self._read_console()
             with contextlib.suppress(OSError):

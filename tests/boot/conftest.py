@@ -1,0 +1,164 @@
+"""Fixtures for the boot test bed: one Debian machine, three boots, shared by every test.
+
+``stock``        the first boot of a fresh overlay: udev and /sbin/modprobe load
+                 modules (a ``Snapshot`` of what the boot did)
+``kmodd_vm``     the same machine after kmodd's package was installed with
+                 ``dpkg -i``, the takeover done as docs/systemd.md says
+                 (``kmodd-takeover enable``, which runs ``update-initramfs -u``),
+                 and a power cycle: the booted ``BootVM``
+``kmodd_boot``   the ``Snapshot`` of that boot, taken before any test touched it
+``handback_boot`` ``kmodd-takeover disable`` and a power cycle: the last boot
+
+Test files run in name order (test_a_... to test_g_...), so the handback comes
+last.  Nothing skips: a machine that cannot boot fails the tests, saying why.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.boot import BootVM
+from testbed.initramfs import PROJECT_ROOT
+
+_HERE = Path(__file__).resolve().parent
+SYSTEM_TIMEOUT = 600.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.boot)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                             ) -> Generator[None, Any, None]:
+    """A boot test that skips is a failure, like a VM test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("boot") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"boot tests must never be skipped ({report.longrepr})"
+
+
+@dataclass
+class Snapshot:
+    """What one boot did, read right after it settled."""
+
+    boot_id: str
+    state: str
+    failed_units: set[str]
+    modules: set[str]
+    drivers: dict[str, str]  # "bus:device" -> driver
+    console: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_SNAPSHOT = r"""
+systemctl is-system-running --wait >/tmp/tb-state 2>&1
+echo "@state $(cat /tmp/tb-state)"
+systemctl list-units --state=failed --plain --no-legend --no-pager | awk '{print "@failed " $1}'
+awk '{print "@module " $1}' /proc/modules
+for d in /sys/bus/*/devices/*; do
+    [ -L "$d/driver" ] || continue
+    b=${d#/sys/bus/}; b=${b%%/*}
+    echo "@driver $b:${d##*/} $(basename "$(readlink "$d/driver")")"
+done
+"""
+
+
+def snapshot(vm: BootVM) -> Snapshot:
+    out = vm.run(_SNAPSHOT, timeout=SYSTEM_TIMEOUT, check=True).stdout
+    state, failed, modules, drivers = "", set(), set(), {}
+    for line in out.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag == "@state":
+            state = rest.strip()
+        elif tag == "@failed":
+            failed.add(rest.strip())
+        elif tag == "@module":
+            modules.add(rest.strip())
+        elif tag == "@driver":
+            dev, _, drv = rest.partition(" ")
+            drivers[dev] = drv
+    return Snapshot(vm.boot_id, state, failed, modules, drivers, vm.console_log())
+
+
+def build_deb(outdir: Path) -> Path:
+    """kmodd's Debian package, built from this checkout as the packaging docs say."""
+    script = PROJECT_ROOT / "contrib" / "build-deb.sh"
+    if not script.is_file():
+        raise AssertionError(f"{script} is missing: the boot tests install kmodd's package")
+    proc = subprocess.run(["bash", str(script), str(outdir)], cwd=PROJECT_ROOT, text=True,
+                          capture_output=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"build-deb.sh failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    debs = sorted(outdir.glob("kmodd_*_all.deb"))
+    if len(debs) != 1:
+        raise AssertionError(f"build-deb.sh made {debs}, expected one kmodd_*_all.deb")
+    return debs[0]
+
+
+@pytest.fixture(scope="session")
+def machine() -> Iterator[BootVM]:
+    vm = BootVM()
+    seconds = vm.boot()
+    print(f"\nbootbed: stock boot, agent up after {seconds:.0f} s", file=sys.stderr)
+    try:
+        yield vm
+    finally:
+        vm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stock(machine: BootVM) -> Snapshot:
+    return snapshot(machine)
+
+
+@pytest.fixture(scope="session")
+def deb() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="kmodd-deb-") as tmp:
+        yield build_deb(Path(tmp))
+
+
+@pytest.fixture(scope="session")
+def takeover_log(machine: BootVM, stock: Snapshot, deb: Path) -> str:
+    """Install the package and take over exactly as an administrator does."""
+    path = machine.put_file(deb.name, deb.read_bytes())
+    res = machine.run(f"dpkg -i {path} && kmodd-takeover enable", timeout=900, check=True)
+    machine.run(f"umount {Path(path).parent}", timeout=60, check=True)
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="session")
+def kmodd_vm(machine: BootVM, takeover_log: str) -> BootVM:
+    if not hasattr(machine, "_kmodd_booted"):
+        seconds = machine.reboot(poweroff=True)
+        print(f"\nbootbed: kmodd boot, agent up after {seconds:.0f} s", file=sys.stderr)
+        machine._kmodd_booted = True  # type: ignore[attr-defined]
+    return machine
+
+
+@pytest.fixture(scope="session")
+def kmodd_boot(kmodd_vm: BootVM) -> Snapshot:
+    snap = snapshot(kmodd_vm)
+    snap.extra["boot_number"] = str(kmodd_vm.boots)
+    return snap
+
+
+@pytest.fixture(scope="session")
+def handback_boot(kmodd_vm: BootVM, kmodd_boot: Snapshot) -> Snapshot:
+    res = kmodd_vm.run("kmodd-takeover disable", timeout=900, check=True)
+    kmodd_vm.reboot(poweroff=True)
+    snap = snapshot(kmodd_vm)
+    snap.extra["disable_log"] = res.stdout + res.stderr
+    return snap

@@ -1,0 +1,58 @@
+"""systemctl reload applies /etc/kmodd.conf; a poweroff does not wait for kmodd."""
+
+from __future__ import annotations
+
+import json
+
+from testbed.boot import BootVM
+
+from .conftest import Snapshot
+
+# systemd's catalog ids: a unit's job started ("Stopping ...") and a unit stopped.
+_UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
+_UNIT_STOPPED = "9d1aaa27d60140bd96365438aad20286"
+
+
+def _status(vm: BootVM) -> dict[str, object]:
+    st: dict[str, object] = json.loads(vm.run("kmodctl status --json", check=True).stdout)
+    return st
+
+
+def test_reload_applies_changed_config(kmodd_vm: BootVM, kmodd_boot: Snapshot) -> None:
+    vm = kmodd_vm
+    before = _status(vm)
+    assert before["autoclean"]["idle_timeout"] != 1234  # type: ignore[index]
+    pid = vm.run("systemctl show -p MainPID --value kmodd.service", check=True).stdout.strip()
+    had = vm.run("test -e /etc/kmodd.conf && cp /etc/kmodd.conf /etc/kmodd.conf.orig").rc == 0
+    try:
+        vm.run("printf 'idle_timeout = 1234\\n' >>/etc/kmodd.conf && "
+               "systemctl reload kmodd.service", check=True)
+        after = _status(vm)
+        assert after["autoclean"]["idle_timeout"] == 1234, after  # type: ignore[index]
+        assert after["reloads"] == int(before["reloads"]) + 1  # type: ignore[call-overload]
+        assert not after.get("last_reload_error"), after
+        assert vm.run("systemctl show -p MainPID --value kmodd.service",
+                      check=True).stdout.strip() == pid, "reload must not restart kmodd"
+    finally:
+        restore = "mv /etc/kmodd.conf.orig /etc/kmodd.conf" if had else "rm -f /etc/kmodd.conf"
+        vm.run(f"{restore}; systemctl reload kmodd.service", check=True)
+
+
+def test_poweroff_stops_kmodd_quickly(kmodd_vm: BootVM, stock: Snapshot,
+                                      kmodd_boot: Snapshot) -> None:
+    """The power cycle after the takeover stopped a running kmodd: read that boot's journal."""
+    vm = kmodd_vm
+    r = vm.run(f"journalctl -b {stock.boot_id.replace('-', '')} -u kmodd.service -o json "
+               "--no-pager", check=True)
+    entries = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    started = [e for e in entries if e.get("MESSAGE_ID") == _UNIT_STARTING
+               and e.get("JOB_TYPE") == "stop"]
+    stopped = [e for e in entries if e.get("MESSAGE_ID") == _UNIT_STOPPED]
+    assert started and stopped, [e.get("MESSAGE") for e in entries][-20:]
+    took = (int(stopped[-1]["__MONOTONIC_TIMESTAMP"])
+            - int(started[-1]["__MONOTONIC_TIMESTAMP"])) / 1e6
+    print(f"\nkmodd stopped in {took:.2f} s during systemctl poweroff")
+    assert 0 <= took < 2.0, took
+    console = vm.console_log(boot=1)
+    assert "A stop job is running" not in console, console[-3000:]
+    assert "Power down" in console or "reboot: Power down" in console, console[-2000:]
