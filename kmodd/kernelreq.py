@@ -107,6 +107,16 @@ def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
+def is_helper(pid: int, proc: str = "/proc") -> bool:
+    """Whether ``pid`` runs kmodd-request (as the script or its interpreter's argument)."""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as handle:
+            argv = handle.read(4096).split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(b"kmodd-request") for arg in argv[:3])
+
+
 def check_name(name: str) -> str | None:
     """Why ``name`` is not acceptable as a request_module() name, or None."""
     if not name:
@@ -215,7 +225,9 @@ class KernelRequestSource:
 
         A helper whose daemon died before answering is still blocked reading
         its FIFO: tell it to load the module itself.  A FIFO nobody reads
-        (its helper is gone) is removed.
+        whose helper (the pid in its name) is no longer a running
+        kmodd-request was left by a killed helper and is removed; one whose
+        helper still runs may be being set up and stays.
         """
         try:
             names = os.listdir(self.run_dir)
@@ -225,11 +237,18 @@ class KernelRequestSource:
             if not REPLY_RE.match(name):
                 continue
             path = os.path.join(self.run_dir, name)
+            self._open_errno = 0
             fd = self._open_reply(path)  # unlinks it when it is a valid one
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.write(fd, ACK + b"retry restarted daemon lost the request\n")
                 os.close(fd)
+            elif self._open_errno == errno.ENXIO and not is_helper(int(name.split(".")[1])):
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    if stat.S_ISFIFO(st.st_mode) and st.st_uid == self.owner_uid:
+                        os.unlink(path)
+                        LOG.info("removed %s, left by a killed helper", path)
 
     def free_orphaned_helpers(self, proc: str = "/proc") -> list[int]:
         """Tell helpers a previous daemon took but never answered to load for themselves.
@@ -250,9 +269,7 @@ class KernelRequestSource:
             if not entry.isdigit() or int(entry) == os.getpid():
                 continue
             try:
-                with open(f"{proc}/{entry}/cmdline", "rb") as handle:
-                    argv = handle.read(4096).split(b"\0")
-                if not any(arg.endswith(b"kmodd-request") for arg in argv[:3]):
+                if not is_helper(int(entry), proc):
                     continue
                 if int(process_start_time(int(entry))) >= self._born:
                     continue

@@ -422,6 +422,8 @@ class Service:
         self.state.load(live)
         self.control.start()       # fails if another kmodd listens: touch nothing then
         self._started = True
+        # The only daemon now: what a killed one left behind can go.
+        self.state.remove_leftovers()
         for factory in self._source_factories:
             try:
                 src = factory(self.submit)

@@ -262,16 +262,24 @@ def test_restarted_daemon_answers_reply_fifos_left_waiting(run_dir: Path) -> Non
     reply = run_dir / "reply.31337"
     os.mkfifo(reply, 0o600)
     fd = os.open(reply, os.O_RDWR | os.O_NONBLOCK)
-    abandoned = run_dir / "reply.31338"   # its helper is gone: nobody reads
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    abandoned = run_dir / f"reply.{dead.pid}"   # its helper was killed: nobody reads
     os.mkfifo(abandoned, 0o600)
+    # A helper that has made its FIFO but not opened it yet: still running.
+    setting_up = subprocess.Popen(["bash", "-c", "exec -a kmodd-request sleep 30"])
+    time.sleep(0.1)
+    young = run_dir / f"reply.{setting_up.pid}"
+    os.mkfifo(young, 0o600)
     source = KernelRequestSource(FakeScheduler({}).submit, run_dir / "request")
     try:
         assert os.read(fd, 100) == b"+\nretry restarted daemon lost the request\n"
         assert not reply.exists()
-        # An unread FIFO stays (the daemon cannot tell it from one being set
-        # up) but is harmless; the daemon never blocks on it.
-        assert abandoned.exists()
+        assert not abandoned.exists()
+        assert young.exists()
     finally:
+        setting_up.kill()
+        setting_up.wait()
         os.close(fd)
         source.close()
 

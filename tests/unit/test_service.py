@@ -243,9 +243,12 @@ def test_restart_remembers_what_kmodd_loaded(env: Env) -> None:
                           ).result(10).status == "loaded"
     stop(svc, t, rc)
     env.kernel.unload_module("solo")         # someone removed it while kmodd was down
+    leftover = Path(svc.settings.state_file).with_name(".state.x1y2z3")
+    leftover.write_text("{half a save")      # the first daemon was SIGKILLed mid-save
     svc2 = env.service()
     t2, rc2 = in_thread(svc2)
     env.notifier.wait_for("READY")
+    assert not leftover.exists()
     with Client(env.sock, timeout=10) as c:
         why = c.why("a")
         assert why["loaded_by_kmodd"] and why["devpath"] == "/devices/a"
@@ -508,10 +511,13 @@ def test_second_daemon_on_the_same_socket_refuses_and_touches_nothing(env: Env) 
     assert svc.submit(Request("admin", "solo")).result(10).status == "loaded"
     svc._save_state()
     before = Path(svc.settings.state_file).read_bytes()
+    in_progress = Path(svc.settings.state_file).with_name(".state.abc123")
+    in_progress.write_text("{")              # as if the first daemon were saving right now
     second = env.service()
     with pytest.raises(RuntimeError, match="already listening"):
         second.run()
     assert Path(svc.settings.state_file).read_bytes() == before
+    assert in_progress.exists()
     with Client(env.sock, timeout=10) as c:          # the first one still serves
         assert c.status()["loaded_by_kmodd"] == 1
     stop(svc, t, rc)
