@@ -31,6 +31,16 @@ one line back.  Wire protocol:
   its run directory started before it: they may be waiting on a previous
   daemon that died between their liveness check and reading their request.
 
+The helper never waits unboundedly and never creates a file in the run
+directory: it opens the request FIFO read-only (no O_CREAT; a daemon gone
+since the liveness check means ENOENT, not a regular file left behind),
+checks it is a FIFO and writes through ``/proc/self/fd`` of that
+descriptor; a watchdog signals it after ``KMODD_REQUEST_TIMEOUT`` seconds
+(60) without an answer, and every failure path loads directly with
+``kmodctl load --kernel-request`` (still a kernel request should a daemon
+answer).  A name no module can have is refused by the helper itself, with
+a journal entry under kind kernel, and never reaches the daemon.
+
 Everything read from the FIFO is validated: the name's characters and
 length, and the reply path (a pipe under ``/proc/PID/fd/``, or a FIFO
 directly in the run directory named ``reply.DIGITS`` and not a symlink;

@@ -971,6 +971,15 @@ class Service:
         kind = msg.get("kind") or "admin"
         if kind not in ("admin", "kernel"):
             return error_reply("kind must be 'admin' or 'kernel'")
+        if kind == "kernel":
+            from kmodd.kernelreq import check_name
+
+            problem = check_name(name)
+            if problem is not None:
+                # What the request FIFO answers too: refused, under kind kernel.
+                slog(LOG, logging.WARNING, "kernel request refused: %s", problem,
+                     request=name[:80], requested_by="kernel")
+                return error_reply(f"kernel request refused: {problem}", "EINVAL")
         if kind == "admin" and options:
             refusal = self._refuse_params(name, options)
             if refusal is not None:

@@ -655,3 +655,27 @@ def test_every_failing_module_of_a_request_is_logged_under_its_own_name(
     # "a" needs "core", which failed: a's own line says it was not loaded.
     assert {("solo", "cannot load solo"), ("slow", "cannot load slow"),
             ("core", "cannot load core"), ("a", "cannot load a")} <= verdicts
+
+
+def test_kernel_requests_through_kmodctl_stay_kernel_requests(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """kmodd-request's direct path (kmodctl load --kernel-request) reaches the
+    daemon as a kernel request; a name no module can have is refused as one."""
+    from kmodd.cli.ctl_load import load_via_daemon
+
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    try:
+        assert load_via_daemon(Client(env.sock, timeout=10), "solo", [], kernel=True).ok
+        with Client(env.sock, timeout=10) as c:
+            why = c.why("solo")
+            assert (why["kind"], why["requested_by"]) == ("kernel", "kernel")
+            with caplog.at_level(logging.WARNING, logger="kmodd"):
+                reply = c.load("x y;id", kind="kernel")
+            assert not reply["ok"] and reply["code"] == "EINVAL"
+            assert "kernel request refused" in reply["error"]
+        refused = [r for r in caplog.records if "kernel request refused" in r.getMessage()]
+        assert len(refused) == 1 and getattr(refused[0], "REQUESTED_BY", None) == "kernel"
+    finally:
+        stop(svc, t, rc)
