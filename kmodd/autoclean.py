@@ -7,7 +7,8 @@ applies the decision and is driven by the service's timer.
 A module is unloaded only when kmodd loaded it, it has been seen unused on
 two consecutive sweeps and for at least ``idle_timeout``, its refcount is
 zero, nothing holds it, no device is bound to its drivers, it is not
-permanent and not listed in ``never_unload`` -- and, when it was loaded for
+permanent and not listed in ``never_unload``, it is still the very load kmodd
+made (``Kernel.instance()``, recorded at load time) -- and, when it was loaded for
 a device (uevent, coldplug), that device is gone; when it provides a network
 link type (``rtnl-link-dummy``), no link of that type exists, since a link
 holds no reference on its module yet dies with it.  Its dependencies that kmodd
@@ -40,6 +41,7 @@ class ModuleUse:
     holders: tuple[str, ...] = ()
     bound_devices: int = 0
     permanent: bool = False
+    instance: str | None = None      # Kernel.instance(): which load this is
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class SweepPlan:
     idle: dict[str, tuple[float | None, int]] = field(default_factory=dict)
     forget: list[str] = field(default_factory=list)          # no longer loaded
     kept: dict[str, str] = field(default_factory=dict)       # name -> why it stays
+    reloaded: list[str] = field(default_factory=list)        # forgotten: not our load any more
 
 
 def busy_reason(use: ModuleUse, policy: AutocleanPolicy) -> str | None:
@@ -95,12 +98,24 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
     present = set(devices_present)
     links = None if link_kinds is None else set(link_kinds)
     out = SweepPlan()
+    foreign: set[str] = set()
     for name, rec in records.items():
         use = uses.get(name)
         if use is None or not use.loaded:
             out.forget.append(name)
             continue
+        if rec.instance is not None and use.instance is not None \
+                and use.instance != rec.instance:
+            # Unloaded and loaded again by someone else (rmmod; modprobe foo
+            # debug=1): that load is theirs, and so is the module now.
+            out.forget.append(name)
+            out.reloaded.append(name)
+            foreign.add(name)
+            continue
         reason = busy_reason(use, policy)
+        if reason is None and (rec.instance is None or use.instance is None):
+            # Only what the kernel proves is the very load kmodd made goes.
+            reason = "which load this is is unknown (no load identity)"
         if reason is None and name in busy_set:
             reason = "a request for it is in flight"
         if reason is None and name in present:
@@ -132,6 +147,9 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
         for name in records:
             use = uses.get(name)
             if name in going or use is None or not use.loaded or not use.holders:
+                continue
+            rec = records[name]
+            if name in foreign or rec.instance is None or use.instance != rec.instance:
                 continue
             if name in busy_set or name in present or not set(use.holders) <= going:
                 continue
@@ -169,9 +187,13 @@ def kernel_snapshot(kernel: Kernel, names: Iterable[str]) -> dict[str, ModuleUse
             bound = kernel.bound_devices(name)
         except Exception:
             bound = 1
+        try:
+            instance = kernel.instance(name)
+        except Exception:
+            instance = None
         live = mod.state.lower() == "live"
         uses[name] = ModuleUse(name, True, mod.refcount if live else None, tuple(mod.holders),
-                               bound, mod.permanent)
+                               bound, mod.permanent, instance)
     return uses
 
 
@@ -217,6 +239,9 @@ class Autoclean:
         for name in decision.forget:
             if self.state.forget_if(name, records[name].loaded_at):
                 report.forgotten.append(name)
+        for name in decision.reloaded:
+            log.info("autoclean: %s was unloaded and loaded again by someone else; "
+                     "it is not kmodd's any more", name)
         for name, (since, count) in decision.idle.items():
             self.state.set_idle(name, records[name].loaded_at, since, count)
         report.kept = dict(decision.kept)
@@ -232,6 +257,12 @@ class Autoclean:
                 report.failed[name] = "a module using it could not be unloaded"
                 failed_users.add(name)
                 continue
+            if self._instance(name) != records[name].instance:
+                # Reloaded by someone else since the snapshot.
+                report.kept[name] = "loaded again by someone else"
+                self.state.forget_if(name, records[name].loaded_at)
+                failed_users.add(name)
+                continue
             error = self._unload(name)
             if error is None:
                 self.state.forget_if(name, records[name].loaded_at)
@@ -241,6 +272,12 @@ class Autoclean:
                 report.failed[name] = error
                 failed_users.add(name)
         return report
+
+    def _instance(self, name: str) -> str | None:
+        try:
+            return self.kernel.instance(name)
+        except Exception:
+            return None
 
     def _link_kinds(self) -> set[str] | None:
         try:

@@ -419,7 +419,7 @@ class Service:
         except Exception as exc:
             slog(LOG, logging.WARNING, "cannot list loaded modules: %s", exc)
             live = None
-        self.state.load(live)
+        self.state.load(live, self._instance)
         self.control.start()       # fails if another kmodd listens: touch nothing then
         self._started = True
         # The only daemon now: what a killed one left behind can go.
@@ -646,8 +646,15 @@ class Service:
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,
-            role=str(getattr(step.role, "value", step.role)), via=targets))
+            role=str(getattr(step.role, "value", step.role)), via=targets,
+            instance=self._instance(step.name)))
         self.loop.call_soon_threadsafe(self._mark_dirty)
+
+    def _instance(self, name: str) -> str | None:
+        try:
+            return self.kernel.instance(name)
+        except Exception:
+            return None
 
     def _on_outcome(self, outcome: Outcome) -> None:
         self._log_outcome(outcome)

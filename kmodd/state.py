@@ -39,13 +39,16 @@ class ModuleRecord:
     via: tuple[str, ...] = ()        # the targets it was loaded for
     idle_since: float | None = None  # first sweep that saw it unused (wall clock)
     idle_sweeps: int = 0             # consecutive sweeps that saw it unused
+    # Kernel.instance() right after kmodd loaded it: a module of the same name
+    # with another identity was loaded again by someone else and is not ours.
+    instance: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # By hand: dataclasses.asdict deep-copies and is slow for every save.
         return {"name": self.name, "loaded_at": self.loaded_at, "kind": self.kind,
                 "key": self.key, "devpath": self.devpath, "requested_by": self.requested_by,
                 "role": self.role, "via": list(self.via), "idle_since": self.idle_since,
-                "idle_sweeps": self.idle_sweeps}
+                "idle_sweeps": self.idle_sweeps, "instance": self.instance}
 
     @classmethod
     def from_dict(cls, data: Any) -> ModuleRecord:
@@ -88,6 +91,7 @@ _FIELD_CHECKS: dict[str, Callable[[object], bool]] = {
     "via": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "idle_since": lambda v: v is None or _is_number(v),
     "idle_sweeps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "instance": lambda v: v is None or (isinstance(v, str) and len(v) < 256),
 }
 
 
@@ -102,8 +106,10 @@ class StateStore:
 
     # --- persistence ---------------------------------------------------------
 
-    def load(self, live: Iterable[str] | None = None) -> None:
-        """Read the file; keep only records of modules still loaded (``live``).
+    def load(self, live: Iterable[str] | None = None,
+             instance: Callable[[str], str | None] | None = None) -> None:
+        """Read the file; keep only records of modules still loaded (``live``)
+        and, with ``instance`` (Kernel.instance), still the very load kmodd made.
 
         A missing file is a first start; a corrupt one is logged and ignored:
         forgetting our records only makes autoclean more conservative.
@@ -143,6 +149,14 @@ class StateStore:
             if dropped:
                 log.info("forgetting modules no longer loaded: %s", " ".join(dropped))
             records = {k: v for k, v in records.items() if k in alive}
+        if instance is not None:
+            for name, rec in list(records.items()):
+                now = instance(name)
+                if rec.instance is not None and now is not None and now != rec.instance:
+                    # rmmod + modprobe by someone else while we were down.
+                    log.info("forgetting %s: loaded again by someone else since kmodd "
+                             "loaded it", name)
+                    del records[name]
         with self._lock:
             self._records = records
 
