@@ -196,7 +196,9 @@ class KernelState:
     def link_kinds(self) -> set[str]:
         from kmodd.kernel.netlink import link_kinds
 
-        return link_kinds()
+        # Every network namespace: rmmod of a link type's module deletes its
+        # links in all of them (rtnl_link_unregister).
+        return link_kinds(proc=self.root.path("proc"), run_netns=self.root.path("run/netns"))
 
     def kernel_compression(self) -> str | None:
         """The algorithm the kernel decompresses itself (/sys/module/compression), if any."""

@@ -112,6 +112,10 @@ class SimKernel(SyscallKernel):
         self.concurrent = 0
         self.max_concurrent_seen = 0
         self.links: dict[str, str] = {}        # network interface -> its kind
+        # Other network namespaces (containers): name -> {interface: kind}; and
+        # one that cannot be read (a race, a denial): its name.
+        self.netns_links: dict[str, dict[str, str]] = {}
+        self.netns_unreadable = ""
         self._serial = 0
         self._write_static(modules_disabled)
         self._write_state()
@@ -124,8 +128,15 @@ class SimKernel(SyscallKernel):
                 self.deps.setdefault(step.name, tuple(step.deps))
 
     def link_kinds(self) -> set[str]:
+        """Kinds of the links in every namespace, as the real kernel layer answers."""
         with self._cond:
-            return set(self.links.values())
+            if self.netns_unreadable:
+                raise OSError(E.EACCES, "cannot list the links of network namespace "
+                              f"{self.netns_unreadable}")
+            kinds = set(self.links.values())
+            for links in self.netns_links.values():
+                kinds |= set(links.values())
+            return kinds
 
     def instance(self, name: str) -> str | None:
         """A new identity per load (the real kernel's is a new sysfs inode,

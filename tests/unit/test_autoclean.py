@@ -138,7 +138,7 @@ def loaded_by_kmodd(tmp: Path) -> tuple[Autoclean, object, StateStore, FakeClock
         for step in plan.steps:
             if kernel.initstate(step.name).value == "absent":
                 assert loader.load_step(step).status == "loaded"
-                state.record(ModuleRecord(step.name, clock.now, "kernel", name,
+                state.record(ModuleRecord(step.name, clock.now, "admin", name,
                                           instance=kernel.instance(step.name)))
     # Loaded by someone else (modprobe by hand, initramfs): no record.
     kernel.load_module("foreign", resolver.path("foreign"))
@@ -302,3 +302,87 @@ def test_rmmod_modprobe_while_kmodd_was_down_is_left_alone(tmp_path: Path) -> No
     assert "snd" in kernel.loaded()                                # type: ignore[attr-defined]
     deletes = [c.name for c in kernel.syscalls if c.call == "delete_module"]  # type: ignore[attr-defined]
     assert deletes.count("snd") == 1                               # the admin's rmmod only
+
+
+# --- request_module() families: what the kernel can prove (docs/autoclean.md) ----
+
+# (what the kernel asked for, the module it got, the family's decision)
+FAMILY_CASES = [
+    ("rtnl-link-dummy", "dummy", "links"),
+    ("key-type-dns_resolver", "dns_resolver", "never"),
+    ("nfct-helper-ftp", "nf_conntrack_ftp", "never"),
+    ("tcp_bbr", "tcp_bbr", "never"),
+    ("net-pf-38", "af_alg", "refcount"),
+    ("net-sch-fq_codel", "sch_fq_codel", "refcount"),
+    ("net-cls-flower", "cls_flower", "refcount"),
+    ("crypto-cbc(aes)-all", "cbc", "refcount"),
+    ("fs-btrfs", "btrfs", "refcount"),
+    ("char-major-10-229", "fuse", "refcount"),
+    ("block-major-7-0", "loop", "refcount"),
+    ("nft-expr-counter", "nft_counter", "refcount"),
+    ("binfmt-0064", "binfmt_misc", "never"),        # not reviewed: kept
+]
+
+
+def family_sweeps(tmp: Path, key: str, module: str, *, kind: str = "kernel",
+                  users: int = 0, links: dict[str, str] | None = None,
+                  netns: dict[str, dict[str, str]] | None = None,
+                  unreadable: str = "") -> tuple[object, list[str], dict[str, str]]:
+    kernel = sim_kernel(tmp / "tree", {module: ()})
+    resolver = GraphResolver(tmp / "mods", {module: ()})
+    loader = Loader(kernel)
+    state = StateStore(tmp / "state.json")
+    clock = FakeClock(10_000)
+    assert loader.load_step(resolver.plan(module).steps[0]).status == "loaded"
+    state.record(ModuleRecord(module, clock.now, kind, key, instance=kernel.instance(module)))
+    if users:
+        kernel.set_users(module, users)    # an open socket, a mount, a qdisc, a transform...
+    kernel.links.update(links or {})
+    kernel.netns_links.update(netns or {})
+    kernel.netns_unreadable = unreadable
+    ac = Autoclean(kernel, state, loader.unload, AutocleanPolicy(idle_timeout=60), clock=clock)
+    ac.sweep()
+    clock.advance(60)
+    report = ac.sweep()
+    return kernel, report.unloaded, report.kept
+
+
+@pytest.mark.parametrize(("key", "module", "decision"), FAMILY_CASES)
+def test_each_family_decision_on_the_simulated_kernel(tmp_path: Path, key: str, module: str,
+                                                      decision: str) -> None:
+    kernel, unloaded, kept = family_sweeps(tmp_path / "idle", key, module)
+    if decision == "never":
+        # Idle, refcount 0, and still kept: refcount 0 proves nothing for it.
+        assert unloaded == [] and "cannot prove it unused" in kept[module]
+        assert module in kernel.loaded()                   # type: ignore[attr-defined]
+    else:
+        assert unloaded == [module]
+    if decision == "refcount":
+        # Its objects hold references: in use means refcount > 0, and it stays.
+        _k, unloaded, kept = family_sweeps(tmp_path / "used", key, module, users=1)
+        assert unloaded == [] and "refcount 1" in kept[module]
+
+
+def test_a_link_in_another_network_namespace_keeps_its_module(tmp_path: Path) -> None:
+    # A container's dummy link: rmmod dummy would delete it.
+    _k, unloaded, kept = family_sweeps(tmp_path / "a", "rtnl-link-dummy", "dummy",
+                                       netns={"container1": {"eth9": "dummy"}})
+    assert unloaded == [] and "type dummy" in kept["dummy"]
+    # A namespace that cannot be read: we cannot tell, so it stays.
+    _k, unloaded, kept = family_sweeps(tmp_path / "b", "rtnl-link-dummy", "dummy",
+                                       unreadable="4026532177")
+    assert unloaded == [] and "cannot tell" in kept["dummy"]
+    # Other kinds elsewhere do not matter.
+    _k, unloaded, _kept = family_sweeps(tmp_path / "c", "rtnl-link-dummy", "dummy",
+                                        links={"br0": "bridge"},
+                                        netns={"c1": {"v0": "veth"}})
+    assert unloaded == ["dummy"]
+
+
+def test_families_apply_by_module_name_too(tmp_path: Path) -> None:
+    # An administrator's 'kmodctl load tcp_bbr' is still a congestion control module.
+    _k, unloaded, kept = family_sweeps(tmp_path / "a", "tcp_bbr", "tcp_bbr", kind="admin")
+    assert unloaded == [] and "TCP congestion control" in kept["tcp_bbr"]
+    # A device driver or an administrator's ordinary module: the usual rules.
+    _k, unloaded, _kept = family_sweeps(tmp_path / "b", "e1000", "e1000", kind="admin")
+    assert unloaded == ["e1000"]

@@ -370,8 +370,8 @@ def test_autoclean_timer_unloads_idle_modules_it_loaded(env: Env) -> None:
     t, rc = in_thread(svc)
     env.notifier.wait_for("READY")
     env.kernel.load_module("foreign", env.resolvers[0].path("foreign"))
-    assert svc.submit(Request("kernel", "a")).result(10).status == "loaded"
-    assert svc.submit(Request("kernel", "nic")).result(10).status == "loaded"
+    assert svc.submit(Request("admin", "a")).result(10).status == "loaded"
+    assert svc.submit(Request("admin", "nic")).result(10).status == "loaded"
     assert unloaded.wait(10)           # a went, then its dependency core followed
     stop(svc, t, rc)
     assert set(env.kernel.loaded()) == {"foreign", "nic"}
