@@ -148,17 +148,74 @@ def shell_argv(command: str, options: str) -> list[str]:
     return [SHELL, "-c", expand(command), SHELL, *split_options(options)]
 
 
+SYSTEMD_RUN = "systemd-run"
+SYSTEMD_BOOTED = "/run/systemd/system"      # sd_booted(): systemd is PID 1
+
+
+def transient_runner() -> str | None:
+    """systemd-run, when commands must leave kmodd's sandbox through a transient unit.
+
+    Under systemd, kmodd runs with a bounded capability set, a read-only file
+    system (``ProtectSystem=strict``), read-only /sys and address-family and
+    system-call filters, and its children inherit all of them: a command that
+    works under modprobe (writing /sys, running a tool that opens an AF_INET
+    socket) can fail.  ``systemd-run --pipe --wait`` runs it as a transient
+    service of PID 1 instead, unconfined, as modprobe would have run it.
+    None (run /bin/sh directly) without systemd or without systemd-run."""
+    import shutil
+
+    from kmodd.systemd import under_systemd
+
+    if not under_systemd() or not os.path.isdir(SYSTEMD_BOOTED):
+        return None
+    return shutil.which(SYSTEMD_RUN)
+
+
+def transient_argv(systemd_run: str, kind: str, module: str, command: str, options: str,
+                   timeout: float) -> tuple[list[str], bytes]:
+    """(argv, stdin) running ``command`` as a transient unit.
+
+    No request text goes into the unit's command line, where the service
+    manager expands ``$VAR`` (before systemd 254, and with
+    --expand-environment=yes after): the module, the options and each option
+    word travel as environment values (never expanded), the script as
+    systemd-run's stdin (``--pipe``) to ``sh -s``.  The command itself reads
+    /dev/null, as when run directly."""
+    words = split_options(options)
+    argv = [systemd_run, "--pipe", "--wait", "--collect", "--quiet",
+            f"--description=kmodd {kind} command",
+            # Our timeout kills systemd-run; this stops the unit too.
+            f"--property=RuntimeMaxSec={max(1, int(timeout))}",
+            f"--setenv=MODPROBE_MODULE={module}", f"--setenv=CMDLINE_OPTS={options}",
+            *(f"--setenv=KMODD_OPT_{i}={word}" for i, word in enumerate(words)),
+            "--", SHELL, "-s"]
+    names = [f"KMODD_OPT_{i}" for i in range(len(words))]
+    script = "set --" + "".join(f' "${n}"' for n in names) + "\n"
+    if names:
+        script += "unset " + " ".join(names) + "\n"
+    script += "{\n" + expand(command) + "\n} </dev/null\n"
+    return argv, script.encode()
+
+
 def run_command(kind: str, module: str, command: str, options: str = "", *,
                 timeout: float = DEFAULT_TIMEOUT) -> CommandResult:
-    """Run an install/remove ``command`` for ``module`` through /bin/sh."""
+    """Run an install/remove ``command`` for ``module`` through /bin/sh (in a
+    transient unit under systemd, see :func:`transient_runner`)."""
     import subprocess  # here: the daemon imports this module long before any command runs
 
     cmd = command if not options else f"{command}  [options: {options}]"
     env = dict(os.environ)
     env["MODPROBE_MODULE"] = module
     env["CMDLINE_OPTS"] = options
+    systemd_run = transient_runner()
+    stdin: bytes | None = None
+    if systemd_run is not None:
+        argv, stdin = transient_argv(systemd_run, kind, module, command, options, timeout)
+    else:
+        argv = shell_argv(command, options)
     try:
-        proc = subprocess.run(shell_argv(command, options), env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.run(argv, env=env, input=stdin,
+                              stdin=subprocess.DEVNULL if stdin is None else None,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
