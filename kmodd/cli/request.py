@@ -73,6 +73,12 @@ def _daemon_mode(run_dir: str) -> str | None:
         return None
 
 
+def request_timeout() -> int:
+    """KMODD_REQUEST_TIMEOUT seconds (60), as the sh helper reads it."""
+    value = os.environ.get("KMODD_REQUEST_TIMEOUT", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 60
+
+
 def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
     """Send NAME to the daemon; (code, rest of the answer), or None if it went away."""
     from kmodd.kernelreq import check_name
@@ -99,6 +105,10 @@ def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
         raise InterruptedError("daemon asked us to load directly")
 
     previous = signal.signal(signal.SIGUSR1, retry)
+    # No unbounded wait, as in the sh helper: a daemon that died after our
+    # liveness check, or hangs, means loading directly after the timeout.
+    previous_alarm = signal.signal(signal.SIGALRM, retry)
+    signal.alarm(request_timeout())
     try:
         line = f"{name} {reply}\n".encode()
         fifo = os.open(os.path.join(run_dir, "request"), os.O_WRONLY | os.O_NONBLOCK)
@@ -118,6 +128,8 @@ def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
     except OSError:
         return None
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous_alarm)
         signal.signal(signal.SIGUSR1, previous)
         os.close(read_fd)
         if write_fd >= 0:

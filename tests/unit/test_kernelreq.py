@@ -766,3 +766,36 @@ def test_names_no_module_can_have_are_refused_as_kernel_requests(
     assert "MESSAGE=kernel request refused: " in entry
     # The name is shown cut and with anything odd replaced: one entry, no forged fields.
     assert entry.count("\n") == 6 and len(entry) < 400
+
+
+def test_console_script_never_waits_unboundedly_either(run_dir: Path, fake_kmodctl: Path
+                                                        ) -> None:
+    # A daemon alive but never answering; the Python helper loads directly
+    # after KMODD_REQUEST_TIMEOUT, like the sh helper.
+    never: list[Future[Outcome]] = []
+
+    def submit(request: Request) -> Future[Outcome]:
+        never.append(Future())
+        return never[-1]
+
+    source = KernelRequestSource(submit, run_dir / "request", free_orphans=False)
+    loop = Loop(source)
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_PYTHON": "1",
+           "KMODD_REQUEST_TIMEOUT": "1"}
+    try:
+        start = time.monotonic()
+        result = run_console(env, "--", "kmodd-test-no-such-module")
+        assert time.monotonic() - start < 20
+        assert len(never) == 1                       # it did ask the daemon first
+        assert result.returncode == 1 and "kmodd-test-no-such-module" in result.stderr
+    finally:
+        loop.close()
+        source.close()
+
+
+def test_console_script_refuses_impossible_names(run_dir: Path, fake_kmodctl: Path,
+                                                 fallback_log: Path) -> None:
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_PYTHON": "1"}
+    result = run_console(env, "--", "x;id")
+    assert result.returncode == 1 and "kernel request refused" in result.stderr
+    assert not fallback_log.exists()
