@@ -7,11 +7,15 @@ applies the decision and is driven by the service's timer.
 A module is unloaded only when kmodd loaded it, it has been seen unused on
 two consecutive sweeps and for at least ``idle_timeout``, its refcount is
 zero, nothing holds it, no device is bound to its drivers, it is not
-permanent and not listed in ``never_unload`` -- and, when it was loaded for
+permanent and not listed in ``never_unload``, it is still the very load kmodd
+made (``Kernel.instance()``, recorded at load time) -- and, when it was loaded for
 a device (uevent, coldplug), that device is gone; when it provides a network
-link type (``rtnl-link-dummy``), no link of that type exists, since a link
-holds no reference on its module yet dies with it.  Its dependencies that kmodd
-loaded and that only it used follow in the same sweep.  Modules loaded by
+link type (``rtnl-link-dummy``), no link of that type exists in any network
+namespace, since a link holds no reference on its module yet dies with it;
+and the family of what the kernel requested lets a refcount of 0 prove it
+unused at all (``FAMILIES``; the table and its reasons: docs/autoclean.md).
+Its dependencies that kmodd loaded and that only it used follow in the same
+sweep.  Modules loaded by
 anyone else have no record, so they are never even considered.
 """
 
@@ -21,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ class ModuleUse:
     holders: tuple[str, ...] = ()
     bound_devices: int = 0
     permanent: bool = False
+    instance: str | None = None      # Kernel.instance(): which load this is
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class SweepPlan:
     idle: dict[str, tuple[float | None, int]] = field(default_factory=dict)
     forget: list[str] = field(default_factory=list)          # no longer loaded
     kept: dict[str, str] = field(default_factory=dict)       # name -> why it stays
+    reloaded: list[str] = field(default_factory=list)        # forgotten: not our load any more
 
 
 def busy_reason(use: ModuleUse, policy: AutocleanPolicy) -> str | None:
@@ -73,6 +80,77 @@ def busy_reason(use: ModuleUse, policy: AutocleanPolicy) -> str | None:
     if use.bound_devices > 0:
         return f"{use.bound_devices} device(s) bound to its drivers"
     return None
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of request_module() names and what autoclean may conclude for it.
+
+    ``decision``: ``"refcount"`` -- every object of the family holds a
+    reference on its module, so the usual rules (refcount, holders) prove it
+    unused; ``"links"`` -- kept while a link of its kind exists in any network
+    namespace; ``"never"`` -- its objects hold no reference and cannot all be
+    found, so the kernel cannot prove it unused.  docs/autoclean.md has the
+    table with the kernel functions behind each decision."""
+
+    label: str
+    patterns: tuple[str, ...]
+    decision: str
+    reason: str
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("network link type", ("rtnl-link-*",), "links",
+           "a link holds no module reference; rtnl_link_unregister() deletes every link "
+           "of the kind in every network namespace"),
+    Family("key type", ("key-type-*",), "never",
+           "keys hold no module reference and unregister_key_type() destroys every key "
+           "of the type; no interface lists every key"),
+    Family("conntrack helper", ("nfct-helper-*", "nf-conntrack-helper-*", "nf_conntrack_*"),
+           "never",
+           "connections using a helper hold no module reference; unregistering strips "
+           "it from live connections in every namespace (nf_ct_iterate_destroy)"),
+    Family("TCP congestion control", ("tcp_*",), "never",
+           "a route's congctl metric holds only the algorithm's key, no reference; "
+           "unloading silently changes those routes"),
+    Family("address family", ("net-pf-*",), "refcount",
+           "__sock_create() and sk_alloc() take references on the family's and the "
+           "protocol's modules for every socket"),
+    Family("queueing discipline", ("net-sch-*", "sch_*"), "refcount",
+           "qdisc_create() takes a reference on ops->owner for every qdisc"),
+    Family("traffic classifier or action", ("net-cls-*", "net-act-*", "cls_*", "act_*"),
+           "refcount",
+           "tcf_proto_lookup_ops() and tc_lookup_action() take a reference per filter "
+           "and action"),
+    Family("crypto algorithm", ("crypto-*",), "refcount",
+           "every transform holds crypto_mod_get() on its algorithm's module"),
+    Family("filesystem", ("fs-*",), "refcount",
+           "get_fs_type() takes a reference every superblock keeps until its last "
+           "mount, in any mount namespace, is gone"),
+    Family("character or block device major", ("char-major-*", "block-major-*"),
+           "refcount",
+           "every open file holds a reference (cdev_get(), the disk's fops owner); a "
+           "later open requests the module again"),
+    Family("netfilter extension", ("nft-*", "nf-logger-*", "ipt_*", "ip6t_*", "xt_*",
+                                    "arpt_*", "ebt_*", "nf-flowtable-*"),
+           "refcount",
+           "every rule's match, target, expression or logger holds try_module_get()"),
+)
+UNREVIEWED = Family("other kernel request", ("*",), "never",
+                    "a family whose objects are not known to hold module references")
+
+
+def family_of(name: str, rec: ModuleRecord) -> Family | None:
+    """The family a record's module belongs to by what was requested (for kernel
+    requests; any other unknown kernel request is UNREVIEWED) or by its own name
+    (tcp_bbr, sch_fq...).  None: not a request_module() family (a device driver,
+    an administrator's module), whose usual rules apply."""
+    keys = [rec.key, name] if rec.key != name else [name]
+    for key in keys:
+        for family in FAMILIES:
+            if any(fnmatchcase(key, pattern) for pattern in family.patterns):
+                return family
+    return UNREVIEWED if rec.kind == "kernel" and rec.role == "target" else None
 
 
 def link_kinds_of(name: str, rec: ModuleRecord) -> set[str]:
@@ -95,20 +173,35 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
     present = set(devices_present)
     links = None if link_kinds is None else set(link_kinds)
     out = SweepPlan()
+    foreign: set[str] = set()
     for name, rec in records.items():
         use = uses.get(name)
         if use is None or not use.loaded:
             out.forget.append(name)
             continue
+        if rec.instance is not None and use.instance is not None \
+                and use.instance != rec.instance:
+            # Unloaded and loaded again by someone else (rmmod; modprobe foo
+            # debug=1): that load is theirs, and so is the module now.
+            out.forget.append(name)
+            out.reloaded.append(name)
+            foreign.add(name)
+            continue
         reason = busy_reason(use, policy)
+        if reason is None and (rec.instance is None or use.instance is None):
+            # Only what the kernel proves is the very load kmodd made goes.
+            reason = "which load this is is unknown (no load identity)"
         if reason is None and name in busy_set:
             reason = "a request for it is in flight"
         if reason is None and name in present:
             # Loaded for a device, like udev would: it stays while the device
             # does (CPU feature modules, drivers whose probe passed it over).
             reason = f"its device {rec.devpath} is present"
+        family = family_of(name, rec)
+        if reason is None and family is not None and family.decision == "never":
+            reason = f"{family.label}: the kernel cannot prove it unused ({family.reason})"
         if reason is None and links is None and rec.key.startswith("rtnl-link-"):
-            reason = "cannot tell whether links of its type exist"
+            reason = "cannot tell whether links of its type exist in every network namespace"
         elif reason is None and links and (kinds := link_kinds_of(name, rec) & links):
             reason = f"network link(s) of type {', '.join(sorted(kinds))} exist"
         if reason is not None:
@@ -133,11 +226,17 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
             use = uses.get(name)
             if name in going or use is None or not use.loaded or not use.holders:
                 continue
+            rec = records[name]
+            if name in foreign or rec.instance is None or use.instance != rec.instance:
+                continue
             if name in busy_set or name in present or not set(use.holders) <= going:
                 continue
             rest = (use.refcount or 0) - len(use.holders)
             if use.refcount is None or rest != 0 or use.bound_devices or use.permanent \
                     or name in policy.never_unload:
+                continue
+            family = family_of(name, rec)
+            if family is not None and family.decision == "never":
                 continue
             going.add(name)
             out.unload.append(name)
@@ -169,9 +268,13 @@ def kernel_snapshot(kernel: Kernel, names: Iterable[str]) -> dict[str, ModuleUse
             bound = kernel.bound_devices(name)
         except Exception:
             bound = 1
+        try:
+            instance = kernel.instance(name)
+        except Exception:
+            instance = None
         live = mod.state.lower() == "live"
         uses[name] = ModuleUse(name, True, mod.refcount if live else None, tuple(mod.holders),
-                               bound, mod.permanent)
+                               bound, mod.permanent, instance)
     return uses
 
 
@@ -217,6 +320,9 @@ class Autoclean:
         for name in decision.forget:
             if self.state.forget_if(name, records[name].loaded_at):
                 report.forgotten.append(name)
+        for name in decision.reloaded:
+            log.info("autoclean: %s was unloaded and loaded again by someone else; "
+                     "it is not kmodd's any more", name)
         for name, (since, count) in decision.idle.items():
             self.state.set_idle(name, records[name].loaded_at, since, count)
         report.kept = dict(decision.kept)
@@ -232,6 +338,12 @@ class Autoclean:
                 report.failed[name] = "a module using it could not be unloaded"
                 failed_users.add(name)
                 continue
+            if self._instance(name) != records[name].instance:
+                # Reloaded by someone else since the snapshot.
+                report.kept[name] = "loaded again by someone else"
+                self.state.forget_if(name, records[name].loaded_at)
+                failed_users.add(name)
+                continue
             error = self._unload(name)
             if error is None:
                 self.state.forget_if(name, records[name].loaded_at)
@@ -241,6 +353,12 @@ class Autoclean:
                 report.failed[name] = error
                 failed_users.add(name)
         return report
+
+    def _instance(self, name: str) -> str | None:
+        try:
+            return self.kernel.instance(name)
+        except Exception:
+            return None
 
     def _link_kinds(self) -> set[str] | None:
         try:

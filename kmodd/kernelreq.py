@@ -31,6 +31,16 @@ one line back.  Wire protocol:
   its run directory started before it: they may be waiting on a previous
   daemon that died between their liveness check and reading their request.
 
+The helper never waits unboundedly and never creates a file in the run
+directory: it opens the request FIFO read-only (no O_CREAT; a daemon gone
+since the liveness check means ENOENT, not a regular file left behind),
+checks it is a FIFO and writes through ``/proc/self/fd`` of that
+descriptor; a watchdog signals it after ``KMODD_REQUEST_TIMEOUT`` seconds
+(60) without an answer, and every failure path loads directly with
+``kmodctl load --kernel-request`` (still a kernel request should a daemon
+answer).  A name no module can have is refused by the helper itself, with
+a journal entry under kind kernel, and never reaches the daemon.
+
 Everything read from the FIFO is validated: the name's characters and
 length, and the reply path (a pipe under ``/proc/PID/fd/``, or a FIFO
 directly in the run directory named ``reply.DIGITS`` and not a symlink;
@@ -105,6 +115,16 @@ def process_start_time(pid: int) -> str:
 def boot_ticks() -> int:
     """Now, in the clock ticks since boot that /proc/PID/stat start times use."""
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def is_helper(pid: int, proc: str = "/proc") -> bool:
+    """Whether ``pid`` runs kmodd-request (as the script or its interpreter's argument)."""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as handle:
+            argv = handle.read(4096).split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(b"kmodd-request") for arg in argv[:3])
 
 
 def check_name(name: str) -> str | None:
@@ -215,7 +235,9 @@ class KernelRequestSource:
 
         A helper whose daemon died before answering is still blocked reading
         its FIFO: tell it to load the module itself.  A FIFO nobody reads
-        (its helper is gone) is removed.
+        whose helper (the pid in its name) is no longer a running
+        kmodd-request was left by a killed helper and is removed; one whose
+        helper still runs may be being set up and stays.
         """
         try:
             names = os.listdir(self.run_dir)
@@ -225,11 +247,18 @@ class KernelRequestSource:
             if not REPLY_RE.match(name):
                 continue
             path = os.path.join(self.run_dir, name)
+            self._open_errno = 0
             fd = self._open_reply(path)  # unlinks it when it is a valid one
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.write(fd, ACK + b"retry restarted daemon lost the request\n")
                 os.close(fd)
+            elif self._open_errno == errno.ENXIO and not is_helper(int(name.split(".")[1])):
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    if stat.S_ISFIFO(st.st_mode) and st.st_uid == self.owner_uid:
+                        os.unlink(path)
+                        LOG.info("removed %s, left by a killed helper", path)
 
     def free_orphaned_helpers(self, proc: str = "/proc") -> list[int]:
         """Tell helpers a previous daemon took but never answered to load for themselves.
@@ -250,9 +279,7 @@ class KernelRequestSource:
             if not entry.isdigit() or int(entry) == os.getpid():
                 continue
             try:
-                with open(f"{proc}/{entry}/cmdline", "rb") as handle:
-                    argv = handle.read(4096).split(b"\0")
-                if not any(arg.endswith(b"kmodd-request") for arg in argv[:3]):
+                if not is_helper(int(entry), proc):
                     continue
                 if int(process_start_time(int(entry))) >= self._born:
                     continue

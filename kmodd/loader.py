@@ -18,6 +18,7 @@ from kmodd import commands
 from kmodd.kernel import errors
 from kmodd.kernel.protocol import InitState, Kernel, KernelError
 from kmodd.plan import ModuleStep, Plan, Role
+from kmodd.systemd import NOTICE, journal_fields
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ class Loader:
 
     def _install(self, step: ModuleStep) -> StepResult:
         assert step.install_command is not None
+        if step.kmod_ignores_install:
+            log.log(NOTICE, "%s: running its install command although it has softdeps; "
+                    "modprobe would load the module directly (kmod bug #446)", step.name,
+                    extra=journal_fields(module=step.name))
         res = self._run_install(step.name, step.install_command,
                                 step.options)
         if res.ok:

@@ -34,6 +34,9 @@ class ModuleStep:
     install_command: str | None = None
     deps: tuple[str, ...] = ()
     role: Role = Role.TARGET
+    # modprobe would load this module directly, ignoring install_command,
+    # because the module has softdeps (kmod bug #446); kmodd runs the command.
+    kmod_ignores_install: bool = False
 
 
 @dataclass(frozen=True)

@@ -255,18 +255,21 @@ class Resolver:
                 options += extra_options
             raw = mod.install if mod.install is not None else self._install_for(name)
             pre, post = self._softdeps(name)
-            if pre or post:
-                # A module with softdeps is loaded directly (mod->ignorecmd).
-                raw = None
+            # libkmod loads a module with softdeps directly, dropping its
+            # install command (mod->ignorecmd, kmod bug #446), so
+            # "install foo /bin/false" forbids nothing once foo has a softdep.
+            # kmodd honours the command (a deliberate difference; the loader
+            # says so at notice level); --show-depends still prints kmod's plan.
+            kmod_drops = raw is not None and bool(pre or post)
             entry = self._dep(name)
             path = entry.path if entry is not None else None
             builtin = path is None and (mod.builtin or tree.is_builtin(name))
             step = ModuleStep(
                 name=name, path=path, options=options, builtin=builtin,
                 # As written: the loader substitutes the options shell-quoted.
-                install_command=raw,
+                install_command=raw, kmod_ignores_install=kmod_drops,
                 deps=entry.deps if entry is not None else (), role=role)
-            entries.append(_Entry(mod, step, raw))
+            entries.append(_Entry(mod, step, None if kmod_drops else raw))
         return entries
 
     def _targets(self, request: str, blacklist_all: bool

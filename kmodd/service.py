@@ -420,9 +420,11 @@ class Service:
         except Exception as exc:
             slog(LOG, logging.WARNING, "cannot list loaded modules: %s", exc)
             live = None
-        self.state.load(live)
+        self.state.load(live, self._instance)
         self.control.start()       # fails if another kmodd listens: touch nothing then
         self._started = True
+        # The only daemon now: what a killed one left behind can go.
+        self.state.remove_leftovers()
         for factory in self._source_factories:
             try:
                 src = factory(self.submit)
@@ -677,8 +679,15 @@ class Service:
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,
-            role=str(getattr(step.role, "value", step.role)), via=targets))
+            role=str(getattr(step.role, "value", step.role)), via=targets,
+            instance=self._instance(step.name)))
         self.loop.call_soon_threadsafe(self._mark_dirty)
+
+    def _instance(self, name: str) -> str | None:
+        try:
+            return self.kernel.instance(name)
+        except Exception:
+            return None
 
     def _on_outcome(self, outcome: Outcome) -> None:
         self._log_outcome(outcome)
@@ -1002,6 +1011,15 @@ class Service:
         kind = msg.get("kind") or "admin"
         if kind not in ("admin", "kernel"):
             return error_reply("kind must be 'admin' or 'kernel'")
+        if kind == "kernel":
+            from kmodd.kernelreq import check_name
+
+            problem = check_name(name)
+            if problem is not None:
+                # What the request FIFO answers too: refused, under kind kernel.
+                slog(LOG, logging.WARNING, "kernel request refused: %s", problem,
+                     request=name[:80], requested_by="kernel")
+                return error_reply(f"kernel request refused: {problem}", "EINVAL")
         if kind == "admin" and options:
             refusal = self._refuse_params(name, options)
             if refusal is not None:

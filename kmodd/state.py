@@ -10,17 +10,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from kmodd.systemd import log as slog
 
 log = logging.getLogger("kmodd.state")
 
 STATE_VERSION = 1
+_TMP_PREFIX = ".state."     # tempfile.mkstemp prefix of a save in progress
 
 
 @dataclass
@@ -35,28 +39,60 @@ class ModuleRecord:
     via: tuple[str, ...] = ()        # the targets it was loaded for
     idle_since: float | None = None  # first sweep that saw it unused (wall clock)
     idle_sweeps: int = 0             # consecutive sweeps that saw it unused
+    # Kernel.instance() right after kmodd loaded it: a module of the same name
+    # with another identity was loaded again by someone else and is not ours.
+    instance: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # By hand: dataclasses.asdict deep-copies and is slow for every save.
         return {"name": self.name, "loaded_at": self.loaded_at, "kind": self.kind,
                 "key": self.key, "devpath": self.devpath, "requested_by": self.requested_by,
                 "role": self.role, "via": list(self.via), "idle_since": self.idle_since,
-                "idle_sweeps": self.idle_sweeps}
+                "idle_sweeps": self.idle_sweeps, "instance": self.instance}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModuleRecord:
+    def from_dict(cls, data: Any) -> ModuleRecord:
+        """A record from its JSON form; ValueError saying what is wrong with it.
+
+        Every field's type is checked here, once, so nothing downstream (the
+        sweep, ``kmodctl why``) ever meets a number where it expects text."""
         if not isinstance(data, dict):
             raise ValueError("record is not an object")
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
         for required in ("name", "loaded_at", "kind", "key"):
-            if required not in kwargs:
+            if required not in data:
                 raise ValueError(f"record lacks {required!r}")
-        if not isinstance(kwargs["name"], str) or not isinstance(kwargs["loaded_at"],
-                                                                 (int, float)):
-            raise ValueError("bad name or loaded_at")
-        kwargs["via"] = tuple(str(v) for v in kwargs.get("via") or ())
+        kwargs: dict[str, Any] = {}
+        for key, check in _FIELD_CHECKS.items():
+            if key in data:
+                value = data[key]
+                if not check(value):
+                    raise ValueError(f"{key!r} has a bad value {str(value)[:40]!r}")
+                kwargs[key] = value
+        if not kwargs["name"] or "/" in kwargs["name"]:
+            raise ValueError(f"bad module name {kwargs['name'][:40]!r}")
+        kwargs["via"] = tuple(kwargs.get("via") or ())
         return cls(**kwargs)
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int to Python, never a time to us; NaN and infinities neither.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+_FIELD_CHECKS: dict[str, Callable[[object], bool]] = {
+    "name": lambda v: isinstance(v, str),
+    "loaded_at": _is_number,
+    "kind": lambda v: isinstance(v, str),
+    "key": lambda v: isinstance(v, str),
+    "devpath": lambda v: v is None or isinstance(v, str),
+    "requested_by": lambda v: isinstance(v, str),
+    "role": lambda v: isinstance(v, str),
+    "via": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "idle_since": lambda v: v is None or _is_number(v),
+    "idle_sweeps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "instance": lambda v: v is None or (isinstance(v, str) and len(v) < 256),
+}
 
 
 class StateStore:
@@ -70,8 +106,10 @@ class StateStore:
 
     # --- persistence ---------------------------------------------------------
 
-    def load(self, live: Iterable[str] | None = None) -> None:
-        """Read the file; keep only records of modules still loaded (``live``).
+    def load(self, live: Iterable[str] | None = None,
+             instance: Callable[[str], str | None] | None = None) -> None:
+        """Read the file; keep only records of modules still loaded (``live``)
+        and, with ``instance`` (Kernel.instance), still the very load kmodd made.
 
         A missing file is a first start; a corrupt one is logged and ignored:
         forgetting our records only makes autoclean more conservative.
@@ -89,20 +127,62 @@ class StateStore:
                 data = json.loads(raw)
                 if not isinstance(data, dict) or not isinstance(data.get("modules"), list):
                     raise ValueError("expected an object with a 'modules' list")
-                for item in data["modules"]:
-                    rec = ModuleRecord.from_dict(item)
-                    records[rec.name] = rec
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, RecursionError) as exc:
                 log.warning("corrupt state file %s (%s); starting fresh", self.path, exc)
-                records = {}
+                data = {"modules": []}
+            for i, item in enumerate(data["modules"]):
+                # One bad record costs that record only: autoclean then leaves
+                # its module alone, which is the safe side.
+                try:
+                    rec = ModuleRecord.from_dict(item)
+                except (ValueError, TypeError) as exc:
+                    name = item.get("name") if isinstance(item, dict) else None
+                    label = repr(name[:80]) if isinstance(name, str) else f"#{i}"
+                    slog(log, logging.WARNING, "state file %s: dropping record %s: %s",
+                         self.path, label, exc,
+                         module=name[:80] if isinstance(name, str) else None)
+                    continue
+                records[rec.name] = rec
         if live is not None:
             alive = set(live)
             dropped = sorted(set(records) - alive)
             if dropped:
                 log.info("forgetting modules no longer loaded: %s", " ".join(dropped))
             records = {k: v for k, v in records.items() if k in alive}
+        if instance is not None:
+            for name, rec in list(records.items()):
+                now = instance(name)
+                if rec.instance is not None and now is not None and now != rec.instance:
+                    # rmmod + modprobe by someone else while we were down.
+                    log.info("forgetting %s: loaded again by someone else since kmodd "
+                             "loaded it", name)
+                    del records[name]
         with self._lock:
             self._records = records
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove ``.state.*`` temporaries a killed daemon left next to the file.
+
+        Call only once this daemon is known to be the only one (it holds the
+        control socket): another's save in progress uses such a file."""
+        removed: list[str] = []
+        try:
+            entries = list(os.scandir(self.path.parent))
+        except OSError:
+            return removed
+        for entry in entries:
+            if not entry.name.startswith(_TMP_PREFIX):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", entry.path, exc)
+        if removed:
+            log.info("removed %d temporary state file(s) left by a killed daemon: %s",
+                     len(removed), " ".join(sorted(removed)))
+        return removed
 
     def save(self) -> None:
         # One writer at a time, each writing a snapshot taken after the last
@@ -116,7 +196,7 @@ class StateStore:
                        "modules": [r.to_dict() for r in self._records.values()]}
         data = json.dumps(payload, indent=1, sort_keys=True).encode()
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

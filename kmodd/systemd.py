@@ -26,6 +26,10 @@ FIELDS = ("MODULE", "MODALIAS", "DEVPATH", "ERRNO", "REQUESTED_BY", "STATUS_CODE
 
 IDENTIFIER = "kmodd"
 
+# syslog's "notice" (priority 5), between logging.INFO and logging.WARNING:
+# normal but significant, e.g. kmodd deliberately doing what modprobe would not.
+NOTICE = 25
+
 _notify_lock = threading.Lock()
 _notify_socket: socket.socket | None = None
 _notify_address: str | bytes | None = None
@@ -148,6 +152,7 @@ def setup_logging(use_journal: bool | None = None, *, level: int | None = None,
     """
     import logging
 
+    logging.addLevelName(NOTICE, "NOTICE")
     logger = logging.getLogger(logger_name)
     for old in list(logger.handlers):
         if getattr(old, "_kmodd_handler", False):
@@ -159,9 +164,16 @@ def setup_logging(use_journal: bool | None = None, *, level: int | None = None,
     if use_journal:
         try:
             from systemd.journal import JournalHandler
+
+            class _Handler(JournalHandler):
+                @staticmethod
+                def map_priority(levelno: int) -> int:
+                    # JournalHandler knows only Python's levels: NOTICE would be 4.
+                    return 5 if levelno == NOTICE else int(JournalHandler.map_priority(levelno))
+
             # JournalHandler sends every upper-case attribute of the record
             # (our ``extra=`` fields) as a journal field of that name.
-            handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER)
+            handler = _Handler(SYSLOG_IDENTIFIER=IDENTIFIER)
         except (ImportError, OSError):
             handler = None
     if handler is None:

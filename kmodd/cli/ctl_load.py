@@ -160,15 +160,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print each insmod or install step (like modprobe -v)")
     add_daemon_options(parser)
+    # kmodd-request's direct path: the kernel asked, so the daemon must treat
+    # it as a kernel request (runaway detection, backoff), not an admin's.
+    parser.add_argument("--kernel-request", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("name", metavar="NAME|ALIAS")
     parser.add_argument("params", nargs="*", metavar="param=value",
                         help="module parameters; with -a, more module names")
 
 
-def load_via_daemon(client: Any, request: str, params: Sequence[str]) -> LoadOutcome:
+def load_via_daemon(client: Any, request: str, params: Sequence[str], *,
+                    kernel: bool = False) -> LoadOutcome:
     """Hand the load to the running daemon, which records why and may autoclean it."""
     with client:
-        reply = client.load(request, format_params(params))
+        if kernel:
+            reply = client.load(request, format_params(params), kind="kernel",
+                                requested_by="kernel")
+        else:
+            reply = client.load(request, format_params(params))
     outcome = reply.get("outcome") or {}
     if not reply.get("ok"):
         code = reply.get("code")
@@ -204,7 +212,7 @@ def run(args: argparse.Namespace, *, kernel: Kernel | None = None) -> int:
     for name, params in requests_from_args(args):
         client = daemon_client(args) if use_daemon else None   # one connection per load
         if client is not None:
-            outcome = load_via_daemon(client, name, params)
+            outcome = load_via_daemon(client, name, params, kernel=args.kernel_request)
         else:
             outcome = load_direct(name, params, root=root, version=version,
                                   config_paths=args.config, blacklist_all=args.use_blacklist,

@@ -73,6 +73,12 @@ def _daemon_mode(run_dir: str) -> str | None:
         return None
 
 
+def request_timeout() -> int:
+    """KMODD_REQUEST_TIMEOUT seconds (60), as the sh helper reads it."""
+    value = os.environ.get("KMODD_REQUEST_TIMEOUT", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 60
+
+
 def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
     """Send NAME to the daemon; (code, rest of the answer), or None if it went away."""
     from kmodd.kernelreq import check_name
@@ -99,6 +105,10 @@ def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
         raise InterruptedError("daemon asked us to load directly")
 
     previous = signal.signal(signal.SIGUSR1, retry)
+    # No unbounded wait, as in the sh helper: a daemon that died after our
+    # liveness check, or hangs, means loading directly after the timeout.
+    previous_alarm = signal.signal(signal.SIGALRM, retry)
+    signal.alarm(request_timeout())
     try:
         line = f"{name} {reply}\n".encode()
         fifo = os.open(os.path.join(run_dir, "request"), os.O_WRONLY | os.O_NONBLOCK)
@@ -118,6 +128,8 @@ def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
     except OSError:
         return None
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous_alarm)
         signal.signal(signal.SIGUSR1, previous)
         os.close(read_fd)
         if write_fd >= 0:
@@ -127,11 +139,29 @@ def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
                 os.unlink(fifo_path)
 
 
+def refuse(quiet: bool, name: str, problem: str) -> int:
+    """A name no module can have: refused under kind kernel, as the sh helper does."""
+    safe = "".join(c if c.isascii() and c.isprintable() else "?" for c in name[:80])
+    message = f"kernel request refused: {problem}: {safe}"
+    try:
+        from systemd import journal
+
+        journal.send(message, PRIORITY=4, SYSLOG_IDENTIFIER="kmodd-request",
+                     REQUESTED_BY="kernel", REQUEST=safe)
+    except Exception:  # no journal (early boot, containers): stderr only
+        pass
+    if not quiet:
+        print(f"kmodd-request: {message}", file=sys.stderr)
+    return 1
+
+
 def load_directly(quiet: bool, words: list[str]) -> int:
     from kmodd.cli.kmodctl import main as kmodctl
 
+    # Still the kernel's request, should a daemon answer kmodctl after all.
+    words = ["--kernel-request", "--", *words]
     if not quiet:
-        return kmodctl(["load", "--", *words])
+        return kmodctl(["load", *words])
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(1), os.dup(2)
     try:
@@ -139,7 +169,7 @@ def load_directly(quiet: bool, words: list[str]) -> int:
         sys.stderr.flush()
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        return kmodctl(["load", "--", *words])
+        return kmodctl(["load", *words])
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -160,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: kmodd-request [-q] -- NAME", file=sys.stderr)
         return 1
     if len(words) == 1:
+        from kmodd.kernelreq import check_name
+
+        problem = check_name(words[0])
+        if problem is not None:
+            return refuse(quiet, words[0], problem)
         answer = ask_daemon(words[0], os.environ.get("KMODD_RUN_DIR", DEFAULT_RUN_DIR))
         if answer is not None and answer[0] in ("0", "1"):
             if answer[0] == "1" and not quiet:

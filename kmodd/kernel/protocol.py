@@ -73,6 +73,12 @@ class Kernel(Protocol):
 
     def parameters(self, name: str) -> dict[str, str]: ...
 
+    def instance(self, name: str) -> str | None:
+        """An identity of the loaded module that changes on every load (None:
+        not loaded, or unreadable), so autoclean can tell the module it loaded
+        from the same name loaded again by someone else."""
+        ...
+
     def modules_disabled(self) -> bool: ...
 
     def link_kinds(self) -> set[str]:

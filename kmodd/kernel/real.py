@@ -158,6 +158,23 @@ class KernelState:
                     count += 1
         return count
 
+    def instance(self, name: str) -> str | None:
+        # The inode number of /sys/module/NAME.  The kernel makes that kernfs
+        # directory anew on every load (mod_sysfs_setup), and a kernfs inode
+        # number is the node's 64-bit id, an idr slot plus a generation
+        # (kernfs_id_ino), so it is not reused by the next load.  Chosen over
+        # the core address in /proc/modules or sections/.text: those read as
+        # 0 without CAP_SYSLOG (kallsyms_show_value), which kmodd's unit
+        # does not keep.  Readable by anyone; no module is made to pay for it.
+        moddir = os.fspath(self._module_dir(name))
+        try:
+            st = os.stat(moddir)
+            if not os.path.exists(moddir + "/initstate"):
+                return None          # built-in: never loaded, never unloaded
+        except OSError:
+            return None
+        return f"sysfs:{st.st_ino}"
+
     def parameters(self, name: str) -> dict[str, str]:
         result: dict[str, str] = {}
         try:
@@ -179,7 +196,9 @@ class KernelState:
     def link_kinds(self) -> set[str]:
         from kmodd.kernel.netlink import link_kinds
 
-        return link_kinds()
+        # Every network namespace: rmmod of a link type's module deletes its
+        # links in all of them (rtnl_link_unregister).
+        return link_kinds(proc=self.root.path("proc"), run_netns=self.root.path("run/netns"))
 
     def kernel_compression(self) -> str | None:
         """The algorithm the kernel decompresses itself (/sys/module/compression), if any."""

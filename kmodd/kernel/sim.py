@@ -55,6 +55,7 @@ class _Module:
     users: int = 0                   # references that are not modules (open devices...)
     permanent: bool = False
     devices: dict[str, list[str]] = field(default_factory=dict)   # driver -> device names
+    serial: int = 0                  # which load this is: a new identity every time
 
     @property
     def refcount(self) -> int:
@@ -111,6 +112,11 @@ class SimKernel(SyscallKernel):
         self.concurrent = 0
         self.max_concurrent_seen = 0
         self.links: dict[str, str] = {}        # network interface -> its kind
+        # Other network namespaces (containers): name -> {interface: kind}; and
+        # one that cannot be read (a race, a denial): its name.
+        self.netns_links: dict[str, dict[str, str]] = {}
+        self.netns_unreadable = ""
+        self._serial = 0
         self._write_static(modules_disabled)
         self._write_state()
 
@@ -122,8 +128,22 @@ class SimKernel(SyscallKernel):
                 self.deps.setdefault(step.name, tuple(step.deps))
 
     def link_kinds(self) -> set[str]:
+        """Kinds of the links in every namespace, as the real kernel layer answers."""
         with self._cond:
-            return set(self.links.values())
+            if self.netns_unreadable:
+                raise OSError(E.EACCES, "cannot list the links of network namespace "
+                              f"{self.netns_unreadable}")
+            kinds = set(self.links.values())
+            for links in self.netns_links.values():
+                kinds |= set(links.values())
+            return kinds
+
+    def instance(self, name: str) -> str | None:
+        """A new identity per load (the real kernel's is a new sysfs inode,
+        which a temporary tree's filesystem may well reuse)."""
+        with self._cond:
+            mod = self._mods.get(name)
+            return None if mod is None else f"sim:{mod.serial}"
 
     def set_users(self, name: str, users: int) -> None:
         """Non-module references (an open device node, a mounted filesystem...)."""
@@ -292,9 +312,10 @@ class SimKernel(SyscallKernel):
                     declared[key] = value
                 else:
                     self.dmesg.append(f"{name}: unknown parameter '{key}' ignored")
+            self._serial += 1
             mod = _Module(name=name, state="coming", size=len(image), params=declared,
                           uses=tuple(d for d in uses if d not in self.builtin),
-                          permanent=name in self.permanent)
+                          permanent=name in self.permanent, serial=self._serial)
             self._mods[name] = mod
             for d in mod.uses:
                 self._mods[d].holders.add(name)

@@ -22,12 +22,14 @@ from tests.unit.daemon_fakes import FakeClock, GraphResolver, sim_kernel
 POLICY = AutocleanPolicy(idle_timeout=60, never_unload=frozenset({"keepme"}))
 
 
-def rec(name: str, idle_since: float | None = None, sweeps: int = 0) -> ModuleRecord:
+def rec(name: str, idle_since: float | None = None, sweeps: int = 0,
+        instance: str | None = "i1") -> ModuleRecord:
     return ModuleRecord(name, 0.0, "modalias", f"pci:{name}", idle_since=idle_since,
-                        idle_sweeps=sweeps)
+                        idle_sweeps=sweeps, instance=instance)
 
 
 def use(name: str, **kw: object) -> ModuleUse:
+    kw.setdefault("instance", "i1")
     return ModuleUse(name, True, **kw)  # type: ignore[arg-type]
 
 
@@ -51,9 +53,9 @@ def test_idle_module_goes_only_on_the_second_sweep_after_idle_timeout() -> None:
 def test_a_link_type_in_use_keeps_its_module() -> None:
     # rmmod dummy would destroy interface x although dummy's refcount is 0.
     dummy = ModuleRecord("dummy", 0.0, "kernel", "rtnl-link-dummy", idle_since=0,
-                         idle_sweeps=5)
+                         idle_sweeps=5, instance="i1")
     bonding = ModuleRecord("bonding", 0.0, "kernel", "rtnl-link-bond", idle_since=0,
-                           idle_sweeps=5)
+                           idle_sweeps=5, instance="i1")
     records = {"dummy": dummy, "bonding": bonding}
     uses = {"dummy": use("dummy"), "bonding": use("bonding")}
     kept = plan_sweep(records, uses, POLICY, now=1000, link_kinds={"dummy", "bond"})
@@ -136,7 +138,8 @@ def loaded_by_kmodd(tmp: Path) -> tuple[Autoclean, object, StateStore, FakeClock
         for step in plan.steps:
             if kernel.initstate(step.name).value == "absent":
                 assert loader.load_step(step).status == "loaded"
-                state.record(ModuleRecord(step.name, clock.now, "kernel", name))
+                state.record(ModuleRecord(step.name, clock.now, "admin", name,
+                                          instance=kernel.instance(step.name)))
     # Loaded by someone else (modprobe by hand, initramfs): no record.
     kernel.load_module("foreign", resolver.path("foreign"))
     kernel.bind_device("nic", "e1000", "0000:00:03.0")
@@ -200,7 +203,8 @@ def test_snapshot_of_a_module_gone_meanwhile(tmp_path: Path) -> None:
 
 def test_module_loaded_for_a_device_stays_while_the_device_does() -> None:
     r = ModuleRecord("aesni", 0.0, "coldplug", "cpu:type:x86,ven0000fam0006mod003F:feature:,0070",
-                     devpath="/devices/system/cpu/cpu0", idle_since=0, idle_sweeps=3)
+                     devpath="/devices/system/cpu/cpu0", idle_since=0, idle_sweeps=3,
+                     instance="i1")
     uses = {"aesni": use("aesni"), "lib": use("lib", holders=("aesni",), refcount=1)}
     records = {"aesni": r, "lib": rec("lib", 0, 3)}
     kept = plan_sweep(records, uses, POLICY, now=1000, devices_present={"aesni"})
@@ -217,7 +221,7 @@ def test_sweep_checks_the_device_under_sys(tmp_path: Path) -> None:
     rec_snd = state.get("snd")
     assert rec_snd is not None
     state.record(ModuleRecord("snd", rec_snd.loaded_at, "modalias", "pci:v8086d1", devpath=
-                              "/devices/pci0000:00/0000:00:1f.3"))
+                              "/devices/pci0000:00/0000:00:1f.3", instance=rec_snd.instance))
     ac.sweep()
     clock.advance(60)
     assert "snd" not in ac.sweep().unloaded           # the sound card is still there
@@ -226,3 +230,159 @@ def test_sweep_checks_the_device_under_sys(tmp_path: Path) -> None:
     clock.advance(60)
     assert "snd" in ac.sweep().unloaded
     assert "snd" not in kernel.loaded()  # type: ignore[attr-defined]
+
+
+# --- the very load kmodd made ----------------------------------------------------
+
+def test_a_module_loaded_again_by_someone_else_is_not_ours() -> None:
+    records = {"m": rec("m", 0, 5), "dep": rec("dep", 0, 5), "top": rec("top", 0, 5)}
+    uses = {"m": use("m", instance="i2"),                 # rmmod m; modprobe m debug=1
+            "top": use("top"),
+            "dep": use("dep", holders=("top",), refcount=1, instance="i2")}
+    out = plan_sweep(records, uses, POLICY, now=1000)
+    assert out.unload == ["top"]                           # dep is no follower either
+    assert sorted(out.forget) == ["dep", "m"] and sorted(out.reloaded) == ["dep", "m"]
+    # No identity recorded (a state file from before), or none readable now: kept.
+    unknown = plan_sweep({"a": rec("a", 0, 5, instance=None), "b": rec("b", 0, 5)},
+                         {"a": use("a"), "b": use("b", instance=None)}, POLICY, now=1000)
+    assert unknown.unload == [] and "identity" in unknown.kept["a"] + unknown.kept["b"]
+
+
+def _reload_by_hand(kernel: object, name: str, tmp: Path) -> None:
+    resolver = GraphResolver(tmp / "mods", GRAPH)
+    kernel.unload_module(name)                                     # type: ignore[attr-defined]
+    assert kernel.load_module(name, resolver.path(name), "debug=1")  # type: ignore[attr-defined]
+
+
+def test_rmmod_modprobe_between_sweeps_is_left_alone(tmp_path: Path) -> None:
+    ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
+    ac.sweep()
+    _reload_by_hand(kernel, "snd", tmp_path)
+    clock.advance(60)
+    report = ac.sweep()
+    assert "snd" in report.forgotten and "snd" not in state
+    for _ in range(3):
+        clock.advance(600)
+        assert "snd" not in ac.sweep().unloaded
+    assert "snd" in kernel.loaded()                                # type: ignore[attr-defined]
+
+
+def test_reload_between_snapshot_and_unload_is_left_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kmodd.autoclean as autoclean
+
+    ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
+    ac.sweep()
+    clock.advance(60)
+    real_snapshot = autoclean.kernel_snapshot
+
+    def snapshot_then_reload(k: object, names: object) -> dict[str, ModuleUse]:
+        uses = real_snapshot(k, names)  # type: ignore[arg-type]
+        _reload_by_hand(kernel, "snd", tmp_path)       # right after the snapshot
+        return uses
+    monkeypatch.setattr(autoclean, "kernel_snapshot", snapshot_then_reload)
+    report = ac.sweep()
+    assert "dummy" in report.unloaded and "snd" not in report.unloaded
+    assert "snd" in kernel.loaded() and "snd" not in state  # type: ignore[attr-defined]
+
+
+def test_rmmod_modprobe_while_kmodd_was_down_is_left_alone(tmp_path: Path) -> None:
+    ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
+    ac.sweep()
+    state.save()
+    _reload_by_hand(kernel, "snd", tmp_path)                       # kmodd stopped meanwhile
+    restarted = StateStore(state.path)
+    restarted.load(list(kernel.modules()), kernel.instance)        # type: ignore[attr-defined]
+    assert "snd" not in restarted and "dummy" in restarted
+    ac.state = restarted
+    ac.sweep()
+    clock.advance(60)
+    report = ac.sweep()
+    assert "dummy" in report.unloaded and "snd" not in report.unloaded
+    assert "snd" in kernel.loaded()                                # type: ignore[attr-defined]
+    deletes = [c.name for c in kernel.syscalls if c.call == "delete_module"]  # type: ignore[attr-defined]
+    assert deletes.count("snd") == 1                               # the admin's rmmod only
+
+
+# --- request_module() families: what the kernel can prove (docs/autoclean.md) ----
+
+# (what the kernel asked for, the module it got, the family's decision)
+FAMILY_CASES = [
+    ("rtnl-link-dummy", "dummy", "links"),
+    ("key-type-dns_resolver", "dns_resolver", "never"),
+    ("nfct-helper-ftp", "nf_conntrack_ftp", "never"),
+    ("tcp_bbr", "tcp_bbr", "never"),
+    ("net-pf-38", "af_alg", "refcount"),
+    ("net-sch-fq_codel", "sch_fq_codel", "refcount"),
+    ("net-cls-flower", "cls_flower", "refcount"),
+    ("crypto-cbc(aes)-all", "cbc", "refcount"),
+    ("fs-btrfs", "btrfs", "refcount"),
+    ("char-major-10-229", "fuse", "refcount"),
+    ("block-major-7-0", "loop", "refcount"),
+    ("nft-expr-counter", "nft_counter", "refcount"),
+    ("binfmt-0064", "binfmt_misc", "never"),        # not reviewed: kept
+]
+
+
+def family_sweeps(tmp: Path, key: str, module: str, *, kind: str = "kernel",
+                  users: int = 0, links: dict[str, str] | None = None,
+                  netns: dict[str, dict[str, str]] | None = None,
+                  unreadable: str = "") -> tuple[object, list[str], dict[str, str]]:
+    kernel = sim_kernel(tmp / "tree", {module: ()})
+    resolver = GraphResolver(tmp / "mods", {module: ()})
+    loader = Loader(kernel)
+    state = StateStore(tmp / "state.json")
+    clock = FakeClock(10_000)
+    assert loader.load_step(resolver.plan(module).steps[0]).status == "loaded"
+    state.record(ModuleRecord(module, clock.now, kind, key, instance=kernel.instance(module)))
+    if users:
+        kernel.set_users(module, users)    # an open socket, a mount, a qdisc, a transform...
+    kernel.links.update(links or {})
+    kernel.netns_links.update(netns or {})
+    kernel.netns_unreadable = unreadable
+    ac = Autoclean(kernel, state, loader.unload, AutocleanPolicy(idle_timeout=60), clock=clock)
+    ac.sweep()
+    clock.advance(60)
+    report = ac.sweep()
+    return kernel, report.unloaded, report.kept
+
+
+@pytest.mark.parametrize(("key", "module", "decision"), FAMILY_CASES)
+def test_each_family_decision_on_the_simulated_kernel(tmp_path: Path, key: str, module: str,
+                                                      decision: str) -> None:
+    kernel, unloaded, kept = family_sweeps(tmp_path / "idle", key, module)
+    if decision == "never":
+        # Idle, refcount 0, and still kept: refcount 0 proves nothing for it.
+        assert unloaded == [] and "cannot prove it unused" in kept[module]
+        assert module in kernel.loaded()                   # type: ignore[attr-defined]
+    else:
+        assert unloaded == [module]
+    if decision == "refcount":
+        # Its objects hold references: in use means refcount > 0, and it stays.
+        _k, unloaded, kept = family_sweeps(tmp_path / "used", key, module, users=1)
+        assert unloaded == [] and "refcount 1" in kept[module]
+
+
+def test_a_link_in_another_network_namespace_keeps_its_module(tmp_path: Path) -> None:
+    # A container's dummy link: rmmod dummy would delete it.
+    _k, unloaded, kept = family_sweeps(tmp_path / "a", "rtnl-link-dummy", "dummy",
+                                       netns={"container1": {"eth9": "dummy"}})
+    assert unloaded == [] and "type dummy" in kept["dummy"]
+    # A namespace that cannot be read: we cannot tell, so it stays.
+    _k, unloaded, kept = family_sweeps(tmp_path / "b", "rtnl-link-dummy", "dummy",
+                                       unreadable="4026532177")
+    assert unloaded == [] and "cannot tell" in kept["dummy"]
+    # Other kinds elsewhere do not matter.
+    _k, unloaded, _kept = family_sweeps(tmp_path / "c", "rtnl-link-dummy", "dummy",
+                                        links={"br0": "bridge"},
+                                        netns={"c1": {"v0": "veth"}})
+    assert unloaded == ["dummy"]
+
+
+def test_families_apply_by_module_name_too(tmp_path: Path) -> None:
+    # An administrator's 'kmodctl load tcp_bbr' is still a congestion control module.
+    _k, unloaded, kept = family_sweeps(tmp_path / "a", "tcp_bbr", "tcp_bbr", kind="admin")
+    assert unloaded == [] and "TCP congestion control" in kept["tcp_bbr"]
+    # A device driver or an administrator's ordinary module: the usual rules.
+    _k, unloaded, _kept = family_sweeps(tmp_path / "b", "e1000", "e1000", kind="admin")
+    assert unloaded == ["e1000"]

@@ -207,3 +207,22 @@ def test_rtnetlink_link_kinds_parsed_from_a_dump() -> None:
         parse_link_kinds(error)
     with pytest.raises(OSError):
         parse_link_kinds(newlink(b"dummy")[:-4])               # cut short
+
+
+def test_instance_is_the_sysfs_directory_of_this_load(tmp_path: Path) -> None:
+    state = KernelState(Root(base=tmp_path))
+    live = tmp_path / "sys/module/snd"
+    live.mkdir(parents=True)
+    (live / "initstate").write_text("live\n")
+    (tmp_path / "sys/module/builtin_one").mkdir()
+    assert state.instance("snd") == f"sysfs:{live.stat().st_ino}"
+    assert state.instance("builtin_one") is None      # built in: no load to name
+    assert state.instance("absent") is None
+    assert state.instance("../module/snd") is None    # names never walk out of /sys/module
+    # A new load is a new directory: keep the old one around so its inode
+    # number cannot be reused, as kernfs ids are not.
+    live.rename(tmp_path / "old-snd")
+    live.mkdir()
+    (live / "initstate").write_text("live\n")
+    assert state.instance("snd") == f"sysfs:{live.stat().st_ino}" != \
+        f"sysfs:{(tmp_path / 'old-snd').stat().st_ino}"

@@ -317,3 +317,14 @@ def test_without_kept_images_loads_the_same_and_holds_no_copies(tmp_path: Path) 
     assert sim.load_module("c", ko(tmp_path, "c", lzma.compress(image)))  # user space: init_module
     assert [s.call for s in sim.syscalls] == ["finit_module", "finit_module", "init_module"]
     assert sim.images == {}
+
+
+def test_every_load_has_a_new_instance(sim: SimKernel, tmp_path: Path) -> None:
+    assert sim.instance("snd") is None
+    sim.load_module("snd", ko(tmp_path, "snd"))
+    first = sim.instance("snd")
+    assert first is not None and sim.instance("snd") == first
+    sim.unload_module("snd")
+    assert sim.instance("snd") is None
+    sim.load_module("snd", ko(tmp_path, "snd"))
+    assert sim.instance("snd") not in (None, first)

@@ -89,7 +89,7 @@ def fake_kmodctl(tmp_path: Path, fallback_log: Path) -> Path:
     """Stands in for 'kmodctl load' in the helper's direct path; records its argv."""
     script = tmp_path / "kmodctl"
     script.write_text(f'#!/bin/sh\necho "$*" >> {fallback_log}\n'
-                      '[ "$3" = missing ] && exit 1\nexit 0\n')
+                      'for last do :; done\n[ "$last" = missing ] && exit 1\nexit 0\n')
     script.chmod(0o755)
     return script
 
@@ -182,7 +182,8 @@ def test_fallback_without_daemon(run_dir: Path, fake_kmodctl: Path, fallback_log
     # No FIFO at all: early boot.
     assert run_helper(env, "-q", "--", "dummy").returncode == 0
     assert run_helper(env, "-q", "--", "missing").returncode == 1
-    assert fallback_log.read_text().splitlines() == ["load -- dummy", "load -- missing"]
+    assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy",
+                                                    "load --kernel-request -- missing"]
 
 
 def test_fallback_when_daemon_died_leaving_fifo(run_dir: Path, fake_kmodctl: Path,
@@ -194,7 +195,7 @@ def test_fallback_when_daemon_died_leaving_fifo(run_dir: Path, fake_kmodctl: Pat
     (run_dir / "request.pid").write_text(f"{dead.pid}\n")
     result = run_helper(helper_env(run_dir, fake_kmodctl), "-q", "--", "dummy", timeout=5)
     assert result.returncode == 0
-    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+    assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
 
 
 def test_daemon_stopping_answers_retry_and_helper_loads_itself(
@@ -217,7 +218,7 @@ def test_daemon_stopping_answers_retry_and_helper_loads_itself(
     loop.close()
     source.close()
     assert proc.wait(5) == 0
-    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+    assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
     # Stopping removes the FIFO and pid file so later helpers go direct at once.
     assert not (run_dir / "request").exists()
     assert not (run_dir / "request.pid").exists()
@@ -253,7 +254,7 @@ def test_daemon_dying_after_taking_request_means_direct_load(
         first._pending.clear()
     os.close(first._fd)
     assert proc.wait(5) == 0
-    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+    assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
 
 
 def test_restarted_daemon_answers_reply_fifos_left_waiting(run_dir: Path) -> None:
@@ -262,16 +263,24 @@ def test_restarted_daemon_answers_reply_fifos_left_waiting(run_dir: Path) -> Non
     reply = run_dir / "reply.31337"
     os.mkfifo(reply, 0o600)
     fd = os.open(reply, os.O_RDWR | os.O_NONBLOCK)
-    abandoned = run_dir / "reply.31338"   # its helper is gone: nobody reads
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    abandoned = run_dir / f"reply.{dead.pid}"   # its helper was killed: nobody reads
     os.mkfifo(abandoned, 0o600)
+    # A helper that has made its FIFO but not opened it yet: still running.
+    setting_up = subprocess.Popen(["bash", "-c", "exec -a kmodd-request sleep 30"])
+    time.sleep(0.1)
+    young = run_dir / f"reply.{setting_up.pid}"
+    os.mkfifo(young, 0o600)
     source = KernelRequestSource(FakeScheduler({}).submit, run_dir / "request")
     try:
         assert os.read(fd, 100) == b"+\nretry restarted daemon lost the request\n"
         assert not reply.exists()
-        # An unread FIFO stays (the daemon cannot tell it from one being set
-        # up) but is harmless; the daemon never blocks on it.
-        assert abandoned.exists()
+        assert not abandoned.exists()
+        assert young.exists()
     finally:
+        setting_up.kill()
+        setting_up.wait()
         os.close(fd)
         source.close()
 
@@ -476,7 +485,7 @@ def test_install_and_revert_on_a_tree(tmp_path: Path, run_dir: Path,
                         env={"PATH": "/sbin:/usr/sbin:/bin:/usr/bin",
                              "KMODD_RUN_DIR": str(run_dir)}, timeout=10)
     assert r2.returncode == 0
-    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+    assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
     # Installing twice keeps the original saved value.
     assert installer("install", "--kmodctl", str(fake_kmodctl)).returncode == 0
     assert (root / "var/lib/kmodd/modprobe.orig").read_text().strip() == "/sbin/modprobe"
@@ -552,12 +561,12 @@ def test_denied_pipe_frees_the_helper_and_switches_to_fifos(
         # The first helper is told (SIGUSR1) to load by itself, at once.
         first = run_helper(env, "-q", "--", "dummy", timeout=10)
         assert first.returncode == 0
-        assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+        assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
         assert (run_dir / "request.pid").read_text().split()[1] == "fifo"
         # Later helpers use FIFOs and are served by the daemon.
         assert run_helper(env, "-q", "--", "dummy").returncode == 0
         assert [r.key for r in sched.requests] == ["dummy"]
-        assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+        assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
     finally:
         loop.close()
         source.close()
@@ -572,7 +581,7 @@ def test_stale_pidfile_with_a_recycled_pid_does_not_hang(run_dir: Path, fake_kmo
     (run_dir / "request.pid").write_text(f"{os.getpid()} pipe 1\n")
     result = run_helper(helper_env(run_dir, fake_kmodctl), "-q", "--", "dummy", timeout=5)
     assert result.returncode == 0
-    assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+    assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
 
 
 def test_pidfile_names_the_daemon_process(served: Callable[[FakeScheduler], KernelRequestSource],
@@ -616,7 +625,7 @@ def test_restarted_daemon_frees_helpers_the_dead_one_left_waiting(
         source = KernelRequestSource(FakeScheduler({}).submit, run_dir / "request")
         try:
             assert waiting.wait(5) == 0
-            assert fallback_log.read_text().splitlines() == ["load -- dummy"]
+            assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
             # A helper of another instance is none of this daemon's business.
             time.sleep(0.3)
             assert bystander.poll() is None
@@ -629,3 +638,164 @@ def test_restarted_daemon_frees_helpers_the_dead_one_left_waiting(
                 proc.wait()
         for fd in holders:
             os.close(fd)
+
+
+# -- a daemon that stops at each step: the helper never hangs, never creates files --
+
+def _stop_after_liveness_check(run_dir: Path, how: str) -> threading.Thread:
+    """A daemon that passes the helper's liveness check, then stops.
+
+    The pid file is a FIFO, so the daemon knows the moment the helper has
+    read it (the check is done); then it unlinks its request FIFO and closes
+    it as ``close()`` does (``how="unlink"``), or just loses it as a SIGKILL
+    does, the FIFO staying behind (``how="kill"``)."""
+    fifo = run_dir / "request"
+    os.mkfifo(fifo, 0o600)
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    os.mkfifo(run_dir / "request.pid", 0o644)
+    me = os.getpid()
+
+    def daemon() -> None:
+        with open(run_dir / "request.pid", "w") as pidfile:     # waits for the helper
+            pidfile.write(f"{me} pipe {process_start_time(me)}\n")
+        if how == "unlink":
+            fifo.unlink()
+        os.close(fd)
+
+    thread = threading.Thread(target=daemon, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("how", ["unlink", "kill"])
+def test_daemon_stopping_right_after_the_liveness_check(
+        run_dir: Path, fake_kmodctl: Path, fallback_log: Path, how: str) -> None:
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_TIMEOUT": "2"}
+    thread = _stop_after_liveness_check(run_dir, how)
+    start = time.monotonic()
+    result = run_helper(env, "-q", "--", "dummy", timeout=15)
+    thread.join(5)
+    assert result.returncode == 0
+    assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
+    # Unlinked: nothing to wait for, at once.  Left behind: the watchdog's bound.
+    assert time.monotonic() - start < (1.5 if how == "unlink" else 6)
+    # Never a regular file where the daemon's FIFO was.
+    request = run_dir / "request"
+    assert not request.exists() if how == "unlink" else stat.S_ISFIFO(request.lstat().st_mode)
+
+
+def test_daemon_that_never_takes_the_request(run_dir: Path, fake_kmodctl: Path,
+                                             fallback_log: Path) -> None:
+    # Alive and holding its FIFO, but its event loop never reads it.
+    fifo = run_dir / "request"
+    os.mkfifo(fifo, 0o600)
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    (run_dir / "request.pid").write_text(f"{os.getpid()} pipe "
+                                         f"{process_start_time(os.getpid())}\n")
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_TIMEOUT": "1"}
+    try:
+        start = time.monotonic()
+        assert run_helper(env, "-q", "--", "dummy", timeout=15).returncode == 0
+        assert 0.9 < time.monotonic() - start < 5
+        assert os.read(fd, 4096).startswith(b"dummy /proc/")   # it did ask
+        assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
+    finally:
+        os.close(fd)
+
+
+def test_daemon_that_takes_the_request_but_never_answers(run_dir: Path, fake_kmodctl: Path,
+                                                         fallback_log: Path) -> None:
+    never: list[Future[Outcome]] = []
+
+    def submit(request: Request) -> Future[Outcome]:
+        never.append(Future())
+        return never[-1]
+
+    source = KernelRequestSource(submit, run_dir / "request", free_orphans=False)
+    loop = Loop(source)
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_TIMEOUT": "1"}
+    try:
+        start = time.monotonic()
+        assert run_helper(env, "-q", "--", "dummy", timeout=15).returncode == 0
+        assert 0.9 < time.monotonic() - start < 5
+        assert len(never) == 1 and source.pending == 1
+        assert fallback_log.read_text().splitlines() == ["load --kernel-request -- dummy"]
+    finally:
+        loop.close()
+        source.close()
+
+
+def test_watchdog_leaves_no_process_behind(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path,
+        fake_kmodctl: Path) -> None:
+    served(FakeScheduler({"dummy": "present"}))
+    marker = "4711"     # an unusual timeout names the watchdog's sleep
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_TIMEOUT": marker}
+    for _ in range(5):
+        assert run_helper(env, "-q", "--", "dummy").returncode == 0
+    deadline = time.monotonic() + 5
+    while True:
+        left = subprocess.run(["pgrep", "-f", f"^sleep {marker}$"], capture_output=True,
+                              text=True).stdout.split()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == []
+
+
+@pytest.mark.parametrize("name", ["a b", "x;id", "$(id)", "../../x", "a" * 256, "-r"])
+def test_names_no_module_can_have_are_refused_as_kernel_requests(
+        served: Callable[[FakeScheduler], KernelRequestSource], run_dir: Path,
+        fake_kmodctl: Path, fallback_log: Path, tmp_path: Path, name: str) -> None:
+    """Refused by the helper itself: no daemon request, no admin load through
+    kmodctl, no Python; one journal entry under kind kernel."""
+    sched = FakeScheduler({})
+    served(sched)
+    journal = tmp_path / "journal"
+    logger = tmp_path / "logger"
+    logger.write_text(f'#!/bin/sh\n{{ echo "ARGS $*"; cat; }} >> {journal}\n')
+    logger.chmod(0o755)
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_LOGGER": str(logger)}
+    result = run_helper(env, "--", name)
+    assert result.returncode == 1
+    assert "kernel request refused" in result.stderr
+    assert sched.requests == [] and not fallback_log.exists()
+    entry = journal.read_text()
+    assert entry.startswith("ARGS --journald\n")
+    assert "REQUESTED_BY=kernel\n" in entry and "PRIORITY=4\n" in entry
+    assert "MESSAGE=kernel request refused: " in entry
+    # The name is shown cut and with anything odd replaced: one entry, no forged fields.
+    assert entry.count("\n") == 6 and len(entry) < 400
+
+
+def test_console_script_never_waits_unboundedly_either(run_dir: Path, fake_kmodctl: Path
+                                                        ) -> None:
+    # A daemon alive but never answering; the Python helper loads directly
+    # after KMODD_REQUEST_TIMEOUT, like the sh helper.
+    never: list[Future[Outcome]] = []
+
+    def submit(request: Request) -> Future[Outcome]:
+        never.append(Future())
+        return never[-1]
+
+    source = KernelRequestSource(submit, run_dir / "request", free_orphans=False)
+    loop = Loop(source)
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_PYTHON": "1",
+           "KMODD_REQUEST_TIMEOUT": "1"}
+    try:
+        start = time.monotonic()
+        result = run_console(env, "--", "kmodd-test-no-such-module")
+        assert time.monotonic() - start < 20
+        assert len(never) == 1                       # it did ask the daemon first
+        assert result.returncode == 1 and "kmodd-test-no-such-module" in result.stderr
+    finally:
+        loop.close()
+        source.close()
+
+
+def test_console_script_refuses_impossible_names(run_dir: Path, fake_kmodctl: Path,
+                                                 fallback_log: Path) -> None:
+    env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_PYTHON": "1"}
+    result = run_console(env, "--", "x;id")
+    assert result.returncode == 1 and "kernel request refused" in result.stderr
+    assert not fallback_log.exists()

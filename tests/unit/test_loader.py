@@ -228,8 +228,8 @@ def test_hostile_request_text_never_reaches_the_shell(sim: SimKernel, tmp_path: 
 
 def test_quote_options_keeps_kernel_words() -> None:
     assert commands.split_options(' a=1  b="x y" c ') == ["a=1", 'b="x y"', "c"]
-    assert commands.expand("cmd $CMDLINE_OPTS; x $CMDLINE_OPTS", "a=$(id)") == \
-        "cmd 'a=$(id)'; x 'a=$(id)'"
+    assert commands.expand("cmd $CMDLINE_OPTS; x \"$CMDLINE_OPTS\"") == \
+        'cmd "$@"; x "${CMDLINE_OPTS}"'
     assert format_params(["a=1", "b=x y", 'c="q r"']) == 'a=1 b="x y" c="q r"'
 
 

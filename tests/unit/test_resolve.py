@@ -8,6 +8,7 @@ and without ``-b``) or from libkmod, run on the same tree and configuration.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,9 +20,12 @@ import pytest
 
 from kmodd.config import load_config
 from kmodd.index import ModuleTree
+from kmodd.kernel.sim import SimKernel
+from kmodd.loader import Loader
 from kmodd.plan import Role
 from kmodd.resolve import Resolver, open_resolver
 from kmodd.root import Root
+from kmodd.systemd import NOTICE
 from tests.fixtures import (
     MODPROBE,
     VERSION,
@@ -205,7 +209,9 @@ def test_plan_structure(tree: Path, confdir: Path) -> None:
         # modprobe's first appearance of each file is the plan's order
         first_paths = list(dict.fromkeys(line.split()[1] for line in out
                                          if line.startswith("insmod ")))
-        assert [s.path for s in plan.steps if s.path and not s.install_command] == \
+        # (kmod inserts a module with softdeps even when it has an install command)
+        assert [s.path for s in plan.steps
+                if s.path and (not s.install_command or s.kmod_ignores_install)] == \
             [p for p in first_paths], req
         for step in plan.steps:
             entry = tree_index.dep(step.name)
@@ -223,8 +229,11 @@ def test_plan_softdeps_blacklist_install(tree: Path, confdir: Path) -> None:
     order = [s.name for s in plan.steps]
     assert roles["sd_pre"] is Role.SOFTDEP_PRE and roles["sd_post"] is Role.SOFTDEP_POST
     assert order.index("sd_pre") < order.index("sd_main") < order.index("sd_post")
-    # softdeps present: the install command is not used (libkmod's ignorecmd)
-    assert all(s.install_command is None for s in plan.steps if s.name == "sd_main")
+    # softdeps present: libkmod ignores the install command (ignorecmd, kmod bug
+    # #446); kmodd keeps it and marks the difference.
+    main = [s for s in plan.steps if s.name == "sd_main"]
+    assert [(s.install_command, s.kmod_ignores_install) for s in main] == \
+        [("/bin/ignored-because-of-softdeps", True)]
 
     # blacklisted through an alias only, unless blacklist_all (udev / -b)
     assert resolver.plan("blk").targets == ("blk",)
@@ -426,3 +435,26 @@ def test_cli_resolve_corrupt_alias_index_is_a_clear_error(tree: Path, tmp_path: 
         _kmodctl(*args, "pci:v1")
     assert res.returncode == 2, res
     assert "modules.alias.bin" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_install_command_honoured_despite_softdeps_kmod_bug_446(
+        tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``install foo /bin/false`` forbids foo even when foo has softdeps, unlike modprobe."""
+    conf = write_conf(tmp_path / "conf", "forbid.conf",
+                      "install sd-main /bin/false\nsoftdep sd-main pre: sd-pre post: sd-post\n")
+    resolver = _resolver(tree, [str(conf)])
+    # kmod's plan loads the module: --show-depends prints an insmod, and so do we.
+    rc, theirs = _kmod(tree, [str(conf)], "--show-depends", "sd-main")
+    assert rc == 0 and any(ln.startswith("insmod ") and "sd-main" in ln for ln in theirs)
+    assert resolver.show_depends("sd-main") == (theirs, True)
+    plan = resolver.plan("sd-main")
+    sim = SimKernel(tmp_path / "kernel")
+    sim.learn_plan(plan)
+    with caplog.at_level(logging.DEBUG, logger="kmodd.loader"):
+        results = {r.name: r for r in Loader(sim).load_plan(plan)}
+    assert results["sd_main"].status == "failed"
+    assert "sd_main" not in sim.loaded()
+    assert {"sd_pre", "sd_post"} <= set(sim.loaded())   # softdeps as modprobe loads them
+    notices = [r for r in caplog.records if r.levelno == NOTICE]
+    assert len(notices) == 1 and "modprobe would load the module directly" in \
+        notices[0].getMessage()

@@ -243,9 +243,12 @@ def test_restart_remembers_what_kmodd_loaded(env: Env) -> None:
                           ).result(10).status == "loaded"
     stop(svc, t, rc)
     env.kernel.unload_module("solo")         # someone removed it while kmodd was down
+    leftover = Path(svc.settings.state_file).with_name(".state.x1y2z3")
+    leftover.write_text("{half a save")      # the first daemon was SIGKILLed mid-save
     svc2 = env.service()
     t2, rc2 = in_thread(svc2)
     env.notifier.wait_for("READY")
+    assert not leftover.exists()
     with Client(env.sock, timeout=10) as c:
         why = c.why("a")
         assert why["loaded_by_kmodd"] and why["devpath"] == "/devices/a"
@@ -367,8 +370,8 @@ def test_autoclean_timer_unloads_idle_modules_it_loaded(env: Env) -> None:
     t, rc = in_thread(svc)
     env.notifier.wait_for("READY")
     env.kernel.load_module("foreign", env.resolvers[0].path("foreign"))
-    assert svc.submit(Request("kernel", "a")).result(10).status == "loaded"
-    assert svc.submit(Request("kernel", "nic")).result(10).status == "loaded"
+    assert svc.submit(Request("admin", "a")).result(10).status == "loaded"
+    assert svc.submit(Request("admin", "nic")).result(10).status == "loaded"
     assert unloaded.wait(10)           # a went, then its dependency core followed
     stop(svc, t, rc)
     assert set(env.kernel.loaded()) == {"foreign", "nic"}
@@ -508,10 +511,13 @@ def test_second_daemon_on_the_same_socket_refuses_and_touches_nothing(env: Env) 
     assert svc.submit(Request("admin", "solo")).result(10).status == "loaded"
     svc._save_state()
     before = Path(svc.settings.state_file).read_bytes()
+    in_progress = Path(svc.settings.state_file).with_name(".state.abc123")
+    in_progress.write_text("{")              # as if the first daemon were saving right now
     second = env.service()
     with pytest.raises(RuntimeError, match="already listening"):
         second.run()
     assert Path(svc.settings.state_file).read_bytes() == before
+    assert in_progress.exists()
     with Client(env.sock, timeout=10) as c:          # the first one still serves
         assert c.status()["loaded_by_kmodd"] == 1
     stop(svc, t, rc)
@@ -704,3 +710,27 @@ def test_udev_handover_flag_removed_when_the_loop_dies(env: Env) -> None:
     assert svc.ready and flag.exists()
     svc._cleanup()
     assert not flag.exists()
+
+
+def test_kernel_requests_through_kmodctl_stay_kernel_requests(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """kmodd-request's direct path (kmodctl load --kernel-request) reaches the
+    daemon as a kernel request; a name no module can have is refused as one."""
+    from kmodd.cli.ctl_load import load_via_daemon
+
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    try:
+        assert load_via_daemon(Client(env.sock, timeout=10), "solo", [], kernel=True).ok
+        with Client(env.sock, timeout=10) as c:
+            why = c.why("solo")
+            assert (why["kind"], why["requested_by"]) == ("kernel", "kernel")
+            with caplog.at_level(logging.WARNING, logger="kmodd"):
+                reply = c.load("x y;id", kind="kernel")
+            assert not reply["ok"] and reply["code"] == "EINVAL"
+            assert "kernel request refused" in reply["error"]
+        refused = [r for r in caplog.records if "kernel request refused" in r.getMessage()]
+        assert len(refused) == 1 and getattr(refused[0], "REQUESTED_BY", None) == "kernel"
+    finally:
+        stop(svc, t, rc)

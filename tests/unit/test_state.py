@@ -45,8 +45,7 @@ def test_restart_drops_modules_no_longer_loaded(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [
-    "{not json", "[]", '{"modules": "x"}', '{"modules": [{"name": "a"}]}',
-    '{"modules": [42]}', "\xff\xfe garbage",
+    "{not json", "[]", '{"modules": "x"}', "\xff\xfe garbage", "[" * 60000,
 ])
 def test_corrupt_file_is_logged_and_ignored(tmp_path: Path, content: str,
                                             caplog: pytest.LogCaptureFixture) -> None:
@@ -96,3 +95,65 @@ def test_every_field_is_persisted() -> None:
     r = rec("m", via=("x",), idle_since=3.0, idle_sweeps=2, role="dependency")
     assert set(r.to_dict()) == {f.name for f in fields(ModuleRecord)}
     assert ModuleRecord.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+GOOD = {"name": "good", "loaded_at": 1.0, "kind": "kernel", "key": "rtnl-link-good"}
+BAD_RECORDS = [
+    {**GOOD, "name": "a", "key": 5},
+    {**GOOD, "name": "b", "kind": None},
+    {**GOOD, "name": "c", "loaded_at": "yesterday"},
+    {**GOOD, "name": "d", "loaded_at": True},
+    {**GOOD, "name": "e", "devpath": 7},
+    {**GOOD, "name": "f", "requested_by": ["x"]},
+    {**GOOD, "name": "g", "role": {}},
+    {**GOOD, "name": "h", "via": "abc"},
+    {**GOOD, "name": "i", "via": [1, 2]},
+    {**GOOD, "name": "j", "idle_since": "now"},
+    {**GOOD, "name": "k", "idle_sweeps": -1},
+    {**GOOD, "name": "l", "idle_sweeps": 1.5},
+    {**GOOD, "name": "m", "loaded_at": float("inf")},
+    {"name": "n", "loaded_at": 1.0, "kind": "kernel"},
+    {**GOOD, "name": ""},
+    {**GOOD, "name": "../x"},
+    {**GOOD, "name": 42},
+    42,
+]
+
+
+def test_each_bad_record_is_dropped_by_name_and_sweeps_still_work(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One record with ``"key": 5`` used to make every sweep raise."""
+    from kmodd.autoclean import Autoclean, AutocleanPolicy
+    from kmodd.kernel.sim import SimKernel
+
+    path = tmp_path / "state.json"
+    text = json.dumps({"version": 1, "modules": [*BAD_RECORDS, GOOD]}, allow_nan=True)
+    path.write_text(text)
+    store = StateStore(path)
+    names = [r["name"] for r in BAD_RECORDS if isinstance(r, dict)]
+    with caplog.at_level(logging.WARNING, logger="kmodd.state"):
+        store.load(live=[n for n in names if isinstance(n, str)] + ["good"])
+    assert sorted(store.records()) == ["good"]
+    dropped = [r.getMessage() for r in caplog.records if "dropping record" in r.getMessage()]
+    assert len(dropped) == len(BAD_RECORDS)
+    for name in "abcdefghijklmn":
+        assert any(f"record '{name}'" in m for m in dropped), name
+    assert any("'key' has a bad value '5'" in m for m in dropped)
+    # The sweep over what is left runs (the good record's module is simply absent).
+    sim = SimKernel(tmp_path / "k")
+    clean = Autoclean(sim, store, lambda n: None, AutocleanPolicy(idle_timeout=0),
+                      clock=lambda: 9.0)
+    assert clean.sweep().forgotten == ["good"]
+
+
+def test_leftover_temporaries_are_removed(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    store = StateStore(path)
+    store.record(rec("a"))
+    store.save()
+    (tmp_path / ".state.k2j3h4").write_text("{half")       # a save cut short by SIGKILL
+    (tmp_path / ".state.dir").mkdir()                       # not ours: left alone
+    (tmp_path / "reply.123").write_text("")                 # not a state temporary
+    assert StateStore(path).remove_leftovers() == [".state.k2j3h4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.dir", "reply.123",
+                                                           "state.json"]
