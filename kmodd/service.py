@@ -115,7 +115,18 @@ class EventLoop:
 
     ``call_soon_threadsafe`` takes no lock (deque.append is atomic), so it is
     safe from a signal handler too.
+
+    Each turn: the *priority* readers (the kernel's uevents and request FIFO,
+    inotify) first, all of them; then the other ready handlers and the work
+    deferred with :meth:`call_soon` (control peers), in a rotating order and
+    only until ``turn_budget`` seconds are spent -- what is left waits for the
+    next turn, which begins with a fresh look at the priority readers; then
+    timers and the callbacks of other threads.  So the kernel never waits
+    behind more than one budget of control traffic, and no peer is always
+    last (the same idea as sd-event's per-source priorities).
     """
+
+    TURN_BUDGET = 0.005
 
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -128,6 +139,10 @@ class EventLoop:
         self._seq = itertools.count()
         self._handlers: dict[int, tuple[Callable[[], None] | None,
                                         Callable[[], None] | None]] = {}
+        self._priority: set[int] = set()
+        self._deferred: deque[Callable[[], None]] = deque()
+        self._turn = 0
+        self.turn_budget = self.TURN_BUDGET
         self.selector.register(self._rsock, selectors.EVENT_READ, None)
         self.stopped = False
         self.thread: threading.Thread | None = None
@@ -143,6 +158,7 @@ class EventLoop:
             if known:
                 self.selector.unregister(fd)
                 del self._handlers[fd]
+            self._priority.discard(fd)
             return
         self._handlers[fd] = (reader, writer)
         if known:
@@ -150,10 +166,22 @@ class EventLoop:
         else:
             self.selector.register(fd, events)
 
-    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+    def add_reader(self, fileobj: Any, callback: Callable[[], None], *,
+                   priority: bool = False) -> None:
+        """Call ``callback`` when readable; ``priority`` readers go first every turn."""
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         _, writer = self._handlers.get(fd, (None, None))
         self._update(fd, callback, writer)
+        if priority:
+            self._priority.add(fd)
+        else:
+            self._priority.discard(fd)
+
+    def remove_reader(self, fileobj: Any) -> None:
+        """Stop watching for input (a writer stays registered)."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        _, writer = self._handlers.get(fd, (None, None))
+        self._update(fd, None, writer)
 
     def set_writer(self, fileobj: Any, callback: Callable[[], None] | None) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
@@ -165,6 +193,7 @@ class EventLoop:
         if fd in self._handlers:
             self.selector.unregister(fd)
             del self._handlers[fd]
+        self._priority.discard(fd)
 
     # callbacks and timers ------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
@@ -175,6 +204,10 @@ class EventLoop:
             self._wakeup_pending = True
             with contextlib.suppress(BlockingIOError, OSError):
                 self._wsock.send(b"\0")
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """From the loop thread: run ``fn`` in a coming turn, within the turn budget."""
+        self._deferred.append(fn)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
         timer = _Timer(time.monotonic() + max(0.0, delay), fn)
@@ -213,21 +246,20 @@ class EventLoop:
         if self._timers:
             until = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = until if timeout is None else min(timeout, until)
-        if self._calls:
+        if self._calls or self._deferred:
             timeout = 0.0
+        ready: list[tuple[int, int]] = []
         for key, mask in self.selector.select(timeout):
             if key.fileobj is self._rsock:
                 with contextlib.suppress(BlockingIOError, OSError):
                     while self._rsock.recv(4096):
                         pass
                 continue
-            reader, writer = self._handlers.get(key.fd, (None, None))
-            if mask & selectors.EVENT_WRITE and writer is not None:
-                self._guard(writer)
-            # The write handler may have closed and unregistered the fd.
-            reader, _ = self._handlers.get(key.fd, (None, None))
-            if mask & selectors.EVENT_READ and reader is not None:
-                self._guard(reader)
+            if key.fd in self._priority:
+                self._dispatch(key.fd, mask)
+            else:
+                ready.append((key.fd, mask))
+        self._run_budgeted(ready)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
@@ -237,6 +269,33 @@ class EventLoop:
         for _ in range(len(self._calls)):
             fn, args = self._calls.popleft()
             self._guard(fn, *args)
+
+    def _dispatch(self, fd: int, mask: int) -> None:
+        reader, writer = self._handlers.get(fd, (None, None))
+        if mask & selectors.EVENT_WRITE and writer is not None:
+            self._guard(writer)
+        # The write handler may have closed and unregistered the fd.
+        reader, _ = self._handlers.get(fd, (None, None))
+        if mask & selectors.EVENT_READ and reader is not None:
+            self._guard(reader)
+
+    def _run_budgeted(self, ready: list[tuple[int, int]]) -> None:
+        deferred = len(self._deferred)
+        if not ready and not deferred:
+            return
+        work: list[tuple[int, int] | None] = [*ready, *([None] * deferred)]
+        self._turn += 1
+        start = self._turn % len(work)
+        deadline = time.monotonic() + self.turn_budget
+        for done, item in enumerate(work[start:] + work[:start]):
+            if done and time.monotonic() > deadline:
+                # Left for the next turn: ready fds are reported again
+                # (level-triggered), deferred calls stay queued.
+                break
+            if item is None:
+                self._guard(self._deferred.popleft())
+            else:
+                self._dispatch(*item)
 
     def run(self, until: Callable[[], bool]) -> None:
         self.thread = threading.current_thread()
@@ -429,11 +488,13 @@ class Service:
                 slog(LOG, logging.ERROR, "request source unavailable: %s", exc)
                 continue
             self.sources.append(src)
-            self.loop.add_reader(src, self._guarded_reader(src))
+            # The kernel waits on these: never behind control traffic.
+            self.loop.add_reader(src, self._guarded_reader(src), priority=True)
         if self._watcher_factory is not None:
             try:
                 self.watcher = self._watcher_factory(self._on_tree_change)
-                self.loop.add_reader(self.watcher, self._guarded_reader(self.watcher))
+                self.loop.add_reader(self.watcher, self._guarded_reader(self.watcher),
+                                     priority=True)
             except Exception as exc:
                 slog(LOG, logging.WARNING, "not watching module indexes/modprobe.d: %s", exc)
         if self.settings.autoclean_interval > 0:
