@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import struct
+import subprocess
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,11 +57,46 @@ def _version_key(version: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", version)]
 
 
+KERNEL_VERSION_ENV = "TESTBED_KERNEL_VERSION"
+META_PACKAGE = "linux-image-amd64"
+
+
+def packaged_kernel_version(meta: str = META_PACKAGE) -> str | None:
+    """The kernel version Debian's *meta* package depends on (``<upstream>-<abi>-amd64``).
+
+    That is the kernel ``scripts/install-deps.sh`` installed today; ``None`` when
+    dpkg is missing or the package is not installed.
+    """
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}\t${Depends}", meta],
+            capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    status, _, depends = out.stdout.partition("\t")
+    if out.returncode != 0 or "install ok installed" not in status:
+        return None
+    for dep in re.split(r"[,|]", depends):
+        m = re.match(r"\s*linux-image-(\S+)", dep)
+        if m and not m.group(1).endswith("-unsigned"):
+            return m.group(1)
+    return None
+
+
 def find_kernel(version: str | None = None) -> Kernel:
-    """The Debian kernel to boot: ``$TESTBED_KERNEL_VERSION``, *version*, or the newest."""
-    version = version or os.environ.get("TESTBED_KERNEL_VERSION") or None
+    """The Debian kernel under test.
+
+    In order: *version*, ``$TESTBED_KERNEL_VERSION``, the version ``linux-image-amd64``
+    depends on, and failing that the newest ``/boot/vmlinuz-*`` with a module tree.
+    Nothing here names a version: Debian moves the meta package every few weeks.
+    """
+    version = version or os.environ.get(KERNEL_VERSION_ENV) or None
     boot = Path("/boot")
     candidates = sorted(boot.glob("vmlinuz-*"), key=lambda p: _version_key(p.name[8:]))
+    if version is None:
+        packaged = packaged_kernel_version()
+        if packaged is not None and (Path("/lib/modules") / packaged / "modules.dep").exists():
+            candidates = [p for p in candidates if p.name == f"vmlinuz-{packaged}"] or candidates
     if version is not None:
         candidates = [p for p in candidates if p.name == f"vmlinuz-{version}"]
     with_modules = [p for p in candidates if (Path("/lib/modules") / p.name[8:]).is_dir()]

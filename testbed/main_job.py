@@ -609,6 +609,7 @@ def main(devices: list[str] | None = None, console: bool = False) -> int:
     rc = 1
     try:
         vm.boot()
+        vm.verify_share()
         rc = job(vm)
         return rc
     finally:

@@ -464,6 +464,26 @@ class VM:
             lines.append("exec " + shlex.join([str(c) for c in cmd]))
         return "\n".join(lines) + "\n"
 
+    def verify_share(self) -> None:
+        """Fail unless the guest runs kmodd from the checkout under test.
+
+        The guest sees the host's whole root, so a stale PATH, a copied virtual
+        environment or an editable install made in another checkout would quietly
+        run someone else's code; this turns that into an error.
+        """
+        share = str(self.share)
+        r = self.run(
+            'command -v kmodd; command -v kmodctl; '
+            'python3 -c "import kmodd, sys; print(kmodd.__file__)"', timeout=300)
+        paths = r.stdout.split()
+        outside = [p for p in paths if not (p == share or p.startswith(share + "/"))]
+        if r.rc != 0 or len(paths) != 3 or outside:
+            raise TestbedError(
+                f"the guest does not run the checkout under test ({share}): kmodd, kmodctl "
+                f"and the kmodd package resolve to {paths or 'nothing'} "
+                f"(rc={r.rc}, stderr: {r.stderr.strip()[-500:]}); "
+                "run scripts/install-deps.sh in this checkout")
+
     def run(
         self,
         cmd: str | Sequence[str],

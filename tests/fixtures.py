@@ -22,7 +22,29 @@ from kmodd.config import ModprobeConfig, softdep_words
 
 MODPROBE = shutil.which("modprobe") or "/usr/sbin/modprobe"
 DEPMOD = shutil.which("depmod") or "/usr/sbin/depmod"
-VERSION = "6.1.0-fixture"
+VERSION = "9.9.9-fixture"
+
+
+def real_kernel_version() -> str:
+    """The Debian kernel tree under test, discovered like the test bed does it
+    (``testbed.initramfs.find_kernel``: ``$TESTBED_KERNEL_VERSION``, else the version
+    linux-image-amd64 depends on, else the newest tree with a /boot/vmlinuz).  No test
+    names a kernel version: Debian moves linux-image-amd64 every few weeks."""
+    from testbed.initramfs import TestbedError, find_kernel
+
+    try:
+        kernel = find_kernel()
+    except TestbedError as exc:
+        raise RuntimeError(f"no Debian kernel tree to test against: {exc}") from None
+    if not (kernel.moddir / "modules.dep").is_file():
+        raise RuntimeError(f"{kernel.moddir}/modules.dep is missing: run depmod "
+                           f"{kernel.version} or reinstall linux-image-amd64")
+    return kernel.version
+
+
+def real_moddir() -> Path:
+    """/lib/modules/<kernel under test>."""
+    return Path("/lib/modules") / real_kernel_version()
 
 
 # ------------------------------------------------------------------ kmod oracles

@@ -19,7 +19,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 exec </dev/console >/dev/console 2>&1
 
-tb_share=/work/main
+tb_share=
 tb_rootcache=loose
 tb_msize=512000
 tb_venv=
@@ -32,6 +32,10 @@ for arg in $(cat /proc/cmdline); do
             ;;
     esac
 done
+
+# The checkout under test comes from the host (vm.py); there is no default, so
+# a guest can never run some other checkout's code by accident.
+[ -n "$tb_share" ] || fatal "no tb_share= on the kernel command line"
 
 while read -r mod; do
     insmod "/lib/modules/$mod.ko" || fatal "insmod $mod failed"

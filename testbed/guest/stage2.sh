@@ -3,7 +3,7 @@
 # read-only 9p root with a tmpfs overlay.  Finishes the mounts, then either
 # starts the guest agent (tb_mode=agent) or runs one command with its output on
 # the console and powers off (tb_mode=console).
-tb_share=/work/main
+tb_share=
 tb_mode=agent
 tb_mbox=
 tb_modprobe=/bin/true
@@ -22,6 +22,8 @@ poweroff_now() {
     echo b >/proc/sysrq-trigger   # QEMU runs with -no-reboot: a reboot ends it
     sleep 10
 }
+
+[ -n "$tb_share" ] || { echo "TESTBED-FATAL: no tb_share= on the kernel command line"; poweroff_now; }
 
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts

@@ -32,10 +32,10 @@ from tests.fixtures import (
     modprobe,
     mutate,
     read_alias_patterns,
+    real_moddir,
 )
 
-REAL_VERSION = "6.1.0-56-amd64"
-REAL_TREE = Path("/lib/modules") / REAL_VERSION
+REAL_TREE = real_moddir()
 
 # Modules carrying the real aliases of their Debian namesakes, so the indexes
 # depmod writes have real shapes: usb-storage and uas share class patterns,
@@ -67,7 +67,7 @@ BIN_FILES = ("modules.dep.bin", "modules.alias.bin", "modules.symbols.bin",
 
 def _real_tree() -> Path:
     if not (REAL_TREE / "modules.alias").exists():
-        raise RuntimeError(f"{REAL_TREE} is missing: install linux-image-amd64 ({REAL_VERSION})")
+        raise RuntimeError(f"{REAL_TREE}/modules.alias is missing: install linux-image-amd64")
     return REAL_TREE
 
 

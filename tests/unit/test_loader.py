@@ -15,6 +15,7 @@ from kmodd.cli.ctl_load import format_params, load_plan_direct
 from kmodd.kernel.sim import SimKernel
 from kmodd.loader import Loader, describe_failure
 from kmodd.plan import ModuleStep, Plan, Role
+from tests.fixtures import real_moddir
 
 ELF = b"\x7fELF\x02\x01\x01" + bytes(9)
 
@@ -304,7 +305,6 @@ def test_load_plan_direct_rejects_unresolved(sim: SimKernel) -> None:
 
 # -- kmodctl load/unload's direct path, on a tree of real Debian modules --------------------
 
-REAL = Path("/lib/modules/6.1.0-56-amd64")
 TREE_VERSION = "6.1.0-kmodd-test"
 TREE_MODULES = ("kernel/sound/soundcore.ko", "kernel/sound/core/snd.ko",
                 "kernel/sound/core/snd-timer.ko", "kernel/drivers/block/loop.ko")
@@ -316,13 +316,14 @@ def real_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
     import subprocess
 
+    real = real_moddir()
     base = tmp_path_factory.mktemp("tree")
     moddir = base / "lib/modules" / TREE_VERSION
     for rel in TREE_MODULES:
         (moddir / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REAL / rel, moddir / rel)
+        shutil.copy(real / rel, moddir / rel)
     for f in ("modules.builtin", "modules.builtin.modinfo"):
-        shutil.copy(REAL / f, moddir / f)
+        shutil.copy(real / f, moddir / f)
     subprocess.run(["depmod", "-b", str(base), TREE_VERSION], check=True)
     return base
 

@@ -50,6 +50,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
 def _boot(**kwargs: Any) -> VM:
     vm = VM(**kwargs)
     seconds = vm.boot()
+    try:
+        vm.verify_share()
+    except BaseException:
+        vm.shutdown()
+        raise
     print(f"\ntestbed: booted {vm.kernel.version if vm.kernel else '?'} in {seconds:.1f} s",
           file=sys.stderr)
     return vm

@@ -31,8 +31,6 @@ import pytest
 
 from testbed.vm import VM, Completed
 
-CHECKOUT = "/work/main"
-HELPER = f"{CHECKOUT}/contrib/kmodd-request"
 LOG = "/tmp/kmodd.log"
 CONF = "/tmp/kmodd.toml"
 AUTOCLEAN_INTERVAL = 3
@@ -56,6 +54,9 @@ class Guest:
     def __init__(self, vm: VM) -> None:
         self.vm = vm
         self.facts: dict[str, Any] = {}
+        # Everything the guest runs comes from the clone under test.
+        self.checkout = str(vm.share)
+        self.helper = f"{self.checkout}/contrib/kmodd-request"
 
     def sh(self, script: str, timeout: float = 300, *, ok: bool = True) -> Completed:
         result = self.vm.run(script, timeout=timeout)
@@ -99,11 +100,11 @@ def guest(fresh_vm: Callable[..., VM]) -> Iterator[Guest]:
         for line in g.sh("cat /lib/modules/$(uname -r)/modules.builtin").stdout.split()}
     # The kernel's helper first, as a booted system would have it (sysctl.d),
     # so requests made by drivers during coldplug go through the daemon too.
-    g.sh(f"echo {HELPER} > /proc/sys/kernel/modprobe && cat /proc/sys/kernel/modprobe")
+    g.sh(f"echo {g.helper} > /proc/sys/kernel/modprobe && cat /proc/sys/kernel/modprobe")
     start = g.sh(
         f"printf 'autoclean_interval = {AUTOCLEAN_INTERVAL}\\nidle_timeout = "
         f"{IDLE_TIMEOUT_START}\\n' >{CONF}; date +%s.%N; "
-        f"setsid {CHECKOUT}/.venv/bin/kmodd --config {CONF} --no-journal --log-level debug "
+        f"setsid {g.checkout}/.venv/bin/kmodd --config {CONF} --no-journal --log-level debug "
         f"</dev/null >{LOG} 2>&1 & echo $!").stdout.split()
     g.facts["started_at"], g.facts["pid"] = float(start[0]), int(start[1])
     # settle blocks until coldplug is done and nothing is pending; the module
@@ -220,7 +221,7 @@ def test_hotplugged_device_gets_its_driver(guest: Guest) -> None:
 
 
 def test_kernel_request_through_the_helper(guest: Guest) -> None:
-    assert guest.sh("cat /proc/sys/kernel/modprobe").stdout.strip() == HELPER
+    assert guest.sh("cat /proc/sys/kernel/modprobe").stdout.strip() == guest.helper
     assert "dummy" not in guest.loaded()
     r = guest.sh("t0=$(date +%s%N); ip link add x type dummy; rc=$?; t1=$(date +%s%N); "
                  "echo \"rc=$rc ms=$(( (t1 - t0) / 1000000 ))\"; ip -o link show x",
@@ -234,7 +235,7 @@ def test_kernel_request_through_the_helper(guest: Guest) -> None:
     # The helper's own cost with the daemon answering (module present),
     # next to modprobe's, on the same guest: informational figures.
     timing = guest.sh(
-        "t0=$(date +%s%N); for i in $(seq 50); do " + HELPER + " -q -- dummy || exit 1; done; "
+        f"t0=$(date +%s%N); for i in $(seq 50); do {guest.helper} -q -- dummy || exit 1; done; "
         "t1=$(date +%s%N); for i in $(seq 50); do modprobe -q dummy || exit 1; done; "
         "t2=$(date +%s%N); echo $(( (t1 - t0) / 50000 )) $(( (t2 - t1) / 50000 ))").stdout
     helper_us, modprobe_us = (int(x) for x in timing.split())
@@ -295,7 +296,7 @@ def test_module_init_asking_for_a_module_with_one_worker(guest: Guest) -> None:
              "sleep 0.1; done; ! kill -0 " + str(pid))
     assert "sha3_generic" not in guest.loaded() and "tcrypt" not in guest.loaded()
     r = guest.sh(
-        f"setsid {CHECKOUT}/.venv/bin/kmodd --max-workers 1 --no-coldplug --no-journal "
+        f"setsid {guest.checkout}/.venv/bin/kmodd --max-workers 1 --no-coldplug --no-journal "
         f"--log-level debug </dev/null >>{LOG} 2>&1 & "
         "for i in $(seq 600); do kmodctl status >/dev/null 2>&1 && break; sleep 0.1; done; "
         "timeout 120 kmodctl load --json tcrypt alg=sha3-256 type=14; echo \"rc=$?\"",
