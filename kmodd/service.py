@@ -16,6 +16,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
@@ -799,8 +800,14 @@ class Service:
     def _broadcast(self, outcome: Outcome) -> None:
         if self.monitors:
             event = {"event": "outcome", "time": time.time(), **outcome.to_dict()}
+            public: dict[str, Any] | None = None
             for conn in list(self.monitors):
-                conn.send(event)
+                if conn.cred.is_root:
+                    conn.send(event)
+                else:
+                    if public is None:
+                        public = redact_outcome(event)
+                    conn.send(public)
         self._check_settle()
 
     def settled(self) -> bool:
@@ -889,9 +896,9 @@ class Service:
         if op == "status":
             return self.status()
         if op == "list":
-            return {"ok": True, "modules": self.list_modules()}
+            return {"ok": True, "modules": self.list_modules(private=conn.cred.is_root)}
         if op == "why":
-            return self.why(_name_arg(msg, "module"))
+            return self.why(_name_arg(msg, "module"), private=conn.cred.is_root)
         if op == "monitor":
             if not conn.monitoring:
                 self.monitors.add(conn)
@@ -945,7 +952,8 @@ class Service:
         except Exception:
             return None
 
-    def list_modules(self) -> list[dict[str, Any]]:
+    def list_modules(self, *, private: bool = True) -> list[dict[str, Any]]:
+        """Every loaded module; ``private=False`` (non-root peers) hides who asked."""
         records = self.state.records()
         try:
             table = self.kernel.modules()
@@ -959,12 +967,12 @@ class Service:
                 "name": name, "state": mod.state.lower(), "refcount": mod.refcount,
                 "holders": list(mod.holders), "size": mod.size, "permanent": mod.permanent,
                 "loaded_by_kmodd": rec is not None,
-                "why": _why_dict(rec) if rec else None,
+                "why": _why_dict(rec, private) if rec else None,
                 "loaded_at": rec.loaded_at if rec else None,
                 "idle_since": rec.idle_since if rec else None})
         return out
 
-    def why(self, module: str) -> dict[str, Any]:
+    def why(self, module: str, *, private: bool = True) -> dict[str, Any]:
         name = modname_normalize(module)
         rec = self.state.get(name)
         try:
@@ -974,14 +982,16 @@ class Service:
         out: dict[str, Any] = {"ok": True, "module": name, "state": state.value,
                                "loaded_by_kmodd": rec is not None}
         if rec is not None:
-            out.update(_why_dict(rec))
+            out.update(_why_dict(rec, private))
             out["loaded_at"] = rec.loaded_at
             out["idle_since"] = rec.idle_since
         if self.last_sweep is not None and name in self.last_sweep.kept:
             out["autoclean"] = self.last_sweep.kept[name]     # why it is still loaded
         failure = self.scheduler.failures().get(name)
         if failure is not None:
-            out["last_failure"] = {"failures": failure.failures, "error": failure.error,
+            out["last_failure"] = {"failures": failure.failures,
+                                   "error": failure.error if private
+                                   else redact_error(failure.error),
                                    "errno": failure.errno}
         return out
 
@@ -1089,7 +1099,42 @@ def _name_arg(msg: dict[str, Any], key: str) -> str:
     return value
 
 
-def _why_dict(rec: ModuleRecord) -> dict[str, Any]:
+def _why_dict(rec: ModuleRecord, private: bool = True) -> dict[str, Any]:
     return {"kind": rec.kind, "key": rec.key, "devpath": rec.devpath,
-            "requested_by": rec.requested_by, "role": rec.role, "via": list(rec.via)}
+            "requested_by": rec.requested_by if private else redact_requester(rec.requested_by),
+            "role": rec.role, "via": list(rec.via)}
+
+
+# --- what non-root readers see ------------------------------------------------------------
+# Anyone may connect to the control socket; module options are the
+# administrator's (they may hold keys and passwords: modprobe.d files are
+# root's to read) and a requester's pid/uid is another user's business.
+
+_CREDENTIAL = re.compile(r"\s*\b(?:uid|gid|pid)=\S*")
+# kmodd.kernel.errors.load_message quotes the parameters: "... value in '...' (see dmesg)"
+_QUOTED_PARAMS = re.compile(r" in '.*'(?= \(see dmesg\))", re.DOTALL)
+
+
+def redact_requester(requested_by: str | None) -> str | None:
+    """``kmodctl uid=0 pid=42`` -> ``kmodctl``: who asked, as a kind, not a process."""
+    if not requested_by:
+        return requested_by
+    return _CREDENTIAL.sub("", requested_by).strip() or "hidden"
+
+
+def redact_error(error: str | None) -> str | None:
+    return _QUOTED_PARAMS.sub("", error) if error else error
+
+
+def redact_outcome(event: dict[str, Any]) -> dict[str, Any]:
+    """An outcome (``Outcome.to_dict()``, monitor event) as a non-root peer may see it."""
+    out = dict(event)
+    request = dict(out.get("request") or {})
+    if "options" in request:
+        request["options"] = None
+    if "requested_by" in request:
+        request["requested_by"] = redact_requester(request["requested_by"])
+    out["request"] = request
+    out["error"] = redact_error(out.get("error"))
+    return out
 
