@@ -96,3 +96,15 @@ def test_every_field_is_persisted() -> None:
     r = rec("m", via=("x",), idle_since=3.0, idle_sweeps=2, role="dependency")
     assert set(r.to_dict()) == {f.name for f in fields(ModuleRecord)}
     assert ModuleRecord.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+@pytest.mark.parametrize("content", [b'{"\xff\xff": []}', b'{"modules": ' + b"[" * 5000],
+                         ids=["bad-utf8", "deeply-nested"])
+def test_undecodable_or_deeply_nested_state_file_starts_fresh(tmp_path: Path,
+                                                              content: bytes) -> None:
+    """Found by fuzzing: both raised out of load(), so the daemon could not start."""
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    store = StateStore(path)
+    store.load()
+    assert store.records() == {}
