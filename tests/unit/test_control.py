@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -321,3 +322,27 @@ def test_priority_readers_first_and_control_work_within_a_budget() -> None:
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_root_of_a_user_namespace_is_not_root(harness: Harness) -> None:
+    """A container's root (uid 0 inside, 100000 outside) is an unprivileged peer:
+    the kernel reports SO_PEERCRED in the daemon's namespace."""
+    python = shutil.which("python3", path=os.defpath)
+    assert python, "no system python3"
+    client = (
+        "import json, os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile('rb')\n"
+        "out = {'inside_uid': os.getuid()}\n"
+        "for op in ('load', 'status'):\n"
+        "    s.sendall(json.dumps({'op': op, 'name': 'dummy'}).encode() + b'\\n')\n"
+        "    out[op] = json.loads(f.readline())\n"
+        "print(json.dumps(out))\n")
+    done = subprocess.run(["unshare", "--user", "--map-root-user", python, "-I", "-c", client,
+                           str(harness.server.path)], user=100000, group=100000,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["inside_uid"] == 0
+    assert out["load"]["ok"] is False and out["load"]["code"] == "EPERM"
+    assert out["status"]["uid"] == 100000
+    assert [m["op"] for _, m in harness.calls] == ["status"]
