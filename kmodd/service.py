@@ -128,6 +128,11 @@ class EventLoop:
     """
 
     TURN_BUDGET = 0.005
+    # When the budget ran out (control traffic saturates the loop), the next
+    # wait serves only the priority readers for as long as the budgeted work
+    # took: control gets at most half of the loop thread, and the scheduler's
+    # threads get the interpreter lock in between.
+    REST_SHARE = 1.0
 
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -144,7 +149,14 @@ class EventLoop:
         self._deferred: deque[Callable[[], None]] = deque()
         self._turn = 0
         self.turn_budget = self.TURN_BUDGET
+        self.rest_share = self.REST_SHARE
+        self._rest_until = 0.0
         self.selector.register(self._rsock, selectors.EVENT_READ, None)
+        # Non-priority fds live in a selector of their own (epoll nests),
+        # watched from the main one except while the loop rests.
+        self._normal = selectors.DefaultSelector()
+        self._normal_watched = False
+        self._watch_normal(True)
         self.stopped = False
         self.thread: threading.Thread | None = None
 
@@ -157,26 +169,39 @@ class EventLoop:
         known = fd in self._handlers
         if not events:
             if known:
-                self.selector.unregister(fd)
+                self._selector_of(fd).unregister(fd)
                 del self._handlers[fd]
             self._priority.discard(fd)
             return
         self._handlers[fd] = (reader, writer)
         if known:
-            self.selector.modify(fd, events)
+            self._selector_of(fd).modify(fd, events)
         else:
-            self.selector.register(fd, events)
+            self._selector_of(fd).register(fd, events)
+
+    def _selector_of(self, fd: int) -> selectors.BaseSelector:
+        return self.selector if fd in self._priority else self._normal
+
+    def _watch_normal(self, on: bool) -> None:
+        if on != self._normal_watched:
+            if on:
+                self.selector.register(self._normal.fileno(), selectors.EVENT_READ, None)
+            else:
+                self.selector.unregister(self._normal.fileno())
+            self._normal_watched = on
 
     def add_reader(self, fileobj: Any, callback: Callable[[], None], *,
                    priority: bool = False) -> None:
         """Call ``callback`` when readable; ``priority`` readers go first every turn."""
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
-        _, writer = self._handlers.get(fd, (None, None))
-        self._update(fd, callback, writer)
+        reader, writer = self._handlers.get(fd, (None, None))
+        if (fd in self._priority) != priority and (reader or writer):
+            self._update(fd, None, None)         # moves to the other selector
         if priority:
             self._priority.add(fd)
         else:
             self._priority.discard(fd)
+        self._update(fd, callback, writer)
 
     def remove_reader(self, fileobj: Any) -> None:
         """Stop watching for input (a writer stays registered)."""
@@ -192,7 +217,7 @@ class EventLoop:
     def remove(self, fileobj: Any) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd in self._handlers:
-            self.selector.unregister(fd)
+            self._selector_of(fd).unregister(fd)
             del self._handlers[fd]
         self._priority.discard(fd)
 
@@ -247,20 +272,27 @@ class EventLoop:
         if self._timers:
             until = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = until if timeout is None else min(timeout, until)
-        if self._calls or self._deferred:
+        resting = self._rest_until - time.monotonic()
+        if resting > 0:
+            timeout = resting if timeout is None else min(timeout, resting)
+        elif self._deferred:
             timeout = 0.0
-        ready: list[tuple[int, int]] = []
+        if self._calls:
+            timeout = 0.0
+        self._watch_normal(resting <= 0)
+        normal = False
         for key, mask in self.selector.select(timeout):
             if key.fileobj is self._rsock:
                 with contextlib.suppress(BlockingIOError, OSError):
                     while self._rsock.recv(4096):
                         pass
-                continue
-            if key.fd in self._priority:
+            elif key.fd in self._priority:
                 self._dispatch(key.fd, mask)
             else:
-                ready.append((key.fd, mask))
-        self._run_budgeted(ready)
+                normal = True            # the nested selector of the others
+        if resting <= 0:
+            ready = [(key.fd, mask) for key, mask in self._normal.select(0)] if normal else []
+            self._run_budgeted(ready)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
@@ -287,11 +319,15 @@ class EventLoop:
         work: list[tuple[int, int] | None] = [*ready, *([None] * deferred)]
         self._turn += 1
         start = self._turn % len(work)
-        deadline = time.monotonic() + self.turn_budget
+        began = time.monotonic()
+        deadline = began + self.turn_budget
         for done, item in enumerate(work[start:] + work[:start]):
             if done and time.monotonic() > deadline:
                 # Left for the next turn: ready fds are reported again
-                # (level-triggered), deferred calls stay queued.
+                # (level-triggered), deferred calls stay queued.  Saturated:
+                # rest as long as this took (priority readers still served).
+                now = time.monotonic()
+                self._rest_until = now + (now - began) * self.rest_share
                 break
             if item is None:
                 self._guard(self._deferred.popleft())
@@ -306,6 +342,8 @@ class EventLoop:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.selector.close()
+        with contextlib.suppress(Exception):
+            self._normal.close()
         self._rsock.close()
         self._wsock.close()
 

@@ -249,7 +249,7 @@ class _Control:
                         got += chunk
                 if conn.closed or not (conn.queued or conn.outbuf or conn.paused):
                     break
-                loop.run_once(0)
+                loop.run_once(0.001)
             else:
                 raise AssertionError("the connection never finished its input")
             with contextlib.suppress(BlockingIOError):

@@ -312,9 +312,15 @@ def test_priority_readers_first_and_control_work_within_a_budget() -> None:
         loop.run_once(0)
         assert calls[0] == "kernel"
         assert 2 <= len(calls) <= 4, calls       # 5 ms budget, 3 ms each
-        seen: set[str] = set()
-        for _ in range(10):
-            loop.run_once(0)
+        # Saturated: the loop now rests as long as that took, serving only
+        # the kernel's sources.
+        assert loop._rest_until > _time.monotonic()
+        before = len(calls)
+        kernel_b.send(b"x")
+        loop.run_once(0)
+        assert calls[before:] == ["kernel"]
+        for _ in range(40):
+            loop.run_once(0.05)
         seen = {c for c in calls if c != "kernel"}
         assert seen == {f"peer{i}" for i in range(10)}    # nobody starved
     finally:
