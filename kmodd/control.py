@@ -74,11 +74,12 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
 class Reactor(Protocol):
     """The part of the service's event loop the server uses."""
 
-    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None: ...
+    def add_reader(self, fileobj: Any, callback: Callable[[], None], *,
+                   group: object = None) -> None: ...
     def remove_reader(self, fileobj: Any) -> None: ...
     def set_writer(self, fileobj: Any, callback: Callable[[], None] | None) -> None: ...
     def remove(self, fileobj: Any) -> None: ...
-    def call_soon(self, fn: Callable[[], None]) -> None: ...
+    def call_soon(self, fn: Callable[[], None], *, group: object = None) -> None: ...
 
 
 def error_reply(message: str, code: str = "EINVAL") -> dict[str, Any]:
@@ -101,6 +102,8 @@ class Connection:
         self.paused = False       # not reading: too much output queued
         self.queued = False       # complete lines wait for a coming turn
         self.max_output = MAX_OUTPUT if cred.is_root else MAX_OUTPUT_UNPRIVILEGED
+        # The loop's fairness unit: one share per user, however many connections.
+        self.group = ("uid", cred.uid)
 
     @property
     def uid(self) -> int:
@@ -154,7 +157,7 @@ class Connection:
                 return
         if self.paused and len(self.outbuf) <= OUTPUT_LOW and not self.close_after_flush:
             self.paused = False
-            self.server.reactor.add_reader(self.sock, self.on_readable)
+            self.server.reactor.add_reader(self.sock, self.on_readable, group=self.group)
             self._schedule()
 
     def _pause(self) -> None:
@@ -167,7 +170,7 @@ class Connection:
     def _schedule(self) -> None:
         if not self.queued and not self.closed and b"\n" in self.inbuf:
             self.queued = True
-            self.server.reactor.call_soon(self._serve)
+            self.server.reactor.call_soon(self._serve, group=self.group)
 
     def on_readable(self) -> None:
         if self.queued or self.paused:
@@ -327,7 +330,7 @@ class ControlServer:
                 continue
             conn = Connection(self, peer, cred)
             self.connections.add(conn)
-            self.reactor.add_reader(peer, conn.on_readable)
+            self.reactor.add_reader(peer, conn.on_readable, group=conn.group)
 
     def _over_limit(self, cred: PeerCred) -> str | None:
         total = len(self.connections)

@@ -146,7 +146,13 @@ class EventLoop:
         self._handlers: dict[int, tuple[Callable[[], None] | None,
                                         Callable[[], None] | None]] = {}
         self._priority: set[int] = set()
-        self._deferred: deque[Callable[[], None]] = deque()
+        self._deferred: deque[tuple[Callable[[], None], object]] = deque()
+        # Fairness: ready work is served least recently served group first
+        # (a group: the uid of a control peer, else the fd itself), so a
+        # user with many connections gets one share, not one per connection.
+        self._groups: dict[int, object] = {}
+        self._served: dict[object, int] = {}
+        self._ticks = itertools.count(1)
         self._turn = 0
         self.turn_budget = self.TURN_BUDGET
         self.rest_share = self.REST_SHARE
@@ -172,6 +178,7 @@ class EventLoop:
                 self._selector_of(fd).unregister(fd)
                 del self._handlers[fd]
             self._priority.discard(fd)
+            self._groups.pop(fd, None)
             return
         self._handlers[fd] = (reader, writer)
         if known:
@@ -191,8 +198,11 @@ class EventLoop:
             self._normal_watched = on
 
     def add_reader(self, fileobj: Any, callback: Callable[[], None], *,
-                   priority: bool = False) -> None:
-        """Call ``callback`` when readable; ``priority`` readers go first every turn."""
+                   priority: bool = False, group: object = None) -> None:
+        """Call ``callback`` when readable; ``priority`` readers go first every turn.
+
+        Others share the turn's budget by ``group`` (default: the fd alone).
+        """
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         reader, writer = self._handlers.get(fd, (None, None))
         if (fd in self._priority) != priority and (reader or writer):
@@ -202,6 +212,8 @@ class EventLoop:
         else:
             self._priority.discard(fd)
         self._update(fd, callback, writer)
+        if group is not None:
+            self._groups[fd] = group
 
     def remove_reader(self, fileobj: Any) -> None:
         """Stop watching for input (a writer stays registered)."""
@@ -220,6 +232,7 @@ class EventLoop:
             self._selector_of(fd).unregister(fd)
             del self._handlers[fd]
         self._priority.discard(fd)
+        self._groups.pop(fd, None)
 
     # callbacks and timers ------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
@@ -231,9 +244,10 @@ class EventLoop:
             with contextlib.suppress(BlockingIOError, OSError):
                 self._wsock.send(b"\0")
 
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """From the loop thread: run ``fn`` in a coming turn, within the turn budget."""
-        self._deferred.append(fn)
+    def call_soon(self, fn: Callable[[], None], *, group: object = None) -> None:
+        """From the loop thread: run ``fn`` in a coming turn, within the turn budget
+        and the share of ``group`` (see :meth:`add_reader`)."""
+        self._deferred.append((fn, group if group is not None else fn))
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
         timer = _Timer(time.monotonic() + max(0.0, delay), fn)
@@ -313,26 +327,47 @@ class EventLoop:
             self._guard(reader)
 
     def _run_budgeted(self, ready: list[tuple[int, int]]) -> None:
-        deferred = len(self._deferred)
-        if not ready and not deferred:
+        if not ready and not self._deferred:
             return
-        work: list[tuple[int, int] | None] = [*ready, *([None] * deferred)]
+        deferred = list(self._deferred)
+        self._deferred.clear()
+        # (group, own key, fd and mask | None, deferred index | -1)
+        work: list[tuple[object, object, tuple[int, int] | None, int]] = [
+            (self._groups.get(fd, ("fd", fd)), ("fd", fd), (fd, mask), -1) for fd, mask in ready]
+        work += [(group, fn, None, i) for i, (fn, group) in enumerate(deferred)]
+        # Round robin: groups least recently served first, one item of each
+        # in turn; inside a group, its least recently served item first.
+        queues: dict[object, deque[tuple[object, object, tuple[int, int] | None, int]]] = {}
+        for item in sorted(work, key=lambda w: self._served.get(w[1], 0)):
+            queues.setdefault(item[0], deque()).append(item)
+        order = sorted(queues, key=lambda g: self._served.get(g, 0))
+        sequence = []
+        while order:
+            order = [g for g in order if queues[g]]
+            sequence += [queues[g].popleft() for g in order]
         self._turn += 1
-        start = self._turn % len(work)
+        left: list[int] = []
         began = time.monotonic()
         deadline = began + self.turn_budget
-        for done, item in enumerate(work[start:] + work[:start]):
+        for done, (group, key, event, index) in enumerate(sequence):
             if done and time.monotonic() > deadline:
                 # Left for the next turn: ready fds are reported again
                 # (level-triggered), deferred calls stay queued.  Saturated:
                 # rest as long as this took (priority readers still served).
                 now = time.monotonic()
                 self._rest_until = now + (now - began) * self.rest_share
+                left = sorted(i for _, _, e, i in sequence[done:] if e is None)
                 break
-            if item is None:
-                self._guard(self._deferred.popleft())
+            tick = next(self._ticks)
+            self._served[group] = self._served[key] = tick
+            if event is None:
+                self._guard(deferred[index][0])
             else:
-                self._dispatch(*item)
+                self._dispatch(*event)
+        # Unserved deferred calls keep their order, ahead of any added since.
+        self._deferred.extendleft(deferred[i] for i in reversed(left))
+        if len(self._served) > 4096:
+            self._served.clear()
 
     def run(self, until: Callable[[], bool]) -> None:
         self.thread = threading.current_thread()

@@ -352,3 +352,29 @@ def test_root_of_a_user_namespace_is_not_root(harness: Harness) -> None:
     assert out["load"]["ok"] is False and out["load"]["code"] == "EPERM"
     assert out["status"]["uid"] == 100000
     assert [m["op"] for _, m in harness.calls] == ["status"]
+
+
+def test_a_user_with_many_connections_gets_one_share_of_the_loop() -> None:
+    """Round robin by user: ten busy connections of one uid do not push another
+    user's single connection back ten places."""
+    loop = EventLoop()
+    loop.turn_budget = 0.0          # one handler per turn: the order is what is tested
+    pairs = [socket.socketpair() for _ in range(11)]
+    served: list[str] = []
+    try:
+        for i, (a, b) in enumerate(pairs[:10]):
+            b.send(b"x")          # stays readable: the handler does not read
+            loop.add_reader(a, lambda i=i: served.append(f"nobody{i}"), group=("uid", 65534))
+        root_a, root_b = pairs[10]
+        root_b.send(b"x")
+        loop.add_reader(root_a, lambda: served.append("root"), group=("uid", 0))
+        while len(served) < 20:
+            loop.run_once(0.05)
+        # Every other turn is root's; uid 65534's connections take turns.
+        assert served[1::2] == ["root"] * 10, served
+        assert sorted(served[0::2]) == [f"nobody{i}" for i in range(10)], served
+    finally:
+        loop.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
