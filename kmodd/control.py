@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,19 @@ log = logging.getLogger("kmodd.control")
 
 DEFAULT_SOCKET = "/run/kmodd/control"
 MAX_MESSAGE = 64 * 1024          # one request line
-MAX_OUTPUT = 4 * 1024 * 1024     # queued replies to a peer that does not read
+# Backpressure: a peer with this much output queued is not read from (its
+# socket is not even polled for input) until it has read most of it, so a
+# peer that pipelines requests and never reads holds one window, not a heap.
+OUTPUT_HIGH = 64 * 1024
+OUTPUT_LOW = 16 * 1024
+# Streamed events (monitor) are not requests and cannot be held back: a
+# monitor this far behind is dropped.
+MAX_OUTPUT = 4 * 1024 * 1024
+MAX_OUTPUT_UNPRIVILEGED = 256 * 1024
+# Fairness: at most this many requests, or this much time, per peer per
+# turn of the event loop; the rest waits for the next turn (EventLoop).
+PEER_TURN_REQUESTS = 16
+PEER_TURN_SECONDS = 0.001
 
 # Connections: unprivileged peers get a share each and together, so they can
 # never lock root's kmodctl out; root always finds room up to the hard cap.
@@ -61,9 +74,12 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
 class Reactor(Protocol):
     """The part of the service's event loop the server uses."""
 
-    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None: ...
+    def add_reader(self, fileobj: Any, callback: Callable[[], None], *,
+                   group: object = None) -> None: ...
+    def remove_reader(self, fileobj: Any) -> None: ...
     def set_writer(self, fileobj: Any, callback: Callable[[], None] | None) -> None: ...
     def remove(self, fileobj: Any) -> None: ...
+    def call_soon(self, fn: Callable[[], None], *, group: object = None) -> None: ...
 
 
 def error_reply(message: str, code: str = "EINVAL") -> dict[str, Any]:
@@ -83,6 +99,11 @@ class Connection:
         self.close_after_flush = False
         self.monitoring = False
         self.on_close: list[Callable[[Connection], None]] = []
+        self.paused = False       # not reading: too much output queued
+        self.queued = False       # complete lines wait for a coming turn
+        self.max_output = MAX_OUTPUT if cred.is_root else MAX_OUTPUT_UNPRIVILEGED
+        # The loop's fairness unit: one share per user, however many connections.
+        self.group = ("uid", cred.uid)
 
     @property
     def uid(self) -> int:
@@ -102,7 +123,7 @@ class Connection:
         except (TypeError, ValueError) as exc:
             line = json.dumps(error_reply(f"internal error encoding reply: {exc}",
                                           "EIO")).encode() + b"\n"
-        if len(self.outbuf) + len(line) > MAX_OUTPUT:
+        if len(self.outbuf) + len(line) > self.max_output:
             # A peer that does not read must not make the daemon's memory grow.
             log.info("control: dropping %s, it is not reading its replies", self.describe())
             self.close()
@@ -133,8 +154,27 @@ class Connection:
             self.server.reactor.set_writer(self.sock, None)
             if self.close_after_flush:
                 self.close()
+                return
+        if self.paused and len(self.outbuf) <= OUTPUT_LOW and not self.close_after_flush:
+            self.paused = False
+            self.server.reactor.add_reader(self.sock, self.on_readable, group=self.group)
+            self._schedule()
+
+    def _pause(self) -> None:
+        # Level-triggered polling of a socket we will not read would spin:
+        # stop polling it for input until the output drains (_flush).
+        if not self.paused:
+            self.paused = True
+            self.server.reactor.remove_reader(self.sock)
+
+    def _schedule(self) -> None:
+        if not self.queued and not self.closed and b"\n" in self.inbuf:
+            self.queued = True
+            self.server.reactor.call_soon(self._serve, group=self.group)
 
     def on_readable(self) -> None:
+        if self.queued or self.paused:
+            return             # lines already read wait for their turn first
         try:
             data = self.sock.recv(65536)
         except BlockingIOError:
@@ -146,7 +186,17 @@ class Connection:
             self.close()
             return
         self.inbuf += data
-        while not self.closed:
+        self._serve()
+
+    def _serve(self) -> None:
+        """Answer the complete lines read so far, within this peer's share of the turn."""
+        self.queued = False
+        started = time.monotonic()
+        served = 0
+        while not self.closed and not self.close_after_flush:
+            if len(self.outbuf) >= OUTPUT_HIGH:
+                self._pause()
+                return
             nl = self.inbuf.find(b"\n")
             if nl < 0:
                 if len(self.inbuf) > MAX_MESSAGE:
@@ -156,13 +206,23 @@ class Connection:
                     self.close_after_flush = True
                     self._flush()
                 return
+            if served >= PEER_TURN_REQUESTS or (
+                    served and time.monotonic() - started > PEER_TURN_SECONDS):
+                self._schedule()
+                return
             line = bytes(self.inbuf[:nl])
             del self.inbuf[:nl + 1]
+            served += 1
             if len(line) > MAX_MESSAGE:
                 self.send(error_reply(f"message longer than {MAX_MESSAGE} bytes", "EMSGSIZE"))
                 continue
             if line.strip():
-                self.server.dispatch(self, line)
+                try:
+                    self.server.dispatch(self, line)
+                except Exception:
+                    # Never leave the lines behind it unanswered.
+                    log.exception("control: request from %s failed", self.describe())
+                    self.send(error_reply("internal error", "EIO"))
 
     def close(self) -> None:
         if self.closed:
@@ -270,7 +330,7 @@ class ControlServer:
                 continue
             conn = Connection(self, peer, cred)
             self.connections.add(conn)
-            self.reactor.add_reader(peer, conn.on_readable)
+            self.reactor.add_reader(peer, conn.on_readable, group=conn.group)
 
     def _over_limit(self, cred: PeerCred) -> str | None:
         total = len(self.connections)
@@ -296,6 +356,11 @@ class ControlServer:
             msg = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:
             conn.send(error_reply(f"malformed JSON: {exc}"))
+            return
+        except RecursionError:
+            # json's C scanner recurses once per nesting level: 60,000 '['
+            # fit in one message.  Requests are flat objects anyway.
+            conn.send(error_reply("malformed JSON: nested too deeply"))
             return
         if not isinstance(msg, dict):
             conn.send(error_reply("a request must be a JSON object"))

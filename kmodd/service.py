@@ -16,6 +16,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
@@ -115,7 +116,23 @@ class EventLoop:
 
     ``call_soon_threadsafe`` takes no lock (deque.append is atomic), so it is
     safe from a signal handler too.
+
+    Each turn: the *priority* readers (the kernel's uevents and request FIFO,
+    inotify) first, all of them; then the other ready handlers and the work
+    deferred with :meth:`call_soon` (control peers), in a rotating order and
+    only until ``turn_budget`` seconds are spent -- what is left waits for the
+    next turn, which begins with a fresh look at the priority readers; then
+    timers and the callbacks of other threads.  So the kernel never waits
+    behind more than one budget of control traffic, and no peer is always
+    last (the same idea as sd-event's per-source priorities).
     """
+
+    TURN_BUDGET = 0.005
+    # When the budget ran out (control traffic saturates the loop), the next
+    # wait serves only the priority readers for as long as the budgeted work
+    # took: control gets at most half of the loop thread, and the scheduler's
+    # threads get the interpreter lock in between.
+    REST_SHARE = 1.0
 
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -128,7 +145,24 @@ class EventLoop:
         self._seq = itertools.count()
         self._handlers: dict[int, tuple[Callable[[], None] | None,
                                         Callable[[], None] | None]] = {}
+        self._priority: set[int] = set()
+        self._deferred: deque[tuple[Callable[[], None], object]] = deque()
+        # Fairness: ready work is served least recently served group first
+        # (a group: the uid of a control peer, else the fd itself), so a
+        # user with many connections gets one share, not one per connection.
+        self._groups: dict[int, object] = {}
+        self._served: dict[object, int] = {}
+        self._ticks = itertools.count(1)
+        self._turn = 0
+        self.turn_budget = self.TURN_BUDGET
+        self.rest_share = self.REST_SHARE
+        self._rest_until = 0.0
         self.selector.register(self._rsock, selectors.EVENT_READ, None)
+        # Non-priority fds live in a selector of their own (epoll nests),
+        # watched from the main one except while the loop rests.
+        self._normal = selectors.DefaultSelector()
+        self._normal_watched = False
+        self._watch_normal(True)
         self.stopped = False
         self.thread: threading.Thread | None = None
 
@@ -141,19 +175,51 @@ class EventLoop:
         known = fd in self._handlers
         if not events:
             if known:
-                self.selector.unregister(fd)
+                self._selector_of(fd).unregister(fd)
                 del self._handlers[fd]
+            self._priority.discard(fd)
+            self._groups.pop(fd, None)
             return
         self._handlers[fd] = (reader, writer)
         if known:
-            self.selector.modify(fd, events)
+            self._selector_of(fd).modify(fd, events)
         else:
-            self.selector.register(fd, events)
+            self._selector_of(fd).register(fd, events)
 
-    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+    def _selector_of(self, fd: int) -> selectors.BaseSelector:
+        return self.selector if fd in self._priority else self._normal
+
+    def _watch_normal(self, on: bool) -> None:
+        if on != self._normal_watched:
+            if on:
+                self.selector.register(self._normal.fileno(), selectors.EVENT_READ, None)
+            else:
+                self.selector.unregister(self._normal.fileno())
+            self._normal_watched = on
+
+    def add_reader(self, fileobj: Any, callback: Callable[[], None], *,
+                   priority: bool = False, group: object = None) -> None:
+        """Call ``callback`` when readable; ``priority`` readers go first every turn.
+
+        Others share the turn's budget by ``group`` (default: the fd alone).
+        """
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        reader, writer = self._handlers.get(fd, (None, None))
+        if (fd in self._priority) != priority and (reader or writer):
+            self._update(fd, None, None)         # moves to the other selector
+        if priority:
+            self._priority.add(fd)
+        else:
+            self._priority.discard(fd)
+        self._update(fd, callback, writer)
+        if group is not None:
+            self._groups[fd] = group
+
+    def remove_reader(self, fileobj: Any) -> None:
+        """Stop watching for input (a writer stays registered)."""
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         _, writer = self._handlers.get(fd, (None, None))
-        self._update(fd, callback, writer)
+        self._update(fd, None, writer)
 
     def set_writer(self, fileobj: Any, callback: Callable[[], None] | None) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
@@ -163,8 +229,10 @@ class EventLoop:
     def remove(self, fileobj: Any) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd in self._handlers:
-            self.selector.unregister(fd)
+            self._selector_of(fd).unregister(fd)
             del self._handlers[fd]
+        self._priority.discard(fd)
+        self._groups.pop(fd, None)
 
     # callbacks and timers ------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
@@ -175,6 +243,11 @@ class EventLoop:
             self._wakeup_pending = True
             with contextlib.suppress(BlockingIOError, OSError):
                 self._wsock.send(b"\0")
+
+    def call_soon(self, fn: Callable[[], None], *, group: object = None) -> None:
+        """From the loop thread: run ``fn`` in a coming turn, within the turn budget
+        and the share of ``group`` (see :meth:`add_reader`)."""
+        self._deferred.append((fn, group if group is not None else fn))
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> _Timer:
         timer = _Timer(time.monotonic() + max(0.0, delay), fn)
@@ -213,21 +286,27 @@ class EventLoop:
         if self._timers:
             until = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = until if timeout is None else min(timeout, until)
+        resting = self._rest_until - time.monotonic()
+        if resting > 0:
+            timeout = resting if timeout is None else min(timeout, resting)
+        elif self._deferred:
+            timeout = 0.0
         if self._calls:
             timeout = 0.0
+        self._watch_normal(resting <= 0)
+        normal = False
         for key, mask in self.selector.select(timeout):
             if key.fileobj is self._rsock:
                 with contextlib.suppress(BlockingIOError, OSError):
                     while self._rsock.recv(4096):
                         pass
-                continue
-            reader, writer = self._handlers.get(key.fd, (None, None))
-            if mask & selectors.EVENT_WRITE and writer is not None:
-                self._guard(writer)
-            # The write handler may have closed and unregistered the fd.
-            reader, _ = self._handlers.get(key.fd, (None, None))
-            if mask & selectors.EVENT_READ and reader is not None:
-                self._guard(reader)
+            elif key.fd in self._priority:
+                self._dispatch(key.fd, mask)
+            else:
+                normal = True            # the nested selector of the others
+        if resting <= 0:
+            ready = [(key.fd, mask) for key, mask in self._normal.select(0)] if normal else []
+            self._run_budgeted(ready)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
@@ -238,6 +317,58 @@ class EventLoop:
             fn, args = self._calls.popleft()
             self._guard(fn, *args)
 
+    def _dispatch(self, fd: int, mask: int) -> None:
+        reader, writer = self._handlers.get(fd, (None, None))
+        if mask & selectors.EVENT_WRITE and writer is not None:
+            self._guard(writer)
+        # The write handler may have closed and unregistered the fd.
+        reader, _ = self._handlers.get(fd, (None, None))
+        if mask & selectors.EVENT_READ and reader is not None:
+            self._guard(reader)
+
+    def _run_budgeted(self, ready: list[tuple[int, int]]) -> None:
+        if not ready and not self._deferred:
+            return
+        deferred = list(self._deferred)
+        self._deferred.clear()
+        # (group, own key, fd and mask | None, deferred index | -1)
+        work: list[tuple[object, object, tuple[int, int] | None, int]] = [
+            (self._groups.get(fd, ("fd", fd)), ("fd", fd), (fd, mask), -1) for fd, mask in ready]
+        work += [(group, fn, None, i) for i, (fn, group) in enumerate(deferred)]
+        # Round robin: groups least recently served first, one item of each
+        # in turn; inside a group, its least recently served item first.
+        queues: dict[object, deque[tuple[object, object, tuple[int, int] | None, int]]] = {}
+        for item in sorted(work, key=lambda w: self._served.get(w[1], 0)):
+            queues.setdefault(item[0], deque()).append(item)
+        order = sorted(queues, key=lambda g: self._served.get(g, 0))
+        sequence = []
+        while order:
+            order = [g for g in order if queues[g]]
+            sequence += [queues[g].popleft() for g in order]
+        self._turn += 1
+        left: list[int] = []
+        began = time.monotonic()
+        deadline = began + self.turn_budget
+        for done, (group, key, event, index) in enumerate(sequence):
+            if done and time.monotonic() > deadline:
+                # Left for the next turn: ready fds are reported again
+                # (level-triggered), deferred calls stay queued.  Saturated:
+                # rest as long as this took (priority readers still served).
+                now = time.monotonic()
+                self._rest_until = now + (now - began) * self.rest_share
+                left = sorted(i for _, _, e, i in sequence[done:] if e is None)
+                break
+            tick = next(self._ticks)
+            self._served[group] = self._served[key] = tick
+            if event is None:
+                self._guard(deferred[index][0])
+            else:
+                self._dispatch(*event)
+        # Unserved deferred calls keep their order, ahead of any added since.
+        self._deferred.extendleft(deferred[i] for i in reversed(left))
+        if len(self._served) > 4096:
+            self._served.clear()
+
     def run(self, until: Callable[[], bool]) -> None:
         self.thread = threading.current_thread()
         while not until():
@@ -246,6 +377,8 @@ class EventLoop:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.selector.close()
+        with contextlib.suppress(Exception):
+            self._normal.close()
         self._rsock.close()
         self._wsock.close()
 
@@ -432,11 +565,13 @@ class Service:
                 slog(LOG, logging.ERROR, "request source unavailable: %s", exc)
                 continue
             self.sources.append(src)
-            self.loop.add_reader(src, self._guarded_reader(src))
+            # The kernel waits on these: never behind control traffic.
+            self.loop.add_reader(src, self._guarded_reader(src), priority=True)
         if self._watcher_factory is not None:
             try:
                 self.watcher = self._watcher_factory(self._on_tree_change)
-                self.loop.add_reader(self.watcher, self._guarded_reader(self.watcher))
+                self.loop.add_reader(self.watcher, self._guarded_reader(self.watcher),
+                                     priority=True)
             except Exception as exc:
                 slog(LOG, logging.WARNING, "not watching module indexes/modprobe.d: %s", exc)
         if self.settings.autoclean_interval > 0:
@@ -780,8 +915,14 @@ class Service:
     def _broadcast(self, outcome: Outcome) -> None:
         if self.monitors:
             event = {"event": "outcome", "time": time.time(), **outcome.to_dict()}
+            public: dict[str, Any] | None = None
             for conn in list(self.monitors):
-                conn.send(event)
+                if conn.cred.is_root:
+                    conn.send(event)
+                else:
+                    if public is None:
+                        public = redact_outcome(event)
+                    conn.send(public)
         self._check_settle()
 
     def settled(self) -> bool:
@@ -870,9 +1011,9 @@ class Service:
         if op == "status":
             return self.status()
         if op == "list":
-            return {"ok": True, "modules": self.list_modules()}
+            return {"ok": True, "modules": self.list_modules(private=conn.cred.is_root)}
         if op == "why":
-            return self.why(_name_arg(msg, "module"))
+            return self.why(_name_arg(msg, "module"), private=conn.cred.is_root)
         if op == "monitor":
             if not conn.monitoring:
                 self.monitors.add(conn)
@@ -926,7 +1067,8 @@ class Service:
         except Exception:
             return None
 
-    def list_modules(self) -> list[dict[str, Any]]:
+    def list_modules(self, *, private: bool = True) -> list[dict[str, Any]]:
+        """Every loaded module; ``private=False`` (non-root peers) hides who asked."""
         records = self.state.records()
         try:
             table = self.kernel.modules()
@@ -940,12 +1082,12 @@ class Service:
                 "name": name, "state": mod.state.lower(), "refcount": mod.refcount,
                 "holders": list(mod.holders), "size": mod.size, "permanent": mod.permanent,
                 "loaded_by_kmodd": rec is not None,
-                "why": _why_dict(rec) if rec else None,
+                "why": _why_dict(rec, private) if rec else None,
                 "loaded_at": rec.loaded_at if rec else None,
                 "idle_since": rec.idle_since if rec else None})
         return out
 
-    def why(self, module: str) -> dict[str, Any]:
+    def why(self, module: str, *, private: bool = True) -> dict[str, Any]:
         name = modname_normalize(module)
         rec = self.state.get(name)
         try:
@@ -955,14 +1097,16 @@ class Service:
         out: dict[str, Any] = {"ok": True, "module": name, "state": state.value,
                                "loaded_by_kmodd": rec is not None}
         if rec is not None:
-            out.update(_why_dict(rec))
+            out.update(_why_dict(rec, private))
             out["loaded_at"] = rec.loaded_at
             out["idle_since"] = rec.idle_since
         if self.last_sweep is not None and name in self.last_sweep.kept:
             out["autoclean"] = self.last_sweep.kept[name]     # why it is still loaded
         failure = self.scheduler.failures().get(name)
         if failure is not None:
-            out["last_failure"] = {"failures": failure.failures, "error": failure.error,
+            out["last_failure"] = {"failures": failure.failures,
+                                   "error": failure.error if private
+                                   else redact_error(failure.error),
                                    "errno": failure.errno}
         return out
 
@@ -1079,7 +1223,42 @@ def _name_arg(msg: dict[str, Any], key: str) -> str:
     return value
 
 
-def _why_dict(rec: ModuleRecord) -> dict[str, Any]:
+def _why_dict(rec: ModuleRecord, private: bool = True) -> dict[str, Any]:
     return {"kind": rec.kind, "key": rec.key, "devpath": rec.devpath,
-            "requested_by": rec.requested_by, "role": rec.role, "via": list(rec.via)}
+            "requested_by": rec.requested_by if private else redact_requester(rec.requested_by),
+            "role": rec.role, "via": list(rec.via)}
+
+
+# --- what non-root readers see ------------------------------------------------------------
+# Anyone may connect to the control socket; module options are the
+# administrator's (they may hold keys and passwords: modprobe.d files are
+# root's to read) and a requester's pid/uid is another user's business.
+
+_CREDENTIAL = re.compile(r"\s*\b(?:uid|gid|pid)=\S*")
+# kmodd.kernel.errors.load_message quotes the parameters: "... value in '...' (see dmesg)"
+_QUOTED_PARAMS = re.compile(r" in '.*'(?= \(see dmesg\))", re.DOTALL)
+
+
+def redact_requester(requested_by: str | None) -> str | None:
+    """``kmodctl uid=0 pid=42`` -> ``kmodctl``: who asked, as a kind, not a process."""
+    if not requested_by:
+        return requested_by
+    return _CREDENTIAL.sub("", requested_by).strip() or "hidden"
+
+
+def redact_error(error: str | None) -> str | None:
+    return _QUOTED_PARAMS.sub("", error) if error else error
+
+
+def redact_outcome(event: dict[str, Any]) -> dict[str, Any]:
+    """An outcome (``Outcome.to_dict()``, monitor event) as a non-root peer may see it."""
+    out = dict(event)
+    request = dict(out.get("request") or {})
+    if "options" in request:
+        request["options"] = None
+    if "requested_by" in request:
+        request["requested_by"] = redact_requester(request["requested_by"])
+    out["request"] = request
+    out["error"] = redact_error(out.get("error"))
+    return out
 

@@ -116,7 +116,7 @@ class StateStore:
         """
         records: dict[str, ModuleRecord] = {}
         try:
-            raw = self.path.read_text()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             raw = None
         except OSError as exc:
@@ -124,10 +124,11 @@ class StateStore:
             raw = None
         if raw is not None:
             try:
-                data = json.loads(raw)
+                data = json.loads(raw)      # bytes: bad UTF-8 is a ValueError here
                 if not isinstance(data, dict) or not isinstance(data.get("modules"), list):
                     raise ValueError("expected an object with a 'modules' list")
             except (ValueError, TypeError, RecursionError) as exc:
+                # RecursionError: json's scanner on deeply nested arrays.
                 log.warning("corrupt state file %s (%s); starting fresh", self.path, exc)
                 data = {"modules": []}
             for i, item in enumerate(data["modules"]):

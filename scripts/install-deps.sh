@@ -75,13 +75,13 @@ fi
 stamp=.venv/.kmodd-install-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ "$(cat "$stamp" 2>/dev/null)" == "$want" ]] \
-    && .venv/bin/python -c 'import kmodd, pyudev, systemd.journal, elftools, zstandard, pytest' \
+    && .venv/bin/python -c 'import kmodd, pyudev, systemd.journal, elftools, zstandard, pytest, atheris' \
         2>/dev/null \
     && [[ -x .venv/bin/ruff && -x .venv/bin/mypy ]]; then
     log "venv: up to date"
 else
-    log "venv: pip install -e '.[test]'"
-    .venv/bin/python -m pip install --quiet -e '.[test]'
+    log "venv: pip install -e '.[test,fuzz]'"
+    .venv/bin/python -m pip install --quiet -e '.[test,fuzz]'
     printf '%s\n' "$want" >"$stamp"
 fi
 log "done"

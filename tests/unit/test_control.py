@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -241,3 +242,139 @@ def test_unprivileged_peers_cannot_crowd_out_root(sockdir: Path) -> None:
         for c in held:
             c.close()
         h.close()
+
+
+def test_deeply_nested_json_is_refused_and_later_lines_still_answered(
+        harness: Harness) -> None:
+    s, f = raw(harness.server.path)
+    # 60,000 levels fit in one message; json's scanner would recurse that deep.
+    s.sendall(b"[" * 60000 + b"\n" + b'{"op": "status", "id": 2}\n')
+    reply = json.loads(f.readline())
+    assert reply["ok"] is False and reply["code"] == "EINVAL"
+    assert "nested too deeply" in reply["error"]
+    assert json.loads(f.readline()) == {"ok": True, "op": "status", "uid": 0, "id": 2}
+    s.close()
+
+
+def test_a_peer_that_does_not_read_is_paused_not_buffered(sockdir: Path) -> None:
+    """Backpressure: the daemon stops reading a peer whose replies pile up,
+    keeps at most one window of output for it, and answers everything, in
+    order, once the peer reads."""
+    from kmodd.control import OUTPUT_HIGH
+    h = Harness(sockdir / "control", peercred=lambda sock: PeerCred(4242, 65534, 65534))
+    big = "x" * 8000
+    h.server.handler = lambda conn, msg: {"ok": True, "blob": big}
+    count = 2000          # ~16 MB of replies, far beyond any queue the daemon keeps
+    s, f = raw(h.server.path)
+    s.settimeout(30)
+    sender = threading.Thread(target=s.sendall,
+                              args=(b"".join(b'{"op":"list","id":%d}\n' % i
+                                             for i in range(count)),), daemon=True)
+    try:
+        sender.start()
+        conn = None
+        for _ in range(500):
+            conn = next(iter(h.server.connections), None)
+            if conn is not None and conn.paused:
+                break
+            threading.Event().wait(0.01)
+        assert conn is not None and conn.paused, "never paused"
+        threading.Event().wait(0.2)
+        assert len(conn.outbuf) <= OUTPUT_HIGH + 8100
+        assert not conn.closed
+        ids = [json.loads(f.readline())["id"] for _ in range(count)]
+        assert ids == list(range(count))
+        sender.join(10)
+    finally:
+        s.close()
+        h.close()
+
+
+def test_priority_readers_first_and_control_work_within_a_budget() -> None:
+    """One turn of the loop: the kernel's sources first, then other ready
+    handlers only until the turn's budget is spent, in a rotating order."""
+    import time as _time
+    loop = EventLoop()
+    pairs = [socket.socketpair() for _ in range(11)]
+    calls: list[str] = []
+    try:
+        for i, (a, b) in enumerate(pairs[:10]):
+            b.send(b"x")          # stays readable: the handler does not read
+
+            def slow(i: int = i) -> None:
+                calls.append(f"peer{i}")
+                _time.sleep(0.003)
+            loop.add_reader(a, slow)
+        kernel_a, kernel_b = pairs[10]
+        kernel_b.send(b"x")
+        loop.add_reader(kernel_a, lambda: calls.append("kernel") or kernel_a.recv(1),
+                        priority=True)
+        loop.run_once(0)
+        assert calls[0] == "kernel"
+        assert 2 <= len(calls) <= 4, calls       # 5 ms budget, 3 ms each
+        # Saturated: the loop now rests as long as that took, serving only
+        # the kernel's sources.
+        assert loop._rest_until > _time.monotonic()
+        before = len(calls)
+        kernel_b.send(b"x")
+        loop.run_once(0)
+        assert calls[before:] == ["kernel"]
+        for _ in range(40):
+            loop.run_once(0.05)
+        seen = {c for c in calls if c != "kernel"}
+        assert seen == {f"peer{i}" for i in range(10)}    # nobody starved
+    finally:
+        loop.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_root_of_a_user_namespace_is_not_root(harness: Harness) -> None:
+    """A container's root (uid 0 inside, 100000 outside) is an unprivileged peer:
+    the kernel reports SO_PEERCRED in the daemon's namespace."""
+    python = shutil.which("python3", path=os.defpath)
+    assert python, "no system python3"
+    client = (
+        "import json, os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile('rb')\n"
+        "out = {'inside_uid': os.getuid()}\n"
+        "for op in ('load', 'status'):\n"
+        "    s.sendall(json.dumps({'op': op, 'name': 'dummy'}).encode() + b'\\n')\n"
+        "    out[op] = json.loads(f.readline())\n"
+        "print(json.dumps(out))\n")
+    done = subprocess.run(["unshare", "--user", "--map-root-user", python, "-I", "-c", client,
+                           str(harness.server.path)], user=100000, group=100000,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["inside_uid"] == 0
+    assert out["load"]["ok"] is False and out["load"]["code"] == "EPERM"
+    assert out["status"]["uid"] == 100000
+    assert [m["op"] for _, m in harness.calls] == ["status"]
+
+
+def test_a_user_with_many_connections_gets_one_share_of_the_loop() -> None:
+    """Round robin by user: ten busy connections of one uid do not push another
+    user's single connection back ten places."""
+    loop = EventLoop()
+    loop.turn_budget = 0.0          # one handler per turn: the order is what is tested
+    pairs = [socket.socketpair() for _ in range(11)]
+    served: list[str] = []
+    try:
+        for i, (a, b) in enumerate(pairs[:10]):
+            b.send(b"x")          # stays readable: the handler does not read
+            loop.add_reader(a, lambda i=i: served.append(f"nobody{i}"), group=("uid", 65534))
+        root_a, root_b = pairs[10]
+        root_b.send(b"x")
+        loop.add_reader(root_a, lambda: served.append("root"), group=("uid", 0))
+        while len(served) < 20:
+            loop.run_once(0.05)
+        # Every other turn is root's; uid 65534's connections take turns.
+        assert served[1::2] == ["root"] * 10, served
+        assert sorted(served[0::2]) == [f"nobody{i}" for i in range(10)], served
+    finally:
+        loop.close()
+        for a, b in pairs:
+            a.close()
+            b.close()

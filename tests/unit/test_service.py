@@ -734,3 +734,75 @@ def test_kernel_requests_through_kmodctl_stay_kernel_requests(
         assert len(refused) == 1 and getattr(refused[0], "REQUESTED_BY", None) == "kernel"
     finally:
         stop(svc, t, rc)
+
+
+def test_non_root_readers_see_no_options_and_no_requester_pid_or_uid(env: Env) -> None:
+    """Finding 9: a uid 65534 peer monitors, lists and asks why; root loads with a
+    secret option.  Root's monitor sees everything, the other peer none of it."""
+    os.chmod(env.sock.parent, 0o755)
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:           # child: become nobody, monitor one outcome, then read
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with Client(env.sock, timeout=20) as mon:
+                events = mon.stream("monitor")
+                next(events)
+                event = next(events)
+            with Client(env.sock, timeout=20) as c:
+                listed = c.list_modules()
+                why = c.why("a")
+            os.write(w, json.dumps([event, listed, why]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with Client(env.sock, timeout=10) as root_mon, Client(env.sock, timeout=10) as c:
+            events = root_mon.stream("monitor")
+            next(events)
+            for _ in range(1000):          # the child's monitor is subscribed too
+                if len(svc.monitors) == 2:
+                    break
+                time.sleep(0.01)
+            assert len(svc.monitors) == 2
+            reply = c.request({"op": "load", "name": "a", "options": "password=hunter2",
+                               "kind": "kernel"})
+            assert reply["status"] == "loaded"
+            seen_by_root = next(events)
+            assert seen_by_root["request"]["options"] == "password=hunter2"
+            assert f"pid={os.getpid()}" in seen_by_root["request"]["requested_by"]
+            assert "uid=0" in c.why("a")["requested_by"]
+        with os.fdopen(r, "rb") as pipe:
+            data = pipe.read()
+    finally:
+        os.waitpid(pid, 0)
+    event, listed, why = json.loads(data)
+    for text in (json.dumps(event), json.dumps(listed), json.dumps(why)):
+        assert "hunter2" not in text
+        assert "uid=" not in text and "pid=" not in text
+    assert event["status"] == "loaded" and event["request"]["key"] == "a"
+    assert event["request"]["options"] is None
+    assert event["request"]["requested_by"] == "kmodctl"
+    assert why["loaded_by_kmodd"] is True and why["requested_by"] == "kmodctl"
+    stop(svc, t, rc)
+
+
+def test_redaction_of_quoted_parameters_in_errors() -> None:
+    from kmodd.kernel.errors import load_message
+    from kmodd.service import redact_error, redact_outcome
+    msg = load_message(E.EINVAL, "foo", params="password='x y' debug=1")
+    assert "password" in msg
+    assert "password" not in (redact_error(msg) or "")
+    assert "invalid module parameter" in (redact_error(msg) or "")
+    event = {"request": {"kind": "admin", "key": "foo", "options": "k=v",
+                         "requested_by": "kmodctl uid=0 pid=7"}, "error": msg}
+    public = redact_outcome(event)
+    assert public["request"] == {"kind": "admin", "key": "foo", "options": None,
+                                 "requested_by": "kmodctl"}
+    assert event["request"]["options"] == "k=v"      # the root copy is untouched

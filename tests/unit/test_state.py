@@ -157,3 +157,15 @@ def test_leftover_temporaries_are_removed(tmp_path: Path) -> None:
     assert StateStore(path).remove_leftovers() == [".state.k2j3h4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".state.dir", "reply.123",
                                                            "state.json"]
+
+
+@pytest.mark.parametrize("content", [b'{"\xff\xff": []}', b'{"modules": ' + b"[" * 5000],
+                         ids=["bad-utf8", "deeply-nested"])
+def test_undecodable_or_deeply_nested_state_file_starts_fresh(tmp_path: Path,
+                                                              content: bytes) -> None:
+    """Found by fuzzing: both raised out of load(), so the daemon could not start."""
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    store = StateStore(path)
+    store.load()
+    assert store.records() == {}
