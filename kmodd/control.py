@@ -36,7 +36,7 @@ MAX_CONNECTIONS = 512
 MAX_UNPRIVILEGED = 256
 MAX_PER_UID = 32
 
-READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping"})
+READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping", "loads"})
 ROOT_OPS = frozenset({"load", "unload", "reload"})
 
 

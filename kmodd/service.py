@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from kmodd.autoclean import Autoclean, AutocleanPolicy, SweepReport
 from kmodd.control import Connection, ControlServer, error_reply
 from kmodd.kernel.protocol import InitState, Kernel
+from kmodd.loadlog import LoadLog
 from kmodd.names import modname_normalize
 from kmodd.plan import ModuleStep, Plan
 from kmodd.scheduler import (
@@ -298,6 +299,7 @@ class Service:
         self.loop = EventLoop()
         self.started_at = time.time()
         self.state = StateStore(Path(settings.state_file))
+        self.loadlog = LoadLog()
         if loader is None:
             from kmodd.loader import Loader
             loader = Loader(kernel)
@@ -309,7 +311,7 @@ class Service:
             backoff=BackoffPolicy(settings.backoff_initial, settings.backoff_max),
             runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
             on_outcome=self._on_outcome, on_module=self._on_module,
-            on_runaway=self._on_runaway, on_idle=self._on_idle)
+            on_runaway=self._on_runaway, on_idle=self._on_idle, on_load=self.loadlog.add)
         self.autoclean = Autoclean(kernel, self.state, self._autoclean_unload,
                                    self._autoclean_policy(settings),
                                    busy=self.scheduler.busy_modules,
@@ -446,6 +448,7 @@ class Service:
         self.loop.call_every(2.0, self._send_status)
         if self._coldplug_fn is not None:
             self.coldplug_state = "running"
+            self.loadlog.mark("coldplug-start")
             threading.Thread(target=self._coldplug_thread, name="kmodd-coldplug",
                              daemon=True).start()
         else:
@@ -561,6 +564,7 @@ class Service:
 
     def _coldplug_finished(self, result: object | None) -> None:
         self.coldplug_state = "done"
+        self.loadlog.mark("coldplug-end")
         self._set_ready()
         self.coldplug_result = result
         loaded = getattr(result, "loaded", None)
@@ -831,6 +835,8 @@ class Service:
             return {"ok": True, "modules": self.list_modules()}
         if op == "why":
             return self.why(_name_arg(msg, "module"))
+        if op == "loads":
+            return {"ok": True, **self.loadlog.to_dict()}
         if op == "monitor":
             if not conn.monitoring:
                 self.monitors.add(conn)
