@@ -22,6 +22,8 @@ PACKAGES=(
     xz-utils zstd
     # building systemd-python (journald, sd_notify) and other wheels
     python3-venv python3-dev libsystemd-dev pkg-config gcc
+    # kmodctl plot's test renders the SVG timeline in a headless browser
+    chromium
 )
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
