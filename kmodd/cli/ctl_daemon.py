@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if command == "why":
         parser.add_argument("module", help="module name")
+    elif command == "status":
+        parser.add_argument("--prometheus", action="store_true",
+                            help="Prometheus text format, for node_exporter's textfile collector")
     elif command == "settle":
         parser.add_argument("-t", "--timeout", type=float, default=120.0, metavar="SECONDS",
                             help="give up after SECONDS (default 120; 0 only checks)")
@@ -177,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         with client:
+            if command == "status" and getattr(args, "prometheus", False):
+                from kmodd.prometheus import exposition
+                sys.stdout.write(exposition(client.status(), client.call("loads")))
+                return 0
             if command == "status":
                 return _status(client, args.json)
             if command == "list":
