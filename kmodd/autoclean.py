@@ -101,6 +101,9 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
             out.forget.append(name)
             continue
         reason = busy_reason(use, policy)
+        if reason is None and rec.kind == "modules-load":
+            # Listed for loading at boot: wanted whether used or not.
+            reason = f"listed in {rec.requested_by or 'modules-load.d'}"
         if reason is None and name in busy_set:
             reason = "a request for it is in flight"
         if reason is None and name in present:

@@ -31,6 +31,7 @@ from kmodd.autoclean import Autoclean, AutocleanPolicy, SweepReport
 from kmodd.control import Connection, ControlServer, error_reply
 from kmodd.kernel.protocol import InitState, Kernel
 from kmodd.loadlog import LoadLog
+from kmodd.modules_load import ListedModule, ListProblem
 from kmodd.names import modname_normalize
 from kmodd.plan import ModuleStep, Plan
 from kmodd.scheduler import (
@@ -61,6 +62,13 @@ SourceFactory = Callable[[Submit], Source]
 ColdplugFn = Callable[[Submit, Callable[[int], None]], object]
 WatcherFactory = Callable[[Callable[[], None]], Source]
 ResolverFactory = Callable[[Settings], ResolverLike]
+ListedFn = Callable[[], "tuple[list[ListedModule], list[ListProblem]]"]
+
+# READY=1 waits for the modules-load.d loads (units ordered after
+# systemd-modules-load.service, systemd-sysctl for one, expect them), but
+# never longer than this: systemd would time the start out.
+MODULES_LOAD_READY_WAIT = 20.0
+MODULES_LOAD_MARKER = "modules-load.served"
 
 
 def slog(logger: logging.Logger, level: int, msg: str, *args: object, **fields: Any) -> None:
@@ -284,6 +292,7 @@ class Service:
                  sources: Sequence[SourceFactory] | None = _DEFAULT,
                  coldplug: ColdplugFn | None = _DEFAULT,
                  watcher: WatcherFactory | None = _DEFAULT,
+                 modules_load: ListedFn | None = _DEFAULT,
                  settings_source: SettingsSource | None = None,
                  notify: Callable[..., bool] = _sd_notify,
                  watchdog_interval: Callable[[], float | None] = _sd_watchdog_interval,
@@ -324,6 +333,10 @@ class Service:
             else list(sources or ())
         self._coldplug_fn = self._default_coldplug() if coldplug is _DEFAULT else coldplug
         self._watcher_factory = self._default_watcher() if watcher is _DEFAULT else watcher
+        self._listed_fn = self._default_modules_load() if modules_load is _DEFAULT \
+            else modules_load
+        self._listed_pending = 0
+        self._ready_wanted = False
         self.sources: list[Source] = []
         self.watcher: Source | None = None
         self.monitors: set[Connection] = set()
@@ -386,6 +399,17 @@ class Service:
 
         return run
 
+    def _default_modules_load(self) -> ListedFn | None:
+        if not self.settings.modules_load:
+            return None
+        root = self.settings.root_obj
+
+        def read() -> tuple[list[ListedModule], list[ListProblem]]:
+            from kmodd.modules_load import listed_modules
+            return listed_modules(root)
+
+        return read
+
     def _default_watcher(self) -> WatcherFactory | None:
         root = self.settings.root_obj
         version = self.settings.version
@@ -446,6 +470,7 @@ class Service:
             # Ping from the loop itself: a wedged loop stops the pings.
             self.loop.call_every(max(0.05, wd / 2), self._ping_watchdog)
         self.loop.call_every(2.0, self._send_status)
+        self._start_modules_load()
         if self._coldplug_fn is not None:
             self.coldplug_state = "running"
             self.loadlog.mark("coldplug-start")
@@ -455,6 +480,67 @@ class Service:
             self.coldplug_state = "disabled"
             self._set_ready()
 
+    def _start_modules_load(self) -> None:
+        """Submit what modules-load.d, /etc/modules and the kernel command line
+        list, all at once: the pool loads dependencies first and independent
+        modules in parallel, where systemd-modules-load goes one by one."""
+        if self._listed_fn is None:
+            return
+        self._mark_modules_load_served(True)
+        try:
+            listed, problems = self._listed_fn()
+        except Exception as exc:
+            slog(LOG, logging.ERROR, "cannot read modules-load.d: %s", exc)
+            return
+        for problem in problems:
+            slog(LOG, logging.WARNING, "modules-load.d: %s: %s", problem.source,
+                 problem.message)
+        if not listed:
+            return
+        slog(LOG, logging.INFO, "loading %d module(s) listed for boot: %s", len(listed),
+             " ".join(m.name for m in listed))
+        self.loadlog.mark("modules-load-start")
+        self._listed_pending = len(listed)
+        self.loop.call_later(MODULES_LOAD_READY_WAIT, self._listed_waited_enough)
+        for m in listed:
+            future = self.submit(Request("modules-load", m.name, None, m.where, m.options))
+            future.add_done_callback(
+                lambda f: self.loop.call_soon_threadsafe(self._listed_done))
+
+    @property
+    def modules_load_marker(self) -> Path:
+        """Present while this daemon serves modules-load.d: the drop-in for
+        systemd-modules-load.service makes it do nothing then."""
+        return Path(self.settings.state_file).parent / MODULES_LOAD_MARKER
+
+    def _mark_modules_load_served(self, on: bool) -> None:
+        try:
+            if on:
+                self.modules_load_marker.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                self.modules_load_marker.write_text(f"{os.getpid()}\n")
+            else:
+                self.modules_load_marker.unlink(missing_ok=True)
+        except OSError as exc:
+            slog(LOG, logging.WARNING, "cannot %s %s: %s", "create" if on else "remove",
+                 self.modules_load_marker, exc)
+
+    def _listed_done(self) -> None:
+        if self._listed_pending <= 0:
+            return
+        self._listed_pending -= 1
+        if self._listed_pending == 0:
+            self.loadlog.mark("modules-load-end")
+            if self._ready_wanted:
+                self._set_ready()
+
+    def _listed_waited_enough(self) -> None:
+        if self._listed_pending > 0:
+            slog(LOG, logging.WARNING, "modules listed for boot still loading after %gs; "
+                 "ready anyway", MODULES_LOAD_READY_WAIT)
+            self._listed_pending = 0
+            if self._ready_wanted:
+                self._set_ready()
+
     def _ping_watchdog(self) -> None:
         self.notify(WATCHDOG=1)
 
@@ -462,6 +548,9 @@ class Service:
         # READY=1 once coldplug's first walk is queued: later units may rely on
         # the daemon taking requests; `kmodctl settle` tells when loads are done.
         if self.ready:
+            return
+        if self._listed_pending > 0:
+            self._ready_wanted = True       # once the listed modules are in
             return
         self.ready = True
         self.notify(READY=1, STATUS=self._status_line(), MAINPID=os.getpid())
@@ -529,6 +618,8 @@ class Service:
         self._stopped = True
 
     def _cleanup(self) -> None:
+        if self._listed_fn is not None and self._started:
+            self._mark_modules_load_served(False)
         if not self._stopped:          # start() failed or the loop crashed
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(timeout=30.0)
@@ -698,6 +789,12 @@ class Service:
                                      outcome.error or "failed", outcome.errno, fields)
         elif status == "runaway":
             slog(LOG, logging.DEBUG, "runaway request %s refused", req.key, **fields)
+        elif req.kind == "modules-load" and status in ("unresolved", "blacklisted"):
+            # systemd-modules-load: "Failed to find module" is an error; a
+            # blacklisted one is only noted ("is deny-listed (by kmod)").
+            what = "not found" if status == "unresolved" else "blacklisted, not loaded"
+            slog(LOG, logging.ERROR if status == "unresolved" else logging.INFO,
+                 "module %s listed in %s: %s", req.key, req.requested_by, what, **fields)
         else:
             slog(LOG, logging.DEBUG, "%s: %s%s", req.key, status,
                  f" ({outcome.error})" if outcome.error else "", **fields)

@@ -118,7 +118,9 @@ def _why(client: Client, module: str, as_json: bool) -> int:
         print(f"  request:      {w.get('kind')} {w.get('key')}")
         if w.get("devpath"):
             print(f"  device:       {w['devpath']}")
-        if w.get("requested_by"):
+        if w.get("kind") == "modules-load":
+            print(f"  listed in:    {w.get('requested_by') or 'modules-load.d'}")
+        elif w.get("requested_by"):
             print(f"  requested by: {w['requested_by']}")
         if w.get("idle_since"):
             print(f"  unused since: {_fmt_time(w['idle_since'])}")
