@@ -37,7 +37,7 @@ MAX_UNPRIVILEGED = 256
 MAX_PER_UID = 32
 
 READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping", "loads"})
-ROOT_OPS = frozenset({"load", "unload", "reload"})
+ROOT_OPS = frozenset({"load", "unload", "reload", "deny", "allow"})
 
 
 @dataclass(frozen=True)

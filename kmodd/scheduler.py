@@ -276,6 +276,7 @@ class _Entry:
     results: dict[str, StepResultLike] = field(default_factory=dict)
     done: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
+    refused: frozenset[str] = frozenset()     # steps the deny policy keeps out
 
 
 @dataclass(eq=False)
@@ -311,6 +312,7 @@ class Scheduler:
                  on_load: Callable[[LoadRecord], None] | None = None) -> None:
         self._resolver = resolver
         self._on_load = on_load
+        self._deny: Callable[[str], str | None] | None = None
         self._loader = loader
         self._kernel = kernel
         self.max_workers = clamp_workers(max_workers or default_max_workers())
@@ -358,6 +360,11 @@ class Scheduler:
             self._resolver = resolver
             # A new config may fix what failed: give failing modules a fresh chance.
             self._failures.clear()
+
+    def set_deny(self, reason: Callable[[str], str | None] | None) -> None:
+        """The deny policy: ``reason(module)`` says why a module is refused, or None."""
+        with self._lock:
+            self._deny = reason
 
     def reconfigure(self, *, backoff: BackoffPolicy, runaway_limit: int, runaway_window: float,
                     queue_limit: int) -> None:
@@ -628,7 +635,16 @@ class Scheduler:
             return
         # sysfs reads outside the lock: which steps the kernel already has.
         in_kernel: dict[str, StepResultLike] = {}
+        deny = self._deny
+        if deny is not None:
+            from kmodd.deny import refusals
+            refused = refusals(plan, deny)
+            entry.refused = frozenset(refused)
+            in_kernel.update({n: StepOutcome(n, r.status, r.error, r.errno)
+                              for n, r in refused.items()})
         for step in plan.steps:
+            if step.name in entry.refused:
+                continue
             if step.builtin:
                 in_kernel[step.name] = StepOutcome(step.name, "builtin")
                 continue
@@ -660,9 +676,9 @@ class Scheduler:
         now = self._clock()
         # A module our own worker is loading reads as COMING in sysfs; every
         # request but the kernel's joins that load and shares its outcome.
-        todo = [s for s in plan.steps
-                if s.name not in in_kernel or (request.kind != "kernel"
-                                               and s.name in self._tasks)]
+        todo = [s for s in plan.steps if s.name not in entry.refused
+                and (s.name not in in_kernel or (request.kind != "kernel"
+                                                 and s.name in self._tasks))]
         for step in todo:
             entry.results.pop(step.name, None)
         edges = plan_edges(plan)

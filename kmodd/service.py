@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from kmodd.autoclean import Autoclean, AutocleanPolicy, SweepReport
 from kmodd.control import Connection, ControlServer, error_reply
+from kmodd.deny import DenyPolicy, deny_file
 from kmodd.kernel.protocol import InitState, Kernel
 from kmodd.loadlog import LoadLog
 from kmodd.modules_load import ListedModule, ListProblem
@@ -321,6 +322,8 @@ class Service:
             runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
             on_outcome=self._on_outcome, on_module=self._on_module,
             on_runaway=self._on_runaway, on_idle=self._on_idle, on_load=self.loadlog.add)
+        self.deny = self._make_deny(settings)
+        self.scheduler.set_deny(self.deny.reason)
         self.autoclean = Autoclean(kernel, self.state, self._autoclean_unload,
                                    self._autoclean_policy(settings),
                                    busy=self.scheduler.busy_modules,
@@ -369,6 +372,14 @@ class Service:
         except Exception as exc:
             slog(LOG, logging.ERROR, "cannot read the module tree or configuration: %s", exc)
             return _BrokenResolver(f"module tree unavailable: {exc}")
+
+    @staticmethod
+    def _make_deny(settings: Settings) -> DenyPolicy:
+        policy = DenyPolicy(settings.deny, deny_file(settings.root_obj), settings.config_file)
+        if policy.error is not None:
+            slog(LOG, logging.ERROR, "deny list: %s; only the deny setting applies",
+                 policy.error)
+        return policy
 
     @staticmethod
     def _autoclean_policy(settings: Settings) -> AutocleanPolicy:
@@ -694,6 +705,8 @@ class Service:
         self.settings = settings
         self.resolver = resolver
         self.scheduler.set_resolver(resolver)
+        self.deny = self._make_deny(settings)
+        self.scheduler.set_deny(self.deny.reason)
         self.scheduler.reconfigure(
             backoff=BackoffPolicy(settings.backoff_initial, settings.backoff_max),
             runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
@@ -781,6 +794,9 @@ class Service:
             # Each module was logged as it went in (_on_module).
             slog(LOG, logging.DEBUG, "%s: loaded %s", req.key, " ".join(outcome.modules),
                  **fields)
+        elif status == "failed" and (outcome.error or "").startswith("refused: "):
+            self._log_module_failure(" ".join(outcome.failed) or req.key, req,
+                                     outcome.error or "refused", outcome.errno, fields)
         elif status == "failed" and outcome.failed:
             # Each failing module was logged as it failed (_on_module).
             slog(LOG, logging.DEBUG, "%s: failed (%s)", req.key, outcome.error, **fields)
@@ -946,6 +962,8 @@ class Service:
             return self._control_load(conn, msg)
         if op == "unload":
             return self._control_unload(conn, msg)
+        if op in ("deny", "allow"):
+            return self.set_denied(_name_arg(msg, "module"), op == "deny")
         if op == "reload":
             try:
                 return {"ok": True, **self.reload()}
@@ -968,6 +986,7 @@ class Service:
             "waiting_loads": snap["waiting_loads"], "submitted": snap["submitted"],
             "outcomes": snap["outcomes"], "backoff": snap["backoff"],
             "runaway": snap["runaway"], "loaded_by_kmodd": len(self.state),
+            "deny": self.deny.denied(),
             "autoclean": {"interval": self.settings.autoclean_interval,
                           "idle_timeout": self.settings.idle_timeout,
                           "never_unload": list(self.settings.never_unload),
@@ -1021,11 +1040,61 @@ class Service:
             out["idle_since"] = rec.idle_since
         if self.last_sweep is not None and name in self.last_sweep.kept:
             out["autoclean"] = self.last_sweep.kept[name]     # why it is still loaded
+        present = state in (InitState.LIVE, InitState.COMING)
+        denied = self.deny.reason(name)
+        if denied is not None:
+            out["denied"] = denied
+        if self._blacklisted(name):
+            out["blacklisted"] = True
+        if present and (denied is not None or out.get("blacklisted")):
+            what = "denied" if denied is not None else "blacklisted in modprobe.d"
+            out["warning"] = f"{name} is {what}, yet loaded"
+            out["how"] = self._how_it_got_in(name, rec)
         failure = self.scheduler.failures().get(name)
         if failure is not None:
             out["last_failure"] = {"failures": failure.failures, "error": failure.error,
                                    "errno": failure.errno}
         return out
+
+    def set_denied(self, module: str, deny: bool) -> dict[str, Any]:
+        """``kmodctl deny/allow``: edit the persistent list (the setting stays as written)."""
+        name = modname_normalize(module)
+        try:
+            changed = self.deny.set(name, deny)
+        except OSError as exc:
+            return error_reply(f"cannot write {self.deny.path}: {exc.strerror or exc}", "EIO")
+        if changed:
+            slog(LOG, logging.INFO, "%s %s (%s)", "denied" if deny else "allowed again", name,
+                 self.deny.path, module=name)
+        out: dict[str, Any] = {"ok": True, "module": name, "changed": changed,
+                               "denied": self.deny.reason(name) is not None,
+                               "deny": self.deny.denied()}
+        if not deny and name in self.deny.setting:
+            out["note"] = f"still denied by the 'deny' setting in {self.deny.config_file}"
+        return out
+
+    def _blacklisted(self, name: str) -> bool:
+        config = getattr(self.resolver, "config", None)
+        blacklist = getattr(config, "blacklist", None) if config is not None else \
+            getattr(self.resolver, "blacklist", None)
+        return isinstance(blacklist, set | frozenset) and name in blacklist
+
+    def _how_it_got_in(self, name: str, rec: ModuleRecord | None) -> str:
+        if rec is not None:
+            how = f"kmodd loaded it for {rec.kind} {rec.key}"
+            if rec.role != "target" and rec.via:
+                how += f", as {rec.role} of {' '.join(rec.via)}"
+            elif rec.kind in ("admin", "kernel"):
+                how += " (by name: the blacklist only applies to aliases)"
+            return how
+        holders: tuple[str, ...] = ()
+        with contextlib.suppress(Exception):
+            holders = tuple(self.kernel.holders(name))
+        if holders:
+            return (f"not loaded by kmodd; used by {' '.join(holders)}: most likely "
+                    "loaded as their dependency (the blacklist does not apply to those)")
+        return ("not loaded by kmodd: by name (modprobe NAME ignores the blacklist), "
+                "before kmodd started, or from the initramfs")
 
     def _settle(self, conn: Connection, msg: dict[str, Any]) -> dict[str, Any] | None:
         timeout = msg.get("timeout")

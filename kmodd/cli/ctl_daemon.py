@@ -130,6 +130,10 @@ def _why(client: Client, module: str, as_json: bool) -> int:
         print(f"{name}: built into the kernel")
     else:
         print(f"{name}: not loaded")
+    if w.get("warning"):
+        print(f"  WARNING: {w['warning']}: {w.get('how')}")
+    elif w.get("denied"):
+        print(f"  {w['denied']}")
     fail = w.get("last_failure")
     if fail:
         print(f"  last failure: {fail.get('error')} ({fail.get('failures')} time(s))")
