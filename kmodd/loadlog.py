@@ -52,6 +52,7 @@ class LoadRecord:
     start: float                  # monotonic: the load syscall (or install command) began
     end: float                    # monotonic: it returned
     requested_by: str = ""
+    planned_at: float | None = None   # monotonic: resolved, its load scheduled
     devpath: str | None = None
     role: str = "target"
     via: tuple[str, ...] = ()
@@ -68,8 +69,18 @@ class LoadRecord:
         return max(0.0, self.end - self.start)
 
     @property
+    def planned(self) -> float:
+        return self.requested_at if self.planned_at is None else self.planned_at
+
+    @property
+    def resolving(self) -> float:
+        """Time from the request to its plan (the resolver's queue and work)."""
+        return max(0.0, self.planned - self.requested_at)
+
+    @property
     def dep_wait(self) -> float:
-        return max(0.0, self.deps_ready_at - self.requested_at)
+        """Time its load was scheduled but waited for dependencies still loading."""
+        return max(0.0, self.deps_ready_at - self.planned)
 
     @property
     def queued(self) -> float:
@@ -83,8 +94,10 @@ class LoadRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"module": self.module, "kind": self.kind, "source": self.source,
                 "key": self.key, "status": self.status, "requested_at": self.requested_at,
-                "deps_ready_at": self.deps_ready_at, "start": self.start, "end": self.end,
+                "planned_at": self.planned, "deps_ready_at": self.deps_ready_at,
+                "start": self.start, "end": self.end,
                 "in_kernel": self.in_kernel, "dep_wait": self.dep_wait,
+                "resolving": self.resolving, "queued": self.queued,
                 "requested_by": self.requested_by, "devpath": self.devpath, "role": self.role,
                 "via": list(self.via), "waited_for": list(self.waited_for),
                 "error": self.error, "errno": self.errno}
@@ -93,6 +106,8 @@ class LoadRecord:
     def from_dict(cls, d: dict[str, Any]) -> LoadRecord:
         return cls(module=str(d["module"]), kind=str(d["kind"]), key=str(d.get("key", "")),
                    status=str(d["status"]), requested_at=float(d["requested_at"]),
+                   planned_at=float(d["planned_at"]) if d.get("planned_at") is not None
+                   else None,
                    deps_ready_at=float(d["deps_ready_at"]), start=float(d["start"]),
                    end=float(d["end"]), requested_by=str(d.get("requested_by") or ""),
                    devpath=d.get("devpath"), role=str(d.get("role") or "target"),
@@ -216,7 +231,7 @@ def dependency_blocker(node: LoadRecord, records: Sequence[LoadRecord],
     best: LoadRecord | None = None
     for other in records:
         if other.module in node.waited_for and other.end <= node.deps_ready_at + slack \
-                and other.end >= node.requested_at - slack \
+                and other.end >= node.planned - slack \
                 and (best is None or other.end > best.end):
             best = other
     return best

@@ -22,6 +22,7 @@ SOURCE_COLOURS = {"coldplug": "#4e79a7", "hotplug": "#59a14f", "kernel request":
 OTHER_COLOUR = "#9c755f"
 FAILED_COLOUR = "#e15759"
 DEP_WAIT_COLOUR = "#b8b8b8"
+RESOLVING_COLOUR = "#c9d6e3"
 QUEUED_COLOUR = "#e6e6e6"
 
 LABEL_W = 220        # module names, right-aligned before the chart
@@ -29,7 +30,7 @@ CHART_W = 900
 TEXT_W = 260         # durations and errors after the bars
 ROW_H = 20
 TOP = 128            # title, legend and the upper time axis
-BOTTOM = 40
+BOTTOM = 64          # the lower time axis and the marks' names
 
 
 def _nice_step(span: float, most: int = 12) -> float:
@@ -82,11 +83,13 @@ def render_svg(records: Sequence[LoadRecord], chain: Sequence[ChainLink] = (), *
     out.append(f'<text id="subtitle" x="10" y="40" fill="#444444">{escape(sub)}</text>')
     out += _legend(rows, 10, 58)
     out += _axis(t0, span, step, x, TOP - 8, height - BOTTOM)
-    for mark, when in sorted(marks.items()):
+    for i, (mark, when) in enumerate(sorted(marks.items(), key=lambda kv: kv[1])):
         mx = x(when)
         out.append(f'<line class="mark" x1="{mx:.1f}" y1="{TOP - 4}" x2="{mx:.1f}" '
                    f'y2="{height - BOTTOM}" stroke="#333333" stroke-dasharray="4 3"/>')
-        out.append(f'<text class="mark-label" x="{mx + 3:.1f}" y="{height - BOTTOM + 28}" '
+        # Staggered: marks close in time would print over each other.
+        out.append(f'<text class="mark-label" x="{mx + 3:.1f}" '
+                   f'y="{height - BOTTOM + 28 + 12 * (i % 3)}" '
                    f'font-size="10" fill="#333333">{escape(mark)}</text>')
     for i, r in enumerate(rows):
         is_crit = id(r) in critical or (r.module, r.start) in critical_keys
@@ -102,7 +105,8 @@ def _legend(rows: Sequence[LoadRecord], x0: float, y0: float) -> list[str]:
         items.append((f"in the kernel: {source}", SOURCE_COLOURS[source], "none"))
     if any(r.source not in SOURCE_COLOURS for r in rows):
         items.append(("in the kernel: other", OTHER_COLOUR, "none"))
-    items += [("waiting for dependencies", DEP_WAIT_COLOUR, "none"),
+    items += [("being resolved", RESOLVING_COLOUR, "none"),
+              ("waiting for dependencies", DEP_WAIT_COLOUR, "none"),
               ("waiting for a worker", QUEUED_COLOUR, "none"),
               ("failed", FAILED_COLOUR, "none"),
               ("critical chain", "#ffffff", "#000000")]
@@ -143,6 +147,7 @@ def _row(r: LoadRecord, i: int, y: float, x: Any, critical: bool) -> list[str]:
     colour = FAILED_COLOUR if r.failed else SOURCE_COLOURS.get(r.source, OTHER_COLOUR)
     cls = "row" + (" critical" if critical else "") + (" failed" if r.failed else "")
     tip = (f"{r.module}: {r.source} {r.key}; requested @{fmt_seconds(r.requested_at)}, "
+           f"resolved in {fmt_seconds(r.resolving)}, "
            f"dependencies waited {fmt_seconds(r.dep_wait)}, queued {fmt_seconds(r.queued)}, "
            f"in the kernel {fmt_seconds(r.in_kernel)}")
     if r.failed:
@@ -156,12 +161,16 @@ def _row(r: LoadRecord, i: int, y: float, x: Any, critical: bool) -> list[str]:
     out.append(f'<text class="label" x="{LABEL_W - 8}" y="{y + 14}" text-anchor="end"'
                f"{weight}>{escape(r.module)}</text>")
     bar_y, bar_h = y + 4, ROW_H - 8
-    xr, xd, xs, xe = x(r.requested_at), x(r.deps_ready_at), x(r.start), x(r.end)
+    xr, xp = x(r.requested_at), x(r.planned)
+    xd, xs, xe = x(r.deps_ready_at), x(r.start), x(r.end)
     out.append(f'<line class="requested" x1="{xr:.1f}" y1="{y + 2}" x2="{xr:.1f}" '
                f'y2="{y + ROW_H - 2}" stroke="#555555"/>')
-    if xd - xr >= 0.5:
-        out.append(f'<rect class="dep-wait" x="{xr:.1f}" y="{bar_y + 2}" '
-                   f'width="{xd - xr:.1f}" height="{bar_h - 4}" fill="{DEP_WAIT_COLOUR}"/>')
+    if xp - xr >= 0.5:
+        out.append(f'<rect class="resolving" x="{xr:.1f}" y="{bar_y + 2}" '
+                   f'width="{xp - xr:.1f}" height="{bar_h - 4}" fill="{RESOLVING_COLOUR}"/>')
+    if xd - xp >= 0.5:
+        out.append(f'<rect class="dep-wait" x="{xp:.1f}" y="{bar_y + 2}" '
+                   f'width="{xd - xp:.1f}" height="{bar_h - 4}" fill="{DEP_WAIT_COLOUR}"/>')
     if xs - xd >= 0.5:
         out.append(f'<rect class="queued" x="{xd:.1f}" y="{bar_y + 2}" '
                    f'width="{xs - xd:.1f}" height="{bar_h - 4}" fill="{QUEUED_COLOUR}"/>')

@@ -292,6 +292,7 @@ class _Task:
     state: str = "waiting"          # waiting | ready | running | done
     own_thread: bool = False        # loaded past max_workers for a kernel request
     requested_at: float = 0.0       # monotonic, for the load log
+    planned_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     waited_for: tuple[str, ...] = ()
 
@@ -792,7 +793,8 @@ class Scheduler:
         ready = task.ready_at if task.ready_at is not None else picked
         return LoadRecord(
             module=task.step.name, kind=req.kind, key=req.key, status=result.status,
-            requested_at=min(task.requested_at or ready, ready), deps_ready_at=ready,
+            requested_at=min(task.requested_at or task.planned_at, task.planned_at),
+            planned_at=task.planned_at, deps_ready_at=ready,
             start=start, end=end, requested_by=req.requested_by, devpath=req.devpath,
             role=str(task.step.role), via=task.targets, waited_for=task.waited_for,
             error=result.error, errno=result.errno)

@@ -48,8 +48,9 @@ def records_of(reply: dict[str, Any]) -> list[LoadRecord]:
 def blame_lines(records: list[LoadRecord]) -> list[str]:
     lines = [f"{'In kernel':>10} {'Dep wait':>9}  {'Module':<24} {'Source':<15} Request"]
     for r in blame(records):
+        key = r.key if len(r.key) <= 60 else r.key[:57] + "..."   # CPU modaliases are long
         line = (f"{fmt_seconds(r.in_kernel):>10} {fmt_seconds(r.dep_wait):>9}  "
-                f"{r.module:<24} {r.source:<15} {r.key}")
+                f"{r.module:<24} {r.source:<15} {key}")
         if r.failed:
             line += f"  FAILED: {r.error or 'failed'}"
         lines.append(line)

@@ -146,7 +146,7 @@ def test_the_plot_reads_at_a_glance_in_a_browser(tmp_path: Path) -> None:
     legend = [item["text"] for item in page["legend"]]
     for label in ("in the kernel: coldplug", "in the kernel: hotplug",
                   "in the kernel: kernel request", "in the kernel: admin",
-                  "in the kernel: modules-load.d", "waiting for dependencies",
+                  "in the kernel: modules-load.d", "being resolved", "waiting for dependencies",
                   "waiting for a worker", "failed", "critical chain"):
         assert label in legend
     boxes = [item["box"] for item in page["legend"]]
