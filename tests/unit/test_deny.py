@@ -166,3 +166,20 @@ def test_unreadable_deny_file_keeps_the_setting(tmp_path: Path) -> None:
     policy = DenyPolicy(["x"], path, "/etc/kmodd.conf")
     assert policy.error is not None and str(path) in policy.error
     assert policy.reason("x") is not None and policy.reason("y") is None
+
+
+def test_deny_and_modules_load_settings(tmp_path: Path) -> None:
+    from kmodd.settings import SettingsError, merge, parse_settings
+    conf = tmp_path / "kmodd.conf"
+    conf.write_text('deny = ["snd-pcsp", "pcspkr"]\nmodules_load = false\n')
+    s = merge({"config_file": str(conf)})
+    assert s.deny == ("snd_pcsp", "pcspkr") and s.modules_load is False
+    # Flags win over the file.
+    s, _ = parse_settings(["--config", str(conf), "--deny", "a-b,c", "--deny", "d"])
+    assert s.deny == ("a_b", "c", "d")
+    conf.write_text("")
+    assert parse_settings(["--config", str(conf)])[0].modules_load is True
+    assert parse_settings(["--config", str(conf), "--no-modules-load"])[0].modules_load is False
+    conf.write_text("deny = 3\n")
+    with pytest.raises(SettingsError, match="deny must be a list of strings"):
+        merge({"config_file": str(conf)})
