@@ -191,6 +191,9 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
         if reason is None and (rec.instance is None or use.instance is None):
             # Only what the kernel proves is the very load kmodd made goes.
             reason = "which load this is is unknown (no load identity)"
+        if reason is None and rec.kind == "modules-load":
+            # Listed for loading at boot: wanted whether used or not.
+            reason = f"listed in {rec.requested_by or 'modules-load.d'}"
         if reason is None and name in busy_set:
             reason = "a request for it is in flight"
         if reason is None and name in present:

@@ -49,8 +49,8 @@ MAX_CONNECTIONS = 512
 MAX_UNPRIVILEGED = 256
 MAX_PER_UID = 32
 
-READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping"})
-ROOT_OPS = frozenset({"load", "unload", "reload"})
+READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping", "loads"})
+ROOT_OPS = frozenset({"load", "unload", "reload", "deny", "allow"})
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from kmodd.kernel.protocol import InitState
+from kmodd.loadlog import LoadRecord
 from kmodd.plan import ModuleStep, Plan, Role
 
 log = logging.getLogger("kmodd.scheduler")
@@ -48,7 +49,7 @@ MAX_KMOD_CONCURRENT = 50
 RUNAWAY_LIMIT = 100
 RUNAWAY_WINDOW = 10.0
 
-REQUEST_KINDS = ("modalias", "kernel", "admin", "coldplug")
+REQUEST_KINDS = ("modalias", "kernel", "admin", "coldplug", "modules-load")
 OUTCOME_STATUSES = ("loaded", "present", "builtin", "failed", "unresolved", "blacklisted",
                     "backoff", "runaway")
 OK_STATUSES = frozenset({"loaded", "present", "builtin"})
@@ -66,7 +67,8 @@ class Request:
     def blacklist_all(self) -> bool:
         """Device-driven requests honour the blacklist for every module, like udev;
         kernel and administrator requests only for aliases, like modprobe."""
-        return self.kind in ("modalias", "coldplug")
+        # systemd-modules-load probes with KMOD_PROBE_APPLY_BLACKLIST too.
+        return self.kind in ("modalias", "coldplug", "modules-load")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "key": self.key, "devpath": self.devpath,
@@ -273,6 +275,8 @@ class _Entry:
     needs: set[str] = field(default_factory=set)
     results: dict[str, StepResultLike] = field(default_factory=dict)
     done: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    refused: frozenset[str] = frozenset()     # steps the deny policy keeps out
 
 
 @dataclass(eq=False)
@@ -287,6 +291,10 @@ class _Task:
     entries: list[_Entry] = field(default_factory=list)
     state: str = "waiting"          # waiting | ready | running | done
     own_thread: bool = False        # loaded past max_workers for a kernel request
+    requested_at: float = 0.0       # monotonic, for the load log
+    planned_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    waited_for: tuple[str, ...] = ()
 
 
 ModuleCallback = Callable[[ModuleStep, Request, tuple[str, ...], StepResultLike], None]
@@ -301,8 +309,11 @@ class Scheduler:
                  on_outcome: Callable[[Outcome], None] | None = None,
                  on_module: ModuleCallback | None = None,
                  on_runaway: Callable[[str, Request], None] | None = None,
-                 on_idle: Callable[[], None] | None = None) -> None:
+                 on_idle: Callable[[], None] | None = None,
+                 on_load: Callable[[LoadRecord], None] | None = None) -> None:
         self._resolver = resolver
+        self._on_load = on_load
+        self._deny: Callable[[str], str | None] | None = None
         self._loader = loader
         self._kernel = kernel
         self.max_workers = clamp_workers(max_workers or default_max_workers())
@@ -350,6 +361,11 @@ class Scheduler:
             self._resolver = resolver
             # A new config may fix what failed: give failing modules a fresh chance.
             self._failures.clear()
+
+    def set_deny(self, reason: Callable[[str], str | None] | None) -> None:
+        """The deny policy: ``reason(module)`` says why a module is refused, or None."""
+        with self._lock:
+            self._deny = reason
 
     def reconfigure(self, *, backoff: BackoffPolicy, runaway_limit: int, runaway_window: float,
                     queue_limit: int) -> None:
@@ -554,6 +570,8 @@ class Scheduler:
         concurrent helpers.
         """
         task.state = "ready"
+        if task.ready_at is None:
+            task.ready_at = time.monotonic()
         free = self.max_workers - (self.loading - self._extra_loads) - len(self._ready)
         wanted_by_kernel = task.request.kind == "kernel" or any(
             e.request.kind == "kernel" for e in task.entries)
@@ -618,7 +636,16 @@ class Scheduler:
             return
         # sysfs reads outside the lock: which steps the kernel already has.
         in_kernel: dict[str, StepResultLike] = {}
+        deny = self._deny
+        if deny is not None:
+            from kmodd.deny import refusals
+            refused = refusals(plan, deny)
+            entry.refused = frozenset(refused)
+            in_kernel.update({n: StepOutcome(n, r.status, r.error, r.errno)
+                              for n, r in refused.items()})
         for step in plan.steps:
+            if step.name in entry.refused:
+                continue
             if step.builtin:
                 in_kernel[step.name] = StepOutcome(step.name, "builtin")
                 continue
@@ -650,9 +677,9 @@ class Scheduler:
         now = self._clock()
         # A module our own worker is loading reads as COMING in sysfs; every
         # request but the kernel's joins that load and shares its outcome.
-        todo = [s for s in plan.steps
-                if s.name not in in_kernel or (request.kind != "kernel"
-                                               and s.name in self._tasks)]
+        todo = [s for s in plan.steps if s.name not in entry.refused
+                and (s.name not in in_kernel or (request.kind != "kernel"
+                                                 and s.name in self._tasks))]
         for step in todo:
             entry.results.pop(step.name, None)
         edges = plan_edges(plan)
@@ -694,7 +721,8 @@ class Scheduler:
             task = self._tasks.get(step.name)
             if task is None:
                 waits = {d for d in edges.get(step.name, ()) if d in self._tasks}
-                task = _Task(step, request, plan.targets, waits)
+                task = _Task(step, request, plan.targets, waits,
+                             requested_at=entry.submitted_at, waited_for=tuple(sorted(waits)))
                 self._tasks[step.name] = task
                 for dep in waits:
                     self._tasks[dep].dependents.append(task)
@@ -718,12 +746,17 @@ class Scheduler:
     def _run_load(self, task: _Task) -> None:
         step = task.step
         result: StepResultLike
+        picked = time.monotonic()
         try:
             result = self._loader.load_step(step)
         except Exception as exc:
             err = getattr(exc, "errno", None)
             result = StepOutcome(step.name, "failed", f"{step.name}: {exc}",
                                  err if isinstance(err, int) else None)
+        if self._on_load is not None and result.status in ("loaded", "failed",
+                                                            "install-command"):
+            self._safe(self._on_load, self._load_record(task, result, picked,
+                                                        time.monotonic()))
         # Tell the owner (state record) before any dependent can start or any
         # caller hears back, so "loaded" always implies "recorded".
         if self._on_module is not None:
@@ -747,6 +780,24 @@ class Scheduler:
                 self._failures.pop(step.name, None)
             self._complete_task_locked(task, result, done, outcomes, module_cbs)
         self._deliver(done, outcomes, [cb for cb in module_cbs if cb[0] is not step])
+
+    @staticmethod
+    def _load_record(task: _Task, result: StepResultLike, picked: float,
+                     returned: float) -> LoadRecord:
+        # The loader times the syscall itself (StepResult.seconds); it returns
+        # right after it, so the syscall ended when load_step returned.
+        seconds = getattr(result, "seconds", None)
+        end = returned
+        start = max(picked, end - seconds) if isinstance(seconds, float) else picked
+        req = task.request
+        ready = task.ready_at if task.ready_at is not None else picked
+        return LoadRecord(
+            module=task.step.name, kind=req.kind, key=req.key, status=result.status,
+            requested_at=min(task.requested_at or task.planned_at, task.planned_at),
+            planned_at=task.planned_at, deps_ready_at=ready,
+            start=start, end=end, requested_by=req.requested_by, devpath=req.devpath,
+            role=str(task.step.role), via=task.targets, waited_for=task.waited_for,
+            error=result.error, errno=result.errno)
 
     # --- bookkeeping (lock held) ------------------------------------------------
 

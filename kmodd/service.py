@@ -30,7 +30,10 @@ from typing import Any, Protocol
 
 from kmodd.autoclean import Autoclean, AutocleanPolicy, SweepReport
 from kmodd.control import Connection, ControlServer, error_reply
+from kmodd.deny import DenyPolicy, deny_file
 from kmodd.kernel.protocol import InitState, Kernel
+from kmodd.loadlog import LoadLog
+from kmodd.modules_load import ListedModule, ListProblem
 from kmodd.names import modname_normalize
 from kmodd.plan import ModuleStep, Plan
 from kmodd.scheduler import (
@@ -61,6 +64,13 @@ SourceFactory = Callable[[Submit], Source]
 ColdplugFn = Callable[[Submit, Callable[[int], None]], object]
 WatcherFactory = Callable[[Callable[[], None]], Source]
 ResolverFactory = Callable[[Settings], ResolverLike]
+ListedFn = Callable[[], "tuple[list[ListedModule], list[ListProblem]]"]
+
+# READY=1 waits for the modules-load.d loads (units ordered after
+# systemd-modules-load.service, systemd-sysctl for one, expect them), but
+# never longer than this: systemd would time the start out.
+MODULES_LOAD_READY_WAIT = 20.0
+MODULES_LOAD_MARKER = "modules-load.served"
 
 
 def slog(logger: logging.Logger, level: int, msg: str, *args: object, **fields: Any) -> None:
@@ -416,6 +426,7 @@ class Service:
                  sources: Sequence[SourceFactory] | None = _DEFAULT,
                  coldplug: ColdplugFn | None = _DEFAULT,
                  watcher: WatcherFactory | None = _DEFAULT,
+                 modules_load: ListedFn | None = _DEFAULT,
                  settings_source: SettingsSource | None = None,
                  notify: Callable[..., bool] = _sd_notify,
                  watchdog_interval: Callable[[], float | None] = _sd_watchdog_interval,
@@ -431,6 +442,7 @@ class Service:
         self.loop = EventLoop()
         self.started_at = time.time()
         self.state = StateStore(Path(settings.state_file))
+        self.loadlog = LoadLog()
         if loader is None:
             from kmodd.loader import Loader
             loader = Loader(kernel)
@@ -442,7 +454,9 @@ class Service:
             backoff=BackoffPolicy(settings.backoff_initial, settings.backoff_max),
             runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
             on_outcome=self._on_outcome, on_module=self._on_module,
-            on_runaway=self._on_runaway, on_idle=self._on_idle)
+            on_runaway=self._on_runaway, on_idle=self._on_idle, on_load=self.loadlog.add)
+        self.deny = self._make_deny(settings)
+        self.scheduler.set_deny(self.deny.reason)
         self.autoclean = Autoclean(kernel, self.state, self._autoclean_unload,
                                    self._autoclean_policy(settings),
                                    busy=self.scheduler.busy_modules,
@@ -455,6 +469,10 @@ class Service:
             else list(sources or ())
         self._coldplug_fn = self._default_coldplug() if coldplug is _DEFAULT else coldplug
         self._watcher_factory = self._default_watcher() if watcher is _DEFAULT else watcher
+        self._listed_fn = self._default_modules_load() if modules_load is _DEFAULT \
+            else modules_load
+        self._listed_pending = 0
+        self._ready_wanted = False
         self.sources: list[Source] = []
         self.watcher: Source | None = None
         self.monitors: set[Connection] = set()
@@ -490,6 +508,14 @@ class Service:
             return _BrokenResolver(f"module tree unavailable: {exc}")
 
     @staticmethod
+    def _make_deny(settings: Settings) -> DenyPolicy:
+        policy = DenyPolicy(settings.deny, deny_file(settings.root_obj), settings.config_file)
+        if policy.error is not None:
+            slog(LOG, logging.ERROR, "deny list: %s; only the deny setting applies",
+                 policy.error)
+        return policy
+
+    @staticmethod
     def _autoclean_policy(settings: Settings) -> AutocleanPolicy:
         return AutocleanPolicy(settings.idle_timeout, frozenset(settings.never_unload))
 
@@ -517,6 +543,17 @@ class Service:
             return coldplug(root, submit, on_queued=on_queued)
 
         return run
+
+    def _default_modules_load(self) -> ListedFn | None:
+        if not self.settings.modules_load:
+            return None
+        root = self.settings.root_obj
+
+        def read() -> tuple[list[ListedModule], list[ListProblem]]:
+            from kmodd.modules_load import listed_modules
+            return listed_modules(root)
+
+        return read
 
     def _default_watcher(self) -> WatcherFactory | None:
         root = self.settings.root_obj
@@ -582,8 +619,10 @@ class Service:
             # Ping from the loop itself: a wedged loop stops the pings.
             self.loop.call_every(max(0.05, wd / 2), self._ping_watchdog)
         self.loop.call_every(2.0, self._send_status)
+        self._start_modules_load()
         if self._coldplug_fn is not None:
             self.coldplug_state = "running"
+            self.loadlog.mark("coldplug-start")
             threading.Thread(target=self._coldplug_thread, name="kmodd-coldplug",
                              daemon=True).start()
         else:
@@ -618,6 +657,67 @@ class Service:
             slog(LOG, logging.WARNING, "cannot remove %s: %s",
                  self.settings.root_obj.udev_handover, exc.strerror or exc)
 
+    def _start_modules_load(self) -> None:
+        """Submit what modules-load.d, /etc/modules and the kernel command line
+        list, all at once: the pool loads dependencies first and independent
+        modules in parallel, where systemd-modules-load goes one by one."""
+        if self._listed_fn is None:
+            return
+        self._mark_modules_load_served(True)
+        try:
+            listed, problems = self._listed_fn()
+        except Exception as exc:
+            slog(LOG, logging.ERROR, "cannot read modules-load.d: %s", exc)
+            return
+        for problem in problems:
+            slog(LOG, logging.WARNING, "modules-load.d: %s: %s", problem.source,
+                 problem.message)
+        if not listed:
+            return
+        slog(LOG, logging.INFO, "loading %d module(s) listed for boot: %s", len(listed),
+             " ".join(m.name for m in listed))
+        self.loadlog.mark("modules-load-start")
+        self._listed_pending = len(listed)
+        self.loop.call_later(MODULES_LOAD_READY_WAIT, self._listed_waited_enough)
+        for m in listed:
+            future = self.submit(Request("modules-load", m.name, None, m.where, m.options))
+            future.add_done_callback(
+                lambda f: self.loop.call_soon_threadsafe(self._listed_done))
+
+    @property
+    def modules_load_marker(self) -> Path:
+        """Present while this daemon serves modules-load.d: the drop-in for
+        systemd-modules-load.service makes it do nothing then."""
+        return Path(self.settings.state_file).parent / MODULES_LOAD_MARKER
+
+    def _mark_modules_load_served(self, on: bool) -> None:
+        try:
+            if on:
+                self.modules_load_marker.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                self.modules_load_marker.write_text(f"{os.getpid()}\n")
+            else:
+                self.modules_load_marker.unlink(missing_ok=True)
+        except OSError as exc:
+            slog(LOG, logging.WARNING, "cannot %s %s: %s", "create" if on else "remove",
+                 self.modules_load_marker, exc)
+
+    def _listed_done(self) -> None:
+        if self._listed_pending <= 0:
+            return
+        self._listed_pending -= 1
+        if self._listed_pending == 0:
+            self.loadlog.mark("modules-load-end")
+            if self._ready_wanted:
+                self._set_ready()
+
+    def _listed_waited_enough(self) -> None:
+        if self._listed_pending > 0:
+            slog(LOG, logging.WARNING, "modules listed for boot still loading after %gs; "
+                 "ready anyway", MODULES_LOAD_READY_WAIT)
+            self._listed_pending = 0
+            if self._ready_wanted:
+                self._set_ready()
+
     def _ping_watchdog(self) -> None:
         self.notify(WATCHDOG=1)
 
@@ -625,6 +725,9 @@ class Service:
         # READY=1 once coldplug's first walk is queued: later units may rely on
         # the daemon taking requests; `kmodctl settle` tells when loads are done.
         if self.ready:
+            return
+        if self._listed_pending > 0:
+            self._ready_wanted = True       # once the listed modules are in
             return
         self.ready = True
         # Uevents are heard and coldplug is queued: udev may stand back.
@@ -696,6 +799,8 @@ class Service:
 
     def _cleanup(self) -> None:
         self._drop_handover_flag()
+        if self._listed_fn is not None and self._started:
+            self._mark_modules_load_served(False)
         if not self._stopped:          # start() failed or the loop crashed
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(timeout=30.0)
@@ -731,6 +836,7 @@ class Service:
 
     def _coldplug_finished(self, result: object | None) -> None:
         self.coldplug_state = "done"
+        self.loadlog.mark("coldplug-end")
         self._set_ready()
         self.coldplug_result = result
         loaded = getattr(result, "loaded", None)
@@ -769,6 +875,8 @@ class Service:
         self.settings = settings
         self.resolver = resolver
         self.scheduler.set_resolver(resolver)
+        self.deny = self._make_deny(settings)
+        self.scheduler.set_deny(self.deny.reason)
         self.scheduler.reconfigure(
             backoff=BackoffPolicy(settings.backoff_initial, settings.backoff_max),
             runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
@@ -863,6 +971,9 @@ class Service:
             # Each module was logged as it went in (_on_module).
             slog(LOG, logging.DEBUG, "%s: loaded %s", req.key, " ".join(outcome.modules),
                  **fields)
+        elif status == "failed" and (outcome.error or "").startswith("refused: "):
+            self._log_module_failure(" ".join(outcome.failed) or req.key, req,
+                                     outcome.error or "refused", outcome.errno, fields)
         elif status == "failed" and outcome.failed:
             # Each failing module was logged as it failed (_on_module).
             slog(LOG, logging.DEBUG, "%s: failed (%s)", req.key, outcome.error, **fields)
@@ -871,6 +982,12 @@ class Service:
                                      outcome.error or "failed", outcome.errno, fields)
         elif status == "runaway":
             slog(LOG, logging.DEBUG, "runaway request %s refused", req.key, **fields)
+        elif req.kind == "modules-load" and status in ("unresolved", "blacklisted"):
+            # systemd-modules-load: "Failed to find module" is an error; a
+            # blacklisted one is only noted ("is deny-listed (by kmod)").
+            what = "not found" if status == "unresolved" else "blacklisted, not loaded"
+            slog(LOG, logging.ERROR if status == "unresolved" else logging.INFO,
+                 "module %s listed in %s: %s", req.key, req.requested_by, what, **fields)
         else:
             slog(LOG, logging.DEBUG, "%s: %s%s", req.key, status,
                  f" ({outcome.error})" if outcome.error else "", **fields)
@@ -1014,6 +1131,8 @@ class Service:
             return {"ok": True, "modules": self.list_modules(private=conn.cred.is_root)}
         if op == "why":
             return self.why(_name_arg(msg, "module"), private=conn.cred.is_root)
+        if op == "loads":
+            return {"ok": True, **self.loadlog.to_dict()}
         if op == "monitor":
             if not conn.monitoring:
                 self.monitors.add(conn)
@@ -1026,6 +1145,8 @@ class Service:
             return self._control_load(conn, msg)
         if op == "unload":
             return self._control_unload(conn, msg)
+        if op in ("deny", "allow"):
+            return self.set_denied(_name_arg(msg, "module"), op == "deny")
         if op == "reload":
             try:
                 return {"ok": True, **self.reload()}
@@ -1048,6 +1169,7 @@ class Service:
             "waiting_loads": snap["waiting_loads"], "submitted": snap["submitted"],
             "outcomes": snap["outcomes"], "backoff": snap["backoff"],
             "runaway": snap["runaway"], "loaded_by_kmodd": len(self.state),
+            "deny": self.deny.denied(),
             "autoclean": {"interval": self.settings.autoclean_interval,
                           "idle_timeout": self.settings.idle_timeout,
                           "never_unload": list(self.settings.never_unload),
@@ -1102,6 +1224,16 @@ class Service:
             out["idle_since"] = rec.idle_since
         if self.last_sweep is not None and name in self.last_sweep.kept:
             out["autoclean"] = self.last_sweep.kept[name]     # why it is still loaded
+        present = state in (InitState.LIVE, InitState.COMING)
+        denied = self.deny.reason(name)
+        if denied is not None:
+            out["denied"] = denied
+        if self._blacklisted(name):
+            out["blacklisted"] = True
+        if present and (denied is not None or out.get("blacklisted")):
+            what = "denied" if denied is not None else "blacklisted in modprobe.d"
+            out["warning"] = f"{name} is {what}, yet loaded"
+            out["how"] = self._how_it_got_in(name, rec)
         failure = self.scheduler.failures().get(name)
         if failure is not None:
             out["last_failure"] = {"failures": failure.failures,
@@ -1109,6 +1241,46 @@ class Service:
                                    else redact_error(failure.error),
                                    "errno": failure.errno}
         return out
+
+    def set_denied(self, module: str, deny: bool) -> dict[str, Any]:
+        """``kmodctl deny/allow``: edit the persistent list (the setting stays as written)."""
+        name = modname_normalize(module)
+        try:
+            changed = self.deny.set(name, deny)
+        except OSError as exc:
+            return error_reply(f"cannot write {self.deny.path}: {exc.strerror or exc}", "EIO")
+        if changed:
+            slog(LOG, logging.INFO, "%s %s (%s)", "denied" if deny else "allowed again", name,
+                 self.deny.path, module=name)
+        out: dict[str, Any] = {"ok": True, "module": name, "changed": changed,
+                               "denied": self.deny.reason(name) is not None,
+                               "deny": self.deny.denied()}
+        if not deny and name in self.deny.setting:
+            out["note"] = f"still denied by the 'deny' setting in {self.deny.config_file}"
+        return out
+
+    def _blacklisted(self, name: str) -> bool:
+        config = getattr(self.resolver, "config", None)
+        blacklist = getattr(config, "blacklist", None) if config is not None else \
+            getattr(self.resolver, "blacklist", None)
+        return isinstance(blacklist, set | frozenset) and name in blacklist
+
+    def _how_it_got_in(self, name: str, rec: ModuleRecord | None) -> str:
+        if rec is not None:
+            how = f"kmodd loaded it for {rec.kind} {rec.key}"
+            if rec.role != "target" and rec.via:
+                how += f", as {rec.role} of {' '.join(rec.via)}"
+            elif rec.kind in ("admin", "kernel"):
+                how += " (by name: the blacklist only applies to aliases)"
+            return how
+        holders: tuple[str, ...] = ()
+        with contextlib.suppress(Exception):
+            holders = tuple(self.kernel.holders(name))
+        if holders:
+            return (f"not loaded by kmodd; used by {' '.join(holders)}: most likely "
+                    "loaded as their dependency (the blacklist does not apply to those)")
+        return ("not loaded by kmodd: by name (modprobe NAME ignores the blacklist), "
+                "before kmodd started, or from the initramfs")
 
     def _settle(self, conn: Connection, msg: dict[str, Any]) -> dict[str, Any] | None:
         timeout = msg.get("timeout")

@@ -55,6 +55,8 @@ class Settings:
     runaway_limit: int = RUNAWAY_LIMIT
     runaway_window: float = RUNAWAY_WINDOW
     queue_limit: int = 16384
+    modules_load: bool = True            # load what modules-load.d and /etc/modules list
+    deny: tuple[str, ...] = ()           # modules never loaded, whoever asks
     # not in the file: where and what to run against
     config_file: str = DEFAULT_CONFIG
     root: str = "/"
@@ -82,6 +84,7 @@ _FILE_KEYS: dict[str, str] = {
     "modprobe_config": "strlist", "coldplug": "bool", "log_level": "str",
     "journal": "bool", "backoff_initial": "number", "backoff_max": "number",
     "runaway_limit": "int", "runaway_window": "number", "queue_limit": "int",
+    "modules_load": "bool", "deny": "names",
 }
 _LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
 
@@ -207,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"runaway detection window (default {RUNAWAY_WINDOW:g})")
     p.add_argument("--queue-limit", type=int, metavar="N",
                    help="distinct requests pending at most (default 16384)")
+    p.add_argument("--no-modules-load", dest="modules_load", action="store_false", default=None,
+                   help="do not load the modules listed in modules-load.d and /etc/modules")
+    p.add_argument("--deny", action="append", metavar="MODULES",
+                   help="modules never to load, whoever asks (repeatable, comma-separated)")
     p.add_argument("--log-level", choices=_LOG_LEVELS)
     journal = p.add_mutually_exclusive_group()
     journal.add_argument("--journal", dest="journal", action="store_true", default=None,
@@ -221,13 +228,16 @@ def _flag_values(ns: argparse.Namespace) -> dict[str, Any]:
     for key in ("max_workers", "autoclean_interval", "idle_timeout", "socket", "state_file",
                 "request_fifo", "root", "modules_base", "version", "coldplug", "kernel",
                 "log_level", "journal", "config_file", "backoff_initial", "backoff_max",
-                "runaway_limit", "runaway_window", "queue_limit"):
+                "runaway_limit", "runaway_window", "queue_limit", "modules_load"):
         v = getattr(ns, key, None)
         if v is not None:
             out[key] = v
     if ns.never_unload:
         names = [n.strip() for item in ns.never_unload for n in item.split(",") if n.strip()]
         out["never_unload"] = tuple(dict.fromkeys(modname_normalize(n) for n in names))
+    if ns.deny:
+        names = [n.strip() for item in ns.deny for n in item.split(",") if n.strip()]
+        out["deny"] = tuple(dict.fromkeys(modname_normalize(n) for n in names))
     if ns.modprobe_config:
         out["modprobe_config"] = tuple(ns.modprobe_config)
     kernel = out.get("kernel")

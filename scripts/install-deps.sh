@@ -31,6 +31,8 @@ PACKAGES=(
     lintian scdoc bash-completion man-db mmdebstrap
     # the package's run-time dependencies, so the build's tests run with Debian's versions
     python3-pyudev python3-systemd python3-pyelftools python3-zstandard
+    # kmodctl plot's test renders the SVG timeline in a headless browser
+    chromium
 )
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }

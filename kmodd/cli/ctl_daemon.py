@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if command == "why":
         parser.add_argument("module", help="module name")
+    elif command == "status":
+        parser.add_argument("--prometheus", action="store_true",
+                            help="Prometheus text format, for node_exporter's textfile collector")
     elif command == "settle":
         parser.add_argument("-t", "--timeout", type=float, default=120.0, metavar="SECONDS",
                             help="give up after SECONDS (default 120; 0 only checks)")
@@ -115,7 +118,9 @@ def _why(client: Client, module: str, as_json: bool) -> int:
         print(f"  request:      {w.get('kind')} {w.get('key')}")
         if w.get("devpath"):
             print(f"  device:       {w['devpath']}")
-        if w.get("requested_by"):
+        if w.get("kind") == "modules-load":
+            print(f"  listed in:    {w.get('requested_by') or 'modules-load.d'}")
+        elif w.get("requested_by"):
             print(f"  requested by: {w['requested_by']}")
         if w.get("idle_since"):
             print(f"  unused since: {_fmt_time(w['idle_since'])}")
@@ -125,6 +130,10 @@ def _why(client: Client, module: str, as_json: bool) -> int:
         print(f"{name}: built into the kernel")
     else:
         print(f"{name}: not loaded")
+    if w.get("warning"):
+        print(f"  WARNING: {w['warning']}: {w.get('how')}")
+    elif w.get("denied"):
+        print(f"  {w['denied']}")
     fail = w.get("last_failure")
     if fail:
         print(f"  last failure: {fail.get('error')} ({fail.get('failures')} time(s))")
@@ -177,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         with client:
+            if command == "status" and getattr(args, "prometheus", False):
+                from kmodd.prometheus import exposition
+                sys.stdout.write(exposition(client.status(), client.call("loads")))
+                return 0
             if command == "status":
                 return _status(client, args.json)
             if command == "list":

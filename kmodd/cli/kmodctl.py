@@ -23,13 +23,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "monitor": ("kmodd.cli.ctl_daemon", "stream load outcomes as they happen"),
     "settle": ("kmodd.cli.ctl_daemon", "wait until coldplug is done and nothing is pending"),
     "reload": ("kmodd.cli.ctl_daemon", "make the daemon reload configuration and indexes"),
+    "blame": ("kmodd.cli.ctl_analyze", "every load since boot, slowest first"),
+    "critical-chain": ("kmodd.cli.ctl_analyze",
+                       "the chain of waits that decided when coldplug (or a module) was done"),
+    "plot": ("kmodd.cli.ctl_analyze", "an SVG timeline of the loads (kmodctl plot > loads.svg)"),
+    "deny": ("kmodd.cli.ctl_deny", "never load these modules, whoever asks (no module: list)"),
+    "allow": ("kmodd.cli.ctl_deny", "take modules off the deny list"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: kmodctl COMMAND [options]", "       kmodctl --version", "",
              "commands:"]
-    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
