@@ -17,6 +17,10 @@
 #
 # --root DIR operates on a tree instead of / (tests, image builds): every
 # path above, /proc included, is taken under DIR.
+#
+# This is for installs from a checkout or a virtual environment; with the
+# Debian package, "kmodd-takeover enable" does the same for the package's
+# /usr/libexec/kmodd/kmodd-request (and hands udev's driver job over too).
 set -eu
 
 ROOT=

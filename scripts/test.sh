@@ -6,12 +6,12 @@
 # (exit 5) is a failure, and so is a skipped VM test.
 #
 #   bash scripts/test.sh                 everything
-#   bash scripts/test.sh unit vm         only these steps (lint types unit realtree vm boot)
+#   bash scripts/test.sh unit vm         only these steps (lint types unit realtree pkg vm boot)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-STEPS=(lint types unit realtree vm boot)
+STEPS=(lint types unit realtree pkg vm boot)
 if [[ $# -gt 0 ]]; then STEPS=("$@"); fi
 # CI must finish within 90 minutes on 2 cores: every step gets its own limit,
 # capped by what is left of this overall budget (KMODD_TEST_BUDGET seconds).
@@ -62,10 +62,12 @@ for step in "${STEPS[@]}"; do
         types)    run_step types 900 mypy ;;
         unit)     run_step unit 2400 "${PYTEST[@]}" tests/unit ;;
         realtree) run_step realtree 2400 "${PYTEST[@]}" tests/realtree ;;
+        # The Debian package: build, lintian, install into a Debian 12 chroot, purge.
+        pkg)      run_step pkg 1800 "${PYTEST[@]}" tests/pkg ;;
         vm)       run_step vm 3600 "${PYTEST[@]}" tests/vm ;;
         # the Debian boot test bed: one image build (cached), three boots
         boot)     run_step boot 2700 "${PYTEST[@]}" -s tests/boot ;;
-        *) echo "test.sh: unknown step $step (lint types unit realtree vm boot)" >&2; exit 2 ;;
+        *) echo "test.sh: unknown step $step (lint types unit realtree pkg vm boot)" >&2; exit 2 ;;
     esac
 done
 

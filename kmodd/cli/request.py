@@ -1,10 +1,10 @@
-"""kmodd-request: the request_module() helper, Python entry point.
+"""kmodd-request-py: the request_module() helper's Python equivalent.
 
-The kernel should run the POSIX sh helper (``contrib/kmodd-request``,
-installed by ``contrib/install-request-helper.sh``) directly: a Python
-interpreter costs more than a whole modprobe.  This console script exists
-so ``kmodd-request`` on PATH always works: it execs the sh helper when one
-is installed, else speaks the same FIFO protocol itself (see
+The kernel should run the POSIX sh helper (``contrib/kmodd-request``: the
+package's ``/usr/libexec/kmodd/kmodd-request``, and the ``kmodd-request`` a
+pip install puts on PATH) directly: a Python interpreter costs more than a
+whole modprobe.  This console script execs the sh helper when one is
+installed, else speaks the same FIFO protocol itself (see
 kmodd/kernelreq.py), else loads the module directly like ``kmodctl load``.
 """
 
