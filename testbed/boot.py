@@ -73,11 +73,14 @@ class BootVM:
     devices        ``-device`` values (default BOOT_DEVICES)
     cmdline_extra  more kernel command line (e.g. ``initcall_debug``)
     console        a text stream the console is copied to as it arrives
+    disk           boot an overlay of this qcow2 (a ``saved_disk()`` of another machine)
+                   instead of the image; *boot_files* are its (kernel, initrd)
     """
 
     def __init__(self, devices: Sequence[str] | None = None, *, memory: str = "1G",
                  cpus: int = 2, cmdline_extra: str = "", image: ImageArtifacts | None = None,
-                 console: IO[str] | None = None, keep_rundir: bool = False) -> None:
+                 console: IO[str] | None = None, keep_rundir: bool = False,
+                 disk: Path | None = None, boot_files: tuple[Path, Path] | None = None) -> None:
         self.devices = list(BOOT_DEVICES if devices is None else devices)
         self.memory = memory
         self.cpus = cpus
@@ -85,6 +88,8 @@ class BootVM:
         self.image = image
         self.console_stream = console
         self.keep_rundir = keep_rundir
+        self.disk = disk
+        self.boot_files = boot_files
         self.rundir = RUN_DIR / f"{os.getpid()}-{next(_counter)}"
         self.xfer = self.rundir / "xfer"
         self.boots = 0
@@ -126,15 +131,17 @@ class BootVM:
         img = shutil.which("qemu-img")
         if img is None:
             raise BootError("qemu-img not found: run scripts/install-deps.sh as root")
-        for name, base in (("root", self.image.base), ("data", self.image.data_disk)):
-            subprocess.run([img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+        root = (self.image.base, "raw") if self.disk is None else (self.disk, "qcow2")
+        for name, (base, fmt) in (("root", root), ("data", (self.image.data_disk, "raw"))):
+            subprocess.run([img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt,
                             str(self.rundir / f"{name}.qcow2")], check=True)
+        kernel, initrd = self.boot_files or (self.image.kernel, self.image.initrd)
         boot = self.rundir / "boot"
         boot.mkdir()
-        self._kernel = boot / self.image.kernel.name
-        self._initrd = boot / self.image.initrd.name
-        shutil.copyfile(self.image.kernel, self._kernel)
-        shutil.copyfile(self.image.initrd, self._initrd)
+        self._kernel = boot / kernel.name
+        self._initrd = boot / initrd.name
+        shutil.copyfile(kernel, self._kernel)
+        shutil.copyfile(initrd, self._initrd)
 
     @property
     def console_path(self) -> Path:
@@ -411,6 +418,22 @@ class BootVM:
         shutil.copyfile(kernel[0], self._kernel)
         shutil.copyfile(initrd[0], self._initrd)
         return self.boot(timeout)
+
+    def save_disk(self, dest: Path) -> tuple[Path, Path, Path]:
+        """After ``poweroff()``: keep the disk state and /boot files under *dest*.
+
+        Returns (disk, kernel, initrd) for ``BootVM(disk=..., boot_files=...)``;
+        the disk is a qcow2 backed by the image.
+        """
+        if self.proc is not None:
+            raise RuntimeError("power the machine off first")
+        assert self._kernel is not None and self._initrd is not None
+        dest.mkdir(parents=True, exist_ok=True)
+        out = (dest / "root.qcow2", dest / self._kernel.name, dest / self._initrd.name)
+        for src, dst in zip((self.rundir / "root.qcow2", self._kernel, self._initrd), out,
+                            strict=True):
+            shutil.copyfile(src, dst)
+        return out
 
     def _after_exit(self) -> None:
         self._stop_tail.set()

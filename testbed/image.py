@@ -201,6 +201,9 @@ def _customize(root: Path) -> None:
     # A fixed machine id: an empty one makes every boot of a fresh overlay a
     # "first boot" (systemd applies presets then), unlike the boot after a reboot.
     (root / "etc/machine-id").write_text(MACHINE_ID + "\n")
+    # man-db rebuilds its whole index on every package install (minutes under
+    # emulation); its own switch turns that off.
+    (root / "var/lib/man-db/auto-update").unlink(missing_ok=True)
     # A persistent journal: the shutdown of one boot is read in the next.
     (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
 

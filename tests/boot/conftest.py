@@ -18,10 +18,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -30,6 +30,8 @@ from testbed.initramfs import PROJECT_ROOT
 
 _HERE = Path(__file__).resolve().parent
 SYSTEM_TIMEOUT = 600.0
+TAKEOVER_TIMEOUT = 1800.0
+T = TypeVar("T")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -63,8 +65,10 @@ class Snapshot:
 
 
 _SNAPSHOT = r"""
-systemctl is-system-running --wait >/tmp/tb-state 2>&1
-echo "@state $(cat /tmp/tb-state)"
+# The agent answers early in the boot (before the root is even writable):
+# wait for the boot to finish before looking.
+state=$(systemctl is-system-running --wait 2>&1)
+echo "@state $state"
 systemctl list-units --state=failed --plain --no-legend --no-pager | awk '{print "@failed " $1}'
 awk '{print "@module " $1}' /proc/modules
 for d in /sys/bus/*/devices/*; do
@@ -111,7 +115,7 @@ def build_deb(outdir: Path) -> Path:
 @pytest.fixture(scope="session")
 def machine() -> Iterator[BootVM]:
     vm = BootVM()
-    seconds = vm.boot()
+    seconds = _once("the stock boot", vm.boot)
     print(f"\nbootbed: stock boot, agent up after {seconds:.0f} s", file=sys.stderr)
     try:
         yield vm
@@ -121,44 +125,67 @@ def machine() -> Iterator[BootVM]:
 
 @pytest.fixture(scope="session")
 def stock(machine: BootVM) -> Snapshot:
-    return snapshot(machine)
+    return _once("the stock snapshot", lambda: snapshot(machine))
 
 
 @pytest.fixture(scope="session")
 def deb() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="kmodd-deb-") as tmp:
-        yield build_deb(Path(tmp))
+        yield _once("build-deb.sh", lambda: build_deb(Path(tmp)))
+
+
+# A session fixture that raised is set up again for every test that asks for
+# it; a failed takeover or boot (many minutes) is remembered instead.
+_failed: dict[str, str] = {}
+
+
+def _once(name: str, step: Callable[[], T]) -> T:
+    if name in _failed:
+        pytest.fail(f"{name} failed earlier in this session:\n{_failed[name]}", pytrace=False)
+    try:
+        return step()
+    except BaseException as exc:
+        _failed[name] = f"{type(exc).__name__}: {exc}"[-6000:]
+        raise
 
 
 @pytest.fixture(scope="session")
 def takeover_log(machine: BootVM, stock: Snapshot, deb: Path) -> str:
     """Install the package and take over exactly as an administrator does."""
-    path = machine.put_file(deb.name, deb.read_bytes())
-    res = machine.run(f"dpkg -i {path} && kmodd-takeover enable", timeout=900, check=True)
-    machine.run(f"umount {Path(path).parent}", timeout=60, check=True)
-    return res.stdout + res.stderr
+    def step() -> str:
+        path = machine.put_file(deb.name, deb.read_bytes())
+        # update-initramfs under emulation on a busy host takes minutes
+        res = machine.run(f"dpkg -i {path} && kmodd-takeover enable", timeout=TAKEOVER_TIMEOUT,
+                          check=True)
+        machine.run(f"umount {Path(path).parent}", timeout=60, check=True)
+        return res.stdout + res.stderr
+    return _once("the takeover", step)
 
 
 @pytest.fixture(scope="session")
 def kmodd_vm(machine: BootVM, takeover_log: str) -> BootVM:
-    if not hasattr(machine, "_kmodd_booted"):
-        seconds = machine.reboot(poweroff=True)
-        print(f"\nbootbed: kmodd boot, agent up after {seconds:.0f} s", file=sys.stderr)
-        machine._kmodd_booted = True  # type: ignore[attr-defined]
-    return machine
+    def step() -> BootVM:
+        if not hasattr(machine, "_kmodd_booted"):
+            seconds = machine.reboot(poweroff=True)
+            print(f"\nbootbed: kmodd boot, agent up after {seconds:.0f} s", file=sys.stderr)
+            machine._kmodd_booted = True  # type: ignore[attr-defined]
+        return machine
+    return _once("the kmodd boot", step)
 
 
 @pytest.fixture(scope="session")
 def kmodd_boot(kmodd_vm: BootVM) -> Snapshot:
-    snap = snapshot(kmodd_vm)
+    snap = _once("the kmodd snapshot", lambda: snapshot(kmodd_vm))
     snap.extra["boot_number"] = str(kmodd_vm.boots)
     return snap
 
 
 @pytest.fixture(scope="session")
 def handback_boot(kmodd_vm: BootVM, kmodd_boot: Snapshot) -> Snapshot:
-    res = kmodd_vm.run("kmodd-takeover disable", timeout=900, check=True)
-    kmodd_vm.reboot(poweroff=True)
-    snap = snapshot(kmodd_vm)
-    snap.extra["disable_log"] = res.stdout + res.stderr
-    return snap
+    def step() -> Snapshot:
+        res = kmodd_vm.run("kmodd-takeover disable", timeout=TAKEOVER_TIMEOUT, check=True)
+        kmodd_vm.reboot(poweroff=True)
+        snap = snapshot(kmodd_vm)
+        snap.extra["disable_log"] = res.stdout + res.stderr
+        return snap
+    return _once("the handback boot", step)
