@@ -259,7 +259,14 @@ def test_autoclean_removes_dummy_but_keeps_bound_drivers(guest: Guest) -> None:
     (why,) = guest.kmodctl_json("why dummy")
     assert why["state"] == "live", "autoclean unloaded dummy while link x existed"
     assert "type dummy" in why.get("autoclean", ""), why
-    guest.sh("ip link del x")
+    # A dummy link in another network namespace (a container's) keeps it too:
+    # rmmod dummy would delete that link as well.
+    guest.sh("ip netns add kmodd_c1 && ip -n kmodd_c1 link add y type dummy && ip link del x")
+    time.sleep(IDLE_TIMEOUT + 3 * AUTOCLEAN_INTERVAL)
+    (why,) = guest.kmodctl_json("why dummy")
+    assert why["state"] == "live", "autoclean unloaded dummy while a namespace had a dummy link"
+    assert "type dummy" in why.get("autoclean", ""), why
+    guest.sh("ip netns del kmodd_c1")
     wait = IDLE_TIMEOUT + 4 * AUTOCLEAN_INTERVAL + 60
     t0 = time.monotonic()
     guest.sh(f"for i in $(seq {wait * 2}); do grep -q '^dummy ' /proc/modules || exit 0; "
@@ -272,6 +279,39 @@ def test_autoclean_removes_dummy_but_keeps_bound_drivers(guest: Guest) -> None:
     assert status["autoclean"]["unloaded"] >= 1
     # Modules the daemon did not load are never touched by autoclean.
     assert guest.facts["initial_modules"] <= still
+
+
+def test_autoclean_leaves_a_module_someone_else_loaded_again(guest: Guest) -> None:
+    """kmodd loads dummy for a kernel request; the administrator reloads it with
+    another option: that load is theirs, and autoclean must not touch it."""
+    first = guest.sh("ip link add z type dummy && ip link del z && "
+                     "stat -c %i /sys/module/dummy").stdout.split()[-1]
+    (why,) = guest.kmodctl_json("why dummy")
+    assert why["loaded_by_kmodd"], why
+    second = guest.sh("modprobe -r dummy && modprobe dummy numdummies=0 && "
+                      "stat -c %i /sys/module/dummy").stdout.split()[-1]
+    assert first != second, "the kernel reused the sysfs inode: not a load identity"
+    time.sleep(IDLE_TIMEOUT + 4 * AUTOCLEAN_INTERVAL)
+    assert "dummy" in guest.loaded(), "autoclean unloaded a module the admin loaded again"
+    (why,) = guest.kmodctl_json("why dummy")
+    assert not why["loaded_by_kmodd"], why
+    guest.sh("modprobe -r dummy")
+
+
+def test_install_command_writing_sys(guest: Guest) -> None:
+    """An install command that writes to /sys, as modprobe would run it.  The
+    test bed has no systemd, so kmodd runs it with /bin/sh directly (under
+    systemd it goes through a transient unit, tests/unit/test_commands.py)."""
+    param = "/sys/module/printk/parameters/time"
+    guest.sh(f"echo N > {param} && mkdir -p /etc/modprobe.d && "
+             "echo 'install kmodd_sys_test echo Y > /sys/module/printk/parameters/time' "
+             "> /etc/modprobe.d/kmodd-e2e.conf")
+    try:
+        reload, load = guest.kmodctl_json("reload", "load kmodd_sys_test")
+        assert reload["ok"] and load["ok"], load
+        assert guest.sh(f"cat {param}").stdout.strip() == "Y"
+    finally:
+        guest.sh(f"rm -f /etc/modprobe.d/kmodd-e2e.conf; echo Y > {param}")
 
 
 def test_daemon_is_still_alive(guest: Guest) -> None:
