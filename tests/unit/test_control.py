@@ -419,3 +419,31 @@ def test_a_peer_being_closed_is_not_read_any_more() -> None:
         conn.close()
         theirs.close()
         loop.close()
+
+
+def test_a_monitor_that_does_not_read_is_dropped_sooner_when_unprivileged() -> None:
+    """Streamed events cannot be held back: a non-root monitor 256 KiB behind is
+    dropped, root's only at 4 MiB."""
+    from types import SimpleNamespace
+
+    from kmodd.control import MAX_OUTPUT, MAX_OUTPUT_UNPRIVILEGED
+    loop = EventLoop()
+    server = SimpleNamespace(reactor=loop, connection_closed=lambda c: None)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        conns = []
+        for uid, (ours, _) in zip((65534, 0), pairs, strict=True):
+            ours.setblocking(False)
+            conns.append(Connection(server, ours, PeerCred(1, uid, uid)))  # type: ignore[arg-type]
+        event = {"event": "outcome", "blob": "x" * 1000}
+        for _ in range((MAX_OUTPUT_UNPRIVILEGED + 2_000_000) // 1000):
+            for conn in conns:
+                conn.send(event)
+        nobody, root = conns
+        assert nobody.closed
+        assert not root.closed and len(root.outbuf) <= MAX_OUTPUT
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        loop.close()
