@@ -175,6 +175,9 @@ class Connection:
     def on_readable(self) -> None:
         if self.queued or self.paused:
             return             # lines already read wait for their turn first
+        if self.close_after_flush:
+            self._pause()      # nothing more is read from a peer being closed
+            return
         try:
             data = self.sock.recv(65536)
         except BlockingIOError:

@@ -93,19 +93,27 @@ def check(target: Target, data: bytes) -> None:
     """Run one input; raise on a crash (what the fuzzer and the replay call)."""
     _install_watch()
     _WATCH.seen.clear()
-    # CPU time of this thread, not wall time: on a loaded CI machine other
-    # processes' time is not the parser's (a wall-clock check flagged a 7 ms
-    # input at 1.03 s while four other jobs shared the two cores).
-    start = time.thread_time()
-    with contextlib.suppress(*target.allowed):
-        target.run(data)
-    took = time.thread_time() - start
+    took = _timed(target, data)
     if _WATCH.seen:
         rec = _WATCH.seen[0]
         raise LoggedCrash(f"{rec.name}: {rec.getMessage()}") from (
             rec.exc_info[1] if rec.exc_info else None)
     if took > SLOW and len(data) < MAX_LEN:
-        raise SlowInput(f"{target.name}: {took:.2f} s on {len(data)} bytes")
+        # Slowness that is the parser's is there every time; a loaded
+        # machine's (other jobs, a hypervisor's steal charged to this
+        # thread) is not: the best of three runs is what counts.
+        took = min(took, _timed(target, data), _timed(target, data))
+        if took > SLOW:
+            raise SlowInput(f"{target.name}: {took:.2f} s on {len(data)} bytes")
+
+
+def _timed(target: Target, data: bytes) -> float:
+    # CPU time of this thread: other processes' time is not the parser's (a
+    # wall-clock check flagged a 7 ms input at 1.03 s on the loaded machine).
+    start = time.thread_time()
+    with contextlib.suppress(*target.allowed):
+        target.run(data)
+    return time.thread_time() - start
 
 
 # --- kmod indexes -------------------------------------------------------------------

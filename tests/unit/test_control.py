@@ -378,3 +378,72 @@ def test_a_user_with_many_connections_gets_one_share_of_the_loop() -> None:
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_a_peer_being_closed_is_not_read_any_more() -> None:
+    """After an oversized message the peer is closed once its replies are out;
+    until then nothing more is read from it, so its input cannot pile up."""
+    from types import SimpleNamespace
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server = SimpleNamespace(
+        reactor=loop, connection_closed=lambda c: None,
+        dispatch=lambda c, line: c.send({"ok": True, "blob": "x" * 3000}))
+    conn = Connection(server, ours, PeerCred(1, 65534, 65534))  # type: ignore[arg-type]
+    loop.add_reader(ours, conn.on_readable)
+
+    def pump(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            with contextlib.suppress(BlockingIOError):
+                view = view[theirs.send(view):]
+            loop.run_once(0)
+    try:
+        pump(b'{"op":"list"}\n' * 8)            # replies the peer never reads
+        for _ in range(5):
+            loop.run_once(0)
+        assert conn.outbuf and not conn.paused   # some queued, under the high mark
+        pump(b"x" * (MAX_MESSAGE + 100))          # no newline: oversized
+        for _ in range(5):
+            loop.run_once(0)
+        assert conn.close_after_flush and not conn.closed
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100):
+                theirs.send(b"y" * 65536)
+                loop.run_once(0)
+        assert len(conn.inbuf) <= 65536, len(conn.inbuf)
+    finally:
+        conn.close()
+        theirs.close()
+        loop.close()
+
+
+def test_a_monitor_that_does_not_read_is_dropped_sooner_when_unprivileged() -> None:
+    """Streamed events cannot be held back: a non-root monitor 256 KiB behind is
+    dropped, root's only at 4 MiB."""
+    from types import SimpleNamespace
+
+    from kmodd.control import MAX_OUTPUT, MAX_OUTPUT_UNPRIVILEGED
+    loop = EventLoop()
+    server = SimpleNamespace(reactor=loop, connection_closed=lambda c: None)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        conns = []
+        for uid, (ours, _) in zip((65534, 0), pairs, strict=True):
+            ours.setblocking(False)
+            conns.append(Connection(server, ours, PeerCred(1, uid, uid)))  # type: ignore[arg-type]
+        event = {"event": "outcome", "blob": "x" * 1000}
+        for _ in range((MAX_OUTPUT_UNPRIVILEGED + 2_000_000) // 1000):
+            for conn in conns:
+                conn.send(event)
+        nobody, root = conns
+        assert nobody.closed
+        assert not root.closed and len(root.outbuf) <= MAX_OUTPUT
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        loop.close()

@@ -111,6 +111,9 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 def test_flooding_peers_do_not_delay_kernel_requests_or_grow_memory(daemon: Daemon) -> None:
+    # As root (like the tests that fork uid 65534 peers in test_control.py):
+    # the peers must be another user than this process's own client.
+    assert os.geteuid() == 0, "run as root: the flooding peers become uid 65534"
     flood = Flood(daemon.sock, 32)         # forked before the daemon's threads exist
     try:
         daemon.start()
