@@ -69,7 +69,7 @@ ListedFn = Callable[[], "tuple[list[ListedModule], list[ListProblem]]"]
 # READY=1 waits for the modules-load.d loads (units ordered after
 # systemd-modules-load.service, systemd-sysctl for one, expect them), but
 # never longer than this: systemd would time the start out.
-MODULES_LOAD_READY_WAIT = 20.0
+MODULES_LOAD_READY_WAIT = 60.0
 MODULES_LOAD_MARKER = "modules-load.served"
 
 

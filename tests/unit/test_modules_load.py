@@ -169,3 +169,23 @@ def test_modules_load_can_be_turned_off(env: Env) -> None:
     assert "solo" not in env.kernel.loaded()
     assert not svc.modules_load_marker.exists()     # systemd-modules-load does the work
     stop(svc, t, rc)
+
+
+def test_ready_waits_for_listed_loads_but_not_forever(
+        env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import kmodd.service
+    monkeypatch.setattr(kmodd.service, "MODULES_LOAD_READY_WAIT", 0.3)
+    write(env.tmp / "tree", "etc/modules-load.d/x.conf", "slow\nsolo\n")
+    caplog.set_level(logging.INFO, logger="kmodd")
+    svc = env.service(gated=("slow",))
+    t, rc = in_thread(svc)
+    assert env.loader.entered["slow"].wait(10)
+    # slow's init is held: READY=1 comes only at the limit, with a warning.
+    ready = env.notifier.wait_for("READY")
+    assert ready and "slow" not in env.kernel.loaded() and "solo" in env.kernel.loaded()
+    assert any("still loading after 0.3s" in r.getMessage() for r in caplog.records)
+    env.loader.release()
+    with Client(env.sock, timeout=10) as c:
+        assert c.settle(10)["settled"]
+    assert "slow" in env.kernel.loaded()
+    stop(svc, t, rc)
