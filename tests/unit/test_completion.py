@@ -62,11 +62,18 @@ def test_subcommands() -> None:
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_flags_match_argparse(command: str) -> None:
+    """Completion offers what --help shows: options whose help is
+    argparse.SUPPRESS (load --kernel-request, for kmodd-request) are internal."""
     parser = argparse.ArgumentParser(prog=f"kmodctl {command}")
     importlib.import_module(COMMANDS[command][0]).add_arguments(parser, command)
     expected = sorted(opt for action in parser._actions for opt in action.option_strings
-                      if opt not in ("-h", "--help"))
+                      if opt not in ("-h", "--help") and action.help != argparse.SUPPRESS)
     assert sorted(set(complete(f"kmodctl {command} -"))) == expected
+
+
+def test_hidden_options_are_not_offered() -> None:
+    assert "--kernel-request" not in complete("kmodctl load --")
+    assert complete("kmodctl load --k") == []
 
 
 def test_module_names_from_modules_dep(root: Path) -> None:
@@ -97,3 +104,46 @@ def test_loaded_modules_for_unload_and_why(root: Path) -> None:
 def test_dry_run_flag_is_not_a_count(root: Path) -> None:
     assert complete("kmodctl load -n du", root) == ["dummy"]
     assert complete("kmodctl monitor -n ", root) == []
+
+
+def test_new_commands_complete_by_prefix() -> None:
+    assert complete("kmodctl bl") == ["blame"]
+    assert complete("kmodctl cr") == ["critical-chain"]
+    assert complete("kmodctl de") == ["deny", "deps"]
+    assert complete("kmodctl status --p") == ["--prometheus"]
+
+
+def test_critical_chain_takes_one_loaded_module(root: Path) -> None:
+    assert complete("kmodctl critical-chain snd", root) == ["snd", "snd_timer"]
+    assert complete("kmodctl critical-chain --json e", root) == ["e1000"]
+    assert complete("kmodctl critical-chain --socket /run/x s", root) == ["snd", "snd_timer"]
+    assert complete("kmodctl critical-chain snd s", root) == []     # one module at most
+
+
+def test_deny_offers_modules_from_modules_dep(root: Path) -> None:
+    # Any module of the tree, loaded or not, and several of them.
+    assert complete("kmodctl deny du", root) == ["dummy"]
+    assert complete("kmodctl deny dummy snd-", root) == ["snd_timer"]
+    assert complete("kmodctl deny e", root) == []       # loaded, but not in modules.dep
+
+
+def test_allow_offers_the_persistent_deny_list(root: Path, tmp_path: Path) -> None:
+    assert complete("kmodctl allow ", root) == []       # no list yet
+    deny = root / "var/lib/kmodd/deny"
+    deny.parent.mkdir(parents=True)
+    deny.write_text("# modules kmodd never loads (kmodctl deny/allow)\n"
+                    "floppy\npc-spkr  # noisy\n\n   # nothing\nsnd_timer\n")
+    assert complete("kmodctl allow ", root) == ["floppy", "pc_spkr", "snd_timer"]
+    assert complete("kmodctl allow pc", root) == ["pc_spkr"]
+    # --root DIR: that tree's list, not the completion root's.
+    other = tmp_path / "other"
+    (other / "var/lib/kmodd").mkdir(parents=True)
+    (other / "var/lib/kmodd/deny").write_text("vfat\n")
+    assert complete(f"kmodctl allow --root {other} ", root) == ["vfat"]
+    assert complete(f"kmodctl allow --root={other}/ v", root) == ["vfat"]
+
+
+def test_root_completes_directories(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "treefile").write_text("")
+    assert complete(f"kmodctl deny --root {tmp_path}/tr") == [f"{tmp_path}/tree"]

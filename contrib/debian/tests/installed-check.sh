@@ -103,6 +103,8 @@ offers() {  # expected words...
 	complete_line "$@" | grep -qx "$want"
 }
 check "completion: kmodctl lo<TAB> -> load" completes_exactly load kmodctl lo
+check "completion: kmodctl crit<TAB> -> critical-chain" \
+	completes_exactly critical-chain kmodctl crit
 # A module name from the running kernel's modules.dep when there is one
 # (a booted image), else from a small tree given with -d/-S.
 dep=/lib/modules/$(uname -r)/modules.dep
