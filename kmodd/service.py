@@ -663,12 +663,15 @@ class Service:
         modules in parallel, where systemd-modules-load goes one by one."""
         if self._listed_fn is None:
             return
-        self._mark_modules_load_served(True)
         try:
             listed, problems = self._listed_fn()
         except Exception as exc:
-            slog(LOG, logging.ERROR, "cannot read modules-load.d: %s", exc)
+            # No marker: systemd-modules-load.service (kmodd-takeover's
+            # drop-in) then loads the lists itself.
+            slog(LOG, logging.ERROR, "cannot read modules-load.d: %s; leaving the lists "
+                 "to systemd-modules-load", exc)
             return
+        self._mark_modules_load_served(True)
         for problem in problems:
             slog(LOG, logging.WARNING, "modules-load.d: %s: %s", problem.source,
                  problem.message)

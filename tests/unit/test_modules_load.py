@@ -161,6 +161,25 @@ def test_kmodctl_why_names_the_file_and_line(env: Env,
     assert not svc.modules_load_marker.exists()
 
 
+def test_unreadable_lists_are_left_to_systemd_modules_load(
+        env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import kmodd.modules_load
+
+    def broken(root: Root) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(kmodd.modules_load, "listed_modules", broken)
+    write(env.tmp / "tree", "etc/modules-load.d/x.conf", "solo\n")
+    caplog.set_level(logging.INFO, logger="kmodd")
+    svc = env.service()
+    t, rc = in_thread(svc)
+    assert env.notifier.wait_for("READY")       # the daemon carries on
+    # No marker, so the drop-in lets systemd-modules-load do the job.
+    assert not svc.modules_load_marker.exists()
+    assert any("cannot read modules-load.d" in r.getMessage() for r in caplog.records)
+    stop(svc, t, rc)
+
+
 def test_modules_load_can_be_turned_off(env: Env) -> None:
     write(env.tmp / "tree", "etc/modules-load.d/x.conf", "solo\n")
     svc = env.service(modules_load=False)
