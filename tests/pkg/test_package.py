@@ -149,6 +149,10 @@ def test_package_metadata(deb: Path) -> None:
     # in a directory udev or sysctl read.
     assert " ./etc/" not in files
     assert "/udev/rules.d/" not in files and "/sysctl.d/" not in files
+    # The systemd-modules-load drop-in only where systemd never reads it.
+    dropins = re.findall(r"\S*systemd-modules-load\.service\.d/\S*", files)
+    assert dropins == ["./usr/lib/kmodd/systemd/systemd-modules-load.service.d/",
+                       "./usr/lib/kmodd/systemd/systemd-modules-load.service.d/50-kmodd.conf"]
 
 
 def test_installed_system_passes_installed_check(system: tuple[Path, set[str]]) -> None:
@@ -166,6 +170,9 @@ def test_remove_gives_the_job_back_and_purge_leaves_nothing(
     rule = root / "etc/udev/rules.d/80-drivers.rules"
     shipped = (root / "usr/lib/kmodd/udev/80-drivers.rules").read_text()
     assert rule.read_text() == shipped
+    dropin = root / "etc/systemd/system/systemd-modules-load.service.d/50-kmodd.conf"
+    assert dropin.read_bytes() == (
+        root / "usr/lib/kmodd/systemd/systemd-modules-load.service.d/50-kmodd.conf").read_bytes()
     # An upgrade (here a reinstall) refreshes an outdated rule of a takeover in place.
     rule.write_text(shipped.replace("sm_ftl", "outdated"))
     deb = next((root / "tmp").glob("kmodd_*.deb"))
@@ -176,6 +183,7 @@ def test_remove_gives_the_job_back_and_purge_leaves_nothing(
     assert not (root / "etc/udev/rules.d/80-drivers.rules").exists()
     assert not (root / "etc/sysctl.d/50-kmodd.conf").exists()
     assert not (root / "etc/systemd/system/sysinit.target.wants/kmodd.service").exists()
+    assert not dropin.exists() and not dropin.parent.exists()
     in_chroot(root, "dpkg", "--purge", "kmodd")
     for name in ("installed-check.sh", *[p.name for p in (root / "tmp").glob("kmodd_*.deb")]):
         (root / "tmp" / name).unlink(missing_ok=True)

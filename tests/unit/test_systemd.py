@@ -219,8 +219,10 @@ def test_service_unit_never_holds_back_udev_or_waits_for_filesystems() -> None:
     # PrivateTmp= pulls in After=local-fs.target through systemd-tmpfiles-setup.
     assert s.get("PrivateTmp", ["no"]) == ["no"]
     assert "local-fs.target" not in ordering
-    # After any stop (crash and watchdog kill included) udev takes over again.
-    assert s["ExecStopPost"] == ["-/bin/rm -f /run/kmodd/udev-handover"]
+    # After any stop (crash and watchdog kill included) udev takes over again,
+    # and so does systemd-modules-load (see the drop-in tests below).
+    assert s["ExecStopPost"] == [
+        "-/bin/rm -f /run/kmodd/udev-handover /run/kmodd/modules-load.served"]
 
 
 def test_service_unit_verifies(tmp_path: Path) -> None:
@@ -258,3 +260,63 @@ def test_udev_takeover_rules_are_udevs_plus_the_handover_condition() -> None:
         _rule_lines(theirs.read_text())
     # kmodd-takeover recognises its own file by the first line.
     assert (UNITS / "80-drivers.rules").read_text().startswith("# kmodd-takeover:")
+
+
+MODULES_LOAD_DROPIN = UNITS / "systemd-modules-load.service.d/50-kmodd.conf"
+
+
+def test_modules_load_drop_in_stands_back_only_while_kmodd_serves() -> None:
+    from kmodd.service import MODULES_LOAD_MARKER
+    from kmodd.settings import DEFAULT_STATE
+    text = MODULES_LOAD_DROPIN.read_text()
+    # kmodd-takeover recognises its own files by the first line.
+    assert text.startswith("# kmodd-takeover:")
+    s = unit_settings(MODULES_LOAD_DROPIN)
+    # The file the daemon keeps while serving the lists (next to its state
+    # file), which the unit removes after any stop.
+    marker = str(Path(DEFAULT_STATE).parent / MODULES_LOAD_MARKER)
+    assert s["ConditionPathExists"] == ["!" + marker]
+    assert marker in unit_settings(UNITS / "kmodd.service")["ExecStopPost"][0].split()
+    # Ordering only: no Requires=/Wants=/BindsTo= that would start kmodd, or
+    # fail this service, when kmodd is not enabled or not installed.
+    assert s["After"] == ["kmodd.service"]
+    assert set(s) == {"After", "ConditionPathExists"}
+
+
+def systemd_unit_dir() -> Path:
+    for d in ("/usr/lib/systemd/system", "/lib/systemd/system"):
+        if (Path(d) / "systemd-modules-load.service").is_file():
+            return Path(d)
+    raise AssertionError("systemd's units are needed (apt-get install systemd)")
+
+
+def boot_cycles(tmp_path: Path, unit_text: str) -> list[str]:
+    """systemd-analyze verify of a whole boot (multi-user.target) with kmodd
+    enabled and the drop-in installed: the lines reporting ordering cycles."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed (apt-get install systemd)"
+    units = tmp_path / "units"
+    (units / "systemd-modules-load.service.d").mkdir(parents=True)
+    shutil.copy(MODULES_LOAD_DROPIN, units / "systemd-modules-load.service.d")
+    (units / "kmodd.service").write_text(unit_text)
+    (units / "sysinit.target.wants").mkdir()
+    (units / "sysinit.target.wants/kmodd.service").symlink_to("../kmodd.service")
+    # A trailing ":" keeps systemd's own unit directories after ours.
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"}
+    r = subprocess.run([analyze, "verify", "--man=no", str(units / "kmodd.service"),
+                        str(systemd_unit_dir() / "multi-user.target")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    out = r.stdout + r.stderr
+    return [line for line in out.splitlines() if "cycl" in line.lower()]
+
+
+def test_modules_load_drop_in_makes_no_ordering_cycle(tmp_path: Path) -> None:
+    shipped = (UNITS / "kmodd.service").read_text().replace(
+        "ExecStart=/usr/sbin/kmodd", "ExecStart=/bin/true")
+    assert boot_cycles(tmp_path / "shipped", shipped) == []
+    # The check can fail: a kmodd ordered after systemd-sysctl (itself after
+    # systemd-modules-load) closes a loop through the drop-in's After=.
+    looped = shipped.replace("\nAfter=systemd-journald.socket",
+                             "\nAfter=systemd-sysctl.service systemd-journald.socket")
+    assert looped != shipped
+    assert boot_cycles(tmp_path / "looped", looped)

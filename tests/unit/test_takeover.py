@@ -13,6 +13,9 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 SCRIPT = CHECKOUT / "contrib/kmodd-takeover"
 HELPER = "/usr/libexec/kmodd/kmodd-request"
 WANTS = "etc/systemd/system/sysinit.target.wants/kmodd.service"
+DROPIN = "systemd-modules-load.service.d/50-kmodd.conf"
+DROPIN_SRC = "usr/lib/kmodd/systemd/" + DROPIN
+DROPIN_DEST = "etc/systemd/system/" + DROPIN
 
 
 @pytest.fixture
@@ -22,6 +25,8 @@ def root(tmp_path: Path) -> Path:
     rule = r / "usr/lib/kmodd/udev/80-drivers.rules"
     rule.parent.mkdir(parents=True)
     shutil.copy(CHECKOUT / "systemd/80-drivers.rules", rule)
+    (r / DROPIN_SRC).parent.mkdir(parents=True)
+    shutil.copy(CHECKOUT / "systemd" / DROPIN, r / DROPIN_SRC)
     helper = r / HELPER.lstrip("/")
     helper.parent.mkdir(parents=True)
     shutil.copy(CHECKOUT / "contrib/kmodd-request", helper)
@@ -71,16 +76,21 @@ def test_enable_then_disable_twice_each(root: Path, spy: Path) -> None:
         assert (root / "var/lib/kmodd/modprobe.orig").read_text() == \
             "/usr/local/sbin/site-modprobe\n"
         assert (root / WANTS).is_symlink()
+        # systemd-modules-load stands back while kmodd serves modules-load.d.
+        assert (root / DROPIN_DEST).read_bytes() == (root / DROPIN_SRC).read_bytes()
     status = takeover(root, spy, "status").stdout
     assert "(kmodd's)" in status and f"kernel.modprobe = {HELPER}" in status
+    assert f"systemd-modules-load drop-in: {root / DROPIN_DEST} (kmodd's)" in status
+    assert "modules-load.d: not served by kmodd" in status
     for _ in range(2):
         r = takeover(root, spy, "disable")
         assert r.returncode == 0, r.stderr
         assert proc(root) == "/usr/local/sbin/site-modprobe"
         for gone in ("etc/udev/rules.d/80-drivers.rules", "etc/sysctl.d/50-kmodd.conf",
-                     "var/lib/kmodd/modprobe.orig", WANTS):
+                     "var/lib/kmodd/modprobe.orig", WANTS, DROPIN_DEST):
             assert not (root / gone).exists(), gone
-    assert "udev's own" in takeover(root, spy, "status").stdout
+    status = takeover(root, spy, "status").stdout
+    assert "udev's own" in status and "drop-in: none" in status
     # The directories enable created are gone again, the tree as it was.
     assert list((root / "etc").iterdir()) == [] and list((root / "var/lib").iterdir()) == []
     # --root never reloads the host's udev nor rebuilds its initramfs.
@@ -123,6 +133,28 @@ def test_someone_elses_rule_is_never_touched(root: Path, spy: Path) -> None:
     assert not (root / "etc/sysctl.d/50-kmodd.conf").exists()
     assert takeover(root, spy, "disable").returncode == 0
     assert theirs.read_text() == "# the administrator's own\n"
+
+
+def test_an_outdated_drop_in_is_replaced(root: Path, spy: Path) -> None:
+    assert takeover(root, spy, "enable").returncode == 0
+    ours = root / DROPIN_DEST
+    ours.write_text(ours.read_text().replace("After=kmodd.service\n", ""))
+    assert "drop-in: " + str(ours) + " (kmodd's, outdated" in takeover(root, spy, "status").stdout
+    assert takeover(root, spy, "enable").returncode == 0
+    assert ours.read_bytes() == (root / DROPIN_SRC).read_bytes()
+
+
+def test_someone_elses_drop_in_is_never_touched(root: Path, spy: Path) -> None:
+    theirs = root / DROPIN_DEST
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("[Unit]\nAfter=my.service\n")
+    r = takeover(root, spy, "enable")
+    assert r.returncode == 1 and "not kmodd's" in r.stderr
+    assert not (root / "etc/udev/rules.d/80-drivers.rules").exists()   # nothing changed
+    assert proc(root) == "/usr/local/sbin/site-modprobe"
+    r = takeover(root, spy, "disable")
+    assert r.returncode == 0 and "is not kmodd's: left alone" in r.stderr
+    assert theirs.read_text() == "[Unit]\nAfter=my.service\n"
 
 
 def test_enable_without_the_package_fails_cleanly(tmp_path: Path, spy: Path) -> None:

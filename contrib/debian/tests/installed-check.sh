@@ -41,14 +41,17 @@ for f in /usr/sbin/kmodd /usr/bin/kmodctl /usr/libexec/kmodd/kmodd-request \
 	/usr/sbin/kmodd-takeover; do
 	check "executable $f" test -x "$f"
 done
+dropin=systemd-modules-load.service.d/50-kmodd.conf
 for f in /lib/systemd/system/kmodd.service /usr/lib/kmodd/udev/80-drivers.rules \
+	/usr/lib/kmodd/systemd/$dropin \
 	/usr/share/bash-completion/completions/kmodctl /usr/share/doc/kmodd/systemd.md \
 	/usr/share/doc/kmodd/copyright; do
 	check "file $f" test -f "$f"
 done
 # Nothing active at install time.
 for f in /etc/udev/rules.d/80-drivers.rules /etc/sysctl.d/50-kmodd.conf \
-	/usr/lib/sysctl.d/50-kmodd.conf /etc/systemd/system/sysinit.target.wants/kmodd.service; do
+	/usr/lib/sysctl.d/50-kmodd.conf /etc/systemd/system/sysinit.target.wants/kmodd.service \
+	/etc/systemd/system/$dropin /lib/systemd/system/$dropin /usr/lib/systemd/system/$dropin; do
 	check "not installed: $f" test ! -e "$f"
 done
 check "no kmodd-request on PATH (the kernel runs /usr/libexec's)" \
@@ -131,16 +134,26 @@ if [ -n "$TAKEOVER" ]; then
 		check "  udev rule in place" cmp /usr/lib/kmodd/udev/80-drivers.rules "$rule"
 		check "  sysctl drop-in names the helper" \
 			grep -qx "kernel.modprobe = /usr/libexec/kmodd/kmodd-request" "$sysctl"
+		check "  systemd-modules-load drop-in in place" \
+			cmp "/usr/lib/kmodd/systemd/$dropin" "/etc/systemd/system/$dropin"
 		if command -v systemctl >/dev/null 2>&1; then
 			check "  kmodd.service enabled" \
 				test -L /etc/systemd/system/sysinit.target.wants/kmodd.service
 		fi
 	done
 	check "takeover status" sh -c 'kmodd-takeover status | grep -q "(kmodd'"'"'s)"'
+	if command -v systemd-analyze >/dev/null 2>&1; then
+		# The drop-in orders systemd-modules-load after kmodd: no cycle in
+		# a boot with both (kmodd enabled by the takeover above).
+		check "  no ordering cycle in the boot with the takeover" \
+			sh -c 'out=$(systemd-analyze verify --man=no kmodd.service default.target 2>&1)
+				echo "$out"; ! echo "$out" | grep -qi cycl'
+	fi
 	for round in 1 2; do
 		check "takeover disable (round $round)" kmodd-takeover disable
 		check "  udev rule gone" test ! -e "$rule"
 		check "  sysctl drop-in gone" test ! -e "$sysctl"
+		check "  systemd-modules-load drop-in gone" test ! -e "/etc/systemd/system/$dropin"
 		check "  kmodd.service not enabled" \
 			test ! -e /etc/systemd/system/sysinit.target.wants/kmodd.service
 		check "  nothing saved" test ! -e /var/lib/kmodd/modprobe.orig
