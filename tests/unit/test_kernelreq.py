@@ -395,8 +395,9 @@ def test_helper_round_trip_is_fast(served: Callable[[FakeScheduler], KernelReque
     def median(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]
     # Measured side by side, so a loaded machine slows all three alike: the
-    # round trip costs about one shell start, far less than a bare Python.
-    assert median(helper) < 3 * median(shell) + 0.002, (median(helper), median(shell))
+    # round trip costs about one shell start plus the watchdog's one process
+    # (a fork and an exec of sleep), far less than a bare Python.
+    assert median(helper) < 4 * median(shell) + 0.002, (median(helper), median(shell))
     assert median(helper) < median(python), (median(helper), median(python))
 
 
@@ -731,7 +732,9 @@ def test_watchdog_leaves_no_process_behind(
     served(FakeScheduler({"dummy": "present"}))
     marker = "4711"     # an unusual timeout names the watchdog's sleep
     env = {**helper_env(run_dir, fake_kmodctl), "KMODD_REQUEST_TIMEOUT": marker}
-    for _ in range(5):
+    # Killing the watchdog races its fork of sleep: seen leaking about one
+    # sleep in twenty before its trap used SIGKILL, so try many times.
+    for _ in range(60):
         assert run_helper(env, "-q", "--", "dummy").returncode == 0
     deadline = time.monotonic() + 5
     while True:
