@@ -225,3 +225,19 @@ def test_kmodctl_blame_critical_chain_and_plot_read_the_daemon(
         stop(svc, t, rc)
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_critical_chain_text_reads_like_systemd_analyze() -> None:
+    from kmodd.cli.ctl_analyze import chain_lines
+    rs = [rec("scsi_mod", 1.0, 1.0, 1.0, 1.2),
+          rec("ahci", 1.0, 1.2, 1.21, 6.0, waited=("scsi_mod",)),
+          rec("sd_mod", 1.5, 1.5, 1.5, 6.004)]
+    lines = chain_lines(critical_chain(rs), None, {"coldplug-end": 6.2})
+    assert lines[3:] == [
+        "coldplug done @6.200s",
+        "└─sd_mod @1.500s +4.504s",
+        "  └─ahci @1.210s +4.790s (sd_mod returned only once ahci's async probes were done)",
+        "    └─scsi_mod @1.000s +200ms (dependency ahci waited for)"]
+    lines = chain_lines(critical_chain(rs, "ahci"), "ahci", {})
+    assert lines[3:] == ["ahci @1.210s +4.790s",
+                         "└─scsi_mod @1.000s +200ms (dependency ahci waited for)"]
