@@ -459,6 +459,13 @@ class Service:
         self.state.load(live)
         self.control.start()       # fails if another kmodd listens: touch nothing then
         self._started = True
+        try:
+            restored = self.loadlog.restore(self.loads_file)
+            if restored:
+                slog(LOG, logging.INFO, "load log: %d load(s) of this boot from %s", restored,
+                     self.loads_file)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            slog(LOG, logging.WARNING, "ignoring the load log %s: %s", self.loads_file, exc)
         for factory in self._source_factories:
             try:
                 src = factory(self.submit)
@@ -517,6 +524,18 @@ class Service:
             future = self.submit(Request("modules-load", m.name, None, m.where, m.options))
             future.add_done_callback(
                 lambda f: self.loop.call_soon_threadsafe(self._listed_done))
+
+    @property
+    def loads_file(self) -> Path:
+        """The load log, saved at exit for the next daemon of this boot."""
+        return Path(self.settings.state_file).parent / "loads.json"
+
+    def _save_loads(self) -> None:
+        try:
+            self.loadlog.save(self.loads_file)
+        except OSError as exc:
+            slog(LOG, logging.WARNING, "cannot save the load log to %s: %s", self.loads_file,
+                 exc)
 
     @property
     def modules_load_marker(self) -> Path:
@@ -622,6 +641,7 @@ class Service:
 
     def _finish_stop(self) -> None:
         self._save_state()
+        self._save_loads()
         for conn, msg, timer in self._settle_waiters:
             timer.cancel()
             conn.reply(msg, {"ok": True, "settled": False, "reason": "kmodd is stopping"})
@@ -637,6 +657,8 @@ class Service:
             if self._started:
                 with contextlib.suppress(Exception):
                     self._save_state()
+                with contextlib.suppress(Exception):
+                    self._save_loads()
             for src in self.sources:
                 with contextlib.suppress(Exception):
                     src.close()
