@@ -81,6 +81,8 @@ def run_systemd(listed: list[str], baseline: set[str]) -> dict[str, Any]:
 
 def run_kmodd(listed: list[str], baseline: set[str]) -> dict[str, Any]:
     from kmodd.control import Client
+    # As after a boot: no load log of an earlier daemon to carry on from.
+    Path("/run/kmodd/loads.json").unlink(missing_ok=True)
     listener = common.NotifyListener()
     log = open("/tmp/kmodd-modules-load-bench.log", "wb")  # noqa: SIM115
     t0 = time.perf_counter()
