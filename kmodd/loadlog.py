@@ -13,11 +13,16 @@ init-time histogram count every load even once old records were dropped.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import json
+import os
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MAX_RECORDS = 4096     # a reply stays well under the control socket's 4 MiB
@@ -178,6 +183,55 @@ class LoadLog:
         with self._lock:
             return list(self._records)
 
+    # A restarted daemon (Restart=always, an upgrade) keeps the boot's log:
+    # /run is cleared at boot and CLOCK_MONOTONIC runs on across processes.
+
+    def save(self, path: Path) -> None:
+        data = self.to_dict()
+        data.pop("now", None)
+        data["boot_id"] = boot_id()
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".loads.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, separators=(",", ":"))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def restore(self, path: Path) -> int:
+        """Records and totals a previous daemon of this boot saved; how many
+        records (0 for a missing file or another boot; ValueError if corrupt)."""
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return 0
+        if not isinstance(data, dict) or data.get("boot_id") != boot_id():
+            return 0
+        records = [LoadRecord.from_dict(r) for r in data.get("records") or ()]
+        hist = data.get("init_seconds") or {}
+        cumulative = [int(n) for _, n in hist.get("buckets") or ()]
+        with self._lock:
+            self._records.extend(records)
+            self.dropped += int(data.get("dropped") or 0)
+            for mine, theirs in ((self.loads, data.get("loads")),
+                                 (self.failures, data.get("failures"))):
+                for source, n in (theirs or {}).items():
+                    mine[source] = mine.get(source, 0) + int(n)
+            if len(cumulative) == len(self.histogram.counts):
+                previous = 0
+                for i, n in enumerate(cumulative):
+                    self.histogram.counts[i] += n - previous
+                    previous = n
+                self.histogram.total += float(hist.get("sum") or 0.0)
+                self.histogram.count += int(hist.get("count") or 0)
+            for name, when in (data.get("marks") or {}).items():
+                self.marks.setdefault(name, float(when))
+        return len(records)
+
     def to_dict(self) -> dict[str, Any]:
         with self._lock:
             return {"anchor": {"monotonic": self.anchor_monotonic, "wall": self.anchor_wall},
@@ -185,6 +239,13 @@ class LoadLog:
                     "records": [r.to_dict() for r in self._records], "dropped": self.dropped,
                     "loads": dict(self.loads), "failures": dict(self.failures),
                     "init_seconds": self.histogram.to_dict()}
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 # --- reading the records -----------------------------------------------------------------

@@ -595,6 +595,13 @@ class Service:
         self._started = True
         # The only daemon now: what a killed one left behind can go.
         self.state.remove_leftovers()
+        try:
+            restored = self.loadlog.restore(self.loads_file)
+            if restored:
+                slog(LOG, logging.INFO, "load log: %d load(s) of this boot from %s", restored,
+                     self.loads_file)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            slog(LOG, logging.WARNING, "ignoring the load log %s: %s", self.loads_file, exc)
         for factory in self._source_factories:
             try:
                 src = factory(self.submit)
@@ -686,6 +693,18 @@ class Service:
             future = self.submit(Request("modules-load", m.name, None, m.where, m.options))
             future.add_done_callback(
                 lambda f: self.loop.call_soon_threadsafe(self._listed_done))
+
+    @property
+    def loads_file(self) -> Path:
+        """The load log, saved at exit for the next daemon of this boot."""
+        return Path(self.settings.state_file).parent / "loads.json"
+
+    def _save_loads(self) -> None:
+        try:
+            self.loadlog.save(self.loads_file)
+        except OSError as exc:
+            slog(LOG, logging.WARNING, "cannot save the load log to %s: %s", self.loads_file,
+                 exc)
 
     @property
     def modules_load_marker(self) -> Path:
@@ -794,6 +813,7 @@ class Service:
 
     def _finish_stop(self) -> None:
         self._save_state()
+        self._save_loads()
         for conn, msg, timer in self._settle_waiters:
             timer.cancel()
             conn.reply(msg, {"ok": True, "settled": False, "reason": "kmodd is stopping"})
@@ -810,6 +830,8 @@ class Service:
             if self._started:
                 with contextlib.suppress(Exception):
                     self._save_state()
+                with contextlib.suppress(Exception):
+                    self._save_loads()
             for src in self.sources:
                 with contextlib.suppress(Exception):
                     src.close()

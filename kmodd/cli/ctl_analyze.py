@@ -65,7 +65,7 @@ def _link_text(link: ChainLink, above: ChainLink | None) -> str:
     if above is not None and link.reason == "dependency":
         text += f" (dependency {above.record.module} waited for)"
     elif above is not None and link.reason == "async":
-        text += f" ({above.record.module} returned only once its async probes were done)"
+        text += f" ({above.record.module} returned only once {r.module}'s async probes were done)"
     return text
 
 

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,5 +224,63 @@ def test_kmodctl_blame_critical_chain_and_plot_read_the_daemon(
         svg = capsys.readouterr().out
         assert svg.startswith("<?xml") and 'data-module="core"' in svg
         stop(svc, t, rc)
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_critical_chain_text_reads_like_systemd_analyze() -> None:
+    from kmodd.cli.ctl_analyze import chain_lines
+    rs = [rec("scsi_mod", 1.0, 1.0, 1.0, 1.2),
+          rec("ahci", 1.0, 1.2, 1.21, 6.0, waited=("scsi_mod",)),
+          rec("sd_mod", 1.5, 1.5, 1.5, 6.004)]
+    lines = chain_lines(critical_chain(rs), None, {"coldplug-end": 6.2})
+    assert lines[3:] == [
+        "coldplug done @6.200s",
+        "└─sd_mod @1.500s +4.504s",
+        "  └─ahci @1.210s +4.790s (sd_mod returned only once ahci's async probes were done)",
+        "    └─scsi_mod @1.000s +200ms (dependency ahci waited for)"]
+    lines = chain_lines(critical_chain(rs, "ahci"), "ahci", {})
+    assert lines[3:] == ["ahci @1.210s +4.790s",
+                         "└─scsi_mod @1.000s +200ms (dependency ahci waited for)"]
+
+
+def test_a_restarted_daemon_keeps_the_boots_load_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import tempfile
+
+    import kmodd.loadlog
+    from kmodd.control import Client
+    from tests.unit.test_service import Env, in_thread, stop
+    sockdir = Path(tempfile.mkdtemp(prefix="kmodd-ll-", dir="/tmp"))
+    try:
+        env = Env(tmp_path, sockdir)
+        svc = env.service()
+        t, rc = in_thread(svc)
+        env.notifier.wait_for("READY")
+        assert svc.submit(Request("admin", "a")).result(10).status == "loaded"
+        stop(svc, t, rc)
+        assert svc.loads_file.exists()
+
+        def loads() -> dict[str, Any]:
+            svc = env.service()
+            t, rc = in_thread(svc)
+            env.notifier.wait_for("READY")
+            with Client(env.sock, timeout=10) as c:
+                reply = c.call("loads")
+            stop(svc, t, rc)
+            return reply
+
+        reply = loads()
+        assert [r["module"] for r in reply["records"]] == ["core", "a"]
+        assert reply["loads"] == {"admin": 2} and reply["init_seconds"]["count"] == 2
+        # Saved again at exit: still there, counted once.
+        assert loads()["loads"] == {"admin": 2}
+        # Another boot's log means nothing on this one; a corrupt one is ignored.
+        monkeypatch.setattr(kmodd.loadlog, "boot_id", lambda: "another-boot")
+        assert loads()["records"] == []
+        monkeypatch.undo()
+        svc.loads_file.write_text("{not json")
+        assert loads()["records"] == []
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
