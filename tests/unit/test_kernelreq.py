@@ -392,13 +392,12 @@ def test_helper_round_trip_is_fast(served: Callable[[FakeScheduler], KernelReque
             assert subprocess.run(cmd, env=env).returncode == 0
             times.append(time.perf_counter() - start)
 
-    def median(xs: list[float]) -> float:
-        return sorted(xs)[len(xs) // 2]
-    # Measured side by side, so a loaded machine slows all three alike: the
-    # round trip costs about one shell start plus the watchdog's one process
-    # (a fork and an exec of sleep), far less than a bare Python.
-    assert median(helper) < 4 * median(shell) + 0.002, (median(helper), median(shell))
-    assert median(helper) < median(python), (median(helper), median(python))
+    # Measured side by side, and the best of 15 of each: a busy machine delays
+    # single runs, not the fastest one.  The round trip costs about one shell
+    # start plus the watchdog's one process (a fork and an exec of sleep), far
+    # less than a bare Python.
+    assert min(helper) < 4 * min(shell) + 0.002, (min(helper), min(shell))
+    assert min(helper) < min(python), (min(helper), min(python))
 
 
 # -- the Python console script -------------------------------------------------
