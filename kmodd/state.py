@@ -203,7 +203,9 @@ class StateStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
+            # Root only: records name who asked (uid, pid), which the control
+            # socket hides from other users too.
+            os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)
         except BaseException:
             with contextlib.suppress(OSError):

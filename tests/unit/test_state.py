@@ -169,3 +169,13 @@ def test_undecodable_or_deeply_nested_state_file_starts_fresh(tmp_path: Path,
     store = StateStore(path)
     store.load()
     assert store.records() == {}
+
+
+def test_state_file_is_readable_by_root_only(tmp_path: Path) -> None:
+    """Records name who asked (uid, pid): other users see that no more here than
+    through the control socket."""
+    path = tmp_path / "state.json"
+    store = StateStore(path)
+    store.record(rec("a"))
+    store.save()
+    assert path.stat().st_mode & 0o777 == 0o600
