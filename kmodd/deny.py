@@ -161,3 +161,19 @@ def refusals(plan: Plan, reason: Callable[[str], str | None]) -> dict[str, Refus
         out[step.name] = Refusal(step.name, "refused",
                                  f"{step.name} not loaded: only refused modules need it")
     return out
+
+
+def system_policy(root: Root) -> DenyPolicy:
+    """The policy a daemon on *root* would apply: the ``deny`` setting of the
+    settings files there, and the persistent list.  For the tools that load
+    without the daemon (``kmodctl load`` direct), so a deny holds for them too."""
+    from kmodd.settings import SettingsError, merge
+
+    try:
+        settings = merge({"root": str(root.base)})
+        setting, config_file = settings.deny, settings.config_file
+    except (SettingsError, OSError, ValueError):
+        # A broken settings file must not open the door: the persistent list
+        # still applies, and the daemon reports the file itself.
+        setting, config_file = (), "kmodd.conf"
+    return DenyPolicy(setting, deny_file(root), config_file)

@@ -132,6 +132,16 @@ def load_direct(request: str, params: Sequence[str] = (), *, root: Root | None =
                              blacklist_all=blacklist_all)
     except Exception as e:   # IndexCorrupt, OSError, ValueError from a bad alias...
         return LoadOutcome(request, False, f"{request}: cannot resolve: {e}", errno=E.ENOENT)
+    from kmodd.deny import refusals, system_policy
+
+    # A deny holds for every source, this direct path included (the daemon's
+    # scheduler applies the same policy to what it loads).
+    refused = refusals(plan, system_policy(root).reason)
+    blocking = [r for r in refused.values() if r.status == "failed"]
+    if blocking:
+        first = blocking[0]
+        return LoadOutcome(request, False, f"{request}: {first.name}: {first.error}",
+                           errno=first.errno)
     if kernel is None:
         from kmodd.kernel.real import RealKernel
 
