@@ -1,4 +1,8 @@
-"""A crash soak on the real kernel: kmodd SIGKILLed 20 times at seeded moments.
+"""A crash soak on the real kernel: kmodd SIGKILLed at seeded moments.
+
+CI runs the first ``KMODD_SOAK_ROUNDS`` rounds (default 6: the run must fit its
+90 minutes); the campaign is the same test with ``KMODD_SOAK_ROUNDS=20``, whose
+figures are in docs/security.md.
 
 One boot.  Each round starts kmodd, and at once kernel requests (links of
 several types through ``ip link add``, a filesystem through ``mount -t``)
@@ -21,6 +25,7 @@ Figures (kill moments, request times, restart-to-settled times) are printed.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -29,7 +34,7 @@ from typing import Any
 
 from testbed.vm import VM
 
-ROUNDS = 20
+ROUNDS = int(os.environ.get("KMODD_SOAK_ROUNDS", "6"))
 SEED = 12
 LOG = "/tmp/kmodd-soak.log"
 CONF = "/tmp/kmodd-soak.toml"
