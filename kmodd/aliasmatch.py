@@ -18,8 +18,6 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-WILDCARDS = "*?["
-
 # [:class:] members in the C locale, as inclusive code point ranges
 _CLASSES: dict[str, tuple[int, ...]] = {
     "alnum": (48, 57, 65, 90, 97, 122), "alpha": (65, 90, 97, 122), "blank": (9, 9, 32, 32),
@@ -233,8 +231,8 @@ def fnmatch(pattern: str, string: str) -> bool:
     try:
         glob = _compiled[pattern]
     except KeyError:
-        special = "?" in pattern or "[" in pattern or "\\" in pattern
-        glob = _compiled[pattern] = compile_glob(pattern) if special else pattern.split("*")
+        glob = _compiled[pattern] = (pattern.split("*") if _star_only(pattern)
+                                     else compile_glob(pattern))
     if type(glob) is list:
         return star_match(glob, string)
     return glob_match(glob, string)  # type: ignore[arg-type]
@@ -259,7 +257,13 @@ Payload = tuple[tuple[int, str], ...]          # (kmod order key, value) per mat
 #                the leaf payload, patterns ending in '*', remains)
 #   kid_buckets  {two first chars: (segment lengths, {segment: (more, node, leaf)})}
 #                instead of kids, when there are many
+# An edge's "more" is the tuple of its further segments, or the index of their
+# compiled chain (an int) when the chain is frequent (_follow reads both).
+# A group's root is such a node, _EMPTY, or, for a group that is a single
+# pattern made of one frequent chain, the pair (chain index, payload):
+# matched without a _walk call.  Plain tuples all: they are marshalled.
 Node = tuple[Any, ...]
+_CHAIN_ONLY = 2                 # len() of that pair; a full node has 5 items
 _SMALL = 6
 
 
@@ -355,8 +359,7 @@ class WildIndex:
         for node in nodes:
             if node:
                 node = _use_chains(node, ids)
-                # most groups are one pattern whose segments are a frequent chain:
-                # (chain number, payload), matched without a _walk call
+                # most groups are one pattern whose segments are a frequent chain
                 if not (node[0] or node[1] or node[2] or node[4]) and len(node[3]) == 1:
                     seg, chain, child, leaf = node[3][0]
                     if seg is None and child is None:
@@ -434,7 +437,7 @@ class WildIndex:
             node = nodes[g]
             if node is None:
                 node = self._node(g)
-            if len(node) == 2:
+            if len(node) == _CHAIN_ONLY:
                 if chain_rx[node[0]].match(key, len(prefixes[g])) is not None:
                     found.extend(node[1])
             elif node:
@@ -579,6 +582,22 @@ def _compile_chains(chains: list[tuple[str, ...]]) -> list[re.Pattern[str]]:
             for chain in chains]
 
 
+def _follow(more: tuple[str, ...] | int, key: str, pos: int,
+            chains: list[re.Pattern[str]]) -> int:
+    """Where an edge's remaining segments end in ``key[pos:]``, each found at its
+    leftmost place after the previous one; -1 when one is missing.  *more* is the
+    segments themselves or the index of their compiled chain."""
+    if isinstance(more, int):
+        m = chains[more].match(key, pos)
+        return -1 if m is None else m.end()
+    for seg in more:
+        pos = key.find(seg, pos)
+        if pos < 0:
+            return -1
+        pos += len(seg)
+    return pos
+
+
 def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]],
           chains: list[re.Pattern[str]]) -> None:
     """Add the payload of every pattern in ``node`` that matches ``key[pos:]``."""
@@ -613,20 +632,9 @@ def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]],
         j = find(seg, pos)
         if j < 0:
             continue
-        j += len(seg)
-        if more.__class__ is int:
-            m = chains[more].match(key, j)
-            if m is None:
-                continue
-            j = m.end()
-        else:
-            for seg in more:
-                j = find(seg, j)
-                if j < 0:
-                    break
-                j += len(seg)
-            if j < 0:
-                continue
+        j = _follow(more, key, j + len(seg), chains)
+        if j < 0:
+            continue
         if child is None:
             found.extend(leaf)
         else:
@@ -648,20 +656,9 @@ def _walk(node: Node, key: str, pos: int, found: list[tuple[int, str]],
                         done = set()
                     done.add(seg)
                     more, child, leaf = edge
-                    k = j + n
-                    if more.__class__ is int:
-                        m = chains[more].match(key, k)
-                        if m is None:
-                            continue
-                        k = m.end()
-                    else:
-                        for seg2 in more:
-                            k = find(seg2, k)
-                            if k < 0:
-                                break
-                            k += len(seg2)
-                        if k < 0:
-                            continue
+                    k = _follow(more, key, j + n, chains)
+                    if k < 0:
+                        continue
                     if child is None:
                         found.extend(leaf)
                     else:

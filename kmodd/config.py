@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kmodd import aliasmatch
-from kmodd.names import alias_normalize
+from kmodd.names import alias_normalize, is_glob
 from kmodd.root import Root
 
 if TYPE_CHECKING:
     import logging
 
-# glibc's fnmatch special characters; a pattern without them is a plain string.
-_GLOB_CHARS = frozenset("*?[\\")
 # C's isspace() in the C locale, which the softdep parser uses.
 _C_BLANKS = frozenset(" \t\n\v\f\r")
 _C_SPACE = re.compile(r"[ \t\n\v\f\r]+")
@@ -95,10 +93,6 @@ def _log() -> logging.Logger:
 
 
 # ---------------------------------------------------------------- fnmatch
-
-def is_glob(pattern: str) -> bool:
-    return not _GLOB_CHARS.isdisjoint(pattern)
-
 
 def compile_glob(pattern: str) -> Callable[[str], bool]:
     """A predicate equal to ``fnmatch(pattern, s, 0) == 0`` in glibc."""

@@ -22,6 +22,7 @@ from typing import cast
 from kmodd import aliasmatch, index_cache
 from kmodd.aliasmatch import WildIndex, depmod_values
 from kmodd.index_bin import BinIndex, IndexCorrupt, key_bytes_str
+from kmodd.names import alias_normalize, has_wildcard
 
 __all__ = ["DepEntry", "IndexCorrupt", "ModuleTree", "path_to_modname"]
 
@@ -205,7 +206,7 @@ class ModuleTree:
                 continue
             if normalize:
                 try:
-                    pattern = _normalize_pattern(pattern)
+                    pattern = alias_normalize(pattern)
                 except ValueError:
                     continue
             # depmod's priority is the module's position; modules come in that order
@@ -262,7 +263,7 @@ class ModuleTree:
 
     def alias(self, alias: str) -> list[str]:
         """Modules whose modules.alias patterns match, in kmod's order (duplicates kept)."""
-        if "*" in alias or "?" in alias or "[" in alias:
+        if has_wildcard(alias):
             found = self._trie_search("modules.alias.bin", alias)
             if found is not None:
                 return found
@@ -394,7 +395,7 @@ class ModuleTree:
             if dot <= 0 or eq < 0 or rec[dot + 1:eq] != "alias" or eq + 1 == len(rec):
                 continue
             try:
-                pattern = _normalize_pattern(rec[eq + 1:])
+                pattern = alias_normalize(rec[eq + 1:])
             except ValueError:
                 continue          # depmod warns about unmatched brackets and skips
             depmod_values(table.setdefault(pattern, []), 0, _value(rec[:dot]))
@@ -402,7 +403,7 @@ class ModuleTree:
 
     def builtin_alias(self, alias: str) -> list[str]:
         """Builtin modules whose aliases match (modules.builtin.alias.bin)."""
-        if "*" in alias or "?" in alias or "[" in alias:
+        if has_wildcard(alias):
             found = self._trie_search("modules.builtin.alias.bin", alias)
             if found is not None:
                 return found
@@ -433,27 +434,4 @@ def _value(text: str) -> str:
     if text.isascii():
         return text
     return text.encode("latin-1").decode("utf-8", "surrogateescape")
-
-
-def _normalize_pattern(alias: str) -> str:
-    """depmod's alias_normalize: '-' becomes '_' outside brackets; unbalanced ones fail."""
-    out: list[str] = []
-    i = 0
-    n = len(alias)
-    while i < n:
-        c = alias[i]
-        if c == "-":
-            out.append("_")
-        elif c == "]":
-            raise ValueError(alias)
-        elif c == "[":
-            close = alias.find("]", i)
-            if close < 0:
-                raise ValueError(alias)
-            out.append(alias[i:close + 1])
-            i = close
-        else:
-            out.append(c)
-        i += 1
-    return "".join(out)
 

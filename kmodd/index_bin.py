@@ -18,6 +18,8 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 
+from kmodd.names import WILDCARDS
+
 INDEX_MAGIC = 0xB007F457
 INDEX_VERSION_MAJOR = 2
 NODE_PREFIX = 0x80000000
@@ -26,7 +28,6 @@ NODE_CHILDS = 0x20000000
 NODE_MASK = 0x0FFFFFFF
 CHILDMAX = 128
 
-WILDCARDS = "*?["
 
 _U32 = struct.Struct(">I")
 _CHILD_TABLES = [struct.Struct(f">{n}I") for n in range(CHILDMAX + 1)]

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from kmodd.config import ModprobeConfig, compile_glob, is_glob, load_config
+from kmodd.config import ModprobeConfig, compile_glob, load_config
 from kmodd.index import DepEntry, ModuleTree
-from kmodd.names import alias_normalize
+from kmodd.names import alias_normalize_or_none, is_glob
 from kmodd.plan import ModuleStep, Plan, Role
 from kmodd.root import Root
 
@@ -28,9 +28,12 @@ _RANK = {Role.SOFTDEP_PRE: 0, Role.SOFTDEP_POST: 0, Role.DEPENDENCY: 1, Role.TAR
 _Key = tuple[str, str | None]
 
 
-@dataclass(frozen=True, slots=True)
-class _Mod:
-    """A libkmod module object: ``alias`` is set when it was found through one."""
+class _Mod(NamedTuple):
+    """A libkmod module object: ``alias`` is set when it was found through one.
+
+    A tuple rather than a frozen dataclass: every lookup makes some, and a
+    tuple is several times cheaper to build.
+    """
 
     name: str
     alias: str | None = None
@@ -49,16 +52,6 @@ class _Entry:
     mod: _Mod
     step: ModuleStep
     raw_install: str | None          # the install command as written, for --show-depends
-
-
-def _normalize(alias: str) -> str | None:
-    # Most modaliases have neither '-' nor brackets: skip the character loop.
-    if "[" not in alias and "]" not in alias:
-        return alias.replace("-", "_")
-    try:
-        return alias_normalize(alias)
-    except ValueError:
-        return None
 
 
 def _first_match(table: Mapping[str, V]) -> Callable[[str], V | None]:
@@ -90,8 +83,7 @@ class Resolver:
                 self._alias_glob.append((i, compile_glob(pattern), pattern, module))
             else:
                 self._alias_plain.setdefault(pattern, []).append((i, pattern, module))
-        self._has_config_aliases = bool(config.aliases)
-        self._has_commands = bool(config.install or config.remove)
+        self._by_name, self._with_colon = self._lookup_chains()
         self._install_for = _first_match(config.install)
         self._remove_for = _first_match(config.remove)
         self._softdep_for = _first_match(config.softdeps)
@@ -113,67 +105,61 @@ class Resolver:
         found.sort()
         return [_Mod(module, pattern) for _, pattern, module in found]
 
-    def _lookup(self, name: str) -> list[_Mod]:
-        """``kmod_module_new_from_lookup`` on a normalised alias: the first source that answers."""
-        if self._has_config_aliases:
-            mods = self._config_aliases(name)
-            if mods:
-                return mods
-        tree = self.tree
-        # Module names never contain ':', so modaliases skip modules.dep.
-        if ":" not in name and tree.dep_path(name) is not None:
-            return [_Mod(name)]
+    # kmod_module_new_from_lookup's chain (libkmod-module.c): the first source
+    # that answers wins.  One entry per kmod_lookup_alias_from_* function, in
+    # kmod's order; sources the configuration leaves empty are not asked.
+    # Module names never contain ':', so a modalias (or symbol:) chain leaves
+    # out the sources keyed by module name: the hot path asks two or three.
+    def _lookup_chains(self) -> tuple[tuple[Callable[[str], list[_Mod]], ...], ...]:
+        config = self.config
+        aliases = [self._config_aliases] if config.aliases else []         # ..._from_config
+        commands = [self._from_commands] if config.install or config.remove else []
+        by_name = (*aliases, self._from_moddep, *commands, self._from_aliases,
+                   self._from_builtin, self._from_builtin_aliases)
+        with_colon = (*aliases, self._from_symbols, *commands, self._from_aliases,
+                      self._from_builtin_aliases)
+        return by_name, with_colon
+
+    def _from_moddep(self, name: str) -> list[_Mod]:
+        return [_Mod(name)] if self.tree.dep_path(name) is not None else []
+
+    def _from_symbols(self, name: str) -> list[_Mod]:
         if name.startswith("symbol:"):
-            found = tree.symbol(name)
+            return [_Mod(m, name) for m in self.tree.symbol(name)]
+        return []
+
+    def _from_commands(self, name: str) -> list[_Mod]:
+        install = self.config.install.get(name)
+        if install is not None:
+            return [_Mod(name, install=install)]
+        return [_Mod(name)] if name in self.config.remove else []
+
+    def _from_aliases(self, name: str) -> list[_Mod]:
+        return [_Mod(m, name) for m in self.tree.alias(name)]
+
+    def _from_builtin(self, name: str) -> list[_Mod]:
+        return [_Mod(name, builtin=True)] if self.tree.is_builtin(name) else []
+
+    def _from_builtin_aliases(self, name: str) -> list[_Mod]:
+        return [_Mod(m, name, builtin=True) for m in self.tree.builtin_alias(name)]
+
+    def _lookup(self, name: str) -> list[_Mod]:
+        """``kmod_module_new_from_lookup`` on a normalised alias."""
+        for source in self._with_colon if ":" in name else self._by_name:
+            found = source(name)
             if found:
-                return [_Mod(m, name) for m in found]
-        cfg = self.config
-        if self._has_commands:
-            install = cfg.install.get(name)
-            if install is not None:
-                return [_Mod(name, install=install)]
-            if name in cfg.remove:
-                return [_Mod(name)]
-        found = tree.alias(name)
-        if found:
-            return [_Mod(m, name) for m in found]
-        if tree.is_builtin(name):
-            return [_Mod(name, builtin=True)]
-        return [_Mod(m, name, builtin=True) for m in tree.builtin_alias(name)]
+                return found
+        return []
 
     def lookup(self, alias: str) -> list[str]:
         """Module names an alias or name resolves to, in kmod's order (``modprobe -R``).
 
-        The same steps as :meth:`_lookup`, names only: this is the hot path of
-        ``kmodctl resolve -`` and of every uevent.
+        The hot path of ``kmodctl resolve -`` and of every uevent.
         """
-        if "[" in alias or "]" in alias:
-            norm = _normalize(alias)
-            if norm is None:
-                return []
-            name = norm
-        else:
-            name = alias.replace("-", "_")
-        if self._has_config_aliases:
-            mods = self._config_aliases(name)
-            if mods:
-                return [m.name for m in mods]
-        tree = self.tree
-        if ":" not in name:
-            if tree.dep_path(name) is not None:
-                return [name]
-        elif name.startswith("symbol:"):
-            found = tree.symbol(name)
-            if found:
-                return list(found)
-        if self._has_commands and (name in self.config.install or name in self.config.remove):
-            return [name]
-        found = tree.alias(name)
-        if found:
-            return list(found)
-        if tree.is_builtin(name):
-            return [name]
-        return list(tree.builtin_alias(name))
+        name = alias_normalize_or_none(alias)
+        if name is None:
+            return []
+        return [mod.name for mod in self._lookup(name)]
 
     def resolve(self, alias: str, *, blacklist_all: bool = False) -> list[str]:
         """What ``kmodctl resolve`` prints: ``modprobe -R``, or with ``blacklist_all``
@@ -200,11 +186,11 @@ class Resolver:
         soft = self._softdep_for(name)
         if soft is not None:
             for dep in soft.pre:
-                norm = _normalize(dep)
+                norm = alias_normalize_or_none(dep)
                 if norm is not None:
                     pre.extend(self._lookup(norm))
             for dep in soft.post:
-                norm = _normalize(dep)
+                norm = alias_normalize_or_none(dep)
                 if norm is not None:
                     post.extend(self._lookup(norm))
         self._softdep_cache[name] = (pre, post)
@@ -286,7 +272,7 @@ class Resolver:
     def _targets(self, request: str, blacklist_all: bool
                  ) -> tuple[list[_Mod], list[str], bool]:
         """Lookup results split into (kept, blacklisted names, found at all)."""
-        name = _normalize(request)
+        name = alias_normalize_or_none(request)
         found = self._lookup(name) if name is not None else []
         blacklist = self.config.blacklist
         kept: list[_Mod] = []
