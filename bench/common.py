@@ -36,7 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
-REQUEST_HELPER = ROOT / "contrib" / "kmodd-request"
+# The helper the guest runs; KMODD_BENCH_HELPER names another copy, e.g. the
+# Debian package's (dpkg-deb -x into a directory under the checkout, which the
+# guest shares).
+REQUEST_HELPER = Path(os.environ.get("KMODD_BENCH_HELPER") or ROOT / "contrib" / "kmodd-request")
 # Where the guest driver installs kmodd (tmpfs), see guest_install_kmodd().
 GUEST_PREFIX = "/tmp/kmodd-install"
 

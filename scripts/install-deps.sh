@@ -29,7 +29,8 @@ PACKAGES=(
     # completion, and the clean Debian 12 chroot it is installed into (tests/pkg)
     debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
     lintian scdoc bash-completion man-db mmdebstrap
-    # the package's run-time dependencies, so the build's tests run with Debian's versions
+    # the package's run-time dependencies: tests/unit/test_packaging.py runs kmodd
+    # with Debian's own python3-zstandard (the floor pyproject.toml states)
     python3-pyudev python3-systemd python3-pyelftools python3-zstandard
 )
 

@@ -56,3 +56,28 @@ def test_the_unit_runs_what_the_package_installs() -> None:
     unit = (CHECKOUT / "systemd/kmodd.service").read_text()
     assert "ExecStart=/usr/sbin/kmodd\n" in unit
     assert "mv $(PKG)/usr/bin/kmodd $(PKG)/usr/sbin/kmodd" in RULES
+
+
+def test_debian_12s_zstandard_decompresses_modules(tmp_path: Path) -> None:
+    """The floor is what Debian ships: kmodd's zstd reader under Debian's own
+    python3 and python3-zstandard (scripts/install-deps.sh installs both)."""
+    import shutil
+    import subprocess
+
+    assert shutil.which("zstd"), "zstd is needed (apt-get install zstd)"
+    payload = tmp_path / "mod.ko"
+    payload.write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    for flags, name in (([], "sized.zst"), (["--no-content-size"], "streamed.zst")):
+        with payload.open("rb") as src, (tmp_path / name).open("wb") as dst:
+            subprocess.run(["zstd", "-q", "-c", *flags], stdin=src, stdout=dst, check=True)
+    code = ("import sys, zstandard; sys.path.insert(0, sys.argv[1]); "
+            "from kmodd.file.zstd import decompress; "
+            "want = open(sys.argv[2], 'rb').read(); "
+            "assert all(decompress(open(p, 'rb').read()) == want for p in sys.argv[3:]); "
+            "print(zstandard.__version__)")
+    r = subprocess.run(["/usr/bin/python3", "-c", code, str(CHECKOUT), str(payload),
+                        str(tmp_path / "sized.zst"), str(tmp_path / "streamed.zst")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    major, minor = (int(x) for x in r.stdout.strip().split(".")[:2])
+    assert (major, minor) >= (0, 20)
