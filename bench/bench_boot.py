@@ -103,8 +103,9 @@ def main() -> int:
         try:
             prep.boot()
             path = prep.put_file(deb.name, deb.read_bytes())
+            # update-initramfs under emulation takes minutes, many on a busy host
             prep.run(f"dpkg -i {path} && kmodd-takeover enable && umount /run/testbed-xfer",
-                     timeout=900, check=True)
+                     timeout=3600, check=True)
             prep.reboot(poweroff=True)
             prep.run("systemctl is-system-running --wait", timeout=900)
             prep.poweroff()

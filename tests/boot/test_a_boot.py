@@ -45,7 +45,7 @@ def test_initramfs_rebuilt_with_the_rule_and_found_root(kmodd_vm: BootVM,
                      "/boot/initrd.img-$(uname -r) /tmp/ird && "
                      "cat $(find /tmp/ird -name 80-drivers.rules) && "
                      "echo @kmodd-files: $(find /tmp/ird -name 'kmodd*'); rm -rf /tmp/ird",
-                     timeout=300, check=True)
+                     timeout=900, check=True)
     assert 'TEST!="/run/kmodd/udev-handover"' in r.stdout, r.stdout
     assert "@kmodd-files: \n" in r.stdout + "\n", "kmodd itself is not in the initramfs"
 

@@ -21,7 +21,7 @@ def test_handback_boot_is_stock(kmodd_vm: BootVM, stock: Snapshot,
     r = vm.run("lsinitramfs /boot/initrd.img-$(uname -r) | grep -c 'rules.d/80-drivers.rules'; "
                "rm -rf /tmp/ird && mkdir /tmp/ird && unmkinitramfs /boot/initrd.img-$(uname -r) "
                "/tmp/ird && cat $(find /tmp/ird -name 80-drivers.rules); rm -rf /tmp/ird",
-               timeout=300, check=True)
+               timeout=900, check=True)
     assert "udev-handover" not in r.stdout, r.stdout
     diff = stock.modules ^ handback_boot.modules
     assert not diff - ALLOWED_MODULE_DIFFERENCES, sorted(diff)
