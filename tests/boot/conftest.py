@@ -36,10 +36,19 @@ TAKEOVER_TIMEOUT = float(os.environ.get("BOOTBED_TAKEOVER_TIMEOUT", "3600"))
 T = TypeVar("T")
 
 
+# Tests on the machine after kmodd's package and the takeover: the in-guest
+# update-initramfs alone outlasts CI's budget under emulation, so CI's `boot`
+# step runs the others (-m "not takeover") and `scripts/test.sh boot-takeover`
+# runs these.
+_TAKEOVER_FIXTURES = {"kmodd_vm", "kmodd_boot", "handback_boot", "takeover_log"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.boot)
+            if _TAKEOVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+                item.add_marker(pytest.mark.takeover)
 
 
 @pytest.hookimpl(hookwrapper=True)
