@@ -462,6 +462,15 @@ def test_later_request_joins_a_load_already_inside_the_kernel(
     assert outcome(kernel_view).status == "present"
     admin = sched.submit(Request("admin", "slow"))             # shares the real outcome
     other_dev = sched.submit(Request("modalias", "slow", "/d2"))
+    # Requests are planned on the pool: open the gate only once every request
+    # still pending has joined the load in the kernel, or one could find it
+    # finished ("present").
+    def all_joined() -> bool:
+        with sched._lock:
+            return all("slow" in e.needs for e in sched._entries.values())
+    deadline = time.monotonic() + 10
+    while not all_joined() and time.monotonic() < deadline:
+        time.sleep(0.01)
     gate.set()
     assert [outcome(f).status for f in (first, admin, other_dev)] == ["loaded"] * 3
     assert loads_of(kernel, "slow") == 1
