@@ -115,8 +115,10 @@ def test_crash_soak(fresh_vm: Callable[..., VM]) -> None:
     initial = set(vm.run("cut -d' ' -f1 /proc/modules", timeout=60).stdout.split())
     start = (f"setsid {share}/.venv/bin/kmodd --config {CONF} --no-journal --log-level debug "
              f"</dev/null >>{LOG} 2>&1 & echo $!")
-    settle = ("for i in $(seq 600); do [ -S /run/kmodd/control ] && break; sleep 0.1; done; "
-              "kmodctl settle --timeout 600 >/dev/null; echo settle=$?")
+    # Wait for the new daemon to answer, not for the socket file: a killed
+    # daemon leaves its socket behind, and settle would meet that one.
+    settle = ("for i in $(seq 300); do kmodctl status >/dev/null 2>&1 && break; sleep 0.2; "
+              "done; kmodctl settle --timeout 600 >/dev/null; echo settle=$?")
     # A first, undisturbed start: the drivers every later round must keep.
     pid = int(vm.run(start, timeout=60).stdout.split()[-1])
     assert "settle=0" in vm.run(settle, timeout=900).stdout
