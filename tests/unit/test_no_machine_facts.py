@@ -35,7 +35,10 @@ def tracked_files() -> list[Path]:
 
 def offences(text: str, checkout_paths: set[str]) -> list[str]:
     found = [f"kernel version {m.group(0)!r}" for m in KERNEL_VERSION.finditer(text)]
-    found += [f"checkout path {p!r}" for p in sorted(checkout_paths) if p in text]
+    # The whole path, not a prefix of a longer name (a clone at /tmp/x is not
+    # named by "/tmp/xz-test").
+    found += [f"checkout path {p!r}" for p in sorted(checkout_paths)
+              if re.search(re.escape(p) + r"(?![\w.-])", text)]
     return found
 
 
@@ -45,6 +48,7 @@ def test_the_rule_catches_what_it_is_meant_to() -> None:
     assert offences("VERSION = '9.9.9-other'; tree = '6.1.0-fixture'", set()) == []
     assert offences("CHECKOUT = '/srv/x/kmodd'", {"/srv/x/kmodd"}) == \
         ["checkout path '/srv/x/kmodd'"]
+    assert offences("junk = '/srv/x/kmodd-other/x.ko'", {"/srv/x/kmodd"}) == []
 
 
 def test_no_tracked_file_names_this_machine() -> None:
