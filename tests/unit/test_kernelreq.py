@@ -505,7 +505,7 @@ def test_installer_refuses_an_unsafe_kmodctl_path(tmp_path: Path) -> None:
     (root / "proc/sys/kernel").mkdir(parents=True)
     (root / "proc/sys/kernel/modprobe").write_text("/sbin/modprobe\n")
     r = subprocess.run(["sh", str(INSTALLER), "install", "--root", str(root),
-                        "--kmodctl", "/tmp/x|rm -rf /"], capture_output=True, text=True)
+                        "--kmodctl", "/nonexistent/k|rm -rf /"], capture_output=True, text=True)
     assert r.returncode != 0
     assert (root / "proc/sys/kernel/modprobe").read_text() == "/sbin/modprobe\n"
 
