@@ -35,8 +35,8 @@ def tracked_files() -> list[Path]:
 
 def offences(text: str, checkout_paths: set[str]) -> list[str]:
     found = [f"kernel version {m.group(0)!r}" for m in KERNEL_VERSION.finditer(text)]
-    # The whole path, not a prefix of a longer name (a clone at /tmp/x is not
-    # named by "/tmp/xz-test").
+    # The whole path, not a prefix of a longer name (a clone at /srv/k is not
+    # named by "/srv/kz-test").
     found += [f"checkout path {p!r}" for p in sorted(checkout_paths)
               if re.search(re.escape(p) + r"(?![\w.-])", text)]
     return found
