@@ -75,7 +75,7 @@ _FSTAB = f"""\
 # <file system> <mount point> <type> <options> <dump> <pass>
 UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1
 # A second disk by UUID: mounting it asks the kernel for fs-vfat (not loaded before).
-UUID={DATA_UUID} {DATA_MOUNT} vfat ro,nofail,x-systemd.device-timeout=30s 0 0
+UUID={DATA_UUID} {DATA_MOUNT} vfat ro,nofail 0 0
 """
 
 _AGENT_UNIT = """\

@@ -72,16 +72,32 @@ class Snapshot:
 
 _SNAPSHOT = r"""
 # The agent answers early in the boot (before the root is even writable):
-# wait for the boot to finish before looking.
+# wait for the boot to finish before looking.  "running" does not wait for
+# coldplug (udev works through the trigger's events on its own, kmodd too),
+# and a USB device enumerates only once its controller's driver is bound:
+# wait for both loaders, then for the drivers to stay the same for 5 s.
 state=$(systemctl is-system-running --wait 2>&1)
 echo "@state $state"
+drivers() {
+    for d in /sys/bus/*/devices/*; do
+        [ -L "$d/driver" ] || continue
+        b=${d#/sys/bus/}; b=${b%%/*}
+        echo "@driver $b:${d##*/} $(basename "$(readlink "$d/driver")")"
+    done
+}
+prev= i=0
+while [ $i -lt 30 ]; do
+    udevadm settle --timeout=120
+    if systemctl -q is-active kmodd.service; then kmodctl settle --timeout 120 >/dev/null; fi
+    now=$(drivers; cat /proc/modules)
+    [ "$now" = "$prev" ] && break
+    prev=$now i=$((i + 1))
+    sleep 5
+done
+echo "@settled $i"
 systemctl list-units --state=failed --plain --no-legend --no-pager | awk '{print "@failed " $1}'
 awk '{print "@module " $1}' /proc/modules
-for d in /sys/bus/*/devices/*; do
-    [ -L "$d/driver" ] || continue
-    b=${d#/sys/bus/}; b=${b%%/*}
-    echo "@driver $b:${d##*/} $(basename "$(readlink "$d/driver")")"
-done
+drivers
 """
 
 
@@ -125,9 +141,10 @@ def stock() -> Snapshot:
             print(f"\nbootbed: stock boot, agent up after {vm.boot_seconds:.0f} s",
                   file=sys.stderr)
             snap = snapshot(vm)
+            # By its identifier: it logs before journald rotates into the
+            # persistent journal, which can lose the unit's _SYSTEMD_UNIT match.
             snap.extra["modules_load_journal"] = vm.run(
-                "journalctl -b -u systemd-modules-load.service -o cat --no-pager",
-                check=True).stdout
+                "journalctl -b -t systemd-modules-load -o cat --no-pager", check=True).stdout
             return snap
     return _once("the stock boot", step)
 

@@ -28,7 +28,7 @@ def test_kmodd_loads_the_same_list_and_systemd_modules_load_does_nothing(
     props = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     # The drop-in's condition (kmodd serves the lists) skipped it.
     assert props["ConditionResult"] == "no", props
-    log = kmodd_vm.run("journalctl -b -u systemd-modules-load.service -o cat --no-pager",
+    log = kmodd_vm.run("journalctl -b -t systemd-modules-load -o cat --no-pager",
                        check=True).stdout
     assert "Inserted module" not in log, log
     assert kmodd_vm.run("test -e /run/kmodd/modules-load.served").rc == 0

@@ -41,9 +41,12 @@ def test_reload_applies_changed_config(kmodd_vm: BootVM, kmodd_boot: Snapshot) -
 def test_poweroff_stops_kmodd_quickly(kmodd_vm: BootVM, power_cycle: str) -> None:
     """The power cycle stopped a running kmodd: read the ended boot's journal."""
     vm = kmodd_vm
-    r = vm.run(f"journalctl -b {power_cycle.replace('-', '')} -u kmodd.service -o json "
-               "--no-pager", check=True)
-    entries = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    # Filtered here (-u missed PID 1's "Stopped" line of a late shutdown):
+    # PID 1's lines about the unit carry UNIT=, kmodd's own _SYSTEMD_UNIT=.
+    r = vm.run(f"journalctl -b {power_cycle.replace('-', '')} -o json --no-pager "
+               "_PID=1 + _SYSTEMD_UNIT=kmodd.service", timeout=300, check=True)
+    entries = [e for e in map(json.loads, filter(str.strip, r.stdout.splitlines()))
+               if "kmodd.service" in (e.get("UNIT"), e.get("_SYSTEMD_UNIT"))]
     started = [e for e in entries if e.get("MESSAGE_ID") == _UNIT_STARTING
                and e.get("JOB_TYPE") == "stop"]
     stopped = [e for e in entries if e.get("MESSAGE_ID") == _UNIT_STOPPED]

@@ -61,6 +61,5 @@ def test_handback_boot_is_stock(handback_vm: BootVM, stock: Snapshot, handback_b
     assert not diff - ALLOWED_MODULE_DIFFERENCES, sorted(diff)
     assert handback_boot.drivers == stock.drivers
     # systemd-modules-load serves modules-load.d again.
-    log = vm.run("journalctl -b -u systemd-modules-load.service -o cat --no-pager",
-                 check=True).stdout
+    log = vm.run("journalctl -b -t systemd-modules-load -o cat --no-pager", check=True).stdout
     assert "Inserted module 'nbd'" in log, log
