@@ -48,9 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
+from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.settings import Settings
 from kmodd.kernel.sim import SimKernel, _rmtree
-from kmodd.scheduler import Outcome, Request
-from kmodd.settings import Settings
 
 TARGET_EPS = 5000.0
 
@@ -157,7 +157,7 @@ def choose_modaliases(moddir: Path, count: int, resolver: Any) -> tuple[list[str
     benchmark's generator); returns them and how many resolve to a module."""
     from modaliases import make_modaliases
 
-    from kmodd.uevents import check_modalias
+    from kmodd.daemon.uevents import check_modalias
     seen: dict[str, None] = {}
     seed = 7
     while len(seen) < count:
@@ -182,9 +182,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from kmodd.cli.daemon import resolver_factory
+    from kmodd.daemon.service import Service
+    from kmodd.daemon.uevents import UeventSource
     from kmodd.root import Root
-    from kmodd.service import Service
-    from kmodd.uevents import UeventSource
 
     version = args.version or os.uname().release
     if not (Path("/lib/modules") / version / "modules.dep").exists():

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from bench_burst import BenchSimKernel, FakeMonitor, RssSampler, choose_modaliases, uevent
 
-from kmodd.scheduler import Outcome, Request
-from kmodd.settings import Settings
+from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.settings import Settings
 from tests.hostile import Flood
 
 FALLBACK_EXIT = 3
@@ -75,11 +75,11 @@ def main() -> int:
     flood = Flood(sock, args.clients)
 
     from kmodd.cli.daemon import resolver_factory
-    from kmodd.index import ModuleTree
-    from kmodd.kernelreq import KernelRequestSource
+    from kmodd.daemon.kernelreq import KernelRequestSource
+    from kmodd.daemon.service import Service
+    from kmodd.daemon.uevents import UeventSource
+    from kmodd.resolution.index import ModuleTree
     from kmodd.root import Root
-    from kmodd.service import Service
-    from kmodd.uevents import UeventSource
 
     version = args.version or os.uname().release
     if not (Path("/lib/modules") / version / "modules.dep").exists():
@@ -141,7 +141,7 @@ def main() -> int:
         return time.perf_counter() - start, rc
 
     def ping_times(count: int, stop: threading.Event | None = None) -> list[float]:
-        from kmodd.control import Client
+        from kmodd.daemon.control import Client
         out = []
         with Client(sock, timeout=60) as client:
             for _ in range(count):

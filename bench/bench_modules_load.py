@@ -80,7 +80,7 @@ def run_systemd(listed: list[str], baseline: set[str]) -> dict[str, Any]:
 
 
 def run_kmodd(listed: list[str], baseline: set[str]) -> dict[str, Any]:
-    from kmodd.control import Client
+    from kmodd.daemon.control import Client
     # As after a boot: no load log of an earlier daemon to carry on from.
     Path("/run/kmodd/loads.json").unlink(missing_ok=True)
     listener = common.NotifyListener()

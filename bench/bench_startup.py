@@ -81,7 +81,7 @@ def start_and_measure(argv: list[str], env: dict[str, str], *, settle: list[str]
 def make_sim_root(moddir: Path, devices: int) -> Path:
     from modaliases import make_modaliases
 
-    from kmodd.uevents import check_modalias
+    from kmodd.daemon.uevents import check_modalias
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None   # sysfs is in memory too
     root = Path(tempfile.mkdtemp(prefix="kmodd-startup-", dir=shm))
     (root / "proc").mkdir()

@@ -228,7 +228,7 @@ def device_kernel() -> Any:
 def check_catalogue(devices: Sequence[Device] = CATALOGUE) -> list[str]:
     """Problems: devices whose driver module is not in Debian's tree, or
     device types this QEMU does not have.  Empty when all is well."""
-    from kmodd.index import ModuleTree
+    from kmodd.resolution.index import ModuleTree
     kernel = device_kernel()
     tree = ModuleTree(Path(kernel.moddir))
     problems = [f"{d.qemu}: driver {d.driver} not in {kernel.moddir}"
@@ -284,9 +284,10 @@ set -e
 rm -rf {GUEST_PREFIX}; mkdir -p {GUEST_PREFIX}
 cp -a {ROOT}/kmodd {GUEST_PREFIX}/kmodd
 cp -a {REQUEST_HELPER} {GUEST_PREFIX}/kmodd-request
-PYTHONPATH={GUEST_PREFIX} {VENV_PY} -P -c 'import kmodd, kmodd.service, kmodd.uevents, \
-kmodd.kernelreq, kmodd.watch, kmodd.resolve, kmodd.loader, kmodd.kernel.real, \
-kmodd.cli.daemon, kmodd.cli.kmodctl, kmodd.cli.ctl_daemon, pyudev, json; \
+PYTHONPATH={GUEST_PREFIX} {VENV_PY} -P -c 'import kmodd, kmodd.daemon.service, \
+kmodd.daemon.uevents, kmodd.daemon.kernelreq, kmodd.daemon.watch, kmodd.resolution.resolve, \
+kmodd.kernel.loader, kmodd.kernel.real, kmodd.cli.daemon, kmodd.cli.kmodctl, kmodd.cli.ctl_daemon, \
+pyudev, json; \
 assert kmodd.__file__.startswith("{GUEST_PREFIX}"), kmodd.__file__'
 /lib/systemd/systemd-udevd --version >/dev/null
 udevadm --version >/dev/null

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodd.config import ModprobeConfig, softdep_words
+from kmodd.resolution.config import ModprobeConfig, softdep_words
 
 MODPROBE = shutil.which("modprobe") or "/usr/sbin/modprobe"
 DEPMOD = shutil.which("depmod") or "/usr/sbin/depmod"
@@ -269,7 +269,7 @@ def mutate(alias: str, rng: random.Random) -> str:
 
 
 def read_alias_patterns(moddir: Path) -> list[tuple[str, str]]:
-    """(pattern, module) from modules.alias as depmod wrote it (independent of kmodd.index)."""
+    """(pattern, module) from modules.alias as depmod wrote it (not read by kmodd's index)."""
     out = []
     for line in (moddir / "modules.alias").read_text().splitlines():
         parts = line.split()

@@ -11,22 +11,6 @@ from typing import Any
 from kmodd.root import Root, running_kernel_version
 
 
-class VersionAction(argparse.Action):
-    """``--version``: print "PROG VERSION" and exit; the version is read only when asked."""
-
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
-                 **kwargs: Any) -> None:
-        kwargs.setdefault("help", "print the version and exit")
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        from kmodd import version
-
-        print(f"{parser.prog.split()[0]} {version()}")
-        parser.exit()
-
-
 def add_tree_options(parser: argparse.ArgumentParser, *, blacklist: bool = True) -> None:
     """``-d/-S/-C`` mean what they mean to modprobe."""
     parser.add_argument("-d", "--dirname", metavar="ROOT", default=None,
@@ -58,7 +42,7 @@ def daemon_client(args: argparse.Namespace) -> Any:
     """
     if args.direct or args.dirname or args.version or args.config:
         return None
-    from kmodd.control import DEFAULT_SOCKET, Client
+    from kmodd.daemon.control import DEFAULT_SOCKET, Client
 
     return Client.try_connect(args.socket or DEFAULT_SOCKET, timeout=None)
 

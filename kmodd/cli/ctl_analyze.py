@@ -12,8 +12,8 @@ import json
 import sys
 from typing import Any
 
-from kmodd.control import DEFAULT_SOCKET, Client, ControlError
-from kmodd.loadlog import ChainLink, LoadRecord, blame, critical_chain, fmt_seconds
+from kmodd.daemon.control import DEFAULT_SOCKET, Client, ControlError
+from kmodd.daemon.loadlog import ChainLink, LoadRecord, blame, critical_chain, fmt_seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(blame_lines(records)))
         return 0
     if command == "critical-chain":
-        from kmodd.names import modname_normalize
+        from kmodd.resolution.names import modname_normalize
         module = modname_normalize(args.module) if args.module else None
         chain = critical_chain(records, module)
         if args.json:
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(chain_lines(chain, module, reply.get("marks") or {})))
         return 0 if chain else 1
     if command == "plot":
-        from kmodd.plot import render_svg
+        from kmodd.cli.plot import render_svg
         sys.stdout.write(render_svg(records, critical_chain(records),
                                     marks=reply.get("marks") or {},
                                     anchor=reply.get("anchor") or {}))

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from kmodd.control import DEFAULT_SOCKET, Client, ControlError
+from kmodd.daemon.control import DEFAULT_SOCKET, Client, ControlError
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with client:
             if command == "status" and getattr(args, "prometheus", False):
-                from kmodd.prometheus import exposition
+                from kmodd.cli.prometheus import exposition
                 sys.stdout.write(exposition(client.status(), client.call("loads")))
                 return 0
             if command == "status":

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kmodd.control import DEFAULT_SOCKET, Client, ControlError
+from kmodd.daemon.control import DEFAULT_SOCKET, Client, ControlError
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _offline(args: argparse.Namespace, deny: bool) -> tuple[int, list[dict[str, Any]]]:
-    from kmodd.deny import deny_file, read_deny_file, write_deny_file
-    from kmodd.names import modname_normalize
+    from kmodd.daemon.deny import deny_file, read_deny_file, write_deny_file
+    from kmodd.resolution.names import modname_normalize
     from kmodd.root import Root
     path = deny_file(Root(Path(args.root)))
     names = set(read_deny_file(path))
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if client is None:
             if not args.modules:
-                from kmodd.deny import deny_file, read_deny_file
+                from kmodd.daemon.deny import deny_file, read_deny_file
                 from kmodd.root import Root
                 _print_list({"persistent": read_deny_file(deny_file(Root(Path(args.root))))},
                             args.json)

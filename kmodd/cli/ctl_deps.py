@@ -13,9 +13,9 @@ import sys
 from dataclasses import asdict
 
 from kmodd.cli.common import add_tree_options, tree_from_args
-from kmodd.index import IndexCorrupt
-from kmodd.plan import Plan
-from kmodd.resolve import open_resolver
+from kmodd.resolution.index import IndexCorrupt
+from kmodd.resolution.plan import Plan
+from kmodd.resolution.resolve import open_resolver
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from kmodd.cli.common import add_tree_options, tree_from_args
-from kmodd.elf import ModuleFileError, ModuleInfo, Param, merge_params, read_modinfo
-from kmodd.file import MODULE_SUFFIXES
-from kmodd.names import modname_normalize
+from kmodd.modfile import MODULE_SUFFIXES
+from kmodd.modfile.elf import ModuleFileError, ModuleInfo, Param, merge_params, read_modinfo
+from kmodd.resolution.names import modname_normalize
 
 PROG = "kmodctl info"
 
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         if resolver is None:
             # Imported here: a path argument needs neither indexes nor configuration.
-            from kmodd.index import IndexCorrupt
-            from kmodd.resolve import open_resolver
+            from kmodd.resolution.index import IndexCorrupt
+            from kmodd.resolution.resolve import open_resolver
             resolver = open_resolver(root, version, args.config)
         try:
             # modinfo looks arguments up like modprobe (kmod_module_new_from_lookup):

@@ -22,10 +22,10 @@ from kmodd.cli.common import (
     report,
     tree_from_args,
 )
+from kmodd.kernel.loader import Loader, StepResult, describe_failure
 from kmodd.kernel.protocol import Kernel
-from kmodd.loader import Loader, StepResult, describe_failure
-from kmodd.params import check_params
-from kmodd.plan import ModuleStep, Plan
+from kmodd.modfile.params import check_params
+from kmodd.resolution.plan import ModuleStep, Plan
 from kmodd.root import Root
 
 
@@ -121,7 +121,7 @@ def load_direct(request: str, params: Sequence[str] = (), *, root: Root | None =
                 kernel: Kernel | None = None, blacklist_all: bool = False,
                 coming_timeout: float = 30.0, dry_run: bool = False) -> LoadOutcome:
     """Resolve ``request`` (module name or alias) and load it, like ``modprobe``."""
-    from kmodd.resolve import open_resolver
+    from kmodd.resolution.resolve import open_resolver
     from kmodd.root import running_kernel_version
 
     root = root or Root()
@@ -132,7 +132,7 @@ def load_direct(request: str, params: Sequence[str] = (), *, root: Root | None =
                              blacklist_all=blacklist_all)
     except Exception as e:   # IndexCorrupt, OSError, ValueError from a bad alias...
         return LoadOutcome(request, False, f"{request}: cannot resolve: {e}", errno=E.ENOENT)
-    from kmodd.deny import refusals, system_policy
+    from kmodd.daemon.deny import refusals, system_policy
 
     # A deny holds for every source, this direct path included (the daemon's
     # scheduler applies the same policy to what it loads).
@@ -212,7 +212,7 @@ def requests_from_args(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 def run(args: argparse.Namespace, *, kernel: Kernel | None = None) -> int:
     # The loader logs "no module support" for the daemon's journal; here the
     # same message is printed once below.
-    logging.getLogger("kmodd.loader").setLevel(logging.CRITICAL)
+    logging.getLogger("kmodd.kernel.loader").setLevel(logging.CRITICAL)
     root, version = tree_from_args(args)
     # A dry run resolves here and asks the kernel only what is loaded; -v
     # needs the steps, which the daemon does not report: both act directly.

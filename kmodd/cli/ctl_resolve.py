@@ -54,8 +54,8 @@ def _batches(aliases: list[str]) -> Iterator[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kmodd.index import IndexCorrupt
-    from kmodd.resolve import open_resolver
+    from kmodd.resolution.index import IndexCorrupt
+    from kmodd.resolution.resolve import open_resolver
 
     root, version = tree_from_args(args)
     if not root.modules_dir(version).is_dir():

@@ -19,10 +19,10 @@ from kmodd.cli.common import (
     report,
     tree_from_args,
 )
+from kmodd.kernel.loader import Loader, StepResult
 from kmodd.kernel.protocol import Kernel
-from kmodd.loader import Loader, StepResult
-from kmodd.names import modname_normalize
-from kmodd.plan import Plan
+from kmodd.resolution.names import modname_normalize
+from kmodd.resolution.plan import Plan
 from kmodd.root import Root
 
 
@@ -43,7 +43,7 @@ def _resolve(request: str, root: Root, version: str, config_paths: Sequence[str]
              ) -> tuple[Plan | None, dict[str, str]]:
     """The request's plan and the modprobe.d remove command of each module in it."""
     try:
-        from kmodd.resolve import open_resolver
+        from kmodd.resolution.resolve import open_resolver
 
         resolver = open_resolver(root, version, config_paths)
         plan = resolver.plan(request)
@@ -121,7 +121,7 @@ def unload_via_daemon(client: Any, request: str, *, force: bool) -> UnloadOutcom
 def run(args: argparse.Namespace) -> int:
     # The loader logs "no module support" for the daemon's journal; here the
     # same message is printed once below.
-    logging.getLogger("kmodd.loader").setLevel(logging.CRITICAL)
+    logging.getLogger("kmodd.kernel.loader").setLevel(logging.CRITICAL)
     root, version = tree_from_args(args)
     # modprobe -r semantics (dependencies too) are worked out here, not by the daemon.
     client = None if args.recursive else daemon_client(args)

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kmodd.settings import Settings, SettingsError, parse_settings
+from kmodd.daemon.settings import Settings, SettingsError, parse_settings
 
 
 def make_kernel(settings: Settings) -> object:
@@ -18,7 +18,7 @@ def make_kernel(settings: Settings) -> object:
 
 
 def resolver_factory(settings: Settings) -> object:
-    from kmodd.resolve import open_resolver
+    from kmodd.resolution.resolve import open_resolver
     from kmodd.root import running_kernel_version
     root = settings.root_obj
     version = settings.version or running_kernel_version(root)
@@ -30,7 +30,7 @@ def _setup_logging(settings: Settings) -> None:
     level = {"notice": logging.INFO}.get(settings.log_level,
                                          getattr(logging, settings.log_level.upper()))
     try:
-        from kmodd.systemd import setup_logging
+        from kmodd.journal import setup_logging
         setup_logging(settings.journal, level=level)
     except ImportError:
         logging.basicConfig(level=level, format="%(name)s: %(levelname)s: %(message)s")
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kmodd: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings)
-    from kmodd.service import Service
+    from kmodd.daemon.service import Service
     try:
         kernel = make_kernel(settings)
         service = Service(settings, kernel, resolver_factory,  # type: ignore[arg-type]

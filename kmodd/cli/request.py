@@ -5,7 +5,7 @@ package's ``/usr/libexec/kmodd/kmodd-request``, and the ``kmodd-request`` a
 pip install puts on PATH) directly: a Python interpreter costs more than a
 whole modprobe.  This console script execs the sh helper when one is
 installed, else speaks the same FIFO protocol itself (see
-kmodd/kernelreq.py), else loads the module directly like ``kmodctl load``.
+kmodd/daemon/kernelreq.py), else loads the module directly like ``kmodctl load``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _daemon_mode(run_dir: str) -> str | None:
             return None
         with open(fifo + ".pid") as handle:
             words = handle.read().split()
-        from kmodd.kernelreq import process_start_time
+        from kmodd.daemon.kernelreq import process_start_time
 
         # The start time guards against a pid recycled after a crash.
         start = process_start_time(int(words[0]))
@@ -81,7 +81,7 @@ def request_timeout() -> int:
 
 def ask_daemon(name: str, run_dir: str) -> tuple[str, str] | None:
     """Send NAME to the daemon; (code, rest of the answer), or None if it went away."""
-    from kmodd.kernelreq import check_name
+    from kmodd.daemon.kernelreq import check_name
 
     mode = _daemon_mode(run_dir)
     if check_name(name) is not None or mode is None:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: kmodd-request [-q] -- NAME", file=sys.stderr)
         return 1
     if len(words) == 1:
-        from kmodd.kernelreq import check_name
+        from kmodd.daemon.kernelreq import check_name
 
         problem = check_name(words[0])
         if problem is not None:

@@ -77,7 +77,7 @@ def _enoexec_reason(path: str | None, root: Root) -> str:
     if not path:
         return generic
     try:
-        from kmodd.elf import vermagic
+        from kmodd.modfile.elf import vermagic
 
         magic = vermagic(path)
     except Exception:

@@ -261,9 +261,14 @@ class SyscallKernel(KernelState):
         return True
 
     def _insert(self, name: str, path: str, params: bytes, flags: int) -> None:
-        # Imported here: kmodd.file pulls in the codec backends lazily anyway,
+        # Imported here: kmodd.modfile pulls in the codec backends lazily anyway,
         # and a daemon that never loads a module need not import it at all.
-        from kmodd.file import Compression, ModuleFileError, detect_compression, read_module_image
+        from kmodd.modfile import (
+            Compression,
+            ModuleFileError,
+            detect_compression,
+            read_module_image,
+        )
 
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

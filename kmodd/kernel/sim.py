@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodd.kernel.real import MODULE_INIT_COMPRESSED_FILE, SyscallKernel
-from kmodd.plan import Plan
+from kmodd.resolution.plan import Plan
 from kmodd.root import Root
 
 _ELF_MAGIC = b"\x7fELF"
@@ -261,7 +261,7 @@ class SimKernel(SyscallKernel):
             return
         data = os.pread(fd, os.fstat(fd).st_size, 0)
         if flags & MODULE_INIT_COMPRESSED_FILE:
-            from kmodd.file import Compression, ModuleFileError, decompress, detect_compression
+            from kmodd.modfile import Compression, ModuleFileError, decompress, detect_compression
 
             kind = detect_compression(data)
             if self.compression is None or kind is Compression.NONE \
@@ -384,7 +384,7 @@ class SimKernel(SyscallKernel):
 
 def modules_dep_names(moddir: Path) -> dict[str, tuple[str, ...]]:
     """module -> its modules.dep dependencies, as names: a ``deps`` map for SimKernel."""
-    from kmodd.names import modname_normalize
+    from kmodd.resolution.names import modname_normalize
 
     result: dict[str, tuple[str, ...]] = {}
     for line in (Path(moddir) / "modules.dep").read_text().splitlines():

@@ -24,18 +24,19 @@ if str(ROOT) not in sys.path:
 
 
 INSTRUMENT = {
-    "index_bin": ["kmodd.index_bin", "kmodd.aliasmatch"],
-    "index_text": ["kmodd.index", "kmodd.index_bin", "kmodd.aliasmatch"],
-    "modprobe_d": ["kmodd.config"],
-    "cmdline": ["kmodd.config"],
-    "kmodd_conf": ["kmodd.settings", "tomllib"],
-    "control": ["kmodd.control", "kmodd.service", "kmodd.names"],
-    "fifo": ["kmodd.kernelreq"],
-    "uevent": ["kmodd.uevents"],
-    "state": ["kmodd.state"],
-    "elf": ["kmodd.elf", "kmodd.file", "kmodd.signature", "elftools.elf.elffile",
+    "index_bin": ["kmodd.resolution.index_bin", "kmodd.resolution.aliasmatch"],
+    "index_text": ["kmodd.resolution.index", "kmodd.resolution.index_bin",
+                   "kmodd.resolution.aliasmatch"],
+    "modprobe_d": ["kmodd.resolution.config"],
+    "cmdline": ["kmodd.resolution.config"],
+    "kmodd_conf": ["kmodd.daemon.settings", "tomllib"],
+    "control": ["kmodd.daemon.control", "kmodd.service", "kmodd.resolution.names"],
+    "fifo": ["kmodd.daemon.kernelreq"],
+    "uevent": ["kmodd.daemon.uevents"],
+    "state": ["kmodd.daemon.state"],
+    "elf": ["kmodd.modfile.elf", "kmodd.modfile", "kmodd.modfile.signature", "elftools.elf.elffile",
             "elftools.elf.sections", "elftools.common.utils"],
-    "signature": ["kmodd.signature"],
+    "signature": ["kmodd.modfile.signature"],
 }
 
 

@@ -84,11 +84,11 @@ def make_seeds(dest: Path) -> dict[str, Path]:
                     # A cut file ends mid-line; keep whole lines only.
                     seeds["index_text"].append(bytes([i]) + data[:data.rfind(b"\n") + 1])
         if tree is not None:
-            from kmodd.file import read_module_image
+            from kmodd.modfile import read_module_image
             for ko in sorted(tree.rglob("*.ko")):
                 seeds["elf"].append(read_module_image(ko))
         if real is not None:
-            from kmodd.file import read_module_image
+            from kmodd.modfile import read_module_image
             for ko in _smallest_modules(real, 4):
                 with contextlib.suppress(Exception):
                     image = read_module_image(ko)

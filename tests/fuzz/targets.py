@@ -123,8 +123,8 @@ PROBE_ALIASES = ("pci:v00008086d0000100Esv00008086sd00001000bc02sc00i00",
 
 
 def index_bin(data: bytes) -> None:
-    from kmodd.aliasmatch import WildIndex, fnmatch
-    from kmodd.index_bin import BinIndex
+    from kmodd.resolution.aliasmatch import WildIndex, fnmatch
+    from kmodd.resolution.index_bin import BinIndex
     idx = BinIndex("fuzz.bin", data)
     items = []
     for i, item in enumerate(idx.items()):
@@ -149,7 +149,7 @@ INDEX_TEXT_FILES = ("modules.dep", "modules.alias", "modules.symbols", "modules.
 
 def index_text(data: bytes) -> None:
     """The text indexes (no .bin): the first byte picks the file."""
-    from kmodd.index import ModuleTree
+    from kmodd.resolution.index import ModuleTree
     moddir = workdir() / "text-tree"
     shutil.rmtree(moddir, ignore_errors=True)
     moddir.mkdir()
@@ -170,7 +170,7 @@ def index_text(data: bytes) -> None:
 # --- modprobe.d and the kernel command line -----------------------------------------
 
 def modprobe_d(data: bytes) -> None:
-    from kmodd.config import _Builder, compile_glob
+    from kmodd.resolution.config import _Builder, compile_glob
     builder = _Builder()
     builder.parse_file("/etc/modprobe.d/fuzz.conf", data.decode("utf-8", "surrogateescape"))
     cfg = builder.config
@@ -182,7 +182,7 @@ def modprobe_d(data: bytes) -> None:
 
 
 def cmdline(data: bytes) -> None:
-    from kmodd.config import parse_cmdline
+    from kmodd.resolution.config import parse_cmdline
     cfg = parse_cmdline(data[:4095].decode("utf-8", "surrogateescape"))
     for module in list(cfg.options)[:5]:
         cfg.options_for(module)
@@ -191,7 +191,7 @@ def cmdline(data: bytes) -> None:
 # --- kmodd.conf ---------------------------------------------------------------------
 
 def kmodd_conf(data: bytes) -> None:
-    from kmodd.settings import Settings, read_config_file
+    from kmodd.daemon.settings import Settings, read_config_file
     path = workdir() / "kmodd.conf"
     path.write_bytes(data)
     values = read_config_file(path, required=True)
@@ -199,7 +199,7 @@ def kmodd_conf(data: bytes) -> None:
 
 
 def _settings_error() -> tuple[type[BaseException], ...]:
-    from kmodd.settings import SettingsError
+    from kmodd.daemon.settings import SettingsError
     return (SettingsError,)
 
 
@@ -209,10 +209,10 @@ class _Control:
     """A real Service (simulated kernel, never started) and one connection per input."""
 
     def __init__(self) -> None:
+        from kmodd.daemon.scheduler import Outcome, Request
+        from kmodd.daemon.service import Service
+        from kmodd.daemon.settings import Settings
         from kmodd.kernel.sim import SimKernel
-        from kmodd.scheduler import Outcome, Request
-        from kmodd.service import Service
-        from kmodd.settings import Settings
         from tests.unit.daemon_fakes import GraphResolver
         base = workdir() / "control"
         graph = {"e1000": (), "snd": (), "snd_pcm": ("snd",)}
@@ -237,7 +237,7 @@ class _Control:
     def feed(self, data: bytes) -> None:
         import socket
 
-        from kmodd.control import Connection, PeerCred
+        from kmodd.daemon.control import Connection, PeerCred
         root = bool(data[:1]) and data[0] & 1 == 1
         cred = PeerCred(4242, 0 if root else 65534, 0 if root else 65534)
         ours, theirs = socket.socketpair()
@@ -289,8 +289,8 @@ def control(data: bytes) -> None:
 
 class _Fifo:
     def __init__(self) -> None:
-        from kmodd.kernelreq import KernelRequestSource
-        from kmodd.scheduler import Outcome, Request
+        from kmodd.daemon.kernelreq import KernelRequestSource
+        from kmodd.daemon.scheduler import Outcome, Request
         run = workdir() / "run"
         run.mkdir(mode=0o755, exist_ok=True)
         self.run = run
@@ -308,7 +308,7 @@ class _Fifo:
 
         class Source(KernelRequestSource):
             def _open_reply(self, path: str) -> int | None:
-                from kmodd.kernelreq import PROC_REPLY_RE
+                from kmodd.daemon.kernelreq import PROC_REPLY_RE
                 if PROC_REPLY_RE.match(path):
                     # Never another process's descriptor: our own pipe.
                     return os.dup(outer.pipe_w)
@@ -334,7 +334,7 @@ class _Fifo:
             with contextlib.suppress(BlockingIOError):
                 while os.read(self.pipe_r, 65536):
                     pass
-        from kmodd.kernelreq import check_name, reply_line
+        from kmodd.daemon.kernelreq import check_name, reply_line
         check_name(data.decode("latin-1"))
         reply_line(None, data.decode("utf-8", "replace"))
 
@@ -353,9 +353,9 @@ def fifo(data: bytes) -> None:
 
 class _Uevents:
     def __init__(self) -> None:
+        from kmodd.daemon.scheduler import Outcome, Request
+        from kmodd.daemon.uevents import UeventSource
         from kmodd.root import Root
-        from kmodd.scheduler import Outcome, Request
-        from kmodd.uevents import UeventSource
         self.requests: list[Request] = []
 
         def submit(request: Request) -> Future[Outcome]:
@@ -374,7 +374,7 @@ class _Uevents:
         self.source = UeventSource(submit, Root(base=workdir()), monitor=Monitor())
 
     def feed(self, data: bytes) -> None:
-        from kmodd.uevents import KERNEL_GROUP, check_modalias, parse_uevent
+        from kmodd.daemon.uevents import KERNEL_GROUP, check_modalias, parse_uevent
         event = parse_uevent(data, 0, KERNEL_GROUP, 0)
         self.requests.clear()
         if event is not None:
@@ -396,7 +396,7 @@ def uevent(data: bytes) -> None:
 # --- state.json ------------------------------------------------------------------------
 
 def state(data: bytes) -> None:
-    from kmodd.state import StateStore
+    from kmodd.daemon.state import StateStore
     path = workdir() / "state.json"
     path.write_bytes(data)
     store = StateStore(path)
@@ -416,25 +416,25 @@ def state(data: bytes) -> None:
 # --- module files: ELF, modinfo, signature --------------------------------------------
 
 def elf(data: bytes) -> None:
-    from kmodd.elf import modinfo_from_image
+    from kmodd.modfile.elf import modinfo_from_image
     info = modinfo_from_image(data, "fuzz.ko")
     info.info_list()
 
 
 def _module_file_error() -> tuple[type[BaseException], ...]:
-    from kmodd.file import ModuleFileError
+    from kmodd.modfile import ModuleFileError
     return (ModuleFileError,)
 
 
 def signature(data: bytes) -> None:
-    from kmodd.signature import read_signature
+    from kmodd.modfile.signature import read_signature
     sig = read_signature(data)
     if sig is not None:
         assert isinstance(sig.key_id_hex, str) and isinstance(sig.signature_hex, str)
 
 
 def _index_corrupt() -> tuple[type[BaseException], ...]:
-    from kmodd.index_bin import IndexCorrupt
+    from kmodd.resolution.index_bin import IndexCorrupt
     return (IndexCorrupt,)
 
 

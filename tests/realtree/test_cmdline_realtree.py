@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.config import load_config
-from kmodd.resolve import open_resolver
+from kmodd.resolution.config import load_config
+from kmodd.resolution.resolve import open_resolver
 from kmodd.root import Root
 from tests.fixtures import modprobe, modprobe_show_config, real_kernel_version, render_config
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.resolve import Resolver, open_resolver
+from kmodd.resolution.resolve import Resolver, open_resolver
 from kmodd.root import Root
 from tests.fixtures import (
     MODPROBE,

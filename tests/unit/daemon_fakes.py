@@ -7,9 +7,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from kmodd.kernel.loader import Loader, StepResult
 from kmodd.kernel.sim import SimKernel
-from kmodd.loader import Loader, StepResult
-from kmodd.plan import ModuleStep, Plan, Role
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 
 
 class GraphResolver:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.autoclean import (
+from kmodd.daemon.autoclean import (
     Autoclean,
     AutocleanPolicy,
     ModuleUse,
@@ -15,8 +15,8 @@ from kmodd.autoclean import (
     kernel_snapshot,
     plan_sweep,
 )
-from kmodd.loader import Loader
-from kmodd.state import ModuleRecord, StateStore
+from kmodd.daemon.state import ModuleRecord, StateStore
+from kmodd.kernel.loader import Loader
 from tests.unit.daemon_fakes import FakeClock, GraphResolver, sim_kernel
 
 POLICY = AutocleanPolicy(idle_timeout=60, never_unload=frozenset({"keepme"}))
@@ -269,7 +269,7 @@ def test_rmmod_modprobe_between_sweeps_is_left_alone(tmp_path: Path) -> None:
 
 def test_reload_between_snapshot_and_unload_is_left_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kmodd.autoclean as autoclean
+    import kmodd.daemon.autoclean as autoclean
 
     ac, kernel, state, clock = loaded_by_kmodd(tmp_path)
     ac.sweep()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import commands
+from kmodd.kernel import commands
 
 HOSTILE = [
     "x=$(touch {p}1)",

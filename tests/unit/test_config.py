@@ -2,7 +2,7 @@
 
 ``modprobe -c`` lists every accepted configuration line in libkmod's order and
 libkmod logs each rejected line with its file and line number: both are
-compared with what :func:`kmodd.config.load_config` makes of the same files.
+compared with what :func:`kmodd.resolution.config.load_config` makes of the same files.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.config import compile_glob, load_config, parse_cmdline
-from kmodd.resolve import open_resolver
+from kmodd.resolution.config import compile_glob, load_config, parse_cmdline
+from kmodd.resolution.resolve import open_resolver
 from kmodd.root import MODPROBE_D_DIRS, Root
 from tests.fixtures import (
     VERSION,

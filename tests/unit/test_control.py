@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from kmodd.control import MAX_MESSAGE, Client, Connection, ControlServer, PeerCred
-from kmodd.service import EventLoop
+from kmodd.daemon.control import MAX_MESSAGE, Client, Connection, ControlServer, PeerCred
+from kmodd.daemon.service import EventLoop
 
 
 class Harness:
@@ -210,7 +210,7 @@ def test_peer_that_hangs_up_mid_request(harness: Harness) -> None:
 
 
 def test_unprivileged_peers_cannot_crowd_out_root(sockdir: Path) -> None:
-    from kmodd.control import MAX_PER_UID
+    from kmodd.daemon.control import MAX_PER_UID
     uid = {"next": 1000}
 
     def cred(sock: socket.socket) -> PeerCred:
@@ -260,7 +260,7 @@ def test_a_peer_that_does_not_read_is_paused_not_buffered(sockdir: Path) -> None
     """Backpressure: the daemon stops reading a peer whose replies pile up,
     keeps at most one window of output for it, and answers everything, in
     order, once the peer reads."""
-    from kmodd.control import OUTPUT_HIGH
+    from kmodd.daemon.control import OUTPUT_HIGH
     h = Harness(sockdir / "control", peercred=lambda sock: PeerCred(4242, 65534, 65534))
     big = "x" * 8000
     h.server.handler = lambda conn, msg: {"ok": True, "blob": big}
@@ -426,7 +426,7 @@ def test_a_monitor_that_does_not_read_is_dropped_sooner_when_unprivileged() -> N
     dropped, root's only at 4 MiB."""
     from types import SimpleNamespace
 
-    from kmodd.control import MAX_OUTPUT, MAX_OUTPUT_UNPRIVILEGED
+    from kmodd.daemon.control import MAX_OUTPUT, MAX_OUTPUT_UNPRIVILEGED
     loop = EventLoop()
     server = SimpleNamespace(reactor=loop, connection_closed=lambda c: None)
     pairs = [socket.socketpair() for _ in range(2)]

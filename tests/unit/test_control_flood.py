@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
-from kmodd.control import Client
-from kmodd.kernelreq import KernelRequestSource
-from kmodd.service import Service
-from kmodd.settings import Settings
+from kmodd.daemon.control import Client
+from kmodd.daemon.kernelreq import KernelRequestSource
+from kmodd.daemon.service import Service
+from kmodd.daemon.settings import Settings
 from tests.hostile import Flood, RssPeak, rss_kb
 from tests.unit.daemon_fakes import GatedLoader, GraphResolver, sim_kernel
 

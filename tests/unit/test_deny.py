@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.control import Client
-from kmodd.deny import DenyPolicy, read_deny_file, refusals
-from kmodd.plan import ModuleStep, Plan, Role
-from kmodd.scheduler import Request
-from kmodd.service import Service
+from kmodd.daemon.control import Client
+from kmodd.daemon.deny import DenyPolicy, read_deny_file, refusals
+from kmodd.daemon.scheduler import Request
+from kmodd.daemon.service import Service
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 from tests.unit.daemon_fakes import GatedLoader, GraphResolver
 from tests.unit.test_service import Env, Notifier, in_thread, stop
 
@@ -123,7 +123,7 @@ def test_kmodctl_deny_allow_persist_across_restarts(env: Env,
     assert read_deny_file(path) == []
     with Client(env.sock, timeout=10) as c:
         # Only root may change the list: the control server checks the op.
-        from kmodd.control import ROOT_OPS
+        from kmodd.daemon.control import ROOT_OPS
         assert {"deny", "allow"} <= ROOT_OPS
         assert c.request({"op": "deny"})["ok"] is False     # a module is required
     stop(svc, t, rc)
@@ -169,7 +169,7 @@ def test_unreadable_deny_file_keeps_the_setting(tmp_path: Path) -> None:
 
 
 def test_deny_and_modules_load_settings(tmp_path: Path) -> None:
-    from kmodd.settings import SettingsError, merge, parse_settings
+    from kmodd.daemon.settings import SettingsError, merge, parse_settings
     conf = tmp_path / "kmodd.conf"
     conf.write_text('deny = ["snd-pcsp", "pcspkr"]\nmodules_load = false\n')
     s = merge({"config_file": str(conf)})

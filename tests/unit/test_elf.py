@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from kmodd.cli import kmodctl
-from kmodd.elf import ModuleFileError, Param, modinfo_from_image, read_modinfo, vermagic
-from kmodd.signature import SIG_MAGIC, hex_colon, read_signature
+from kmodd.modfile.elf import ModuleFileError, Param, modinfo_from_image, read_modinfo, vermagic
+from kmodd.modfile.signature import SIG_MAGIC, hex_colon, read_signature
 from tests import fixtures
 
 # ---------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def test_read_modinfo_matches_modinfo(sample: list[Path]) -> None:
 def test_struct_module_name_offset_on_real_modules(sample: list[Path]) -> None:
     # The fallback for modules without "name=" reads struct module; check its offset
     # against the name modinfo reports for real x86-64 modules.
-    from kmodd import elf
+    from kmodd.modfile import elf
     for path in sample[:15]:
         elfclass, sections = elf._find_sections(path.read_bytes(), path,
                                                 (".gnu.linkonce.this_module",))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from kmodd.file import (
+from kmodd.modfile import (
     Compression,
     ModuleFileError,
     decompress,
@@ -148,9 +148,9 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 
 def test_zstandard_imported_only_for_zstd_files(tmp_path: Path) -> None:
     # A daemon that only meets .ko files must not pay for zstandard at start-up.
-    code = ("import sys; from kmodd.file import read_module_image; "
+    code = ("import sys; from kmodd.modfile import read_module_image; "
             f"read_module_image({str(_write(tmp_path, 'm.ko', PAYLOAD))!r}); "
-            "import kmodd.elf; "
+            "import kmodd.modfile.elf; "
             "sys.exit(int('zstandard' in sys.modules or 'elftools' in sys.modules))")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import aliasmatch, index, index_cache
-from kmodd.index import DepEntry, IndexCorrupt, ModuleTree
-from kmodd.index_bin import BinIndex
-from kmodd.names import alias_normalize
+from kmodd.resolution import aliasmatch, index, index_cache
+from kmodd.resolution.index import DepEntry, IndexCorrupt, ModuleTree
+from kmodd.resolution.index_bin import BinIndex
+from kmodd.resolution.names import alias_normalize
 from tests.fixtures import (
     VERSION,
     FakeModule,

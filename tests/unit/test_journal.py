@@ -25,9 +25,9 @@ SCRIPT = textwrap.dedent(f"""
     for i in $(seq 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05; done
     "$PYTHON" -c '
     import logging
-    from kmodd import systemd
+    from kmodd import journal as systemd
     systemd.setup_logging(use_journal=True)
-    log = logging.getLogger("kmodd.service")
+    log = logging.getLogger("kmodd.daemon.service")
     systemd.log(log, logging.INFO, "loaded %s for %s", "e1000", "pci:v00008086d0000100E",
                 module="e1000", modalias="pci:v00008086d0000100E",
                 devpath="/devices/pci0000:00/0000:00:03.0", requested_by="coldplug")

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.kernelreq import (
+from kmodd.daemon.kernelreq import (
     KernelRequestSource,
     can_open_helper_fds,
     check_name,
     process_start_time,
     reply_line,
 )
-from kmodd.scheduler import Outcome, Request
+from kmodd.daemon.scheduler import Outcome, Request
 
 HELPER = Path(__file__).resolve().parents[2] / "contrib" / "kmodd-request"
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import commands
 from kmodd.cli.ctl_load import format_params, load_plan_direct
+from kmodd.kernel import commands
+from kmodd.kernel.loader import Loader, describe_failure
 from kmodd.kernel.sim import SimKernel
-from kmodd.loader import Loader, describe_failure
-from kmodd.plan import ModuleStep, Plan, Role
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 from tests.fixtures import real_moddir
 
 ELF = b"\x7fELF\x02\x01\x01" + bytes(9)
@@ -159,7 +159,7 @@ def test_enosys_reported_once_and_no_more_syscalls(tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     sim = SimKernel(tmp_path / "t", supports_modules=False)
     loader = Loader(sim)
-    caplog.set_level(logging.ERROR, logger="kmodd.loader")
+    caplog.set_level(logging.ERROR, logger="kmodd.kernel.loader")
     r1 = loader.load_plan(hda_plan(tmp_path))
     r2 = loader.load_plan(hda_plan(tmp_path))
     assert r1[0].status == "failed" and r1[0].errno == E.ENOSYS

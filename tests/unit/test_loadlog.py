@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from kmodd.loader import Loader, StepResult
-from kmodd.loadlog import Histogram, LoadLog, LoadRecord, blame, critical_chain
-from kmodd.plan import ModuleStep
-from kmodd.scheduler import Request, Scheduler
+from kmodd.daemon.loadlog import Histogram, LoadLog, LoadRecord, blame, critical_chain
+from kmodd.daemon.scheduler import Request, Scheduler
+from kmodd.kernel.loader import Loader, StepResult
+from kmodd.resolution.plan import ModuleStep
 from tests.unit.daemon_fakes import GraphResolver, sim_kernel
 
 
@@ -249,8 +249,8 @@ def test_a_restarted_daemon_keeps_the_boots_load_log(
     import shutil
     import tempfile
 
-    import kmodd.loadlog
-    from kmodd.control import Client
+    import kmodd.daemon.loadlog
+    from kmodd.daemon.control import Client
     from tests.unit.test_service import Env, in_thread, stop
     sockdir = Path(tempfile.mkdtemp(prefix="kmodd-ll-", dir="/tmp"))
     try:
@@ -277,7 +277,7 @@ def test_a_restarted_daemon_keeps_the_boots_load_log(
         # Saved again at exit: still there, counted once.
         assert loads()["loads"] == {"admin": 2}
         # Another boot's log means nothing on this one; a corrupt one is ignored.
-        monkeypatch.setattr(kmodd.loadlog, "boot_id", lambda: "another-boot")
+        monkeypatch.setattr(kmodd.daemon.loadlog, "boot_id", lambda: "another-boot")
         assert loads()["records"] == []
         monkeypatch.undo()
         svc.loads_file.write_text("{not json")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kmodd.cli.kmodctl import COMMANDS
-from kmodd.settings import _FILE_KEYS, build_parser
+from kmodd.daemon.settings import _FILE_KEYS, build_parser
 
 MAN = Path(__file__).resolve().parents[2] / "man"
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"

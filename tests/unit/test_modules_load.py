@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.control import Client
-from kmodd.modules_load import cmdline_modules, conf_files, listed_modules
+from kmodd.daemon.control import Client
+from kmodd.daemon.modules_load import cmdline_modules, conf_files, listed_modules
+from kmodd.daemon.service import Service
 from kmodd.root import Root
-from kmodd.service import Service
 from tests.unit.daemon_fakes import GatedLoader, GraphResolver
 from tests.unit.test_service import Env, Notifier, in_thread, stop
 
@@ -163,12 +163,12 @@ def test_kmodctl_why_names_the_file_and_line(env: Env,
 
 def test_unreadable_lists_are_left_to_systemd_modules_load(
         env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import kmodd.modules_load
+    import kmodd.daemon.modules_load
 
     def broken(root: Root) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(kmodd.modules_load, "listed_modules", broken)
+    monkeypatch.setattr(kmodd.daemon.modules_load, "listed_modules", broken)
     write(env.tmp / "tree", "etc/modules-load.d/x.conf", "solo\n")
     caplog.set_level(logging.INFO, logger="kmodd")
     svc = env.service()
@@ -192,8 +192,8 @@ def test_modules_load_can_be_turned_off(env: Env) -> None:
 
 def test_ready_waits_for_listed_loads_but_not_forever(
         env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import kmodd.service
-    monkeypatch.setattr(kmodd.service, "MODULES_LOAD_READY_WAIT", 0.3)
+    import kmodd.daemon.service
+    monkeypatch.setattr(kmodd.daemon.service, "MODULES_LOAD_READY_WAIT", 0.3)
     write(env.tmp / "tree", "etc/modules-load.d/x.conf", "slow\nsolo\n")
     caplog.set_level(logging.INFO, logger="kmodd")
     svc = env.service(gated=("slow",))

@@ -71,7 +71,7 @@ def test_debian_12s_zstandard_decompresses_modules(tmp_path: Path) -> None:
         with payload.open("rb") as src, (tmp_path / name).open("wb") as dst:
             subprocess.run(["zstd", "-q", "-c", *flags], stdin=src, stdout=dst, check=True)
     code = ("import sys, zstandard; sys.path.insert(0, sys.argv[1]); "
-            "from kmodd.file.zstd import decompress; "
+            "from kmodd.modfile.zstd import decompress; "
             "want = open(sys.argv[2], 'rb').read(); "
             "assert all(decompress(open(p, 'rb').read()) == want for p in sys.argv[3:]); "
             "print(zstandard.__version__)")

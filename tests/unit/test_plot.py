@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from kmodd.loadlog import LoadRecord, critical_chain
-from kmodd.plot import render_svg
+from kmodd.cli.plot import render_svg
+from kmodd.daemon.loadlog import LoadRecord, critical_chain
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
                   "--disable-background-networking", "--disable-component-update",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.prometheus import exposition
-from kmodd.scheduler import Request
+from kmodd.cli.prometheus import exposition
+from kmodd.daemon.scheduler import Request
 from tests.unit.test_service import Env, in_thread, stop
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -137,7 +137,7 @@ def test_prometheus_counts_match_the_daemon(env: Env, capsys: pytest.CaptureFixt
     assert value(series, "kmodd_module_init_seconds_count") == 4
     assert value(series, "kmodd_module_init_seconds_sum") >= 0.03
     # Each bucket counts the daemon's own recorded init times up to its bound.
-    from kmodd.control import Client
+    from kmodd.daemon.control import Client
     with Client(sock, timeout=10) as c:
         times = {r["module"]: r["in_kernel"] for r in c.call("loads")["records"]
                  if r["status"] == "loaded"}

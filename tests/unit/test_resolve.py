@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.config import load_config
-from kmodd.index import ModuleTree
+from kmodd.journal import NOTICE
+from kmodd.kernel.loader import Loader
 from kmodd.kernel.sim import SimKernel
-from kmodd.loader import Loader
-from kmodd.plan import Role
-from kmodd.resolve import Resolver, open_resolver
+from kmodd.resolution.config import load_config
+from kmodd.resolution.index import ModuleTree
+from kmodd.resolution.plan import Role
+from kmodd.resolution.resolve import Resolver, open_resolver
 from kmodd.root import Root
-from kmodd.systemd import NOTICE
 from tests.fixtures import (
     MODPROBE,
     VERSION,
@@ -450,7 +450,7 @@ def test_install_command_honoured_despite_softdeps_kmod_bug_446(
     plan = resolver.plan("sd-main")
     sim = SimKernel(tmp_path / "kernel")
     sim.learn_plan(plan)
-    with caplog.at_level(logging.DEBUG, logger="kmodd.loader"):
+    with caplog.at_level(logging.DEBUG, logger="kmodd.kernel.loader"):
         results = {r.name: r for r in Loader(sim).load_plan(plan)}
     assert results["sd_main"].status == "failed"
     assert "sd_main" not in sim.loaded()

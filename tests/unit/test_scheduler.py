@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.kernel.sim import SimKernel
-from kmodd.loader import Loader
-from kmodd.plan import ModuleStep, Plan, Role
-from kmodd.scheduler import (
+from kmodd.daemon.scheduler import (
     MAX_KMOD_CONCURRENT,
     RUNAWAY_LIMIT,
     BackoffPolicy,
@@ -27,6 +24,9 @@ from kmodd.scheduler import (
     default_max_workers,
     plan_edges,
 )
+from kmodd.kernel.loader import Loader
+from kmodd.kernel.sim import SimKernel
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 from tests.unit.daemon_fakes import FakeClock, GatedLoader, GraphResolver, sim_kernel
 
 GRAPH = {

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from kmodd.control import Client
+from kmodd.daemon.control import Client
+from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.service import Service
+from kmodd.daemon.settings import Settings, SettingsSource
+from kmodd.kernel.loader import StepResult
 from kmodd.kernel.sim import SimKernel
-from kmodd.loader import StepResult
-from kmodd.scheduler import Outcome, Request
-from kmodd.service import Service
-from kmodd.settings import Settings, SettingsSource
 from tests.unit.daemon_fakes import GatedLoader, GraphResolver, sim_kernel
 
 GRAPH = {"core": (), "a": ("core",), "slow": (), "solo": (), "foreign": (), "nic": ()}
@@ -592,7 +592,7 @@ def test_autoclean_leaves_modules_with_a_remove_command_alone(env: Env) -> None:
 
 
 def test_a_peer_cannot_pile_up_settle_or_monitor_requests(env: Env) -> None:
-    from kmodd.service import MAX_SETTLE_PER_PEER
+    from kmodd.daemon.service import MAX_SETTLE_PER_PEER
     svc = env.service(gated=("slow",))
     t, rc = in_thread(svc)
     env.notifier.wait_for("READY")
@@ -658,7 +658,7 @@ def test_every_failing_module_of_a_request_is_logged_under_its_own_name(
 
 
 class UeventLike:
-    """A source that, like kmodd.uevents.UeventSource, hears uevents."""
+    """A source that, like kmodd.daemon.uevents.UeventSource, hears uevents."""
 
     udev_handover = True
 
@@ -794,8 +794,8 @@ def test_non_root_readers_see_no_options_and_no_requester_pid_or_uid(env: Env) -
 
 
 def test_redaction_of_quoted_parameters_in_errors() -> None:
+    from kmodd.daemon.service import redact_error, redact_outcome
     from kmodd.kernel.errors import load_message
-    from kmodd.service import redact_error, redact_outcome
     msg = load_message(E.EINVAL, "foo", params="password='x y' debug=1")
     assert "password" in msg
     assert "password" not in (redact_error(msg) or "")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.scheduler import MAX_KMOD_CONCURRENT
-from kmodd.settings import Settings, SettingsError, parse_settings
+from kmodd.daemon.scheduler import MAX_KMOD_CONCURRENT
+from kmodd.daemon.settings import Settings, SettingsError, parse_settings
 
 
 def write(tmp: Path, text: str) -> str:
@@ -121,7 +121,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def test_dropins_merge_in_systemd_order(tmp_path: Path) -> None:
-    from kmodd.settings import merge_with_sources
+    from kmodd.daemon.settings import merge_with_sources
 
     root = tmp_path
     _write(root / "etc/kmodd.conf", "idle_timeout = 10\nqueue_limit = 5\nmax_workers = 3\n")
@@ -145,7 +145,7 @@ def test_dropins_merge_in_systemd_order(tmp_path: Path) -> None:
 
 
 def test_dropin_masked_by_an_empty_file(tmp_path: Path) -> None:
-    from kmodd.settings import merge
+    from kmodd.daemon.settings import merge
 
     _write(tmp_path / "usr/lib/kmodd/kmodd.conf.d/10-vendor.conf", "idle_timeout = 20\n")
     (tmp_path / "etc/kmodd.conf.d").mkdir(parents=True)
@@ -154,7 +154,7 @@ def test_dropin_masked_by_an_empty_file(tmp_path: Path) -> None:
 
 
 def test_bad_dropin_names_its_file(tmp_path: Path) -> None:
-    from kmodd.settings import SettingsError, merge
+    from kmodd.daemon.settings import SettingsError, merge
 
     _write(tmp_path / "etc/kmodd.conf.d/20-x.conf", "idle_timeot = 1\n")
     with pytest.raises(SettingsError, match=r"20-x\.conf: unknown setting 'idle_timeot'"):
@@ -162,7 +162,7 @@ def test_bad_dropin_names_its_file(tmp_path: Path) -> None:
 
 
 def test_explicit_config_reads_no_dropins(tmp_path: Path) -> None:
-    from kmodd.settings import merge
+    from kmodd.daemon.settings import merge
 
     _write(tmp_path / "etc/kmodd.conf.d/20-x.conf", "idle_timeout = 1\n")
     _write(tmp_path / "mine.conf", "queue_limit = 7\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.state import ModuleRecord, StateStore
+from kmodd.daemon.state import ModuleRecord, StateStore
 
 
 def rec(name: str, loaded_at: float = 100.0, **kw: object) -> ModuleRecord:
@@ -52,7 +52,7 @@ def test_corrupt_file_is_logged_and_ignored(tmp_path: Path, content: str,
     path = tmp_path / "state.json"
     path.write_text(content, errors="surrogateescape")
     store = StateStore(path)
-    with caplog.at_level(logging.WARNING, logger="kmodd.state"):
+    with caplog.at_level(logging.WARNING, logger="kmodd.daemon.state"):
         store.load(live=["a"])
     assert len(store) == 0
     assert "starting fresh" in caplog.text
@@ -123,7 +123,7 @@ BAD_RECORDS = [
 def test_each_bad_record_is_dropped_by_name_and_sweeps_still_work(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """One record with ``"key": 5`` used to make every sweep raise."""
-    from kmodd.autoclean import Autoclean, AutocleanPolicy
+    from kmodd.daemon.autoclean import Autoclean, AutocleanPolicy
     from kmodd.kernel.sim import SimKernel
 
     path = tmp_path / "state.json"
@@ -131,7 +131,7 @@ def test_each_bad_record_is_dropped_by_name_and_sweeps_still_work(
     path.write_text(text)
     store = StateStore(path)
     names = [r["name"] for r in BAD_RECORDS if isinstance(r, dict)]
-    with caplog.at_level(logging.WARNING, logger="kmodd.state"):
+    with caplog.at_level(logging.WARNING, logger="kmodd.daemon.state"):
         store.load(live=[n for n in names if isinstance(n, str)] + ["good"])
     assert sorted(store.records()) == ["good"]
     dropped = [r.getMessage() for r in caplog.records if "dropping record" in r.getMessage()]

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from kmodd import systemd as sd
+from kmodd import journal
+from kmodd.daemon import systemd as sd
 
 
 @pytest.fixture
@@ -104,13 +105,13 @@ def test_stderr_when_not_under_systemd(monkeypatch: pytest.MonkeyPatch,
         monkeypatch.delenv(name, raising=False)
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
-    handler = sd.setup_logging()
+    handler = journal.setup_logging()
     assert isinstance(handler, logging.StreamHandler)
-    sd.log(logging.getLogger("kmodd.service"), logging.INFO, "loaded %s", "e1000",
+    journal.log(logging.getLogger("kmodd.daemon.service"), logging.INFO, "loaded %s", "e1000",
            module="e1000", modalias="pci:v00008086d0000100E", devpath="/devices/pci0000:00",
            errno=None)
     line = stream.getvalue()
-    assert re.match(r"\d\d:\d\d:\d\d\.\d{3} kmodd.service: INFO: loaded e1000", line), line
+    assert re.match(r"\d\d:\d\d:\d\d\.\d{3} kmodd.daemon.service: INFO: loaded e1000", line), line
     assert "MODULE=e1000" in line and "MODALIAS=pci:v00008086d0000100E" in line
     assert "ERRNO" not in line      # None fields are left out
 
@@ -118,7 +119,7 @@ def test_stderr_when_not_under_systemd(monkeypatch: pytest.MonkeyPatch,
 def test_journal_under_systemd_with_structured_fields(monkeypatch: pytest.MonkeyPatch,
                                                       clean_logger: logging.Logger) -> None:
     monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
-    handler = sd.setup_logging()
+    handler = journal.setup_logging()
     from systemd.journal import JournalHandler
     assert isinstance(handler, JournalHandler)
     sent: list[tuple[str, dict[str, Any]]] = []
@@ -128,8 +129,8 @@ def test_journal_under_systemd_with_structured_fields(monkeypatch: pytest.Monkey
         sent.append((message, fields))
 
     handler.send = capture
-    sd.log(logging.getLogger("kmodd.scheduler"), logging.ERROR, "cannot load %s", "e1000",
-           module="e1000", errno=2, requested_by="uevent", devpath=None)
+    journal.log(logging.getLogger("kmodd.daemon.scheduler"), logging.ERROR, "cannot load %s",
+                "e1000", module="e1000", errno=2, requested_by="uevent", devpath=None)
     message, fields = sent[0]
     assert message == "cannot load e1000"
     assert fields["MODULE"] == "e1000"
@@ -144,24 +145,24 @@ def test_journal_stream_must_match_stderr(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("INVOCATION_ID", raising=False)
     st = os.fstat(2)
     monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-    assert sd.under_systemd()
+    assert journal.under_systemd()
     # Inherited by a child whose stderr went elsewhere: not ours.
     monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")
-    assert not sd.under_systemd()
+    assert not journal.under_systemd()
 
 
 def test_explicit_choice_wins(monkeypatch: pytest.MonkeyPatch,
                               clean_logger: logging.Logger) -> None:
     monkeypatch.setenv("INVOCATION_ID", "x")
-    assert isinstance(sd.setup_logging(use_journal=False), logging.StreamHandler)
+    assert isinstance(journal.setup_logging(use_journal=False), logging.StreamHandler)
     # Calling again replaces the handler instead of doubling every line.
-    sd.setup_logging(use_journal=False)
+    journal.setup_logging(use_journal=False)
     assert len(clean_logger.handlers) == 1
 
 
 def test_import_is_cheap() -> None:
-    """kmodd.systemd sits on the path to READY: no journal or logging import."""
-    code = ("import sys, kmodd.systemd; "
+    """kmodd.daemon.systemd and kmodd.journal are on the path to READY: no journal, no logging."""
+    code = ("import sys, kmodd.daemon.systemd, kmodd.journal; "
             "print(sorted(m for m in ('logging', 'systemd.journal', 'ctypes') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
@@ -266,8 +267,8 @@ MODULES_LOAD_DROPIN = UNITS / "systemd-modules-load.service.d/50-kmodd.conf"
 
 
 def test_modules_load_drop_in_stands_back_only_while_kmodd_serves() -> None:
-    from kmodd.service import MODULES_LOAD_MARKER
-    from kmodd.settings import DEFAULT_STATE
+    from kmodd.daemon.service import MODULES_LOAD_MARKER
+    from kmodd.daemon.settings import DEFAULT_STATE
     text = MODULES_LOAD_DROPIN.read_text()
     # kmodd-takeover recognises its own files by the first line.
     assert text.startswith("# kmodd-takeover:")

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from kmodd.root import Root
-from kmodd.scheduler import Outcome, Request
-from kmodd.uevents import (
+from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.uevents import (
     MAX_MODALIAS,
     NetlinkMonitor,
     UeventSource,
@@ -29,6 +28,7 @@ from kmodd.uevents import (
     parse_uevent,
     walk_modaliases,
 )
+from kmodd.root import Root
 
 
 class FakeDevice:

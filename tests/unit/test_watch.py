@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.watch import PathWatcher
+from kmodd.daemon.watch import PathWatcher
 
 
 class Counter:

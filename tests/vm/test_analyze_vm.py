@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kmodd.loadlog import LoadRecord, critical_chain
+from kmodd.daemon.loadlog import LoadRecord, critical_chain
 from testbed.vm import VM
 from tests.unit.test_plot import render_in_chromium
 from tests.unit.test_prometheus import parse, value
@@ -30,8 +30,9 @@ LISTED = ("dummy", "vxlan", "veth", "tun")
 LIST_FILE = "/etc/modules-load.d/50-kmodd-vm.conf"
 # vxlan's dependencies on this kernel (modules.dep), loaded before it.
 VXLAN_DEPS = ("udp_tunnel", "ip6_udp_tunnel")
-# Module lines look like "HH:MM:SS.mmm kmodd.service: INFO: loaded e1000 for pci:... in 12 ms".
-LOADED_LINE = re.compile(r"kmodd\.service: INFO: loaded (\S+) for (.*?) in (\d+) ms")
+# Module lines look like
+# "HH:MM:SS.mmm kmodd.daemon.service: INFO: loaded e1000 for pci:... in 12 ms".
+LOADED_LINE = re.compile(r"kmodd\.daemon\.service: INFO: loaded (\S+) for (.*?) in (\d+) ms")
 
 
 def sections(text: str) -> dict[str, str]:

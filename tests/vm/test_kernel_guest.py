@@ -30,11 +30,11 @@ from typing import Any
 PROJECT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT))
 
+from kmodd.kernel.loader import Loader  # noqa: E402
 from kmodd.kernel.protocol import InitState, KernelError  # noqa: E402
 from kmodd.kernel.real import RealKernel  # noqa: E402
-from kmodd.loader import Loader  # noqa: E402
-from kmodd.plan import ModuleStep, Plan  # noqa: E402
-from kmodd.resolve import Resolver, open_resolver  # noqa: E402
+from kmodd.resolution.plan import ModuleStep, Plan  # noqa: E402
+from kmodd.resolution.resolve import Resolver, open_resolver  # noqa: E402
 from kmodd.root import Root  # noqa: E402
 
 VERSION = os.uname().release

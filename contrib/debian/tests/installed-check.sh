@@ -73,7 +73,7 @@ check "kmodd-takeover --version" \
 	sh -c "[ \"\$(kmodd-takeover --version)\" = 'kmodd-takeover $version' ]"
 check "kmodd --show-config" sh -c 'kmodd --show-config | grep -q "^idle_timeout = .*# "'
 check "python3 imports kmodd from the package" \
-	sh -c 'python3 -c "import kmodd, kmodd.service, kmodd.uevents, kmodd.kernelreq; print(kmodd.__file__)" | grep -q ^/usr/lib/python3/dist-packages/'
+	sh -c 'python3 -c "import kmodd, kmodd.daemon.service, kmodd.daemon.uevents, kmodd.daemon.kernelreq; print(kmodd.__file__)" | grep -q ^/usr/lib/python3/dist-packages/'
 check "man -w kmodd kmodctl kmodd-request kmodd.conf kmodd-takeover" \
 	man -w kmodd kmodctl kmodd-request kmodd.conf kmodd-takeover
 

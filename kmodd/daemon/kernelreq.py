@@ -63,10 +63,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-from kmodd.scheduler import Outcome, Request
-from kmodd.systemd import log
+from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.journal import log
 
-LOG = logging.getLogger("kmodd.kernelreq")
+LOG = logging.getLogger(__name__)
 
 Submit = Callable[[Request], "Future[Outcome]"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kmodd.loadlog import SOURCE_NAMES, Histogram
-from kmodd.scheduler import OUTCOME_STATUSES
+from kmodd.daemon.loadlog import SOURCE_NAMES, Histogram
+from kmodd.daemon.scheduler import OUTCOME_STATUSES
 
 
 def _escape(value: str) -> str:

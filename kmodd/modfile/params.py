@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from kmodd.plan import Plan, Role
+from kmodd.resolution.plan import Plan, Role
 
 # Accepted by every module: the dynamic-debug hook (kernel/module/main.c).
 _MAGIC_PARAMS = {"dyndbg"}
@@ -18,7 +18,7 @@ _MAGIC_PARAMS = {"dyndbg"}
 
 def unknown_params(path: str, params: Sequence[str]) -> tuple[list[str], list[str]]:
     """(unknown names among ``params``, the module's declared names), from its .modinfo."""
-    from kmodd.elf import read_modinfo
+    from kmodd.modfile.elf import read_modinfo
 
     declared = [p.name for p in read_modinfo(path).parm]
     known = {n.replace("-", "_") for n in declared} | _MAGIC_PARAMS

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.journal import log
 from kmodd.root import Root
-from kmodd.scheduler import Outcome, Request
-from kmodd.systemd import log
 
-LOG = logging.getLogger("kmodd.uevents")
+LOG = logging.getLogger(__name__)
 
 Submit = Callable[[Request], "Future[Outcome]"]
 

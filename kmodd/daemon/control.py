@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-log = logging.getLogger("kmodd.control")
+log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/kmodd/control"
 MAX_MESSAGE = 64 * 1024          # one request line

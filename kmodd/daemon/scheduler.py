@@ -4,7 +4,7 @@ Every request (uevent, coldplug, kernel request_module(), administrator)
 goes through :meth:`Scheduler.submit` and gets a Future that always
 completes with an :class:`Outcome`.  Work is split in two kinds of jobs:
 
-* *resolve* jobs turn a request into a :class:`~kmodd.plan.Plan`; one
+* *resolve* jobs turn a request into a :class:`~kmodd.resolution.plan.Plan`; one
   resolver thread runs them (they are pure Python: more threads would only
   share the interpreter lock);
 * *load* jobs load one module, keyed by name: one load per module however
@@ -33,11 +33,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from kmodd.daemon.loadlog import LoadRecord
 from kmodd.kernel.protocol import InitState
-from kmodd.loadlog import LoadRecord
-from kmodd.plan import ModuleStep, Plan, Role
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 
-log = logging.getLogger("kmodd.scheduler")
+log = logging.getLogger(__name__)
 
 # The kernel warns "request_module: runaway loop" past this many concurrent
 # modprobe calls (kernel/module/kmod.c); a loader should never need more.
@@ -95,7 +95,7 @@ class Outcome:
 
 
 class StepResultLike(Protocol):
-    """What :class:`kmodd.loader.StepResult` looks like to the scheduler."""
+    """What :class:`kmodd.kernel.loader.StepResult` looks like to the scheduler."""
 
     @property
     def name(self) -> str: ...
@@ -638,7 +638,7 @@ class Scheduler:
         in_kernel: dict[str, StepResultLike] = {}
         deny = self._deny
         if deny is not None:
-            from kmodd.deny import refusals
+            from kmodd.daemon.deny import refusals
             refused = refusals(plan, deny)
             entry.refused = frozenset(refused)
             in_kernel.update({n: StepOutcome(n, r.status, r.error, r.errno)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from kmodd.loadlog import SOURCE_NAMES, ChainLink, LoadRecord, fmt_seconds
+from kmodd.daemon.loadlog import SOURCE_NAMES, ChainLink, LoadRecord, fmt_seconds
 
 SOURCE_COLOURS = {"coldplug": "#4e79a7", "hotplug": "#59a14f", "kernel request": "#f28e2b",
                   "admin": "#b07aa1", "modules-load.d": "#76b7b2"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lzma
 import os
 
-from kmodd.file import ModuleFileError
+from kmodd.modfile import ModuleFileError
 
 
 def decompress(data: bytes, path: str | os.PathLike[str] | None = None) -> bytes:

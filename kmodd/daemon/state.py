@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kmodd.systemd import log as slog
+from kmodd.journal import log as slog
 
-log = logging.getLogger("kmodd.state")
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _TMP_PREFIX = ".state."     # tempfile.mkstemp prefix of a save in progress

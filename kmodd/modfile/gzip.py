@@ -6,7 +6,7 @@ import gzip
 import os
 import zlib
 
-from kmodd.file import ModuleFileError
+from kmodd.modfile import ModuleFileError
 
 
 def decompress(data: bytes, path: str | os.PathLike[str] | None = None) -> bytes:

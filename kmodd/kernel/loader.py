@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from kmodd import commands
-from kmodd.kernel import errors
+from kmodd.journal import NOTICE, journal_fields
+from kmodd.kernel import commands, errors
 from kmodd.kernel.protocol import InitState, Kernel, KernelError
-from kmodd.plan import ModuleStep, Plan, Role
-from kmodd.systemd import NOTICE, journal_fields
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 
 log = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ def listed_modules(root: Root, *, cmdline: str | None = None,
     out: dict[str, ListedModule] = {}
 
     def add(name: str, source: str, line: int, options: str = "") -> None:
-        from kmodd.names import modname_normalize
+        from kmodd.resolution.names import modname_normalize
         key = modname_normalize(name)
         if key not in out:
             out[key] = ListedModule(name, source, line, options)

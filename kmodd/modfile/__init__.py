@@ -1,5 +1,9 @@
 """Module files on disk: compression detection by magic bytes and decompression.
 
+The package holds what reads a module file: one codec per compression
+(``gzip``, ``xz``, ``zstd``), ``elf`` (modinfo, vermagic), ``signature`` and
+``params``; it sits above resolution and below the kernel layer.
+
 The kernel signs a module before it is compressed, so everything that looks
 inside a module (modinfo, vermagic, the signature trailer) works on the image
 returned by :func:`read_module_image`.  Backends are imported only when a file
@@ -56,9 +60,9 @@ _MAGICS: tuple[tuple[bytes, Compression], ...] = (
 _MAGIC_LEN = max(len(m) for m, _ in _MAGICS)
 
 _BACKENDS = {
-    Compression.XZ: "kmodd.file.xz",
-    Compression.GZIP: "kmodd.file.gzip",
-    Compression.ZSTD: "kmodd.file.zstd",
+    Compression.XZ: "kmodd.modfile.xz",
+    Compression.GZIP: "kmodd.modfile.gzip",
+    Compression.ZSTD: "kmodd.modfile.zstd",
 }
 
 

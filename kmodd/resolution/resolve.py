@@ -17,10 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, TypeVar
 
-from kmodd.config import ModprobeConfig, compile_glob, load_config
-from kmodd.index import DepEntry, ModuleTree
-from kmodd.names import alias_normalize_or_none, is_glob
-from kmodd.plan import ModuleStep, Plan, Role
+from kmodd.resolution.config import ModprobeConfig, compile_glob, load_config
+from kmodd.resolution.index import DepEntry, ModuleTree
+from kmodd.resolution.names import alias_normalize_or_none, is_glob
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 from kmodd.root import Root
 
 V = TypeVar("V")

@@ -28,15 +28,12 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmodd.autoclean import Autoclean, AutocleanPolicy, SweepReport
-from kmodd.control import Connection, ControlServer, error_reply
-from kmodd.deny import DenyPolicy, deny_file
-from kmodd.kernel.protocol import InitState, Kernel
-from kmodd.loadlog import LoadLog
-from kmodd.modules_load import ListedModule, ListProblem
-from kmodd.names import modname_normalize
-from kmodd.plan import ModuleStep, Plan
-from kmodd.scheduler import (
+from kmodd.daemon.autoclean import Autoclean, AutocleanPolicy, SweepReport
+from kmodd.daemon.control import Connection, ControlServer, error_reply
+from kmodd.daemon.deny import DenyPolicy, deny_file
+from kmodd.daemon.loadlog import LoadLog
+from kmodd.daemon.modules_load import ListedModule, ListProblem
+from kmodd.daemon.scheduler import (
     BackoffPolicy,
     LoaderLike,
     Outcome,
@@ -46,10 +43,13 @@ from kmodd.scheduler import (
     StepOutcome,
     StepResultLike,
 )
-from kmodd.settings import Settings, SettingsError, SettingsSource
-from kmodd.state import ModuleRecord, StateStore
+from kmodd.daemon.settings import Settings, SettingsError, SettingsSource
+from kmodd.daemon.state import ModuleRecord, StateStore
+from kmodd.kernel.protocol import InitState, Kernel
+from kmodd.resolution.names import modname_normalize
+from kmodd.resolution.plan import ModuleStep, Plan
 
-LOG = logging.getLogger("kmodd.service")
+LOG = logging.getLogger(__name__)
 
 Submit = Callable[[Request], "Future[Outcome]"]
 
@@ -76,7 +76,7 @@ MODULES_LOAD_MARKER = "modules-load.served"
 def slog(logger: logging.Logger, level: int, msg: str, *args: object, **fields: Any) -> None:
     """Structured log line (journal fields MODULE=, DEVPATH=...), never raising."""
     try:
-        from kmodd.systemd import log as sd_log
+        from kmodd.journal import log as sd_log
         sd_log(logger, level, msg, *args, **fields)
     except ImportError:
         logger.log(level, msg, *args)
@@ -87,7 +87,7 @@ def slog(logger: logging.Logger, level: int, msg: str, *args: object, **fields: 
 
 def _sd_notify(**fields: object) -> bool:
     try:
-        from kmodd.systemd import notify
+        from kmodd.daemon.systemd import notify
     except ImportError:
         return False
     try:
@@ -98,7 +98,7 @@ def _sd_notify(**fields: object) -> bool:
 
 def _sd_watchdog_interval() -> float | None:
     try:
-        from kmodd.systemd import watchdog_interval
+        from kmodd.daemon.systemd import watchdog_interval
     except ImportError:
         return None
     try:
@@ -418,7 +418,7 @@ class Service:
     FIFOs, inotify or systemd: ``sources`` (factories taking ``submit``),
     ``coldplug`` (``fn(submit, on_queued)``, blocking, run in a thread),
     ``watcher`` (factory taking ``on_change``).  Left at their defaults,
-    the real ones from kmodd.uevents / kmodd.kernelreq / kmodd.watch are used.
+    the real ones from kmodd.daemon.uevents / kmodd.daemon.kernelreq / kmodd.daemon.watch are used.
     """
 
     def __init__(self, settings: Settings, kernel: Kernel, resolver_factory: ResolverFactory,
@@ -444,7 +444,7 @@ class Service:
         self.state = StateStore(Path(settings.state_file))
         self.loadlog = LoadLog()
         if loader is None:
-            from kmodd.loader import Loader
+            from kmodd.kernel.loader import Loader
             loader = Loader(kernel)
         self.loader = loader
         self.resolver: ResolverLike = self._make_resolver(settings)
@@ -524,11 +524,11 @@ class Service:
         fifo = self.settings.request_fifo
 
         def uevents(submit: Submit) -> Source:
-            from kmodd.uevents import UeventSource
+            from kmodd.daemon.uevents import UeventSource
             return UeventSource(submit, root)
 
         def kernel_requests(submit: Submit) -> Source:
-            from kmodd.kernelreq import KernelRequestSource
+            from kmodd.daemon.kernelreq import KernelRequestSource
             return KernelRequestSource(submit, fifo)
 
         return [uevents, kernel_requests]
@@ -539,7 +539,7 @@ class Service:
         root = self.settings.root_obj
 
         def run(submit: Submit, on_queued: Callable[[int], None]) -> object:
-            from kmodd.uevents import coldplug
+            from kmodd.daemon.uevents import coldplug
             return coldplug(root, submit, on_queued=on_queued)
 
         return run
@@ -550,7 +550,7 @@ class Service:
         root = self.settings.root_obj
 
         def read() -> tuple[list[ListedModule], list[ListProblem]]:
-            from kmodd.modules_load import listed_modules
+            from kmodd.daemon.modules_load import listed_modules
             return listed_modules(root)
 
         return read
@@ -560,8 +560,8 @@ class Service:
         version = self.settings.version
 
         def make(on_change: Callable[[], None]) -> Source:
+            from kmodd.daemon.watch import PathWatcher, default_watch_paths
             from kmodd.root import running_kernel_version
-            from kmodd.watch import PathWatcher, default_watch_paths
             moddir = root.modules_dir(version or running_kernel_version(root))
             paths = default_watch_paths(root, moddir)
             if self.settings.modprobe_config:
@@ -1353,7 +1353,7 @@ class Service:
         if kind not in ("admin", "kernel"):
             return error_reply("kind must be 'admin' or 'kernel'")
         if kind == "kernel":
-            from kmodd.kernelreq import check_name
+            from kmodd.daemon.kernelreq import check_name
 
             problem = check_name(name)
             if problem is not None:
@@ -1381,7 +1381,7 @@ class Service:
 
     def _refuse_params(self, name: str, options: str) -> str | None:
         """An admin's parameters unknown to the module are refused, as a direct load does."""
-        from kmodd.params import check_params, split_params
+        from kmodd.modfile.params import check_params, split_params
         try:
             plan = self.resolver.plan(name, extra_options=options)
         except Exception:

@@ -18,7 +18,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 
-from kmodd.names import WILDCARDS
+from kmodd.resolution.names import WILDCARDS
 
 INDEX_MAGIC = 0xB007F457
 INDEX_VERSION_MAJOR = 2

@@ -164,7 +164,7 @@ def transient_runner() -> str | None:
     None (run /bin/sh directly) without systemd or without systemd-run."""
     import shutil
 
-    from kmodd.systemd import under_systemd
+    from kmodd.journal import under_systemd
 
     if not under_systemd() or not os.path.isdir(SYSTEMD_BOOTED):
         return None

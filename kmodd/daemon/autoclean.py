@@ -29,10 +29,10 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from kmodd.daemon.state import ModuleRecord, StateStore
 from kmodd.kernel.protocol import InitState, Kernel
-from kmodd.state import ModuleRecord, StateStore
 
-log = logging.getLogger("kmodd.autoclean")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class ModuleStep:
     set when modprobe.d replaces the load with an ``install`` command; the
     loader runs that instead of loading ``path``.  It should be the command as
     written, ``$CMDLINE_OPTS`` included: the loader substitutes ``options``
-    shell-quoted (kmodd.commands), so request text never reaches the shell raw.
+    shell-quoted (kmodd.kernel.commands), so request text never reaches the shell raw.
     """
 
     name: str

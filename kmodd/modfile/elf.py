@@ -11,9 +11,9 @@ import io
 import os
 from dataclasses import dataclass, field
 
-from kmodd.file import ModuleFileError, read_module_image
-from kmodd.names import modname_normalize
-from kmodd.signature import SignatureInfo, read_signature
+from kmodd.modfile import ModuleFileError, read_module_image
+from kmodd.modfile.signature import SignatureInfo, read_signature
+from kmodd.resolution.names import modname_normalize
 
 __all__ = ["ModuleFileError", "ModuleInfo", "Param", "merge_params", "modinfo_from_image",
            "modinfo_strings", "read_modinfo", "vermagic"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from kmodd.file import ModuleFileError
+from kmodd.modfile import ModuleFileError
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

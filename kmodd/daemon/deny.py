@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodd.names import modname_normalize
-from kmodd.plan import Plan, Role
+from kmodd.resolution.names import modname_normalize
+from kmodd.resolution.plan import Plan, Role
 from kmodd.root import Root
 
 DENY_FILE = "var/lib/kmodd/deny"
@@ -167,7 +167,7 @@ def system_policy(root: Root) -> DenyPolicy:
     """The policy a daemon on *root* would apply: the ``deny`` setting of the
     settings files there, and the persistent list.  For the tools that load
     without the daemon (``kmodctl load`` direct), so a deny holds for them too."""
-    from kmodd.settings import SettingsError, merge
+    from kmodd.daemon.settings import SettingsError, merge
 
     try:
         settings = merge({"root": str(root.base)})

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from kmodd import aliasmatch, index_cache
-from kmodd.aliasmatch import WildIndex, depmod_values
-from kmodd.index_bin import BinIndex, IndexCorrupt, key_bytes_str
-from kmodd.names import alias_normalize, has_wildcard
+from kmodd.resolution import aliasmatch, index_cache
+from kmodd.resolution.aliasmatch import WildIndex, depmod_values
+from kmodd.resolution.index_bin import BinIndex, IndexCorrupt, key_bytes_str
+from kmodd.resolution.names import alias_normalize, has_wildcard
 
 __all__ = ["DepEntry", "IndexCorrupt", "ModuleTree", "path_to_modname"]
 
@@ -57,14 +57,14 @@ PREPARE_AFTER = 256
 # Trie answers remembered (a burst repeats the same few hundred modaliases).
 _WALK_MEMO = 4096
 
-log = logging.getLogger("kmodd.index")
+log = logging.getLogger(__name__)
 
 
 class ModuleTree:
     """Lookups in the indexes of one module directory; each file is read on first use.
 
     The prepared alias index is kept in a private cache (see
-    :mod:`kmodd.index_cache`); ``cache_dir`` overrides its location and
+    :mod:`kmodd.resolution.index_cache`); ``cache_dir`` overrides its location and
     ``use_cache=False`` turns it off.
     """
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kmodd import aliasmatch
-from kmodd.names import alias_normalize, is_glob
+from kmodd.resolution import aliasmatch
+from kmodd.resolution.names import alias_normalize, is_glob
 from kmodd.root import Root
 
 if TYPE_CHECKING:

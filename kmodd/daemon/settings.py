@@ -11,14 +11,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kmodd.names import modname_normalize
-from kmodd.root import Root
-from kmodd.scheduler import (
+from kmodd.daemon.scheduler import (
     MAX_KMOD_CONCURRENT,
     RUNAWAY_LIMIT,
     RUNAWAY_WINDOW,
     default_max_workers,
 )
+from kmodd.resolution.names import modname_normalize
+from kmodd.root import Root
 
 DEFAULT_CONFIG = "/etc/kmodd.conf"
 # Drop-in directories, highest priority first, as systemd orders its own
@@ -167,7 +167,7 @@ def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kmodd.cli.common import VersionAction
+    from kmodd.argparsing import VersionAction
 
     p = argparse.ArgumentParser(prog="kmodd",
                                 description="on-demand kernel module loader daemon")
