@@ -21,6 +21,7 @@ the tests, saying why.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ drivers() {
     for d in /sys/bus/*/devices/*; do
         [ -L "$d/driver" ] || continue
         b=${d#/sys/bus/}; b=${b%%/*}
-        echo "@driver $b:${d##*/} $(basename "$(readlink "$d/driver")")"
+        echo "@driver $b:${d##*/} $(basename "$(readlink "$d/driver")") $(readlink -f "$d")"
     done
 }
 prev= i=0
@@ -101,6 +102,20 @@ drivers
 """
 
 
+def _device_key(dev: str, path: str) -> str:
+    """A device's name, stable across boots of the same devices.
+
+    USB bus numbers follow the order the host controller drivers registered
+    (ehci_hcd or uhci_hcd first), which differs between boots: a USB device is
+    named by its controller's PCI address and its port path instead.
+    """
+    if not dev.startswith("usb:") or "/usb" not in path:
+        return dev
+    controller, _, ports = path.partition("/usb")
+    tail = re.sub(r"(^|/)\d+-", r"\1X-", ports.split("/", 1)[1]) if "/" in ports else "root"
+    return f"usb:{controller.rsplit('/', 1)[-1]}/{tail}"
+
+
 def snapshot(vm: BootVM) -> Snapshot:
     out = vm.run(_SNAPSHOT, timeout=SYSTEM_TIMEOUT, check=True).stdout
     state, failed, modules, drivers = "", set(), set(), {}
@@ -113,8 +128,8 @@ def snapshot(vm: BootVM) -> Snapshot:
         elif tag == "@module":
             modules.add(rest.strip())
         elif tag == "@driver":
-            dev, _, drv = rest.partition(" ")
-            drivers[dev] = drv
+            dev, drv, path = [*rest.split(), "", ""][:3]
+            drivers[_device_key(dev, path)] = drv
     return Snapshot(vm.boot_id, state, failed, modules, drivers, vm.console_log())
 
 

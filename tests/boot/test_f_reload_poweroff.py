@@ -8,8 +8,8 @@ from testbed.boot import BootVM
 
 from .conftest import Snapshot
 
-# systemd's catalog ids: a unit's job started ("Stopping ...") and a unit stopped.
-_UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
+# systemd's catalog ids (sd-messages.h): a unit stopping ("Stopping ...") and stopped.
+_UNIT_STOPPING = "de5b426a63be47a7b6ac3eaac82e2f6f"
 _UNIT_STOPPED = "9d1aaa27d60140bd96365438aad20286"
 
 
@@ -47,8 +47,7 @@ def test_poweroff_stops_kmodd_quickly(kmodd_vm: BootVM, power_cycle: str) -> Non
                "_PID=1 + _SYSTEMD_UNIT=kmodd.service", timeout=300, check=True)
     entries = [e for e in map(json.loads, filter(str.strip, r.stdout.splitlines()))
                if "kmodd.service" in (e.get("UNIT"), e.get("_SYSTEMD_UNIT"))]
-    started = [e for e in entries if e.get("MESSAGE_ID") == _UNIT_STARTING
-               and e.get("JOB_TYPE") == "stop"]
+    started = [e for e in entries if e.get("MESSAGE_ID") == _UNIT_STOPPING]
     stopped = [e for e in entries if e.get("MESSAGE_ID") == _UNIT_STOPPED]
     assert started and stopped, [e.get("MESSAGE") for e in entries][-20:]
     took = (int(stopped[-1]["__MONOTONIC_TIMESTAMP"])
