@@ -76,6 +76,6 @@ def test_security_exposure_recorded(kmodd_vm: BootVM, kmodd_boot: Snapshot) -> N
     r = kmodd_vm.run("systemd-analyze security kmodd.service --no-pager", check=True)
     m = re.search(r"Overall exposure level for kmodd\.service: ([0-9.]+) (\w+)", r.stdout)
     assert m, r.stdout[-2000:]
-    print(f"\nsystemd-analyze security kmodd.daemon.service: {m.group(1)} {m.group(2)}")
+    print(f"\nsystemd-analyze security kmodd.service: {m.group(1)} {m.group(2)}")
     # An unhardened service scores 9.6 (UNSAFE); the unit's sandbox must count.
     assert float(m.group(1)) < 7.0, r.stdout
