@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.image import ImageArtifacts, _artifacts, _log, _make_disk, _tool, build_image
-from testbed.initramfs import TestbedError
+from testbed.initramfs import PROJECT_ROOT, TestbedError
 
 TAKEOVER_STEPS = ("dpkg -i /tmp/{deb}", "kmodd-takeover enable --no-start")
 HANDBACK_STEPS = ("kmodd-takeover disable", "dpkg --purge kmodd")
@@ -73,6 +73,17 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def build_deb(outdir: Path) -> Path:
+    """kmodd's Debian package, built from this checkout (``contrib/build-deb.sh``)."""
+    proc = subprocess.run(["bash", str(PROJECT_ROOT / "contrib" / "build-deb.sh"), str(outdir)],
+                          cwd=PROJECT_ROOT, text=True, capture_output=True, timeout=900)
+    debs = sorted(outdir.glob("kmodd_*_all.deb"))
+    if proc.returncode != 0 or len(debs) != 1:
+        raise TestbedError(f"build-deb.sh failed (exit {proc.returncode}, made {debs}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return debs[0]
 
 
 def cache_key(base: ImageArtifacts, deb: Path) -> str:

@@ -22,7 +22,6 @@ the tests, saying why.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Generator, Iterator
@@ -33,8 +32,7 @@ from typing import Any, TypeVar
 import pytest
 
 from testbed.boot import BootVM
-from testbed.initramfs import PROJECT_ROOT
-from testbed.takeover import DerivedImages, derived_images
+from testbed.takeover import DerivedImages, build_deb, derived_images
 
 _HERE = Path(__file__).resolve().parent
 SYSTEM_TIMEOUT = 600.0
@@ -131,22 +129,6 @@ def snapshot(vm: BootVM) -> Snapshot:
             dev, drv, path = [*rest.split(), "", ""][:3]
             drivers[_device_key(dev, path)] = drv
     return Snapshot(vm.boot_id, state, failed, modules, drivers, vm.console_log())
-
-
-def build_deb(outdir: Path) -> Path:
-    """kmodd's Debian package, built from this checkout as the packaging docs say."""
-    script = PROJECT_ROOT / "contrib" / "build-deb.sh"
-    if not script.is_file():
-        raise AssertionError(f"{script} is missing: the boot tests install kmodd's package")
-    proc = subprocess.run(["bash", str(script), str(outdir)], cwd=PROJECT_ROOT, text=True,
-                          capture_output=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"build-deb.sh failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    debs = sorted(outdir.glob("kmodd_*_all.deb"))
-    if len(debs) != 1:
-        raise AssertionError(f"build-deb.sh made {debs}, expected one kmodd_*_all.deb")
-    return debs[0]
 
 
 @pytest.fixture(scope="session")
