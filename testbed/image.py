@@ -75,7 +75,9 @@ _FSTAB = f"""\
 # <file system> <mount point> <type> <options> <dump> <pass>
 UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1
 # A second disk by UUID: mounting it asks the kernel for fs-vfat (not loaded before).
-UUID={DATA_UUID} {DATA_MOUNT} vfat ro,nofail 0 0
+# The device wait is longer than systemd's 90 s: under emulation on a loaded
+# host udev has reached this disk only after that in some stock boots.
+UUID={DATA_UUID} {DATA_MOUNT} vfat ro,nofail,x-systemd.device-timeout=5min 0 0
 """
 
 _AGENT_UNIT = """\
