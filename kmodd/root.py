@@ -15,6 +15,8 @@ MODPROBE_D_DIRS = ("etc/modprobe.d", "run/modprobe.d", "usr/local/lib/modprobe.d
 # the running system sees it, so the path is fixed).  kmodd creates it once
 # it listens to uevents; the unit's ExecStopPost= and a clean stop remove it.
 UDEV_HANDOVER = "run/kmodd/udev-handover"
+# What is kept across boots (the unit's StateDirectory=kmodd).
+STATE_DIR = "var/lib/kmodd"
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class Root:
     @property
     def udev_handover(self) -> Path:
         return self.path(UDEV_HANDOVER)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path(STATE_DIR)
 
 
 def running_kernel_version(root: Root | None = None) -> str:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from kmodd.daemon.autoclean import Autoclean, AutocleanPolicy, SweepReport
 from kmodd.daemon.control import Connection, ControlServer, error_reply
 from kmodd.daemon.deny import DenyPolicy, deny_file
+from kmodd.daemon.learned import learned_order
 from kmodd.daemon.loadlog import LoadLog
 from kmodd.daemon.modules_load import ListedModule, ListProblem
 from kmodd.daemon.scheduler import (
@@ -443,6 +444,7 @@ class Service:
         self.started_at = time.time()
         self.state = StateStore(Path(settings.state_file))
         self.loadlog = LoadLog()
+        self.learned = learned_order(settings)
         if loader is None:
             from kmodd.kernel.loader import Loader
             loader = Loader(kernel)
@@ -540,7 +542,8 @@ class Service:
 
         def run(submit: Submit, on_queued: Callable[[int], None]) -> object:
             from kmodd.daemon.uevents import coldplug
-            return coldplug(root, submit, on_queued=on_queued)
+            # Last boot's longest chains first, before the walk (learned.py).
+            return coldplug(root, submit, on_queued=on_queued, first=self.learned.first())
 
         return run
 
@@ -862,6 +865,7 @@ class Service:
     def _coldplug_finished(self, result: object | None) -> None:
         self.coldplug_state = "done"
         self.loadlog.mark("coldplug-end")
+        self.learned.save_in_background()       # for the next boot's order
         self._set_ready()
         self.coldplug_result = result
         loaded = getattr(result, "loaded", None)
@@ -940,6 +944,9 @@ class Service:
             return
         if result.status != "loaded":
             return
+        self.learned.note(step.name, step.path, step.deps, seconds, kind=request.kind,
+                          key=request.key, devpath=request.devpath,
+                          target=str(getattr(step.role, "value", step.role)) == "target")
         with self._log_lock:
             self._logged_failures.pop(step.name, None)
         slog(LOG, logging.INFO, "loaded %s for %s%s", step.name, request.key,
