@@ -281,8 +281,13 @@ class LearnedOrder:
         except Exception as exc:
             LOG.warning("cannot save the learned coldplug order to %s: %s", self.path, exc)
 
-    def save_in_background(self) -> threading.Thread:
-        t = threading.Thread(target=self.save, name="kmodd-learned", daemon=True)
+    def save_in_background(self, then: Callable[[], None] | None = None) -> threading.Thread:
+        """``save`` in a thread of its own, then ``then`` (in that thread)."""
+        def run() -> None:
+            self.save()
+            if then is not None:
+                then()
+        t = threading.Thread(target=run, name="kmodd-after-coldplug", daemon=True)
         t.start()
         return t
 

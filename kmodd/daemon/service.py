@@ -33,6 +33,7 @@ from kmodd.daemon.control import Connection, ControlServer, error_reply
 from kmodd.daemon.deny import DenyPolicy, deny_file
 from kmodd.daemon.learned import learned_order
 from kmodd.daemon.loadlog import LoadLog
+from kmodd.daemon.memory import release_memory
 from kmodd.daemon.modules_load import ListedModule, ListProblem
 from kmodd.daemon.scheduler import (
     BackoffPolicy,
@@ -865,7 +866,9 @@ class Service:
     def _coldplug_finished(self, result: object | None) -> None:
         self.coldplug_state = "done"
         self.loadlog.mark("coldplug-end")
-        self.learned.save_in_background()       # for the next boot's order
+        # Off the loop: the next boot's order, then idle memory (memory.py).
+        resolver = self.resolver
+        self.learned.save_in_background(then=lambda: release_memory(resolver))
         self._set_ready()
         self.coldplug_result = result
         loaded = getattr(result, "loaded", None)
