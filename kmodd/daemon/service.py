@@ -528,7 +528,9 @@ class Service:
 
         def uevents(submit: Submit) -> Source:
             from kmodd.daemon.uevents import UeventSource
-            return UeventSource(submit, root)
+            # kmodd's own netlink reader: pyudev's imports were 0.8 s of the
+            # start before coldplug in the VM (docs/performance.md).
+            return UeventSource(submit, root, backend="netlink")
 
         def kernel_requests(submit: Submit) -> Source:
             from kmodd.daemon.kernelreq import KernelRequestSource
