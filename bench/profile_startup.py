@@ -15,10 +15,10 @@ index cache), then, with the guest's clock:
 * lists the slowest imports of the daemon's and kmodctl's entry points.
 
 Not a benchmark (one run, importtime slows what it measures): a map of
-where the start-up goes.  ``--python`` picks the interpreter the guest runs
-kmodd with (default: the project's venv).
+where the start-up goes.  ``--layout`` picks how kmodd is installed in the
+guest (bench/common.py; default: as the Debian package installs it).
 
-Usage: bench/profile_startup.py [--devices 20] [--python /usr/bin/python3]
+Usage: bench/profile_startup.py [--devices 20] [--layout installed|generated|venv]
 """
 
 from __future__ import annotations
@@ -48,8 +48,19 @@ def _timed(argv: list[str], env: dict[str, str], reps: int = 3) -> list[float]:
 
 def _loads(sock: str) -> dict[str, Any]:
     from kmodd.daemon.control import Client
-    with Client(sock, timeout=30) as c:
-        return c.call("loads")
+    try:
+        with Client(sock, timeout=120) as c:
+            return c.call("loads")
+    except (OSError, ValueError) as exc:
+        print(f"no load log from the daemon: {exc!r}", file=sys.stderr)
+        return {}
+
+
+def _importtime(argv: list[str]) -> list[str]:
+    """``argv`` run under ``-X importtime``."""
+    if argv[0].endswith(("python", "python3")):
+        return [argv[0], "-X", "importtime", *argv[1:]]
+    return ["/usr/bin/python3", "-X", "importtime", *argv]
 
 
 def _run_kmodd(argv: list[str], env: dict[str, str], log_path: Path) -> dict[str, Any]:
@@ -59,15 +70,16 @@ def _run_kmodd(argv: list[str], env: dict[str, str], log_path: Path) -> dict[str
         proc = subprocess.Popen(argv, env={**env, **listener.env()}, stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL)
         t_ready = listener.wait_for("READY", 900)
-        subprocess.run(common.kmodctl_argv("settle", "--timeout", "900"), env=env,
-                       capture_output=True, check=False)
+        settle = subprocess.run(common.kmodctl_argv("settle", "--timeout", "900"), env=env,
+                                capture_output=True, text=True, check=False)
         t_settled = time.monotonic()
         loads = _loads("/run/kmodd/control")
         time.sleep(1.0)
         rss = common.proc_status(proc.pid)
         res: dict[str, Any] = {"t0": t0, "pid": proc.pid, "proc": proc, "rss": rss,
                                "ready": None if t_ready is None else t_ready - t0,
-                               "settled": t_settled - t0}
+                               "settled": t_settled - t0, "settle_rc": settle.returncode,
+                               "settle_out": settle.stdout + settle.stderr}
     starts = [r["start"] for r in loads.get("records", [])]
     res["first_load"] = min(starts) - t0 if starts else None
     res["marks"] = {k: v - t0 for k, v in (loads.get("marks") or {}).items()}
@@ -75,32 +87,29 @@ def _run_kmodd(argv: list[str], env: dict[str, str], log_path: Path) -> dict[str
     return res
 
 
-def guest_main(python: str) -> int:
+def guest_main() -> int:
     env = common.guest_env()
     Path("/proc/sys/kernel/modprobe").write_text(f"{common.GUEST_PREFIX}/kmodd-request\n")
-    kmodd = [python, "-P", "-m", "kmodd.cli.daemon", "--no-journal"]
-    out: dict[str, Any] = {"python": python}
+    kmodd = common.kmodd_argv()
+    out: dict[str, Any] = {"layout": common.guest_layout(), "argv": kmodd}
     run = _run_kmodd(kmodd, env, Path("/tmp/kmodd-run1.log"))
     proc = run.pop("proc")
-    ctl = [python, "-P", "-m", "kmodd.cli.kmodctl"]
-    out["kmodctl"] = {c: _timed(ctl + c.split(), env)
+    out["kmodctl"] = {c: _timed(common.kmodctl_argv(*c.split()), env)
                       for c in ("settle", "status", "why e1000", "list")}
     common.stop_process(proc)
     out["run"] = run
     out["log1"] = Path("/tmp/kmodd-run1.log").read_text(errors="replace")[-20000:]
     # Second daemon: nothing left to load (every module is in), so this shows
     # the start alone under importtime, interleaved with the log's timestamps.
-    t0 = time.time()
-    run2 = _run_kmodd([python, "-X", "importtime", *kmodd[1:]], env,
-                      Path("/tmp/kmodd-run2.log"))
+    run2 = _run_kmodd(_importtime(kmodd), env, Path("/tmp/kmodd-run2.log"))
     common.stop_process(run2.pop("proc"))
-    out["importtime_start_wall"] = t0
     out["log2"] = Path("/tmp/kmodd-run2.log").read_text(errors="replace")
-    out["interp"] = {"venv -P": _timed([python, "-P", "-c", "pass"], env),
-                     "python3 -I": _timed(["/usr/bin/python3", "-I", "-c", "pass"], env),
-                     "python3 -I -S": _timed(["/usr/bin/python3", "-I", "-S", "-c", "pass"], env)}
-    imp = subprocess.run([python, "-P", "-X", "importtime", "-m", "kmodd.cli.kmodctl", "status"],
-                         env=env, capture_output=True, text=True, check=False)
+    out["interp"] = {"python3 -c pass": _timed(["/usr/bin/python3", "-c", "pass"], env),
+                     "python3 -I -c pass": _timed(["/usr/bin/python3", "-I", "-c", "pass"], env),
+                     "python3 -I -S -c pass": _timed(["/usr/bin/python3", "-I", "-S", "-c",
+                                                      "pass"], env)}
+    imp = subprocess.run(_importtime(common.kmodctl_argv("status")), env=env,
+                         capture_output=True, text=True, check=False)
     out["importtime_kmodctl_status"] = imp.stderr
     Path("/proc/sys/kernel/modprobe").write_text("/sbin/modprobe\n")
     subprocess.run(["/lib/systemd/systemd-udevd", "--daemon"], env=env, check=False)
@@ -120,22 +129,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--devices", type=int, default=20)
-    ap.add_argument("--python", default=str(common.VENV_PY))
+    ap.add_argument("--layout", default="installed", choices=common.LAYOUTS)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     if args.guest:
-        return guest_main(args.python)
+        return guest_main()
+    common.set_layout(args.layout)
     common.precompile()
     with common.booted(common.devices(args.devices), kernel_modprobe=None) as vm:
         common.prepare_guest(vm)
         res = common.run_guest(vm, [str(common.VENV_PY), str(Path(__file__).resolve()),
-                                    "--guest", "--python", args.python], timeout=1800)
+                                    "--guest"], timeout=1800)
     run = res["run"]
     print(f"# kmodd start-up profile, {common.today()}, {args.devices} devices, "
-          f"{common.machine()}, guest python {res['python']}")
+          f"{common.machine()}, layout {res['layout']}")
     print(f"first finit_module {run['first_load']}, READY {run['ready']}, settled "
-          f"{run['settled']}, marks {run['marks']}, {run['loads']} loads, RSS "
-          f"{run['rss'].get('VmRSS')} kB")
+          f"{run['settled']} (rc {run['settle_rc']}), marks {run['marks']}, {run['loads']} "
+          f"loads, RSS {run['rss'].get('VmRSS')} kB")
     for k, v in res["kmodctl"].items():
         print(f"kmodctl {k}: {' '.join(f'{x * 1000:.0f}' for x in v)} ms")
     print(f"udevadm settle: {' '.join(f'{x * 1000:.0f}' for x in res['udevadm_settle'])} ms")
