@@ -22,6 +22,7 @@ from kmodd.cli.common import (
     report,
     tree_from_args,
 )
+from kmodd.daemon.requests import SUCCESS_STATUSES
 from kmodd.kernel.loader import Loader, StepResult, describe_failure
 from kmodd.kernel.protocol import Kernel
 from kmodd.modfile.params import check_params
@@ -194,7 +195,7 @@ def load_via_daemon(client: Any, request: str, params: Sequence[str], *,
                            errno=getattr(E, code, None) if isinstance(code, str) else None)
     status = str(reply.get("status", ""))
     modules = tuple(outcome.get("modules") or ())
-    if status in ("loaded", "present", "builtin"):
+    if status in SUCCESS_STATUSES:
         return LoadOutcome(request, True, f"{', '.join(modules) or request} {status} "
                            "(through kmodd)", modules)
     error = outcome.get("error") or status

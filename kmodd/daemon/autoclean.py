@@ -29,6 +29,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from kmodd.daemon.requests import is_device_kind
 from kmodd.daemon.state import ModuleRecord, StateStore
 from kmodd.kernel.protocol import InitState, Kernel
 
@@ -375,7 +376,7 @@ class Autoclean:
             return set()
         present = set()
         for name, rec in records.items():
-            if rec.kind in ("modalias", "coldplug") and rec.devpath:
+            if is_device_kind(rec.kind) and rec.devpath:
                 try:
                     if (self.sys_dir / rec.devpath.lstrip("/")).exists():
                         present.add(name)

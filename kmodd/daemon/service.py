@@ -33,25 +33,16 @@ from kmodd.daemon.control import Connection, ControlServer, error_reply
 from kmodd.daemon.deny import DenyPolicy, deny_file
 from kmodd.daemon.loadlog import LoadLog
 from kmodd.daemon.modules_load import ListedModule, ListProblem
-from kmodd.daemon.scheduler import (
-    BackoffPolicy,
-    LoaderLike,
-    Outcome,
-    Request,
-    ResolverLike,
-    Scheduler,
-    StepOutcome,
-    StepResultLike,
-)
+from kmodd.daemon.requests import Outcome, OutcomeStatus, Request, RequestKind, Submit
+from kmodd.daemon.scheduler import BackoffPolicy, LoaderLike, ResolverLike, Scheduler
 from kmodd.daemon.settings import Settings, SettingsError, SettingsSource
 from kmodd.daemon.state import ModuleRecord, StateStore
+from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import InitState, Kernel
 from kmodd.resolution.names import modname_normalize
 from kmodd.resolution.plan import ModuleStep, Plan
 
 LOG = logging.getLogger(__name__)
-
-Submit = Callable[[Request], "Future[Outcome]"]
 
 
 class Source(Protocol):
@@ -690,7 +681,8 @@ class Service:
         self._listed_pending = len(listed)
         self.loop.call_later(MODULES_LOAD_READY_WAIT, self._listed_waited_enough)
         for m in listed:
-            future = self.submit(Request("modules-load", m.name, None, m.where, m.options))
+            future = self.submit(Request(RequestKind.MODULES_LOAD, m.name, None, m.where,
+                                         m.options))
             future.add_done_callback(
                 lambda f: self.loop.call_soon_threadsafe(self._listed_done))
 
@@ -923,22 +915,22 @@ class Service:
     # --- scheduler callbacks (worker threads) ---------------------------------------------
 
     def _on_module(self, step: ModuleStep, request: Request, targets: tuple[str, ...],
-                   result: StepResultLike) -> None:
+                   result: StepResult) -> None:
         # One line per module, under its own MODULE=: journalctl MODULE=snd_pcm
         # finds the dependency too, and each module of a request that names
         # several (a CPU modalias) gets its own verdict.
         fields: dict[str, Any] = {
             "module": step.name, "devpath": request.devpath,
             "requested_by": request.requested_by or request.kind,
-            "modalias": request.key if request.kind in ("modalias", "coldplug") else None}
+            "modalias": request.key if request.kind.is_device else None}
         seconds = getattr(result, "seconds", None)
         usec = None if seconds is None else int(seconds * 1e6)
         fields["duration_usec"] = usec
-        if result.status in ("failed", "skipped"):    # skipped: a dependency failed
+        if result.status.is_failure:    # skipped: a dependency failed
             self._log_module_failure(step.name, request, result.error or result.status,
                                      result.errno, fields)
             return
-        if result.status != "loaded":
+        if result.status is not StepStatus.LOADED:
             return
         with self._log_lock:
             self._logged_failures.pop(step.name, None)
@@ -980,7 +972,7 @@ class Service:
                 self._logged_failures.pop(next(iter(self._logged_failures)))
         # A driver probed for a device it does not drive answers ENODEV:
         # routine for hotplug and coldplug (udev logs it at debug too).
-        routine = errno_ in (errno.ENODEV, errno.ENXIO) and req.kind in ("modalias", "coldplug")
+        routine = errno_ in (errno.ENODEV, errno.ENXIO) and req.kind.is_device
         level = logging.DEBUG if repeat else logging.INFO if routine else logging.WARNING
         slog(LOG, level, "cannot load %s: %s", what, error, **{**fields, "errno": errno_})
 
@@ -989,10 +981,10 @@ class Service:
         fields: dict[str, Any] = {
             "module": " ".join(outcome.modules) or None, "devpath": req.devpath,
             "errno": outcome.errno, "requested_by": req.requested_by or req.kind}
-        if req.kind in ("modalias", "coldplug"):
+        if req.kind.is_device:
             fields["modalias"] = req.key
         status = outcome.status
-        if status == "loaded":
+        if status is OutcomeStatus.LOADED:
             # Each module was logged as it went in (_on_module).
             slog(LOG, logging.DEBUG, "%s: loaded %s", req.key, " ".join(outcome.modules),
                  **fields)
@@ -1007,7 +999,7 @@ class Service:
                                      outcome.error or "failed", outcome.errno, fields)
         elif status == "runaway":
             slog(LOG, logging.DEBUG, "runaway request %s refused", req.key, **fields)
-        elif req.kind == "modules-load" and status in ("unresolved", "blacklisted"):
+        elif req.kind is RequestKind.MODULES_LOAD and status in ("unresolved", "blacklisted"):
             # systemd-modules-load: "Failed to find module" is an error; a
             # blacklisted one is only noted ("is deny-listed (by kmod)").
             what = "not found" if status == "unresolved" else "blacklisted, not loaded"
@@ -1103,7 +1095,8 @@ class Service:
         if self._remove_command(name) is not None:
             # An administrator's remove command may take its time and do
             # anything; autoclean runs on the event loop and stays out of it.
-            return StepOutcome(name, "failed", "has a modprobe.d remove command; left alone")
+            return StepResult(name, StepStatus.FAILED,
+                              "has a modprobe.d remove command; left alone")
         return self.loader_unload(name)
 
     def _remove_command(self, name: str) -> str | None:
@@ -1368,7 +1361,7 @@ class Service:
         by = msg.get("requested_by")
         requested_by = by if isinstance(by, str) and by and len(by) < 256 else \
             f"kmodctl uid={conn.uid} pid={conn.cred.pid}"
-        future = self.submit(Request(kind, name, None, requested_by, options))
+        future = self.submit(Request(RequestKind(kind), name, None, requested_by, options))
 
         def done(f: Future[Outcome]) -> None:
             outcome = f.result()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kmodd.daemon.scheduler import (
+from kmodd.daemon.limits import (
     MAX_KMOD_CONCURRENT,
     RUNAWAY_LIMIT,
     RUNAWAY_WINDOW,

@@ -13,7 +13,7 @@ import pytest
 
 from kmodd.daemon.control import Client
 from kmodd.daemon.deny import DenyPolicy, read_deny_file, refusals
-from kmodd.daemon.scheduler import Request
+from kmodd.daemon.requests import Request
 from kmodd.daemon.service import Service
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 from tests.unit.daemon_fakes import GatedLoader, GraphResolver

@@ -12,18 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.daemon.scheduler import (
+from kmodd.daemon.limits import (
     MAX_KMOD_CONCURRENT,
     RUNAWAY_LIMIT,
-    BackoffPolicy,
-    Outcome,
-    Request,
-    RunawayDetector,
-    Scheduler,
     clamp_workers,
     default_max_workers,
-    plan_edges,
 )
+from kmodd.daemon.requests import Outcome, Request
+from kmodd.daemon.scheduler import BackoffPolicy, RunawayDetector, Scheduler, plan_edges
 from kmodd.kernel.loader import Loader
 from kmodd.kernel.sim import SimKernel
 from kmodd.resolution.plan import ModuleStep, Plan, Role

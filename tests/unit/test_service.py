@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from kmodd.daemon.control import Client
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, Request
 from kmodd.daemon.service import Service
 from kmodd.daemon.settings import Settings, SettingsSource
 from kmodd.kernel.loader import StepResult
