@@ -162,6 +162,8 @@ class _Reply:
 class KernelRequestSource:
     """Event-loop source serving ``kmodd-request`` helpers over FIFOs."""
 
+    udev_handover = False     # the kernel's own requests, not its uevents
+
     def __init__(self, submit: Submit, fifo_path: str | os.PathLike[str], *,
                  owner_uid: int | None = None, pipe_replies: bool | None = None,
                  free_orphans: bool = True) -> None:

@@ -30,8 +30,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
+from kmodd.daemon.interfaces import KernelState, Planner, StepLoader
 from kmodd.daemon.limits import (
     MAX_KMOD_CONCURRENT,
     RUNAWAY_LIMIT,
@@ -46,19 +47,6 @@ from kmodd.kernel.protocol import InitState
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 
 log = logging.getLogger(__name__)
-
-
-class ResolverLike(Protocol):
-    def plan(self, request: str, *, extra_options: str = "",
-             blacklist_all: bool = False) -> Plan: ...
-
-
-class LoaderLike(Protocol):
-    def load_step(self, step: ModuleStep) -> StepResult: ...
-
-
-class KernelStateLike(Protocol):
-    def initstate(self, name: str) -> InitState: ...
 
 
 # --- pure policies -------------------------------------------------------------
@@ -220,7 +208,7 @@ ModuleCallback = Callable[[ModuleStep, Request, tuple[str, ...], StepResult], No
 
 
 class Scheduler:
-    def __init__(self, resolver: ResolverLike, loader: LoaderLike, kernel: KernelStateLike, *,
+    def __init__(self, resolver: Planner, loader: StepLoader, kernel: KernelState, *,
                  max_workers: int | None = None, queue_limit: int = 16384,
                  max_waiters: int = 4096, backoff: BackoffPolicy | None = None,
                  runaway_limit: int = RUNAWAY_LIMIT, runaway_window: float = RUNAWAY_WINDOW,
@@ -274,7 +262,7 @@ class Scheduler:
 
     # --- public ------------------------------------------------------------
 
-    def set_resolver(self, resolver: ResolverLike) -> None:
+    def set_resolver(self, resolver: Planner) -> None:
         """New configuration/indexes (SIGHUP, inotify); in-flight plans keep the old one."""
         with self._lock:
             self._resolver = resolver

@@ -26,15 +26,25 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from kmodd.daemon.autoclean import Autoclean, AutocleanPolicy, SweepReport
 from kmodd.daemon.control import Connection, ControlServer, error_reply
 from kmodd.daemon.deny import DenyPolicy, deny_file
+from kmodd.daemon.interfaces import (
+    ColdplugFn,
+    ColdplugReport,
+    ModuleLoader,
+    Readable,
+    Resolver,
+    Source,
+    SourceFactory,
+    WatcherFactory,
+)
 from kmodd.daemon.loadlog import LoadLog
 from kmodd.daemon.modules_load import ListedModule, ListProblem
 from kmodd.daemon.requests import Outcome, OutcomeStatus, Request, RequestKind, Submit
-from kmodd.daemon.scheduler import BackoffPolicy, LoaderLike, ResolverLike, Scheduler
+from kmodd.daemon.scheduler import BackoffPolicy, Scheduler
 from kmodd.daemon.settings import Settings, SettingsError, SettingsSource
 from kmodd.daemon.state import ModuleRecord, StateStore
 from kmodd.kernel.loader import StepResult, StepStatus
@@ -45,16 +55,7 @@ from kmodd.resolution.plan import ModuleStep, Plan
 LOG = logging.getLogger(__name__)
 
 
-class Source(Protocol):
-    def fileno(self) -> int: ...
-    def on_readable(self) -> None: ...
-    def close(self) -> None: ...
-
-
-SourceFactory = Callable[[Submit], Source]
-ColdplugFn = Callable[[Submit, Callable[[int], None]], object]
-WatcherFactory = Callable[[Callable[[], None]], Source]
-ResolverFactory = Callable[[Settings], ResolverLike]
+ResolverFactory = Callable[[Settings], Resolver]
 ListedFn = Callable[[], "tuple[list[ListedModule], list[ListProblem]]"]
 
 # READY=1 waits for the modules-load.d loads (units ordered after
@@ -397,6 +398,12 @@ class _BrokenResolver:
              blacklist_all: bool = False) -> Plan:
         raise RuntimeError(self.error)
 
+    def remove_command(self, module: str) -> str | None:
+        return None
+
+    def blacklisted(self, module: str) -> bool:
+        return False
+
 
 _DEFAULT: Any = object()
 MAX_SETTLE_PER_PEER = 16
@@ -413,7 +420,7 @@ class Service:
     """
 
     def __init__(self, settings: Settings, kernel: Kernel, resolver_factory: ResolverFactory,
-                 *, loader: LoaderLike | None = None,
+                 *, loader: ModuleLoader | None = None,
                  sources: Sequence[SourceFactory] | None = _DEFAULT,
                  coldplug: ColdplugFn | None = _DEFAULT,
                  watcher: WatcherFactory | None = _DEFAULT,
@@ -438,7 +445,7 @@ class Service:
             from kmodd.kernel.loader import Loader
             loader = Loader(kernel)
         self.loader = loader
-        self.resolver: ResolverLike = self._make_resolver(settings)
+        self.resolver: Resolver = self._make_resolver(settings)
         self.scheduler = Scheduler(
             self.resolver, self.loader, kernel, max_workers=settings.max_workers,
             queue_limit=settings.queue_limit,
@@ -465,11 +472,11 @@ class Service:
         self._listed_pending = 0
         self._ready_wanted = False
         self.sources: list[Source] = []
-        self.watcher: Source | None = None
+        self.watcher: Readable | None = None
         self.monitors: set[Connection] = set()
         self._settle_waiters: list[tuple[Connection, dict[str, Any], Any]] = []
         self.coldplug_state = "disabled"      # disabled | running | done
-        self.coldplug_result: object | None = None
+        self.coldplug_result: ColdplugReport | None = None
         self.ready = False
         self.reloads = 0
         self.last_reload_error: str | None = None
@@ -491,7 +498,7 @@ class Service:
 
     # --- construction helpers ---------------------------------------------------
 
-    def _make_resolver(self, settings: Settings) -> ResolverLike:
+    def _make_resolver(self, settings: Settings) -> Resolver:
         try:
             return self.resolver_factory(settings)
         except Exception as exc:
@@ -529,7 +536,7 @@ class Service:
             return None
         root = self.settings.root_obj
 
-        def run(submit: Submit, on_queued: Callable[[int], None]) -> object:
+        def run(submit: Submit, on_queued: Callable[[int], None]) -> ColdplugReport:
             from kmodd.daemon.uevents import coldplug
             return coldplug(root, submit, on_queued=on_queued)
 
@@ -550,7 +557,7 @@ class Service:
         root = self.settings.root_obj
         version = self.settings.version
 
-        def make(on_change: Callable[[], None]) -> Source:
+        def make(on_change: Callable[[], None]) -> Readable:
             from kmodd.daemon.watch import PathWatcher, default_watch_paths
             from kmodd.root import running_kernel_version
             moddir = root.modules_dir(version or running_kernel_version(root))
@@ -629,7 +636,7 @@ class Service:
 
     def _takes_over_from_udev(self) -> bool:
         # Only a daemon that hears uevents itself may tell udev to stand back.
-        return any(getattr(src, "udev_handover", False) for src in self.sources)
+        return any(src.udev_handover for src in self.sources)
 
     def _raise_handover_flag(self) -> None:
         if not self._takes_over_from_udev():
@@ -833,7 +840,7 @@ class Service:
 
     # --- sources, reload ---------------------------------------------------------------
 
-    def _guarded_reader(self, src: Source) -> Callable[[], None]:
+    def _guarded_reader(self, src: Readable) -> Callable[[], None]:
         def read() -> None:
             try:
                 src.on_readable()
@@ -843,7 +850,7 @@ class Service:
 
     def _coldplug_thread(self) -> None:
         assert self._coldplug_fn is not None
-        result: object | None = None
+        result: ColdplugReport | None = None
         try:
             result = self._coldplug_fn(
                 self.submit, lambda n: self.loop.call_soon_threadsafe(self._set_ready))
@@ -851,12 +858,12 @@ class Service:
             slog(LOG, logging.ERROR, "coldplug failed: %s", exc)
         self.loop.call_soon_threadsafe(self._coldplug_finished, result)
 
-    def _coldplug_finished(self, result: object | None) -> None:
+    def _coldplug_finished(self, result: ColdplugReport | None) -> None:
         self.coldplug_state = "done"
         self.loadlog.mark("coldplug-end")
         self._set_ready()
         self.coldplug_result = result
-        loaded = getattr(result, "loaded", None)
+        loaded = result.loaded if result is not None else None
         slog(LOG, logging.INFO, "coldplug done%s",
              f": loaded {' '.join(loaded)}" if loaded else "")
         self._check_settle()
@@ -923,7 +930,7 @@ class Service:
             "module": step.name, "devpath": request.devpath,
             "requested_by": request.requested_by or request.kind,
             "modalias": request.key if request.kind.is_device else None}
-        seconds = getattr(result, "seconds", None)
+        seconds = result.seconds
         usec = None if seconds is None else int(seconds * 1e6)
         fields["duration_usec"] = usec
         if result.status.is_failure:    # skipped: a dependency failed
@@ -939,7 +946,7 @@ class Service:
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,
-            role=str(getattr(step.role, "value", step.role)), via=targets,
+            role=str(step.role), via=targets,
             instance=self._instance(step.name)))
         self.loop.call_soon_threadsafe(self._mark_dirty)
 
@@ -1091,33 +1098,17 @@ class Service:
             self._mark_dirty()       # idle times survive a restart too
         return report
 
-    def _autoclean_unload(self, name: str) -> Any:
-        if self._remove_command(name) is not None:
+    def _autoclean_unload(self, name: str) -> StepResult:
+        if self.resolver.remove_command(name) is not None:
             # An administrator's remove command may take its time and do
             # anything; autoclean runs on the event loop and stays out of it.
             return StepResult(name, StepStatus.FAILED,
                               "has a modprobe.d remove command; left alone")
         return self.loader_unload(name)
 
-    def _remove_command(self, name: str) -> str | None:
-        lookup = getattr(self.resolver, "remove_command", None)
-        if callable(lookup):
-            try:
-                found = lookup(name)
-            except Exception:
-                found = None
-            return found if isinstance(found, str) else None
-        config = getattr(self.resolver, "config", None)
-        remove = getattr(config, "remove", None) if config is not None else None
-        return remove.get(name) if isinstance(remove, dict) else None
-
-    def loader_unload(self, name: str, *, force: bool = False) -> Any:
-        remove = self._remove_command(name)
-        unload = getattr(self.loader, "unload", None)
-        if unload is None:
-            self.kernel.unload_module(name, force=force)
-            return None
-        return unload(name, remove_command=remove, force=force)
+    def loader_unload(self, name: str, *, force: bool = False) -> StepResult:
+        return self.loader.unload(name, remove_command=self.resolver.remove_command(name),
+                                  force=force)
 
     def _send_status(self) -> None:
         line = self._status_line()
@@ -1246,7 +1237,7 @@ class Service:
         denied = self.deny.reason(name)
         if denied is not None:
             out["denied"] = denied
-        if self._blacklisted(name):
+        if self.resolver.blacklisted(name):
             out["blacklisted"] = True
         if present and (denied is not None or out.get("blacklisted")):
             what = "denied" if denied is not None else "blacklisted in modprobe.d"
@@ -1276,12 +1267,6 @@ class Service:
         if not deny and name in self.deny.setting:
             out["note"] = f"still denied by the 'deny' setting in {self.deny.config_file}"
         return out
-
-    def _blacklisted(self, name: str) -> bool:
-        config = getattr(self.resolver, "config", None)
-        blacklist = getattr(config, "blacklist", None) if config is not None else \
-            getattr(self.resolver, "blacklist", None)
-        return isinstance(blacklist, set | frozenset) and name in blacklist
 
     def _how_it_got_in(self, name: str, rec: ModuleRecord | None) -> str:
         if rec is not None:
@@ -1388,10 +1373,9 @@ class Service:
         def work() -> None:
             try:
                 result = self.loader_unload(name, force=force)
-                status = getattr(result, "status", "unloaded")
+                status = result.status
                 reply = {"ok": True, "module": name, "status": status,
-                         "error": getattr(result, "error", None),
-                         "errno": getattr(result, "errno", None)}
+                         "error": result.error, "errno": result.errno}
                 if status in ("unloaded", "remove-command", "absent"):
                     self.state.forget(name)
                     self.loop.call_soon_threadsafe(self._mark_dirty)

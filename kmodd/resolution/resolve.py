@@ -170,6 +170,10 @@ class Resolver:
             return [n for n in names if n not in blacklist]
         return names
 
+    def blacklisted(self, module: str) -> bool:
+        """Named by a blacklist line (modprobe.d or modprobe.blacklist=)."""
+        return module in self.config.blacklist
+
     def remove_command(self, module: str) -> str | None:
         """The modprobe.d ``remove`` command for a module name (first matching pattern,
         ``kmod_module_get_remove_commands``), as written."""

@@ -159,6 +159,8 @@ def test_sigterm_finishes_inflight_loads_saves_state_and_exits_0(env: Env) -> No
     closed = threading.Event()
 
     class FakeSource:
+        udev_handover = False
+
         def __init__(self, submit: Callable[[Request], Future[Outcome]]) -> None:
             self.a, self.b = socket.socketpair()
 
@@ -262,12 +264,12 @@ def test_ready_after_coldplug_is_queued_and_settle_waits_for_it(env: Env) -> Non
     queued = threading.Event()
 
     def coldplug(submit: Callable[[Request], Future[Outcome]],
-                 on_queued: Callable[[int], None]) -> object:
+                 on_queued: Callable[[int], None]) -> None:
         fut = submit(Request("coldplug", "pci:v8086d100E", "/devices/pci0/0000:00:03.0",
                              "coldplug"))
         queued.set()
         on_queued(1)
-        return fut.result(10)
+        fut.result(10)
 
     svc = env.service(gated=("nic",), coldplug=coldplug)
     t, rc = in_thread(svc)
@@ -290,6 +292,8 @@ def test_broken_source_and_bad_input_do_not_take_it_down(env: Env) -> None:
     fired = threading.Event()
 
     class Broken:
+        udev_handover = False
+
         def __init__(self, submit: Callable[[Request], Future[Outcome]]) -> None:
             self.a, self.b = socket.socketpair()
             self.b.send(b"x")
@@ -581,9 +585,8 @@ def test_each_failure_is_logged_once_at_a_fitting_level(
 
 
 def test_autoclean_leaves_modules_with_a_remove_command_alone(env: Env) -> None:
-    from types import SimpleNamespace
     svc = env.service()
-    svc.resolver.config = SimpleNamespace(remove={"solo": "/sbin/custom-teardown"})  # type: ignore[attr-defined]
+    env.resolvers[0].removes["sol[o]"] = "/sbin/custom-teardown"
     env.kernel.load_module("solo", env.resolvers[0].path("solo"))
     res = svc._autoclean_unload("solo")
     assert res.status == "failed" and "remove command" in (res.error or "")
@@ -680,7 +683,7 @@ def test_udev_handover_flag_exists_only_while_kmodd_hears_uevents(env: Env) -> N
     flag = env.tmp / "tree/run/kmodd/udev-handover"
     seen_before_ready: list[bool] = []
 
-    def coldplug(submit: Any, on_queued: Callable[[int], None]) -> object:
+    def coldplug(submit: Any, on_queued: Callable[[int], None]) -> None:
         seen_before_ready.append(flag.exists())
         on_queued(0)
         return None
