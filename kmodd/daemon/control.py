@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,8 +49,6 @@ MAX_CONNECTIONS = 512
 MAX_UNPRIVILEGED = 256
 MAX_PER_UID = 32
 
-READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping", "loads"})
-ROOT_OPS = frozenset({"load", "unload", "reload", "deny", "allow"})
 
 
 @dataclass(frozen=True)
@@ -246,19 +244,29 @@ class Connection:
 Handler = Callable[[Connection, dict[str, Any]], "dict[str, Any] | None"]
 
 
-class ControlServer:
-    """Accepts peers, parses lines, checks permissions, hands requests to ``handler``.
+@dataclass(frozen=True)
+class Operation:
+    """One control op: who may call it and what serves it.
 
     ``handler(conn, msg)`` returns the reply, or None when it will reply later
     with ``conn.reply(msg, ...)`` (load, settle) or stream (monitor).
     """
 
-    def __init__(self, path: str | Path, reactor: Reactor, handler: Handler, *,
+    needs_root: bool
+    handler: Handler
+
+
+class ControlServer:
+    """Accepts peers, parses lines, checks permissions against ``operations``
+    (kmodd.daemon.operations.OPERATIONS) and hands each request to its handler."""
+
+    def __init__(self, path: str | Path, reactor: Reactor,
+                 operations: Mapping[str, Operation], *,
                  peercred: Callable[[socket.socket], PeerCred] = peer_credentials,
                  mode: int = 0o666) -> None:
         self.path = Path(path)
         self.reactor = reactor
-        self.handler = handler
+        self.operations = operations
         self.peercred = peercred
         self.mode = mode
         self.sock: socket.socket | None = None
@@ -372,15 +380,16 @@ class ControlServer:
         if not isinstance(op, str):
             conn.reply(msg, error_reply("missing 'op'"))
             return
-        if op not in READ_OPS and op not in ROOT_OPS:
+        operation = self.operations.get(op)
+        if operation is None:
             conn.reply(msg, error_reply(f"unknown op {op!r}", "ENOSYS"))
             return
-        if op in ROOT_OPS and not conn.cred.is_root:
+        if operation.needs_root and not conn.cred.is_root:
             log.info("control: %s refused to %s", op, conn.describe())
             conn.reply(msg, error_reply(f"{op} needs root (peer uid {conn.cred.uid})", "EPERM"))
             return
         try:
-            reply = self.handler(conn, msg)
+            reply = operation.handler(conn, msg)
         except (KeyError, TypeError, ValueError) as exc:
             reply = error_reply(f"bad {op} request: {exc}")
         except Exception as exc:

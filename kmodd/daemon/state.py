@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kmodd.journal import log as slog
 
@@ -265,3 +265,63 @@ class StateStore:
     def __contains__(self, name: object) -> bool:
         with self._lock:
             return name in self._records
+
+
+class Scheduling(Protocol):
+    """The event loop's timer call, all :class:`StateSaver` needs of it."""
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Cancellable: ...
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class StateSaver:
+    """Batches the writes of a :class:`StateStore`: the loop marks it dirty,
+    one write follows a burst (a coldplug storm is one fsync, not hundreds),
+    and the fsync runs on a writer thread so uevent intake never waits on it.
+
+    :meth:`mark_dirty` and :meth:`save_now` are for the loop thread.
+    """
+
+    DELAY = 0.5
+
+    def __init__(self, store: StateStore, loop: Scheduling) -> None:
+        self.store = store
+        self._loop = loop
+        self._timer: Cancellable | None = None
+        self._thread: threading.Thread | None = None
+        self._wanted = threading.Event()
+
+    def mark_dirty(self) -> None:
+        if self._timer is None:
+            # Coalesce the writes of a coldplug burst into one.
+            self._timer = self._loop.call_later(self.DELAY, self._save_in_background)
+
+    def _save_in_background(self) -> None:
+        self._timer = None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer, name="kmodd-state",
+                                            daemon=True)
+            self._thread.start()
+        self._wanted.set()
+
+    def _writer(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            self._save_logged()
+
+    def save_now(self) -> None:
+        """Write at once (exit, autoclean's unloads), cancelling a batched write."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._save_logged()
+
+    def _save_logged(self) -> None:
+        try:
+            self.store.save()
+        except OSError as exc:
+            slog(log, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)

@@ -486,10 +486,10 @@ def test_kmodctl_monitor_why_and_status_output(env: Env,
         kmodctl.main(["monitor", "-n", "2", "--json", "--socket", sock])))
     mon.start()
     for _ in range(500):
-        if svc.monitors:
+        if svc.reporter.monitors:
             break
         threading.Event().wait(0.01)
-    assert svc.monitors
+    assert svc.reporter.monitors
     assert svc.submit(Request("modalias", "pci:v8086d100E", "/devices/pci0/nic0",
                               "uevent")).result(10).status == "loaded"
     assert svc.submit(Request("modalias", "pci:nothing")).result(10).status == "unresolved"
@@ -513,7 +513,7 @@ def test_second_daemon_on_the_same_socket_refuses_and_touches_nothing(env: Env) 
     t, rc = in_thread(svc)
     env.notifier.wait_for("READY")
     assert svc.submit(Request("admin", "solo")).result(10).status == "loaded"
-    svc._save_state()
+    svc.saver.save_now()
     before = Path(svc.settings.state_file).read_bytes()
     in_progress = Path(svc.settings.state_file).with_name(".state.abc123")
     in_progress.write_text("{")              # as if the first daemon were saving right now
@@ -595,7 +595,7 @@ def test_autoclean_leaves_modules_with_a_remove_command_alone(env: Env) -> None:
 
 
 def test_a_peer_cannot_pile_up_settle_or_monitor_requests(env: Env) -> None:
-    from kmodd.daemon.service import MAX_SETTLE_PER_PEER
+    from kmodd.daemon.operations import MAX_SETTLE_PER_PEER
     svc = env.service(gated=("slow",))
     t, rc = in_thread(svc)
     env.notifier.wait_for("READY")
@@ -614,7 +614,7 @@ def test_a_peer_cannot_pile_up_settle_or_monitor_requests(env: Env) -> None:
         assert len(settles) == MAX_SETTLE_PER_PEER and all(r["settled"] for r in settles)
     assert held.result(10).status == "loaded"
     stop(svc, t, rc)
-    assert len(svc.monitors) == 0
+    assert len(svc.reporter.monitors) == 0
 
 
 def test_each_inserted_module_is_logged_with_its_own_module_field(
@@ -770,10 +770,10 @@ def test_non_root_readers_see_no_options_and_no_requester_pid_or_uid(env: Env) -
             events = root_mon.stream("monitor")
             next(events)
             for _ in range(1000):          # the child's monitor is subscribed too
-                if len(svc.monitors) == 2:
+                if len(svc.reporter.monitors) == 2:
                     break
                 time.sleep(0.01)
-            assert len(svc.monitors) == 2
+            assert len(svc.reporter.monitors) == 2
             reply = c.request({"op": "load", "name": "a", "options": "password=hunter2",
                                "kind": "kernel"})
             assert reply["status"] == "loaded"
@@ -797,7 +797,7 @@ def test_non_root_readers_see_no_options_and_no_requester_pid_or_uid(env: Env) -
 
 
 def test_redaction_of_quoted_parameters_in_errors() -> None:
-    from kmodd.daemon.service import redact_error, redact_outcome
+    from kmodd.daemon.report import redact_error, redact_outcome
     from kmodd.kernel.errors import load_message
     msg = load_message(E.EINVAL, "foo", params="password='x y' debug=1")
     assert "password" in msg
