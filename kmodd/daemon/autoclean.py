@@ -289,10 +289,6 @@ class SweepReport:
     kept: dict[str, str] = field(default_factory=dict)
     forgotten: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"unloaded": self.unloaded, "failed": self.failed, "kept": self.kept,
-                "forgotten": self.forgotten}
-
 
 class Autoclean:
     """Applies :func:`plan_sweep` against a kernel and the state store."""

@@ -174,7 +174,6 @@ class Service:
         self.sources: list[Source] = []
         self.watcher: Readable | None = None
         self.coldplug_state = "disabled"      # disabled | running | done
-        self.coldplug_result: ColdplugReport | None = None
         self.ready = False
         self.reloads = 0
         self.last_reload_error: str | None = None
@@ -183,7 +182,6 @@ class Service:
         self._stopping = False
         self._stopped = False
         self._handover_raised = False
-        self._exit_code = 0
         self._autoclean_timer: Any = None
         self._reload_timer: Any = None
         self._last_status = ""
@@ -465,7 +463,7 @@ class Service:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self._cleanup()
-        return self._exit_code
+        return 0
 
     # --- stopping ------------------------------------------------------------------
 
@@ -551,7 +549,6 @@ class Service:
         self.coldplug_state = "done"
         self.loadlog.mark("coldplug-end")
         self._set_ready()
-        self.coldplug_result = result
         loaded = result.loaded if result is not None else None
         slog(LOG, logging.INFO, "coldplug done%s",
              f": loaded {' '.join(loaded)}" if loaded else "")

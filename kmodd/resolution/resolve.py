@@ -293,18 +293,6 @@ class Resolver:
                 kept.append(mod)
         return kept, dropped, bool(found)
 
-    def target_plans(self, request: str, *, extra_options: str = "",
-                     blacklist_all: bool = False) -> list[Plan]:
-        """One plan per module the request resolves to, each as modprobe walks it.
-
-        Steps repeat across plans exactly as ``modprobe --show-depends`` repeats
-        them; :meth:`plan` merges these into one plan.
-        """
-        kept, _, _ = self._targets(request, blacklist_all)
-        return [Plan(request=request, targets=(mod.name,),
-                     steps=tuple(e.step for e in self._entries(mod, extra_options)))
-                for mod in kept]
-
     def plan(self, request: str, *, extra_options: str = "",
              blacklist_all: bool = False) -> Plan:
         """Everything a request loads, each module once, in modprobe's order.
