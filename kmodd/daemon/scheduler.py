@@ -207,6 +207,18 @@ class _Task:
 ModuleCallback = Callable[[ModuleStep, Request, tuple[str, ...], StepResult], None]
 
 
+@dataclass(eq=False)
+class _Delivery:
+    """What a change under the lock has to tell, told once the lock is released:
+    the scheduler's rule is slow work (callbacks, the journal) outside it."""
+
+    answers: list[tuple[Future[Outcome], Outcome]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    modules: list[tuple[ModuleStep, Request, tuple[str, ...], StepResult]] = \
+        field(default_factory=list)
+    runaways: list[tuple[str, Request]] = field(default_factory=list)
+
+
 class Scheduler:
     def __init__(self, resolver: Planner, loader: StepLoader, kernel: KernelState, *,
                  max_workers: int | None = None, queue_limit: int = 16384,
@@ -246,7 +258,6 @@ class Scheduler:
         self._failures: OrderedDict[str, FailureRecord] = OrderedDict()
         self._stopping = False
         self._exit = False
-        self._busy = 0                  # workers running a job
         self.loading = 0                # workers inside load_step
         self._extra_loads = 0           # of which on threads of their own (kernel requests)
         self.max_loading_seen = 0
@@ -288,6 +299,7 @@ class Scheduler:
         fut: Future[Outcome] = Future()
         fut.set_running_or_notify_cancel()    # callers cannot cancel: every Future completes
         immediate: Outcome | None = None
+        runaway_key: str | None = None
         with self._lock:
             self.submitted += 1
             dkey = _dedup_key(request)
@@ -317,8 +329,8 @@ class Scheduler:
                             request, OutcomeStatus.RUNAWAY, (),
                             f"more than {self._runaway.limit} requests for {request.key!r} "
                             f"within {self._runaway.window:g}s")
-                        if newly and self._on_runaway is not None:
-                            self._safe(self._on_runaway, request.key, request)
+                        if newly:
+                            runaway_key = request.key
                 if immediate is None and len(self._entries) >= self.queue_limit:
                     immediate = Outcome(request, OutcomeStatus.FAILED, (),
                                         f"request queue full ({self.queue_limit} pending)",
@@ -333,6 +345,8 @@ class Scheduler:
             if immediate is not None:
                 self.counts[immediate.status] = self.counts.get(immediate.status, 0) + 1
         assert immediate is not None
+        if runaway_key is not None and self._on_runaway is not None:
+            self._safe(self._on_runaway, runaway_key, request)
         if self._on_outcome is not None:
             self._safe(self._on_outcome, immediate)
         fut.set_result(immediate)
@@ -342,10 +356,6 @@ class Scheduler:
         """Distinct requests not yet answered."""
         with self._lock:
             return len(self._entries)
-
-    def running(self) -> int:
-        with self._lock:
-            return self.loading
 
     def idle(self) -> bool:
         with self._lock:
@@ -398,8 +408,7 @@ class Scheduler:
     def begin_shutdown(self) -> None:
         """The non-blocking half of :meth:`shutdown`: from now on every new
         request is refused (ESHUTDOWN) and nothing new starts."""
-        done: list[tuple[Future[Outcome], Outcome]] = []
-        outcomes: list[Outcome] = []
+        tell = _Delivery()
         with self._lock:
             if self._exit:
                 return
@@ -408,18 +417,19 @@ class Scheduler:
                 entry = self._resolve_q.popleft()
                 out = Outcome(entry.request, OutcomeStatus.FAILED, (), "kmodd is stopping",
                               errno_mod.ESHUTDOWN)
-                self._finish_entry_locked(entry, out, done, outcomes)
+                self._finish_entry_locked(entry, out, tell)
             self._ready.clear()
             for task in list(self._tasks.values()):
                 if task.state in ("waiting", "ready") and task.step.name in self._tasks:
                     self._complete_task_locked(
-                        task, StepResult(task.step.name, StepStatus.SKIPPED, "kmodd is stopping",
-                                          errno_mod.ESHUTDOWN), done, outcomes, [])
+                        task, StepResult(task.step.name, StepStatus.SKIPPED,
+                                         "kmodd is stopping", errno_mod.ESHUTDOWN), tell)
             self._exit = True
             self._cond.notify_all()
             self._loads_wake.notify_all()
             self._resolves_wake.notify_all()
-        self._deliver(done, outcomes, [])
+        tell.modules.clear()     # loads never started: nothing to log per module
+        self._deliver(tell)
 
     # --- workers -----------------------------------------------------------
 
@@ -435,8 +445,6 @@ class Scheduler:
                 job = queue.popleft() if resolver else self._pop_ready_locked()
                 if isinstance(job, _Task):
                     self._start_load_locked(job)
-                else:
-                    self._busy += 1
             self._run_job(job)
 
     def _pop_ready_locked(self) -> _Task:
@@ -496,7 +504,6 @@ class Scheduler:
         task.state = "running"
         self.loading += 1
         self.max_loading_seen = max(self.max_loading_seen, self.loading)
-        self._busy += 1
 
     def _run_job(self, job: _Task | _Entry) -> None:
         try:
@@ -508,7 +515,6 @@ class Scheduler:
             log.exception("scheduler worker error")
         finally:
             with self._cond:
-                self._busy -= 1
                 self._cond.notify_all()
                 now_idle = self._idle_locked()
             if now_idle and self._on_idle is not None:
@@ -517,8 +523,7 @@ class Scheduler:
     def _run_resolve(self, entry: _Entry) -> None:
         request = entry.request
         resolver = self._resolver
-        done: list[tuple[Future[Outcome], Outcome]] = []
-        outcomes: list[Outcome] = []
+        tell = _Delivery()
         try:
             plan = resolver.plan(request.key, extra_options=request.options,
                                  blacklist_all=request.blacklist_all)
@@ -526,22 +531,17 @@ class Scheduler:
             out = Outcome(request, OutcomeStatus.FAILED, (),
                           f"cannot resolve {request.key!r}: {exc}")
             with self._lock:
-                self._finish_entry_locked(entry, out, done, outcomes)
-            self._deliver(done, outcomes, [])
+                self._finish_entry_locked(entry, out, tell)
+            self._deliver(tell)
             return
         if not plan.resolved:
+            # The resolver names what its blacklist dropped (Plan.blacklisted),
+            # so what is neither resolved nor dropped is unknown.
             status = OutcomeStatus.BLACKLISTED if plan.blacklisted \
                 else OutcomeStatus.UNRESOLVED
-            if status is OutcomeStatus.UNRESOLVED and request.blacklist_all:
-                try:
-                    if resolver.plan(request.key, extra_options=request.options,
-                                     blacklist_all=False).resolved:
-                        status = OutcomeStatus.BLACKLISTED
-                except Exception:
-                    pass
             with self._lock:
-                self._finish_entry_locked(entry, Outcome(request, status, ()), done, outcomes)
-            self._deliver(done, outcomes, [])
+                self._finish_entry_locked(entry, Outcome(request, status, ()), tell)
+            self._deliver(tell)
             return
         # sysfs reads outside the lock: which steps the kernel already has.
         in_kernel: dict[str, StepResult] = {}
@@ -567,21 +567,19 @@ class Scheduler:
             elif state in (InitState.LIVE, InitState.COMING):
                 # COMING counts as loaded, as for modprobe (module_is_inkernel).
                 in_kernel[step.name] = StepResult(step.name, StepStatus.ALREADY)
-        module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...], StepResult]] = []
         with self._lock:
             entry.plan = plan
             entry.results.update(in_kernel)
             if self._stopping:
                 stopping = Outcome(request, OutcomeStatus.FAILED, plan.targets,
                                    "kmodd is stopping", errno_mod.ESHUTDOWN)
-                self._finish_entry_locked(entry, stopping, done, outcomes)
+                self._finish_entry_locked(entry, stopping, tell)
             else:
-                self._schedule_locked(entry, plan, in_kernel, done, outcomes)
-        self._deliver(done, outcomes, module_cbs)
+                self._schedule_locked(entry, plan, in_kernel, tell)
+        self._deliver(tell)
 
     def _schedule_locked(self, entry: _Entry, plan: Plan, in_kernel: dict[str, StepResult],
-                         done: list[tuple[Future[Outcome], Outcome]],
-                         outcomes: list[Outcome]) -> None:
+                         tell: _Delivery) -> None:
         request = entry.request
         now = self._clock()
         # A module our own worker is loading reads as COMING in sysfs; every
@@ -615,7 +613,7 @@ class Scheduler:
                     first = next(iter(held.values()))
                     out = Outcome(request, OutcomeStatus.BACKOFF, plan.targets, first.error,
                                   first.errno)
-                    self._finish_entry_locked(entry, out, done, outcomes)
+                    self._finish_entry_locked(entry, out, tell)
                     return
             for step in todo:
                 if step.name in self._tasks:
@@ -625,9 +623,9 @@ class Scheduler:
                     out = Outcome(request, OutcomeStatus.RUNAWAY, plan.targets,
                                   f"{step.name} loaded more than {self._runaway.limit} times "
                                   f"within {self._runaway.window:g}s")
-                    if newly and self._on_runaway is not None:
-                        self._safe(self._on_runaway, step.name, request)
-                    self._finish_entry_locked(entry, out, done, outcomes)
+                    if newly:
+                        tell.runaways.append((step.name, request))
+                    self._finish_entry_locked(entry, out, tell)
                     return
         for step in todo:
             task = self._tasks.get(step.name)
@@ -653,8 +651,7 @@ class Scheduler:
                 self._ready.remove(task)        # queued behind others: maybe expedite
                 self._make_ready_locked(task)
         if not entry.needs:
-            self._finish_entry_locked(entry, summarize(request, plan, entry.results), done,
-                                      outcomes)
+            self._finish_entry_locked(entry, summarize(request, plan, entry.results), tell)
 
     def _run_load(self, task: _Task) -> None:
         step = task.step
@@ -674,9 +671,7 @@ class Scheduler:
         # caller hears back, so "loaded" always implies "recorded".
         if self._on_module is not None:
             self._safe(self._on_module, step, task.request, task.targets, result)
-        done: list[tuple[Future[Outcome], Outcome]] = []
-        outcomes: list[Outcome] = []
-        module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...], StepResult]] = []
+        tell = _Delivery()
         with self._lock:
             self.loading -= 1
             if task.own_thread:
@@ -691,8 +686,10 @@ class Scheduler:
                     self._failures.popitem(last=False)
             elif result.status != StepStatus.SKIPPED:
                 self._failures.pop(step.name, None)
-            self._complete_task_locked(task, result, done, outcomes, module_cbs)
-        self._deliver(done, outcomes, [cb for cb in module_cbs if cb[0] is not step])
+            self._complete_task_locked(task, result, tell)
+        # The owner heard of this step's own result above, before the lock.
+        tell.modules = [m for m in tell.modules if m[0] is not step]
+        self._deliver(tell)
 
     @staticmethod
     def _load_record(task: _Task, result: StepResult, picked: float,
@@ -715,10 +712,7 @@ class Scheduler:
     # --- bookkeeping (lock held) ------------------------------------------------
 
     def _complete_task_locked(self, task: _Task, result: StepResult,
-                              done: list[tuple[Future[Outcome], Outcome]],
-                              outcomes: list[Outcome],
-                              module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...],
-                                                     StepResult]]) -> None:
+                              tell: _Delivery) -> None:
         stack: list[tuple[_Task, StepResult]] = [(task, result)]
         while stack:
             current, res = stack.pop()
@@ -727,7 +721,7 @@ class Scheduler:
                 continue
             del self._tasks[name]
             current.state = "done"
-            module_cbs.append((current.step, current.request, current.targets, res))
+            tell.modules.append((current.step, current.request, current.targets, res))
             failed = res.status.is_failure
             for dependent in current.dependents:
                 dep_name = dependent.step.name
@@ -754,21 +748,21 @@ class Scheduler:
                 # other modules of its plan still in flight.
                 if (failed or not entry.needs) and entry.plan is not None:
                     self._finish_entry_locked(entry, summarize(entry.request, entry.plan,
-                                                               entry.results), done, outcomes)
+                                                               entry.results), tell)
 
     def _finish_entry_locked(self, entry: _Entry, outcome: Outcome,
-                             done: list[tuple[Future[Outcome], Outcome]],
-                             outcomes: list[Outcome]) -> None:
+                             tell: _Delivery) -> None:
         if entry.done:
             return
         entry.done = True
         if self._entries.get(entry.dkey) is entry:
             del self._entries[entry.dkey]
         self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
-        outcomes.append(outcome)
+        tell.outcomes.append(outcome)
         self._waiting -= len(entry.waiters)
         for req, fut in entry.waiters:
-            done.append((fut, outcome if req is entry.request else replace(outcome, request=req)))
+            tell.answers.append(
+                (fut, outcome if req is entry.request else replace(outcome, request=req)))
         entry.waiters = []
         self._cond.notify_all()
 
@@ -776,20 +770,22 @@ class Scheduler:
         # A worker may still be running callbacks, but nothing is pending.
         return not self._entries and not self._tasks
 
-    def _deliver(self, done: list[tuple[Future[Outcome], Outcome]], outcomes: list[Outcome],
-                 module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...],
-                                        StepResult]]) -> None:
+    def _deliver(self, tell: _Delivery) -> None:
+        """Outside the lock: the callbacks, then the answers."""
+        if self._on_runaway is not None:
+            for key, request in tell.runaways:
+                self._safe(self._on_runaway, key, request)
         # Callbacks first: a caller that has its answer knows the monitors
         # were told, in the order the answers were given.
         if self._on_module is not None:
-            for step, request, targets, res in module_cbs:
+            for step, request, targets, res in tell.modules:
                 self._safe(self._on_module, step, request, targets, res)
         if self._on_outcome is not None:
-            for out in outcomes:
-                self._safe(self._on_outcome, out)
-        for fut, out in done:
+            for outcome in tell.outcomes:
+                self._safe(self._on_outcome, outcome)
+        for fut, outcome in tell.answers:
             if not fut.done():
-                fut.set_result(out)
+                fut.set_result(outcome)
 
     @staticmethod
     def _safe(fn: Callable[..., object], *args: Any) -> None:
