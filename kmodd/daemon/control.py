@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/kmodd/control"
 MAX_MESSAGE = 64 * 1024          # one request line
@@ -123,7 +123,7 @@ class Connection:
                                           "EIO")).encode() + b"\n"
         if len(self.outbuf) + len(line) > self.max_output:
             # A peer that does not read must not make the daemon's memory grow.
-            log.info("control: dropping %s, it is not reading its replies", self.describe())
+            LOG.info("control: dropping %s, it is not reading its replies", self.describe())
             self.close()
             return
         self.outbuf += line
@@ -222,7 +222,7 @@ class Connection:
                     self.server.dispatch(self, line)
                 except Exception:
                     # Never leave the lines behind it unanswered.
-                    log.exception("control: request from %s failed", self.describe())
+                    LOG.exception("control: request from %s failed", self.describe())
                     self.send(error_reply("internal error", "EIO"))
 
     def close(self) -> None:
@@ -238,7 +238,7 @@ class Connection:
             try:
                 cb(self)
             except Exception:
-                log.exception("control: close callback failed")
+                LOG.exception("control: close callback failed")
 
 
 Handler = Callable[[Connection, dict[str, Any]], "dict[str, Any] | None"]
@@ -322,7 +322,7 @@ class ControlServer:
             except OSError as exc:
                 # Out of descriptors: the socket stays readable, so stop
                 # watching it (no busy loop) until a connection closes.
-                log.warning("control: cannot accept: %s", exc)
+                LOG.warning("control: cannot accept: %s", exc)
                 self.reactor.remove(self.sock)
                 self._paused = True
                 return
@@ -330,7 +330,7 @@ class ControlServer:
             try:
                 cred = self.peercred(peer)
             except Exception as exc:
-                log.warning("control: no peer credentials (%s); dropping peer", exc)
+                LOG.warning("control: no peer credentials (%s); dropping peer", exc)
                 peer.close()
                 continue
             refusal = self._over_limit(cred)
@@ -385,7 +385,7 @@ class ControlServer:
             conn.reply(msg, error_reply(f"unknown op {op!r}", "ENOSYS"))
             return
         if operation.needs_root and not conn.cred.is_root:
-            log.info("control: %s refused to %s", op, conn.describe())
+            LOG.info("control: %s refused to %s", op, conn.describe())
             conn.reply(msg, error_reply(f"{op} needs root (peer uid {conn.cred.uid})", "EPERM"))
             return
         try:
@@ -393,7 +393,7 @@ class ControlServer:
         except (KeyError, TypeError, ValueError) as exc:
             reply = error_reply(f"bad {op} request: {exc}")
         except Exception as exc:
-            log.exception("control: %s failed", op)
+            LOG.exception("control: %s failed", op)
             reply = error_reply(f"{op} failed: {exc}", "EIO")
         if reply is not None:
             conn.reply(msg, reply)

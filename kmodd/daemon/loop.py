@@ -22,6 +22,8 @@ from typing import Any
 
 LOG = logging.getLogger(__name__)
 
+CALLBACK = "event loop callback"     # what a failing handler is called in the log
+
 
 class _Timer:
     __slots__ = ("callback", "cancelled", "deadline")
@@ -75,6 +77,7 @@ class EventLoop:
         # (a group: the uid of a control peer, else the fd itself), so a
         # user with many connections gets one share, not one per connection.
         self._groups: dict[int, object] = {}
+        self._what: dict[int, str] = {}
         self._served: dict[object, int] = {}
         self._ticks = itertools.count(1)
         self._turn = 0
@@ -103,6 +106,7 @@ class EventLoop:
                 del self._handlers[fd]
             self._priority.discard(fd)
             self._groups.pop(fd, None)
+            self._what.pop(fd, None)
             return
         self._handlers[fd] = (reader, writer)
         if known:
@@ -122,10 +126,12 @@ class EventLoop:
             self._normal_watched = on
 
     def add_reader(self, fileobj: Any, callback: Callable[[], None], *,
-                   priority: bool = False, group: object = None) -> None:
+                   priority: bool = False, group: object = None,
+                   what: str | None = None) -> None:
         """Call ``callback`` when readable; ``priority`` readers go first every turn.
 
         Others share the turn's budget by ``group`` (default: the fd alone).
+        ``what`` names the reader in the line logged when it raises.
         """
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         reader, writer = self._handlers.get(fd, (None, None))
@@ -138,6 +144,8 @@ class EventLoop:
         self._update(fd, callback, writer)
         if group is not None:
             self._groups[fd] = group
+        if what is not None:
+            self._what[fd] = what
 
     def remove_reader(self, fileobj: Any) -> None:
         """Stop watching for input (a writer stays registered)."""
@@ -157,6 +165,7 @@ class EventLoop:
             del self._handlers[fd]
         self._priority.discard(fd)
         self._groups.pop(fd, None)
+        self._what.pop(fd, None)
 
     # callbacks and timers ------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
@@ -182,14 +191,17 @@ class EventLoop:
             heapq.heapify(self._timers)
         return timer
 
-    def call_every(self, interval: float, fn: Callable[[], None]) -> _Timer:
-        """Repeat ``fn`` every ``interval`` seconds; cancel the returned handle to stop."""
-        handle = _Timer(0.0, fn)
+    def call_every(self, interval: float, fn: Callable[[], object], *,
+                   what: str = CALLBACK) -> _Timer:
+        """Repeat ``fn`` every ``interval`` seconds; cancel the returned handle to stop.
+
+        A tick that raises is logged (as ``what``) and the next one still comes."""
+        handle = _Timer(0.0, lambda: None)     # a handle: cancel() stops the ticks
 
         def tick() -> None:
             if handle.cancelled:
                 return
-            self._guard(fn)
+            self._guard(fn, what=what)
             if not handle.cancelled:
                 self.call_later(interval, tick)
 
@@ -197,11 +209,13 @@ class EventLoop:
         return handle
 
     @staticmethod
-    def _guard(fn: Callable[..., object], *args: Any) -> None:
+    def _guard(fn: Callable[..., object], *args: Any, what: str = CALLBACK) -> None:
+        # The one guard of every handler, reader and timer: a bug or bad
+        # input in one of them is logged and never takes the loop down.
         try:
             fn(*args)
         except Exception:
-            LOG.exception("event loop callback failed")
+            LOG.exception("%s failed", what)
 
     def run_once(self, max_wait: float | None = None) -> None:
         timeout = max_wait
@@ -248,7 +262,7 @@ class EventLoop:
         # The write handler may have closed and unregistered the fd.
         reader, _ = self._handlers.get(fd, (None, None))
         if mask & selectors.EVENT_READ and reader is not None:
-            self._guard(reader)
+            self._guard(reader, what=self._what.get(fd, CALLBACK))
 
     def _run_budgeted(self, ready: list[tuple[int, int]]) -> None:
         if not ready and not self._deferred:

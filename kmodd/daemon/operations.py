@@ -130,7 +130,7 @@ class ControlOps:
         try:
             from kmodd.root import running_kernel_version
             return running_kernel_version(self.svc.settings.root_obj)
-        except Exception:
+        except Exception:       # status still answers; the version shows as null
             return None
 
     def list_modules(self, *, private: bool = True) -> list[dict[str, Any]]:
@@ -138,7 +138,7 @@ class ControlOps:
         records = self.svc.state.records()
         try:
             table = self.svc.kernel.modules()
-        except Exception as exc:
+        except Exception as exc:    # any read error: one clear reply, not a traceback
             raise RuntimeError(f"cannot read the module list: {exc}") from None
         out = []
         for name in sorted(table):
@@ -212,7 +212,7 @@ class ControlOps:
                 how += " (by name: the blacklist only applies to aliases)"
             return how
         holders: tuple[str, ...] = ()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):    # only a hint: the generic answer follows
             holders = tuple(self.svc.kernel.holders(name))
         if holders:
             return (f"not loaded by kmodd; used by {' '.join(holders)}: most likely "
@@ -314,7 +314,7 @@ class ControlOps:
                 if status in ("unloaded", "remove-command", "absent"):
                     self.svc.state.forget(name)
                     self.svc.loop.call_soon_threadsafe(self.svc.saver.mark_dirty)
-            except Exception as exc:
+            except Exception as exc:    # on its own thread: the peer must hear back
                 reply = {"ok": True, "module": name, "status": "failed", "error": str(exc),
                          "errno": getattr(exc, "errno", None)}
             self.svc.loop.call_soon_threadsafe(conn.reply, msg, reply)

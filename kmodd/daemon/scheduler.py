@@ -46,7 +46,7 @@ from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import InitState
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 
 # --- pure policies -------------------------------------------------------------
@@ -512,7 +512,7 @@ class Scheduler:
             else:
                 self._run_resolve(job)
         except Exception:       # a bug here must not kill a worker
-            log.exception("scheduler worker error")
+            LOG.exception("scheduler worker error")
         finally:
             with self._cond:
                 self._cond.notify_all()
@@ -792,7 +792,7 @@ class Scheduler:
         try:
             fn(*args)
         except Exception:
-            log.exception("scheduler callback failed")
+            LOG.exception("scheduler callback failed")
 
 
 def _dedup_key(request: Request) -> tuple[str, str, str]:

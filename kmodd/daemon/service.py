@@ -68,7 +68,7 @@ def _sd_notify(**fields: object) -> bool:
         return False
     try:
         return bool(notify(**fields))
-    except Exception:
+    except Exception:       # sd_notify is best effort (sd_notify(3) ignores errors too)
         return False
 
 
@@ -79,7 +79,7 @@ def _sd_watchdog_interval() -> float | None:
         return None
     try:
         return watchdog_interval()
-    except Exception:
+    except Exception:       # a bad WATCHDOG_USEC=: no watchdog, as sd_watchdog_enabled
         return None
 
 
@@ -191,7 +191,7 @@ class Service:
     def _make_resolver(self, settings: Settings) -> Resolver:
         try:
             return self.resolver_factory(settings)
-        except Exception as exc:
+        except Exception as exc:    # any bad index or config: serve errors, wait for a reload
             slog(LOG, logging.ERROR, "cannot read the module tree or configuration: %s", exc)
             return _BrokenResolver(f"module tree unavailable: {exc}")
 
@@ -275,7 +275,7 @@ class Service:
         """Everything up to READY=1 (called by ``run``; separate for tests)."""
         try:
             live = list(self.kernel.modules())
-        except Exception as exc:
+        except Exception as exc:    # /proc/modules unreadable: keep every record (None)
             slog(LOG, logging.WARNING, "cannot list loaded modules: %s", exc)
             live = None
         self.state.load(live, self._instance)
@@ -293,22 +293,23 @@ class Service:
         for factory in self._source_factories:
             try:
                 src = factory(self.submit)
-            except Exception as exc:
+            except Exception as exc:    # one source down (no netlink, no FIFO): serve the rest
                 slog(LOG, logging.ERROR, "request source unavailable: %s", exc)
                 continue
             self.sources.append(src)
             # The kernel waits on these: never behind control traffic.
-            self.loop.add_reader(src, self._guarded_reader(src), priority=True)
+            self.loop.add_reader(src, src.on_readable, priority=True,
+                                 what=f"request source {type(src).__name__}")
         if self._watcher_factory is not None:
             try:
                 self.watcher = self._watcher_factory(self._on_tree_change)
-                self.loop.add_reader(self.watcher, self._guarded_reader(self.watcher),
-                                     priority=True)
-            except Exception as exc:
+                self.loop.add_reader(self.watcher, self.watcher.on_readable, priority=True,
+                                     what=f"request source {type(self.watcher).__name__}")
+            except Exception as exc:    # no inotify: reloads still come with SIGHUP
                 slog(LOG, logging.WARNING, "not watching module indexes/modprobe.d: %s", exc)
         if self.settings.autoclean_interval > 0:
             self._autoclean_timer = self.loop.call_every(self.settings.autoclean_interval,
-                                                         self._sweep_logged)
+                                                         self.sweep, what="autoclean sweep")
         wd = self.watchdog_interval()
         if wd:
             # Ping from the loop itself: a wedged loop stops the pings.
@@ -360,7 +361,7 @@ class Service:
             return
         try:
             listed, problems = self._listed_fn()
-        except Exception as exc:
+        except Exception as exc:    # unreadable lists: systemd-modules-load does them
             # No marker: systemd-modules-load.service (kmodd-takeover's
             # drop-in) then loads the lists itself.
             slog(LOG, logging.ERROR, "cannot read modules-load.d: %s; leaving the lists "
@@ -477,6 +478,7 @@ class Service:
         # the helper loads for itself, so nothing the kernel waits on is lost.
         for src in self.sources:
             self.loop.remove(src)
+            # Stopping: a source that fails to close must not keep the others open.
             with contextlib.suppress(Exception):
                 src.close()
         self.sources = []
@@ -511,6 +513,7 @@ class Service:
         if self._listed_fn is not None and self._started:
             self._mark_modules_load_served(False)
         if not self._stopped:          # start() failed or the loop crashed
+            # Last resort on the way out: each step is tried whatever the others did.
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(timeout=30.0)
             if self._started:
@@ -527,21 +530,13 @@ class Service:
 
     # --- sources, reload ---------------------------------------------------------------
 
-    def _guarded_reader(self, src: Readable) -> Callable[[], None]:
-        def read() -> None:
-            try:
-                src.on_readable()
-            except Exception:
-                LOG.exception("request source %s failed", type(src).__name__)
-        return read
-
     def _coldplug_thread(self) -> None:
         assert self._coldplug_fn is not None
         result: ColdplugReport | None = None
         try:
             result = self._coldplug_fn(
                 self.submit, lambda n: self.loop.call_soon_threadsafe(self._set_ready))
-        except Exception as exc:
+        except Exception as exc:    # a failed walk still ends coldplug: READY=1 must come
             slog(LOG, logging.ERROR, "coldplug failed: %s", exc)
         self.loop.call_soon_threadsafe(self._coldplug_finished, result)
 
@@ -563,7 +558,7 @@ class Service:
     def _reload_logged(self) -> None:
         try:
             self.reload()
-        except Exception as exc:
+        except Exception as exc:    # SIGHUP/inotify have no one to answer: the journal is told
             slog(LOG, logging.ERROR, "reload failed, keeping the previous configuration: %s",
                  exc)
 
@@ -579,7 +574,7 @@ class Service:
                 raise
         try:
             resolver = self.resolver_factory(settings)
-        except Exception as exc:
+        except Exception as exc:    # recorded for status, then the caller reports it
             self.last_reload_error = str(exc)
             raise
         self.settings = settings
@@ -599,7 +594,7 @@ class Service:
             self._autoclean_timer = None
         if settings.autoclean_interval > 0:
             self._autoclean_timer = self.loop.call_every(settings.autoclean_interval,
-                                                         self._sweep_logged)
+                                                         self.sweep, what="autoclean sweep")
         self.reloads += 1
         self.last_reload_error = None
         slog(LOG, logging.INFO, "configuration and module indexes reloaded")
@@ -621,7 +616,7 @@ class Service:
     def _instance(self, name: str) -> str | None:
         try:
             return self.kernel.instance(name)
-        except Exception:
+        except Exception:       # the instance only tells reloads apart; unknown is fine
             return None
 
     def _on_outcome(self, outcome: Outcome) -> None:
@@ -643,12 +638,6 @@ class Service:
 
     def settled(self) -> bool:
         return self.coldplug_state != "running" and self.scheduler.idle()
-
-    def _sweep_logged(self) -> None:
-        try:
-            self.sweep()
-        except Exception:
-            LOG.exception("autoclean sweep failed")
 
     def sweep(self) -> SweepReport:
         report = self.autoclean.sweep()

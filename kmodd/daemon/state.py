@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from kmodd.journal import log as slog
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _TMP_PREFIX = ".state."     # tempfile.mkstemp prefix of a save in progress
@@ -120,7 +120,7 @@ class StateStore:
         except FileNotFoundError:
             raw = None
         except OSError as exc:
-            log.warning("cannot read state file %s: %s; starting fresh", self.path, exc)
+            LOG.warning("cannot read state file %s: %s; starting fresh", self.path, exc)
             raw = None
         if raw is not None:
             try:
@@ -129,7 +129,7 @@ class StateStore:
                     raise ValueError("expected an object with a 'modules' list")
             except (ValueError, TypeError, RecursionError) as exc:
                 # RecursionError: json's scanner on deeply nested arrays.
-                log.warning("corrupt state file %s (%s); starting fresh", self.path, exc)
+                LOG.warning("corrupt state file %s (%s); starting fresh", self.path, exc)
                 data = {"modules": []}
             for i, item in enumerate(data["modules"]):
                 # One bad record costs that record only: autoclean then leaves
@@ -139,7 +139,7 @@ class StateStore:
                 except (ValueError, TypeError) as exc:
                     name = item.get("name") if isinstance(item, dict) else None
                     label = repr(name[:80]) if isinstance(name, str) else f"#{i}"
-                    slog(log, logging.WARNING, "state file %s: dropping record %s: %s",
+                    slog(LOG, logging.WARNING, "state file %s: dropping record %s: %s",
                          self.path, label, exc,
                          module=name[:80] if isinstance(name, str) else None)
                     continue
@@ -148,14 +148,14 @@ class StateStore:
             alive = set(live)
             dropped = sorted(set(records) - alive)
             if dropped:
-                log.info("forgetting modules no longer loaded: %s", " ".join(dropped))
+                LOG.info("forgetting modules no longer loaded: %s", " ".join(dropped))
             records = {k: v for k, v in records.items() if k in alive}
         if instance is not None:
             for name, rec in list(records.items()):
                 now = instance(name)
                 if rec.instance is not None and now is not None and now != rec.instance:
                     # rmmod + modprobe by someone else while we were down.
-                    log.info("forgetting %s: loaded again by someone else since kmodd "
+                    LOG.info("forgetting %s: loaded again by someone else since kmodd "
                              "loaded it", name)
                     del records[name]
         with self._lock:
@@ -179,9 +179,9 @@ class StateStore:
                     os.unlink(entry.path)
                     removed.append(entry.name)
             except OSError as exc:
-                log.warning("cannot remove %s: %s", entry.path, exc)
+                LOG.warning("cannot remove %s: %s", entry.path, exc)
         if removed:
-            log.info("removed %d temporary state file(s) left by a killed daemon: %s",
+            LOG.info("removed %d temporary state file(s) left by a killed daemon: %s",
                      len(removed), " ".join(sorted(removed)))
         return removed
 
@@ -324,4 +324,4 @@ class StateSaver:
         try:
             self.store.save()
         except OSError as exc:
-            slog(log, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)
+            slog(LOG, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)

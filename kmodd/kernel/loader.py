@@ -20,7 +20,7 @@ from kmodd.kernel import commands, errors
 from kmodd.kernel.protocol import InitState, Kernel, KernelError
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 NO_MODULE_SUPPORT = "this kernel was built without loadable module support"
 
@@ -88,7 +88,7 @@ class Loader:
             first = not self.no_module_support
             self.no_module_support = True
         if first:
-            log.error("%s; not trying to load modules again", NO_MODULE_SUPPORT)
+            LOG.error("%s; not trying to load modules again", NO_MODULE_SUPPORT)
 
     def _unsupported(self, name: str) -> StepResult | None:
         if self.no_module_support:
@@ -159,7 +159,7 @@ class Loader:
     def _install(self, step: ModuleStep) -> StepResult:
         assert step.install_command is not None
         if step.kmod_ignores_install:
-            log.log(NOTICE, "%s: running its install command although it has softdeps; "
+            LOG.log(NOTICE, "%s: running its install command although it has softdeps; "
                     "modprobe would load the module directly (kmod bug #446)", step.name,
                     extra=journal_fields(module=step.name))
         res = self._run_install(step.name, step.install_command,
@@ -189,7 +189,7 @@ class Loader:
             results.append(res)
             if res.status == StepStatus.FAILED:
                 if step.role in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST):
-                    log.info("ignoring failed softdep: %s", res.error)
+                    LOG.info("ignoring failed softdep: %s", res.error)
                     continue
                 broken.add(step.name)
                 if res.errno == E.ENOSYS:
