@@ -95,7 +95,8 @@ class ControlOps:
     def stop_settle(self) -> None:
         """The daemon is stopping: every waiter hears it is not settled."""
         for conn, msg, timer in self.settle_waiters:
-            timer.cancel()
+            if timer is not None:           # a settle without a timeout has none
+                timer.cancel()
             conn.reply(msg, {"ok": True, "settled": False, "reason": "kmodd is stopping"})
         self.settle_waiters = []
 

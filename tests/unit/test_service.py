@@ -809,3 +809,30 @@ def test_redaction_of_quoted_parameters_in_errors() -> None:
     assert public["request"] == {"kind": "admin", "key": "foo", "options": None,
                                  "requested_by": "kmodctl"}
     assert event["request"]["options"] == "k=v"      # the root copy is untouched
+
+
+def test_stopping_answers_a_settle_that_has_no_timeout(env: Env) -> None:
+    # A settle without a timeout has no timer: the stop must still answer it
+    # (and stop), not fail on the missing timer and leave the loop running.
+    walk_done = threading.Event()
+
+    def coldplug(submit: Any, on_queued: Callable[[int], None]) -> None:
+        on_queued(0)
+        walk_done.wait(30)                        # coldplug running: not settled
+
+    svc = env.service(coldplug=coldplug)
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    try:
+        with Client(env.sock, timeout=10) as c:
+            c.send({"op": "settle", "id": 1})
+            c.send({"op": "ping", "id": 2})
+            assert c.receive()["id"] == 2             # the settle is waiting
+            svc.request_stop()
+            reply = c.receive()
+            assert reply["id"] == 1 and reply["settled"] is False
+        t.join(15)
+        assert not t.is_alive() and rc == [0]
+    finally:
+        walk_done.set()
+
