@@ -157,12 +157,17 @@ class ControlOps:
     def why(self, module: str, *, private: bool = True) -> dict[str, Any]:
         name = modname_normalize(module)
         rec = self.svc.state.get(name)
+        state: InitState | None
         try:
             state = self.svc.kernel.initstate(name)
-        except Exception:
-            state = InitState.ABSENT
-        out: dict[str, Any] = {"ok": True, "module": name, "state": state.value,
+            unreadable = None
+        except Exception as exc:    # sysfs unreadable: say so, never "absent"
+            state, unreadable = None, str(exc)
+        out: dict[str, Any] = {"ok": True, "module": name,
+                               "state": state.value if state is not None else "unknown",
                                "loaded_by_kmodd": rec is not None}
+        if unreadable is not None:
+            out["state_error"] = f"cannot read the state of {name}: {unreadable}"
         if rec is not None:
             out.update(_why_dict(rec, private))
             out["loaded_at"] = rec.loaded_at

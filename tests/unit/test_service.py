@@ -836,3 +836,25 @@ def test_stopping_answers_a_settle_that_has_no_timeout(env: Env) -> None:
     finally:
         walk_done.set()
 
+
+
+def test_why_does_not_call_a_module_absent_when_its_state_cannot_be_read(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+
+    def unreadable(name: str) -> Any:
+        raise OSError(E.EACCES, "Permission denied")
+
+    env.kernel.initstate = unreadable  # type: ignore[method-assign]
+    with Client(env.sock, timeout=10) as c:
+        why = c.why("a")
+    assert why["ok"] and why["state"] == "unknown"
+    assert "Permission denied" in why["state_error"]
+    from kmodd.cli.ctl_daemon import _why
+    with Client(env.sock, timeout=10) as c:
+        assert _why(c, "a", False) == 0
+    shown = capsys.readouterr().out
+    assert "a: state unknown" in shown and "not loaded" not in shown
+    stop(svc, t, rc)
