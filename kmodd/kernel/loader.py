@@ -36,6 +36,7 @@ class StepStatus(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"          # a dependency failed or was refused
     BACKOFF = "backoff"          # held back by the scheduler after failures
+    REFUSED = "refused"          # left out by the deny policy, failing nobody (a softdep)
     # unloads
     UNLOADED = "unloaded"
     REMOVE_COMMAND = "remove-command"

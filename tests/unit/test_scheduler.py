@@ -612,3 +612,12 @@ def test_kernel_request_joining_a_queued_load_does_not_wait_behind_the_init(
     assert outcome(sched.submit(Request("modalias", "m"))).status == "loaded"
     assert [o.status for o in inner] == ["loaded"]
     assert outcome(device[0]).status == "loaded" and loads_of(kernel, "want") == 1
+
+
+def test_a_denied_softdep_is_left_out_and_the_module_still_loads(
+        env: dict[str, object]) -> None:
+    sched, kernel, _, _ = make(env, resolver_kwargs={"softdeps": {"solo": (("fast",), ())}})
+    sched.set_deny(lambda name: "denied by test" if name == "fast" else None)
+    out = outcome(sched.submit(Request("admin", "solo")))
+    assert out.status == "loaded" and out.modules == ("solo",)
+    assert loads_of(kernel, "solo") == 1 and loads_of(kernel, "fast") == 0
