@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from kmodd.root import run_path
+
 LOG = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = "/run/kmodd/control"
+DEFAULT_SOCKET = run_path("control")
 MAX_MESSAGE = 64 * 1024          # one request line
 # Backpressure: a peer with this much output queued is not read from (its
 # socket is not even polled for input) until it has read most of it, so a

@@ -64,6 +64,7 @@ from pathlib import Path
 
 from kmodd.daemon.requests import Outcome, Request, RequestKind, Submit
 from kmodd.journal import log
+from kmodd.root import run_path
 
 LOG = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ class KernelRequestSource:
                 with open(f"{proc}/{entry}/environ", "rb") as handle:
                     env = handle.read(65536).split(b"\0")
                 run_dir = next((v[len(b"KMODD_RUN_DIR="):] for v in env
-                                if v.startswith(b"KMODD_RUN_DIR=")), b"/run/kmodd")
+                                if v.startswith(b"KMODD_RUN_DIR=")), run_path().encode())
                 if run_dir.rstrip(b"/") != ours:
                     continue
                 os.kill(int(entry), signal.SIGUSR1)

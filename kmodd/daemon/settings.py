@@ -18,7 +18,7 @@ from kmodd.daemon.limits import (
     default_max_workers,
 )
 from kmodd.resolution.names import modname_normalize
-from kmodd.root import Root
+from kmodd.root import Root, run_path
 
 DEFAULT_CONFIG = "/etc/kmodd.conf"
 # Drop-in directories, highest priority first, as systemd orders its own
@@ -26,11 +26,11 @@ DEFAULT_CONFIG = "/etc/kmodd.conf"
 # name in later ones; the survivors apply in lexical order of their names
 # after the main file, later ones overriding earlier ones.  A drop-in made a
 # symlink to /dev/null (empty) masks the file of that name.
-CONFIG_DROPIN_DIRS = ("/etc/kmodd.conf.d", "/run/kmodd/kmodd.conf.d",
+CONFIG_DROPIN_DIRS = ("/etc/kmodd.conf.d", run_path("kmodd.conf.d"),
                       "/usr/local/lib/kmodd/kmodd.conf.d", "/usr/lib/kmodd/kmodd.conf.d")
-DEFAULT_SOCKET = "/run/kmodd/control"
-DEFAULT_STATE = "/run/kmodd/state.json"
-DEFAULT_REQUEST_FIFO = "/run/kmodd/request"
+DEFAULT_SOCKET = run_path("control")
+DEFAULT_STATE = run_path("state.json")
+DEFAULT_REQUEST_FIFO = run_path("request")
 
 
 class SettingsError(Exception):
