@@ -592,41 +592,10 @@ class Scheduler:
         edges = plan_edges(plan)
         # An administrator asking again means retry now.
         if request.kind is not RequestKind.ADMIN:
-            # A module backing off holds back only itself and what needs it: the
-            # plan's other modules (a CPU modalias names a dozen) still load.
-            held: dict[str, StepResult] = {}
-            for step in todo:
-                rec = self._failures.get(step.name)
-                if rec is not None and rec.retry_at > now and step.name not in self._tasks:
-                    held[step.name] = StepResult(
-                        step.name, StepStatus.BACKOFF,
-                        f"{step.name} failed {rec.failures} time(s), "
-                        f"next retry in {rec.retry_at - now:.0f}s: {rec.error}", rec.errno)
-                elif any(d in held for d in edges.get(step.name, ())):
-                    blocker = next(d for d in edges[step.name] if d in held)
-                    held[step.name] = StepResult(step.name, StepStatus.BACKOFF,
-                                                  held[blocker].error, held[blocker].errno)
-            if held:
-                entry.results.update(held)
-                todo = [s for s in todo if s.name not in held]
-                if not any(s.role is Role.TARGET for s in todo):
-                    first = next(iter(held.values()))
-                    out = Outcome(request, OutcomeStatus.BACKOFF, plan.targets, first.error,
-                                  first.errno)
-                    self._finish_entry_locked(entry, out, tell)
-                    return
-            for step in todo:
-                if step.name in self._tasks:
-                    continue
-                runaway, newly = self._runaway.hit(("module", step.name), now)
-                if runaway:
-                    out = Outcome(request, OutcomeStatus.RUNAWAY, plan.targets,
-                                  f"{step.name} loaded more than {self._runaway.limit} times "
-                                  f"within {self._runaway.window:g}s")
-                    if newly:
-                        tell.runaways.append((step.name, request))
-                    self._finish_entry_locked(entry, out, tell)
-                    return
+            kept = self._hold_back_locked(entry, plan, todo, edges, now, tell)
+            if kept is None:
+                return
+            todo = kept
         for step in todo:
             task = self._tasks.get(step.name)
             if task is None:
@@ -652,6 +621,49 @@ class Scheduler:
                 self._make_ready_locked(task)
         if not entry.needs:
             self._finish_entry_locked(entry, summarize(request, plan, entry.results), tell)
+
+    def _hold_back_locked(self, entry: _Entry, plan: Plan, todo: list[ModuleStep],
+                          edges: dict[str, set[str]], now: float,
+                          tell: _Delivery) -> list[ModuleStep] | None:
+        """Backoff and runaway: the steps still to load, or None when they
+        decided the request (and finished it)."""
+        request = entry.request
+        # A module backing off holds back only itself and what needs it: the
+        # plan's other modules (a CPU modalias names a dozen) still load.
+        held: dict[str, StepResult] = {}
+        for step in todo:
+            rec = self._failures.get(step.name)
+            if rec is not None and rec.retry_at > now and step.name not in self._tasks:
+                held[step.name] = StepResult(
+                    step.name, StepStatus.BACKOFF,
+                    f"{step.name} failed {rec.failures} time(s), "
+                    f"next retry in {rec.retry_at - now:.0f}s: {rec.error}", rec.errno)
+            elif any(d in held for d in edges.get(step.name, ())):
+                blocker = next(d for d in edges[step.name] if d in held)
+                held[step.name] = StepResult(step.name, StepStatus.BACKOFF,
+                                             held[blocker].error, held[blocker].errno)
+        if held:
+            entry.results.update(held)
+            todo = [s for s in todo if s.name not in held]
+            if not any(s.role is Role.TARGET for s in todo):
+                first = next(iter(held.values()))
+                out = Outcome(request, OutcomeStatus.BACKOFF, plan.targets, first.error,
+                              first.errno)
+                self._finish_entry_locked(entry, out, tell)
+                return None
+        for step in todo:
+            if step.name in self._tasks:
+                continue
+            runaway, newly = self._runaway.hit(("module", step.name), now)
+            if runaway:
+                out = Outcome(request, OutcomeStatus.RUNAWAY, plan.targets,
+                              f"{step.name} loaded more than {self._runaway.limit} times "
+                              f"within {self._runaway.window:g}s")
+                if newly:
+                    tell.runaways.append((step.name, request))
+                self._finish_entry_locked(entry, out, tell)
+                return None
+        return todo
 
     def _run_load(self, task: _Task) -> None:
         step = task.step
