@@ -37,10 +37,16 @@ from kmodd.daemon.interfaces import (
 )
 from kmodd.daemon.loadlog import LoadLog
 from kmodd.daemon.loop import EventLoop
-from kmodd.daemon.modules_load import ListedModule, ListProblem
+from kmodd.daemon.modules_load import (
+    MODULES_LOAD_MARKER,
+    BootLoads,
+    ListedFn,
+    ListedModule,
+    ListProblem,
+)
 from kmodd.daemon.operations import ControlOps
 from kmodd.daemon.report import OutcomeReporter, slog
-from kmodd.daemon.requests import Outcome, Request, RequestKind, Submit
+from kmodd.daemon.requests import Outcome, Request, Submit
 from kmodd.daemon.scheduler import BackoffPolicy, Scheduler
 from kmodd.daemon.settings import Settings, SettingsError, SettingsSource
 from kmodd.daemon.state import ModuleRecord, StateSaver, StateStore
@@ -52,13 +58,7 @@ LOG = logging.getLogger(__name__)
 
 
 ResolverFactory = Callable[[Settings], Resolver]
-ListedFn = Callable[[], "tuple[list[ListedModule], list[ListProblem]]"]
 
-# READY=1 waits for the modules-load.d loads (units ordered after
-# systemd-modules-load.service, systemd-sysctl for one, expect them), but
-# never longer than this: systemd would time the start out.
-MODULES_LOAD_READY_WAIT = 60.0
-MODULES_LOAD_MARKER = "modules-load.served"
 
 
 def _sd_notify(**fields: object) -> bool:
@@ -167,9 +167,11 @@ class Service:
             else list(sources or ())
         self._coldplug_fn = self._default_coldplug() if coldplug is _DEFAULT else coldplug
         self._watcher_factory = self._default_watcher() if watcher is _DEFAULT else watcher
-        self._listed_fn = self._default_modules_load() if modules_load is _DEFAULT \
+        listed_fn = self._default_modules_load() if modules_load is _DEFAULT \
             else modules_load
-        self._listed_pending = 0
+        self.boot_loads = None if listed_fn is None else BootLoads(
+            listed_fn, self.modules_load_marker, self.submit, self.loop,
+            mark=self.loadlog.mark, on_done=self._boot_loads_done)
         self._ready_wanted = False
         self.sources: list[Source] = []
         self.watcher: Readable | None = None
@@ -315,7 +317,8 @@ class Service:
             # Ping from the loop itself: a wedged loop stops the pings.
             self.loop.call_every(max(0.05, wd / 2), self._ping_watchdog)
         self.loop.call_every(2.0, self._send_status)
-        self._start_modules_load()
+        if self.boot_loads is not None:
+            self.boot_loads.start()
         if self._coldplug_fn is not None:
             self.coldplug_state = "running"
             self.loadlog.mark("coldplug-start")
@@ -353,37 +356,6 @@ class Service:
             slog(LOG, logging.WARNING, "cannot remove %s: %s",
                  self.settings.root_obj.udev_handover, exc.strerror or exc)
 
-    def _start_modules_load(self) -> None:
-        """Submit what modules-load.d, /etc/modules and the kernel command line
-        list, all at once: the pool loads dependencies first and independent
-        modules in parallel, where systemd-modules-load goes one by one."""
-        if self._listed_fn is None:
-            return
-        try:
-            listed, problems = self._listed_fn()
-        except Exception as exc:    # unreadable lists: systemd-modules-load does them
-            # No marker: systemd-modules-load.service (kmodd-takeover's
-            # drop-in) then loads the lists itself.
-            slog(LOG, logging.ERROR, "cannot read modules-load.d: %s; leaving the lists "
-                 "to systemd-modules-load", exc)
-            return
-        self._mark_modules_load_served(True)
-        for problem in problems:
-            slog(LOG, logging.WARNING, "modules-load.d: %s: %s", problem.source,
-                 problem.message)
-        if not listed:
-            return
-        slog(LOG, logging.INFO, "loading %d module(s) listed for boot: %s", len(listed),
-             " ".join(m.name for m in listed))
-        self.loadlog.mark("modules-load-start")
-        self._listed_pending = len(listed)
-        self.loop.call_later(MODULES_LOAD_READY_WAIT, self._listed_waited_enough)
-        for m in listed:
-            future = self.submit(Request(RequestKind.MODULES_LOAD, m.name, None, m.where,
-                                         m.options))
-            future.add_done_callback(
-                lambda f: self.loop.call_soon_threadsafe(self._listed_done))
-
     @property
     def loads_file(self) -> Path:
         """The load log, saved at exit for the next daemon of this boot."""
@@ -402,33 +374,9 @@ class Service:
         systemd-modules-load.service makes it do nothing then."""
         return Path(self.settings.state_file).parent / MODULES_LOAD_MARKER
 
-    def _mark_modules_load_served(self, on: bool) -> None:
-        try:
-            if on:
-                self.modules_load_marker.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                self.modules_load_marker.write_text(f"{os.getpid()}\n")
-            else:
-                self.modules_load_marker.unlink(missing_ok=True)
-        except OSError as exc:
-            slog(LOG, logging.WARNING, "cannot %s %s: %s", "create" if on else "remove",
-                 self.modules_load_marker, exc)
-
-    def _listed_done(self) -> None:
-        if self._listed_pending <= 0:
-            return
-        self._listed_pending -= 1
-        if self._listed_pending == 0:
-            self.loadlog.mark("modules-load-end")
-            if self._ready_wanted:
-                self._set_ready()
-
-    def _listed_waited_enough(self) -> None:
-        if self._listed_pending > 0:
-            slog(LOG, logging.WARNING, "modules listed for boot still loading after %gs; "
-                 "ready anyway", MODULES_LOAD_READY_WAIT)
-            self._listed_pending = 0
-            if self._ready_wanted:
-                self._set_ready()
+    def _boot_loads_done(self) -> None:
+        if self._ready_wanted:
+            self._set_ready()
 
     def _ping_watchdog(self) -> None:
         self.notify(WATCHDOG=1)
@@ -438,7 +386,7 @@ class Service:
         # the daemon taking requests; `kmodctl settle` tells when loads are done.
         if self.ready:
             return
-        if self._listed_pending > 0:
+        if self.boot_loads is not None and self.boot_loads.pending > 0:
             self._ready_wanted = True       # once the listed modules are in
             return
         self.ready = True
@@ -510,8 +458,8 @@ class Service:
 
     def _cleanup(self) -> None:
         self._drop_handover_flag()
-        if self._listed_fn is not None and self._started:
-            self._mark_modules_load_served(False)
+        if self.boot_loads is not None and self._started:
+            self.boot_loads.set_served(False)
         if not self._stopped:          # start() failed or the loop crashed
             # Last resort on the way out: each step is tried whatever the others did.
             with contextlib.suppress(Exception):
