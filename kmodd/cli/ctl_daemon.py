@@ -195,6 +195,8 @@ def _why(client: Client, module: str, as_json: bool) -> int:
         print(f"{name}: {w['state']}, not loaded by kmodd (autoclean leaves it alone)")
     elif w.get("state") == "builtin":
         print(f"{name}: built into the kernel")
+    elif w.get("state") == "unknown":
+        print(f"{name}: state unknown ({w.get('state_error')})")
     else:
         print(f"{name}: not loaded")
     if w.get("warning"):

@@ -29,10 +29,12 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from kmodd.daemon.requests import is_device_kind
 from kmodd.daemon.state import ModuleRecord, StateStore
+from kmodd.journal import log as slog
 from kmodd.kernel.protocol import InitState, Kernel
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ def kernel_snapshot(kernel: Kernel, names: Iterable[str]) -> dict[str, ModuleUse
     try:
         table = kernel.modules()
     except Exception as exc:
-        log.warning("autoclean: cannot read the module list: %s", exc)
+        LOG.warning("autoclean: cannot read the module list: %s", exc)
         return {}
     uses: dict[str, ModuleUse] = {}
     for name in names:
@@ -288,10 +290,6 @@ class SweepReport:
     kept: dict[str, str] = field(default_factory=dict)
     forgotten: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"unloaded": self.unloaded, "failed": self.failed, "kept": self.kept,
-                "forgotten": self.forgotten}
-
 
 class Autoclean:
     """Applies :func:`plan_sweep` against a kernel and the state store."""
@@ -324,8 +322,8 @@ class Autoclean:
             if self.state.forget_if(name, records[name].loaded_at):
                 report.forgotten.append(name)
         for name in decision.reloaded:
-            log.info("autoclean: %s was unloaded and loaded again by someone else; "
-                     "it is not kmodd's any more", name)
+            slog(LOG, logging.INFO, "autoclean: %s was unloaded and loaded again by someone "
+                 "else; it is not kmodd's any more", name, module=name)
         for name, (since, count) in decision.idle.items():
             self.state.set_idle(name, records[name].loaded_at, since, count)
         report.kept = dict(decision.kept)
@@ -367,7 +365,7 @@ class Autoclean:
         try:
             return self.kernel.link_kinds()
         except Exception as exc:
-            log.warning("autoclean: cannot list network links: %s", exc)
+            LOG.warning("autoclean: cannot list network links: %s", exc)
             return None
 
     def _devices_present(self, records: Mapping[str, ModuleRecord]) -> set[str]:
@@ -375,7 +373,7 @@ class Autoclean:
             return set()
         present = set()
         for name, rec in records.items():
-            if rec.kind in ("modalias", "coldplug") and rec.devpath:
+            if is_device_kind(rec.kind) and rec.devpath:
                 try:
                     if (self.sys_dir / rec.devpath.lstrip("/")).exists():
                         present.add(name)

@@ -20,19 +20,21 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from kmodd.daemon.client import (  # noqa: F401 (re-exported: the client used to live here)
-    DEFAULT_SOCKET,
     Client,
     ControlError,
 )
+from kmodd.root import run_path
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
+# kmodd.daemon.client spells it out (it imports nothing of kmodd); a test holds both equal.
+DEFAULT_SOCKET = run_path("control")
 MAX_MESSAGE = 64 * 1024          # one request line
 # Backpressure: a peer with this much output queued is not read from (its
 # socket is not even polled for input) until it has read most of it, so a
@@ -54,8 +56,6 @@ MAX_CONNECTIONS = 512
 MAX_UNPRIVILEGED = 256
 MAX_PER_UID = 32
 
-READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping", "loads"})
-ROOT_OPS = frozenset({"load", "unload", "reload", "deny", "allow"})
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class Connection:
                                           "EIO")).encode() + b"\n"
         if len(self.outbuf) + len(line) > self.max_output:
             # A peer that does not read must not make the daemon's memory grow.
-            log.info("control: dropping %s, it is not reading its replies", self.describe())
+            LOG.info("control: dropping %s, it is not reading its replies", self.describe())
             self.close()
             return
         self.outbuf += line
@@ -229,7 +229,7 @@ class Connection:
                     self.server.dispatch(self, line)
                 except Exception:
                     # Never leave the lines behind it unanswered.
-                    log.exception("control: request from %s failed", self.describe())
+                    LOG.exception("control: request from %s failed", self.describe())
                     self.send(error_reply("internal error", "EIO"))
 
     def close(self) -> None:
@@ -245,25 +245,35 @@ class Connection:
             try:
                 cb(self)
             except Exception:
-                log.exception("control: close callback failed")
+                LOG.exception("control: close callback failed")
 
 
 Handler = Callable[[Connection, dict[str, Any]], "dict[str, Any] | None"]
 
 
-class ControlServer:
-    """Accepts peers, parses lines, checks permissions, hands requests to ``handler``.
+@dataclass(frozen=True)
+class Operation:
+    """One control op: who may call it and what serves it.
 
     ``handler(conn, msg)`` returns the reply, or None when it will reply later
     with ``conn.reply(msg, ...)`` (load, settle) or stream (monitor).
     """
 
-    def __init__(self, path: str | Path, reactor: Reactor, handler: Handler, *,
+    needs_root: bool
+    handler: Handler
+
+
+class ControlServer:
+    """Accepts peers, parses lines, checks permissions against ``operations``
+    (kmodd.daemon.operations.OPERATIONS) and hands each request to its handler."""
+
+    def __init__(self, path: str | Path, reactor: Reactor,
+                 operations: Mapping[str, Operation], *,
                  peercred: Callable[[socket.socket], PeerCred] = peer_credentials,
                  mode: int = 0o666) -> None:
         self.path = Path(path)
         self.reactor = reactor
-        self.handler = handler
+        self.operations = operations
         self.peercred = peercred
         self.mode = mode
         self.sock: socket.socket | None = None
@@ -319,7 +329,7 @@ class ControlServer:
             except OSError as exc:
                 # Out of descriptors: the socket stays readable, so stop
                 # watching it (no busy loop) until a connection closes.
-                log.warning("control: cannot accept: %s", exc)
+                LOG.warning("control: cannot accept: %s", exc)
                 self.reactor.remove(self.sock)
                 self._paused = True
                 return
@@ -327,7 +337,7 @@ class ControlServer:
             try:
                 cred = self.peercred(peer)
             except Exception as exc:
-                log.warning("control: no peer credentials (%s); dropping peer", exc)
+                LOG.warning("control: no peer credentials (%s); dropping peer", exc)
                 peer.close()
                 continue
             refusal = self._over_limit(cred)
@@ -377,19 +387,20 @@ class ControlServer:
         if not isinstance(op, str):
             conn.reply(msg, error_reply("missing 'op'"))
             return
-        if op not in READ_OPS and op not in ROOT_OPS:
+        operation = self.operations.get(op)
+        if operation is None:
             conn.reply(msg, error_reply(f"unknown op {op!r}", "ENOSYS"))
             return
-        if op in ROOT_OPS and not conn.cred.is_root:
-            log.info("control: %s refused to %s", op, conn.describe())
+        if operation.needs_root and not conn.cred.is_root:
+            LOG.info("control: %s refused to %s", op, conn.describe())
             conn.reply(msg, error_reply(f"{op} needs root (peer uid {conn.cred.uid})", "EPERM"))
             return
         try:
-            reply = self.handler(conn, msg)
+            reply = operation.handler(conn, msg)
         except (KeyError, TypeError, ValueError) as exc:
             reply = error_reply(f"bad {op} request: {exc}")
         except Exception as exc:
-            log.exception("control: %s failed", op)
+            LOG.exception("control: %s failed", op)
             reply = error_reply(f"{op} failed: {exc}", "EIO")
         if reply is not None:
             conn.reply(msg, reply)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.resolution.names import modname_normalize
 from kmodd.resolution.plan import Plan, Role
 from kmodd.root import Root
@@ -161,6 +162,24 @@ def refusals(plan: Plan, reason: Callable[[str], str | None]) -> dict[str, Refus
         out[step.name] = Refusal(step.name, "refused",
                                  f"{step.name} not loaded: only refused modules need it")
     return out
+
+
+def system_refuse(root: Root) -> Callable[[Plan], StepResult | None]:
+    """For kmodd.kernel.direct.load_direct: the first step of a plan the system's
+    policy (:func:`system_policy`, read when first needed) refuses outright."""
+    policy: list[DenyPolicy] = []
+
+    def refuse(plan: Plan) -> StepResult | None:
+        if not policy:
+            policy.append(system_policy(root))
+        blocking = [r for r in refusals(plan, policy[0].reason).values()
+                    if r.status == "failed"]
+        if not blocking:
+            return None
+        first = blocking[0]
+        return StepResult(first.name, StepStatus.FAILED, first.error, first.errno)
+
+    return refuse
 
 
 def system_policy(root: Root) -> DenyPolicy:

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kmodd.daemon.scheduler import (
+from kmodd.daemon.limits import (
     MAX_KMOD_CONCURRENT,
     RUNAWAY_LIMIT,
     RUNAWAY_WINDOW,
     default_max_workers,
 )
 from kmodd.resolution.names import modname_normalize
-from kmodd.root import Root
+from kmodd.root import Root, run_path
 
 DEFAULT_CONFIG = "/etc/kmodd.conf"
 # Drop-in directories, highest priority first, as systemd orders its own
@@ -26,11 +26,11 @@ DEFAULT_CONFIG = "/etc/kmodd.conf"
 # name in later ones; the survivors apply in lexical order of their names
 # after the main file, later ones overriding earlier ones.  A drop-in made a
 # symlink to /dev/null (empty) masks the file of that name.
-CONFIG_DROPIN_DIRS = ("/etc/kmodd.conf.d", "/run/kmodd/kmodd.conf.d",
+CONFIG_DROPIN_DIRS = ("/etc/kmodd.conf.d", run_path("kmodd.conf.d"),
                       "/usr/local/lib/kmodd/kmodd.conf.d", "/usr/lib/kmodd/kmodd.conf.d")
-DEFAULT_SOCKET = "/run/kmodd/control"
-DEFAULT_STATE = "/run/kmodd/state.json"
-DEFAULT_REQUEST_FIFO = "/run/kmodd/request"
+DEFAULT_SOCKET = run_path("control")
+DEFAULT_STATE = run_path("state.json")
+DEFAULT_REQUEST_FIFO = run_path("request")
 
 
 class SettingsError(Exception):
@@ -68,13 +68,6 @@ class Settings:
     def root_obj(self) -> Root:
         return Root(Path(self.root),
                     Path(self.modules_base) if self.modules_base else None)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
 
 
 # Keys allowed in kmodd.conf and the type each must have.

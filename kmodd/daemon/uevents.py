@@ -33,13 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, OutcomeStatus, Request, RequestKind, Submit
 from kmodd.journal import log
 from kmodd.root import Root
 
 LOG = logging.getLogger(__name__)
-
-Submit = Callable[[Request], "Future[Outcome]"]
 
 # The kernel builds a uevent in a 2048-byte buffer (UEVENT_BUFFER_SIZE), so
 # no honest MODALIAS is longer; sysfs modalias files obey the same bound
@@ -304,7 +302,8 @@ class UeventSource:
                 log(LOG, logging.WARNING, "ignoring uevent with bad MODALIAS %s: %s",
                     _shown(modalias), problem, devpath=devpath, requested_by="uevent")
             return None
-        request = Request(kind="modalias", key=modalias, devpath=devpath, requested_by="uevent")
+        request = Request(kind=RequestKind.MODALIAS, key=modalias, devpath=devpath,
+                          requested_by="uevent")
         try:
             future = self.submit(request)
         except Exception as exc:
@@ -398,7 +397,7 @@ class ColdplugResult:
         """Modules loaded by coldplug, in completion order, without repeats."""
         seen: dict[str, None] = {}
         for outcome in self.outcomes:
-            if outcome.status == "loaded":
+            if outcome.status is OutcomeStatus.LOADED:
                 for name in outcome.modules:
                     seen.setdefault(name, None)
         return list(seen)
@@ -450,7 +449,7 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
                     log(LOG, logging.WARNING, "ignoring bad modalias %s: %s",
                         _shown(modalias), problem, devpath=devpath, requested_by="coldplug")
                 continue
-            request = Request(kind="coldplug", key=modalias, devpath=devpath,
+            request = Request(kind=RequestKind.COLDPLUG, key=modalias, devpath=devpath,
                               requested_by="coldplug")
             try:
                 futures.append(submit(request))

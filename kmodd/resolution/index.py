@@ -57,7 +57,7 @@ PREPARE_AFTER = 256
 # Trie answers remembered (a burst repeats the same few hundred modaliases).
 _WALK_MEMO = 4096
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 
 class ModuleTree:
@@ -269,7 +269,7 @@ class ModuleTree:
         try:
             self.prepare_aliases()
         except Exception:       # the trie keeps answering; the error shows there
-            log.debug("preparing the alias index failed", exc_info=True)
+            LOG.debug("preparing the alias index failed", exc_info=True)
 
     def alias(self, alias: str) -> list[str]:
         """Modules whose modules.alias patterns match, in kmod's order (duplicates kept)."""

@@ -209,7 +209,7 @@ class _Control:
     """A real Service (simulated kernel, never started) and one connection per input."""
 
     def __init__(self) -> None:
-        from kmodd.daemon.scheduler import Outcome, Request
+        from kmodd.daemon.requests import Outcome, Request
         from kmodd.daemon.service import Service
         from kmodd.daemon.settings import Settings
         from kmodd.kernel.sim import SimKernel
@@ -290,7 +290,7 @@ def control(data: bytes) -> None:
 class _Fifo:
     def __init__(self) -> None:
         from kmodd.daemon.kernelreq import KernelRequestSource
-        from kmodd.daemon.scheduler import Outcome, Request
+        from kmodd.daemon.requests import Outcome, Request
         run = workdir() / "run"
         run.mkdir(mode=0o755, exist_ok=True)
         self.run = run
@@ -353,7 +353,7 @@ def fifo(data: bytes) -> None:
 
 class _Uevents:
     def __init__(self) -> None:
-        from kmodd.daemon.scheduler import Outcome, Request
+        from kmodd.daemon.requests import Outcome, Request
         from kmodd.daemon.uevents import UeventSource
         from kmodd.root import Root
         self.requests: list[Request] = []

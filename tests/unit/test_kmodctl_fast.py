@@ -237,3 +237,8 @@ def test_client_timeout_is_timeouterror(tmp_path: Path) -> None:
         c.call("status")
     srv.close()
     assert Client.try_connect(tmp_path / "nothing", timeout=1) is None
+
+
+def test_client_and_server_agree_on_the_default_socket() -> None:
+    from kmodd.daemon import client, control
+    assert client.DEFAULT_SOCKET == control.DEFAULT_SOCKET

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.daemon.scheduler import MAX_KMOD_CONCURRENT
+from kmodd.daemon.limits import MAX_KMOD_CONCURRENT
 from kmodd.daemon.settings import Settings, SettingsError, parse_settings
 
 
