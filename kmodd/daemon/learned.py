@@ -223,6 +223,9 @@ class LearnedOrder:
         self._devices: dict[str, tuple[str, set[str]]] = {}
 
     def _read_modalias(self, devpath: str) -> str | None:
+        # Only what the walk itself would find: a device under /sys/devices.
+        if not devpath.startswith("/devices/") or "/../" in devpath + "/":
+            return None
         try:
             with open(os.path.join(self.sys_dir, devpath.lstrip("/"), "modalias"), "rb") as f:
                 return f.read(4096).rstrip(b"\n").decode("ascii", "replace")

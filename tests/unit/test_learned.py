@@ -128,6 +128,20 @@ def test_notes_merge_into_the_file(tmp_path: Path) -> None:
     assert read(path, KERNEL).weight("pci:hba") == pytest.approx(1.6)
 
 
+def test_only_devices_under_sys_devices_are_read(tmp_path: Path) -> None:
+    sys_dir = tmp_path / "sys"
+    for rel in ("devices/pci0/a", "etc"):
+        (sys_dir / rel).mkdir(parents=True)
+        (sys_dir / rel / "modalias").write_text("pci:x\n")
+    order = LearnedOrder(tmp_path / "learned.json", KERNEL, sys_dir)
+    write(order.path, Learned(KERNEL, {"m": timing(1.0)},
+                              {"pci:x": ("/devices/pci0/a", ("m",))}))
+    assert order.first() == [("/devices/pci0/a", "pci:x")]
+    for bad in ("/etc", "/devices/../etc", "devices/pci0/a"):
+        write(order.path, Learned(KERNEL, {"m": timing(1.0)}, {"pci:x": (bad, ("m",))}))
+        assert order.first() == [], bad
+
+
 def test_nothing_loaded_keeps_the_file(tmp_path: Path) -> None:
     path = tmp_path / "learned.json"
     write(path, Learned(KERNEL, {"a": timing(1.0)}, {"x": ("/d", ("a",))}))
