@@ -44,6 +44,7 @@ LEARNED_FILE = "learned.json"       # under the state directory (Root.state_dir)
 MAX_MODULES = 8192
 MAX_DEVICES = 4096
 MAX_FILE = 4 * 1024 * 1024
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class Learned:
         if module in memo:
             return memo[module]
         timing = self.modules.get(module)
-        if timing is None or module in _path:      # unknown, or a cycle in bad data
+        # Unknown, a cycle or an absurd depth (real chains are a few modules
+        # long): bad data must cost neither a loop nor the recursion limit.
+        if timing is None or module in _path or len(_path) >= MAX_DEPTH:
             return 0.0
         inner = _path | {module}
         value = timing.init + max((self.chain(d, memo, inner) for d in timing.deps),
@@ -186,7 +189,8 @@ def read(path: Path, kernel: str) -> Learned:
         return Learned.from_dict(json.loads(raw)).valid(kernel)
     except FileNotFoundError:
         return Learned(kernel)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+        # RecursionError: json.loads of a deeply nested document.
         LOG.warning("ignoring the learned coldplug order in %s: %s", path, exc)
         return Learned(kernel)
 

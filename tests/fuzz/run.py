@@ -34,6 +34,7 @@ INSTRUMENT = {
     "fifo": ["kmodd.daemon.kernelreq"],
     "uevent": ["kmodd.daemon.uevents"],
     "state": ["kmodd.daemon.state"],
+    "learned": ["kmodd.daemon.learned"],
     "elf": ["kmodd.modfile.elf", "kmodd.modfile", "kmodd.modfile.signature", "elftools.elf.elffile",
             "elftools.elf.sections", "elftools.common.utils"],
     "signature": ["kmodd.modfile.signature"],

@@ -71,6 +71,13 @@ def test_cycles_in_bad_data_terminate() -> None:
     assert learned.weight("x") == pytest.approx(3.0)
 
 
+def test_absurdly_deep_chains_stop_at_the_depth_limit() -> None:
+    n = 5000
+    learned = Learned(KERNEL, {f"m{i}": timing(0.001, f"m{i + 1}") for i in range(n)},
+                      {"x": ("/devices/x", ("m0",))})
+    assert learned.weight("x") == pytest.approx(0.001 * 64)
+
+
 def test_other_kernel_or_changed_file_is_ignored(tmp_path: Path) -> None:
     ko = tmp_path / "hba.ko"
     ko.write_bytes(b"\x7fELF one")
@@ -95,6 +102,7 @@ def test_other_kernel_or_changed_file_is_ignored(tmp_path: Path) -> None:
     b'"devices": {}}', b'{"format": 1, "kernel": "6.1.0-test", "modules": {"a": '
     b'{"init": -1}}, "devices": {}}', b'{"format": 1, "kernel": "6.1.0-test", "modules": '
     b'{}, "devices": {"x": {"devpath": 1, "targets": []}}}', b"\xff\xfe",
+    b"[" * 100000 + b"]" * 100000,
 ])
 def test_damaged_file_is_ignored_with_a_warning(tmp_path: Path, content: bytes,
                                                  caplog: pytest.LogCaptureFixture) -> None:
