@@ -30,7 +30,7 @@ INSTRUMENT = {
     "modprobe_d": ["kmodd.resolution.config"],
     "cmdline": ["kmodd.resolution.config"],
     "kmodd_conf": ["kmodd.daemon.settings", "tomllib"],
-    "control": ["kmodd.daemon.control", "kmodd.service", "kmodd.resolution.names"],
+    "control": ["kmodd.daemon.control", "kmodd.daemon.service", "kmodd.resolution.names"],
     "fifo": ["kmodd.daemon.kernelreq"],
     "uevent": ["kmodd.daemon.uevents"],
     "state": ["kmodd.daemon.state"],
