@@ -287,9 +287,11 @@ class StateSaver:
 
     DELAY = 0.5
 
-    def __init__(self, store: StateStore, loop: Scheduling) -> None:
+    def __init__(self, store: StateStore, loop: Scheduling, *,
+                 logger: logging.Logger = LOG) -> None:
         self.store = store
         self._loop = loop
+        self._log = logger
         self._timer: Cancellable | None = None
         self._thread: threading.Thread | None = None
         self._wanted = threading.Event()
@@ -324,4 +326,4 @@ class StateSaver:
         try:
             self.store.save()
         except OSError as exc:
-            slog(LOG, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)
+            slog(self._log, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)
