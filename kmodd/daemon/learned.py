@@ -23,11 +23,9 @@ replaced at the next save).  None of udevd, modprobe or mdevd does this.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -196,18 +194,11 @@ def read(path: Path, kernel: str) -> Learned:
 
 
 def write(path: Path, learned: Learned) -> None:
-    """Atomically (temporary file + rename), mode 0644."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".learned.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(learned.to_dict(), f, separators=(",", ":"))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Atomically (state.write_atomically), mode 0644; not fsynced: losing the
+    lesson in a crash only costs the next boot its order."""
+    from kmodd.daemon.state import write_atomically
+    write_atomically(path, json.dumps(learned.to_dict(), separators=(",", ":")).encode(),
+                     mode=0o644, prefix=".learned.", durable=False)
 
 
 class LearnedOrder:

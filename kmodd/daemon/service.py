@@ -139,7 +139,7 @@ class Service:
         self.loop = EventLoop()
         self.started_at = time.time()
         self.state = StateStore(Path(settings.state_file))
-        self.saver = StateSaver(self.state, self.loop)
+        self.saver = StateSaver(self.state, self.loop, logger=LOG)
         self.reporter = OutcomeReporter()
         self.ops = ControlOps(self)
         self.loadlog = LoadLog()
