@@ -215,12 +215,13 @@ class Service:
     def _default_sources(self) -> list[SourceFactory]:
         root = self.settings.root_obj
         fifo = self.settings.request_fifo
+        # kmodd's own netlink reader by default: pyudev's imports were 0.8 s
+        # of the start before coldplug in the VM (docs/performance.md).
+        reader = self.settings.uevent_reader
 
         def uevents(submit: Submit) -> Source:
             from kmodd.daemon.uevents import UeventSource
-            # kmodd's own netlink reader: pyudev's imports were 0.8 s of the
-            # start before coldplug in the VM (docs/performance.md).
-            return UeventSource(submit, root, backend="netlink")
+            return UeventSource(submit, root, backend=reader)
 
         def kernel_requests(submit: Submit) -> Source:
             from kmodd.daemon.kernelreq import KernelRequestSource

@@ -874,3 +874,21 @@ def test_the_daemons_lines_keep_their_logger_name(
              if r.getMessage().startswith(("loaded a for", "loaded core for", "nothing-such"))}
     assert names == {"kmodd.daemon.service"}
     stop(svc, t, rc)
+
+
+@pytest.mark.parametrize("reader", ["netlink", "pyudev"])
+def test_the_uevent_source_reads_with_the_configured_reader(
+        env: Env, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+    import kmodd.daemon.uevents as uevents
+
+    made: list[str] = []
+
+    class Recorder:
+        def __init__(self, submit: Any, root: Any, *, backend: str) -> None:
+            made.append(backend)
+
+    monkeypatch.setattr(uevents, "UeventSource", Recorder)
+    svc = env.service(uevent_reader=reader)
+    factories = svc._default_sources()
+    factories[0](lambda request: None)
+    assert made == [reader]
