@@ -10,11 +10,18 @@ from pathlib import Path
 MODPROBE_D_DIRS = ("etc/modprobe.d", "run/modprobe.d", "usr/local/lib/modprobe.d",
                    "usr/lib/modprobe.d", "lib/modprobe.d")
 
+# The daemon's runtime directory (the unit's RuntimeDirectory=kmodd): control
+# socket, state, request FIFO, hand-over flag, index cache, runtime drop-ins.
+# Every path under it comes from here; the settings may still move each one.
+RUN_DIR = "run/kmodd"
+
 # While this file exists udev leaves MODALIAS loads to kmodd: the takeover's
 # copy of udev's 80-drivers.rules tests for it (systemd/80-drivers.rules, as
 # the running system sees it, so the path is fixed).  kmodd creates it once
 # it listens to uevents; the unit's ExecStopPost= and a clean stop remove it.
-UDEV_HANDOVER = "run/kmodd/udev-handover"
+UDEV_HANDOVER = f"{RUN_DIR}/udev-handover"
+# What is kept across boots (the unit's StateDirectory=kmodd).
+STATE_DIR = "var/lib/kmodd"
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,22 @@ class Root:
         return self.path("proc")
 
     @property
-    def run(self) -> Path:
-        return self.path("run")
+    def kmodd_run(self) -> Path:
+        return self.path(RUN_DIR)
 
     @property
     def udev_handover(self) -> Path:
         return self.path(UDEV_HANDOVER)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path(STATE_DIR)
+
+
+def run_path(name: str = "") -> str:
+    """``/run/kmodd/NAME`` on the running system (``/run/kmodd`` without a name):
+    the default places the settings start from."""
+    return f"/{RUN_DIR}/{name}" if name else f"/{RUN_DIR}"
 
 
 def running_kernel_version(root: Root | None = None) -> str:

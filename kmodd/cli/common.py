@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kmodd.root import Root, running_kernel_version
+from kmodd.root import Root, run_path, running_kernel_version
 
 
 def add_tree_options(parser: argparse.ArgumentParser, *, blacklist: bool = True) -> None:
@@ -29,7 +29,7 @@ def add_tree_options(parser: argparse.ArgumentParser, *, blacklist: bool = True)
 def add_daemon_options(parser: argparse.ArgumentParser) -> None:
     """``load``/``unload`` go through a running daemon unless told otherwise."""
     parser.add_argument("--socket", metavar="PATH", default=None,
-                        help="the daemon's control socket (default /run/kmodd/control)")
+                        help=f"the daemon's control socket (default {run_path('control')})")
     parser.add_argument("--direct", action="store_true",
                         help="act on the kernel directly even when the daemon runs")
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kmodd.daemon.settings import Settings, SettingsError, parse_settings
 
+if TYPE_CHECKING:
+    from kmodd.kernel.protocol import Kernel
+    from kmodd.resolution.resolve import Resolver
 
-def make_kernel(settings: Settings) -> object:
+
+def make_kernel(settings: Settings) -> Kernel:
     if settings.kernel.startswith("sim:"):
         from kmodd.kernel.sim import SimKernel
         return SimKernel(Path(settings.kernel[4:]), keep_images=False)
@@ -17,7 +22,7 @@ def make_kernel(settings: Settings) -> object:
     return RealKernel(settings.root_obj)
 
 
-def resolver_factory(settings: Settings) -> object:
+def resolver_factory(settings: Settings) -> Resolver:
     from kmodd.resolution.resolve import open_resolver
     from kmodd.root import running_kernel_version
     root = settings.root_obj
@@ -49,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from kmodd.daemon.service import Service
     try:
         kernel = make_kernel(settings)
-        service = Service(settings, kernel, resolver_factory,  # type: ignore[arg-type]
-                          settings_source=source)
+        service = Service(settings, kernel, resolver_factory, settings_source=source)
     except Exception as exc:
         logging.getLogger("kmodd").error("cannot start: %s", exc)
         return 1

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kmodd.daemon.loadlog import SOURCE_NAMES, Histogram
-from kmodd.daemon.scheduler import OUTCOME_STATUSES
+from kmodd.daemon.requests import OUTCOME_STATUSES
 
 
 def _escape(value: str) -> str:

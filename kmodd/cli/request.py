@@ -15,7 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_RUN_DIR = "/run/kmodd"
+from kmodd.root import run_path
+
+DEFAULT_RUN_DIR = run_path()
 HELPER_PATHS = ("/usr/libexec/kmodd/kmodd-request", "/usr/local/libexec/kmodd/kmodd-request")
 _TOLERATED = {"-q", "--quiet", "-v", "--verbose", "-b", "--use-blacklist", "-s", "--syslog"}
 

@@ -20,14 +20,21 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
+from kmodd.daemon.client import (  # noqa: F401 (re-exported: the client used to live here)
+    Client,
+    ControlError,
+)
+from kmodd.root import run_path
 
-DEFAULT_SOCKET = "/run/kmodd/control"
+LOG = logging.getLogger(__name__)
+
+# kmodd.daemon.client spells it out (it imports nothing of kmodd); a test holds both equal.
+DEFAULT_SOCKET = run_path("control")
 MAX_MESSAGE = 64 * 1024          # one request line
 # Backpressure: a peer with this much output queued is not read from (its
 # socket is not even polled for input) until it has read most of it, so a
@@ -49,8 +56,6 @@ MAX_CONNECTIONS = 512
 MAX_UNPRIVILEGED = 256
 MAX_PER_UID = 32
 
-READ_OPS = frozenset({"status", "list", "why", "monitor", "settle", "ping", "loads"})
-ROOT_OPS = frozenset({"load", "unload", "reload", "deny", "allow"})
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ class Connection:
                                           "EIO")).encode() + b"\n"
         if len(self.outbuf) + len(line) > self.max_output:
             # A peer that does not read must not make the daemon's memory grow.
-            log.info("control: dropping %s, it is not reading its replies", self.describe())
+            LOG.info("control: dropping %s, it is not reading its replies", self.describe())
             self.close()
             return
         self.outbuf += line
@@ -224,7 +229,7 @@ class Connection:
                     self.server.dispatch(self, line)
                 except Exception:
                     # Never leave the lines behind it unanswered.
-                    log.exception("control: request from %s failed", self.describe())
+                    LOG.exception("control: request from %s failed", self.describe())
                     self.send(error_reply("internal error", "EIO"))
 
     def close(self) -> None:
@@ -240,25 +245,35 @@ class Connection:
             try:
                 cb(self)
             except Exception:
-                log.exception("control: close callback failed")
+                LOG.exception("control: close callback failed")
 
 
 Handler = Callable[[Connection, dict[str, Any]], "dict[str, Any] | None"]
 
 
-class ControlServer:
-    """Accepts peers, parses lines, checks permissions, hands requests to ``handler``.
+@dataclass(frozen=True)
+class Operation:
+    """One control op: who may call it and what serves it.
 
     ``handler(conn, msg)`` returns the reply, or None when it will reply later
     with ``conn.reply(msg, ...)`` (load, settle) or stream (monitor).
     """
 
-    def __init__(self, path: str | Path, reactor: Reactor, handler: Handler, *,
+    needs_root: bool
+    handler: Handler
+
+
+class ControlServer:
+    """Accepts peers, parses lines, checks permissions against ``operations``
+    (kmodd.daemon.operations.OPERATIONS) and hands each request to its handler."""
+
+    def __init__(self, path: str | Path, reactor: Reactor,
+                 operations: Mapping[str, Operation], *,
                  peercred: Callable[[socket.socket], PeerCred] = peer_credentials,
                  mode: int = 0o666) -> None:
         self.path = Path(path)
         self.reactor = reactor
-        self.handler = handler
+        self.operations = operations
         self.peercred = peercred
         self.mode = mode
         self.sock: socket.socket | None = None
@@ -314,7 +329,7 @@ class ControlServer:
             except OSError as exc:
                 # Out of descriptors: the socket stays readable, so stop
                 # watching it (no busy loop) until a connection closes.
-                log.warning("control: cannot accept: %s", exc)
+                LOG.warning("control: cannot accept: %s", exc)
                 self.reactor.remove(self.sock)
                 self._paused = True
                 return
@@ -322,7 +337,7 @@ class ControlServer:
             try:
                 cred = self.peercred(peer)
             except Exception as exc:
-                log.warning("control: no peer credentials (%s); dropping peer", exc)
+                LOG.warning("control: no peer credentials (%s); dropping peer", exc)
                 peer.close()
                 continue
             refusal = self._over_limit(cred)
@@ -372,133 +387,25 @@ class ControlServer:
         if not isinstance(op, str):
             conn.reply(msg, error_reply("missing 'op'"))
             return
-        if op not in READ_OPS and op not in ROOT_OPS:
+        operation = self.operations.get(op)
+        if operation is None:
             conn.reply(msg, error_reply(f"unknown op {op!r}", "ENOSYS"))
             return
-        if op in ROOT_OPS and not conn.cred.is_root:
-            log.info("control: %s refused to %s", op, conn.describe())
+        if operation.needs_root and not conn.cred.is_root:
+            LOG.info("control: %s refused to %s", op, conn.describe())
             conn.reply(msg, error_reply(f"{op} needs root (peer uid {conn.cred.uid})", "EPERM"))
             return
         try:
-            reply = self.handler(conn, msg)
+            reply = operation.handler(conn, msg)
         except (KeyError, TypeError, ValueError) as exc:
             reply = error_reply(f"bad {op} request: {exc}")
         except Exception as exc:
-            log.exception("control: %s failed", op)
+            LOG.exception("control: %s failed", op)
             reply = error_reply(f"{op} failed: {exc}", "EIO")
         if reply is not None:
             conn.reply(msg, reply)
 
 
 # --- client ------------------------------------------------------------------
-
-class ControlError(Exception):
-    """The daemon answered with ok=false, or the connection broke."""
-
-    def __init__(self, message: str, code: str = "EIO", reply: dict[str, Any] | None = None
-                 ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.reply = reply or {}
-
-
-class Client:
-    """Blocking client for kmodctl and kmodd-request."""
-
-    def __init__(self, path: str | Path = DEFAULT_SOCKET, *, timeout: float | None = None
-                 ) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except BaseException:
-            self.sock.close()
-            raise
-        self._rfile = self.sock.makefile("rb")
-
-    @classmethod
-    def try_connect(cls, path: str | Path = DEFAULT_SOCKET, *, timeout: float | None = 5.0
-                    ) -> Client | None:
-        """A client when a daemon listens at ``path``; None otherwise (load directly)."""
-        try:
-            return cls(path, timeout=timeout)
-        except OSError:
-            return None
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def receive(self) -> dict[str, Any]:
-        line = self._rfile.readline(MAX_OUTPUT)
-        if not line:
-            raise ControlError("the daemon closed the connection")
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ControlError(f"bad reply from the daemon: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ControlError("bad reply from the daemon: not an object")
-        return obj
-
-    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one request, return its raw reply (``ok`` may be false)."""
-        self.send(msg)
-        return self.receive()
-
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Like :meth:`request` but raise ControlError when ``ok`` is false."""
-        reply = self.request({"op": op, **fields})
-        if not reply.get("ok"):
-            raise ControlError(str(reply.get("error", "request failed")),
-                               str(reply.get("code", "EIO")), reply)
-        return reply
-
-    def stream(self, op: str = "monitor", **fields: Any) -> Iterator[dict[str, Any]]:
-        """The first reply, then every event line until the daemon closes."""
-        first = self.call(op, **fields)
-        yield first
-        while True:
-            try:
-                yield self.receive()
-            except ControlError:
-                return
-
-    def status(self) -> dict[str, Any]:
-        return self.call("status")
-
-    def list_modules(self) -> dict[str, Any]:
-        return self.call("list")
-
-    def why(self, module: str) -> dict[str, Any]:
-        return self.call("why", module=module)
-
-    def settle(self, timeout: float | None = None) -> dict[str, Any]:
-        return self.call("settle", timeout=timeout)
-
-    def reload(self) -> dict[str, Any]:
-        return self.call("reload")
-
-    def load(self, name: str, options: str = "", *, kind: str = "admin",
-             requested_by: str = "") -> dict[str, Any]:
-        """Ask the daemon to load; the reply carries the outcome (``status``...)."""
-        return self.request({"op": "load", "name": name, "options": options, "kind": kind,
-                             "requested_by": requested_by})
-
-    def unload(self, name: str, *, force: bool = False) -> dict[str, Any]:
-        return self.request({"op": "unload", "name": name, "force": force})
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._rfile.close()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+# The client lives in kmodd.daemon.client (dependency-free, for kmodctl's
+# start-up); these names stay importable from here.

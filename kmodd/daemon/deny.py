@@ -14,14 +14,13 @@ name per line, ``#`` comments).
 
 from __future__ import annotations
 
-import contextlib
 import errno as errno_mod
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodd.daemon.state import write_atomically
+from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.resolution.names import modname_normalize
 from kmodd.resolution.plan import Plan, Role
 from kmodd.root import Root
@@ -62,19 +61,7 @@ def write_deny_file(path: Path, names: Iterable[str]) -> None:
     """Atomically: temporary file, fsync, rename (a crash leaves old or new)."""
     body = "# modules kmodd never loads (kmodctl deny/allow)\n" + "".join(
         f"{n}\n" for n in sorted(set(names)))
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".deny.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, body.encode(), mode=0o644, prefix=".deny.")
 
 
 class DenyPolicy:
@@ -161,6 +148,24 @@ def refusals(plan: Plan, reason: Callable[[str], str | None]) -> dict[str, Refus
         out[step.name] = Refusal(step.name, "refused",
                                  f"{step.name} not loaded: only refused modules need it")
     return out
+
+
+def system_refuse(root: Root) -> Callable[[Plan], StepResult | None]:
+    """For kmodd.kernel.direct.load_direct: the first step of a plan the system's
+    policy (:func:`system_policy`, read when first needed) refuses outright."""
+    policy: list[DenyPolicy] = []
+
+    def refuse(plan: Plan) -> StepResult | None:
+        if not policy:
+            policy.append(system_policy(root))
+        blocking = [r for r in refusals(plan, policy[0].reason).values()
+                    if r.status == "failed"]
+        if not blocking:
+            return None
+        first = blocking[0]
+        return StepResult(first.name, StepStatus.FAILED, first.error, first.errno)
+
+    return refuse
 
 
 def system_policy(root: Root) -> DenyPolicy:

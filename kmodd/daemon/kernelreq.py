@@ -59,16 +59,14 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, Request, RequestKind, Submit
 from kmodd.journal import log
+from kmodd.root import run_path
 
 LOG = logging.getLogger(__name__)
-
-Submit = Callable[[Request], "Future[Outcome]"]
 
 # request_module() formats into a MODULE_NAME_LEN (56) buffer, so names from
 # the kernel are short; the limit leaves room for administrators' aliases.
@@ -83,7 +81,6 @@ REPLY_RE = re.compile(r"reply\.[0-9]{1,10}\Z")
 PROC_REPLY_RE = re.compile(r"/proc/[0-9]{1,10}/fd/[0-9]{1,4}\Z")
 ACK = b"+\n"
 MAX_LINE = 4096          # PIPE_BUF: the helper's write is atomic below it
-SUCCESS = frozenset({"loaded", "present", "builtin"})
 
 
 CAP_SYS_PTRACE = 19
@@ -143,7 +140,7 @@ def reply_line(outcome: Outcome | None, error: str | None = None) -> bytes:
     if outcome is None:
         code, status, detail = "1", "failed", error or "internal error"
     else:
-        code = "0" if outcome.status in SUCCESS else "1"
+        code = "0" if outcome.ok else "1"
         status = outcome.status
         detail = outcome.error or " ".join(outcome.modules)
     text = f"{code} {status} {detail}".strip()
@@ -165,6 +162,8 @@ class _Reply:
 
 class KernelRequestSource:
     """Event-loop source serving ``kmodd-request`` helpers over FIFOs."""
+
+    udev_handover = False     # the kernel's own requests, not its uevents
 
     def __init__(self, submit: Submit, fifo_path: str | os.PathLike[str], *,
                  owner_uid: int | None = None, pipe_replies: bool | None = None,
@@ -287,7 +286,7 @@ class KernelRequestSource:
                 with open(f"{proc}/{entry}/environ", "rb") as handle:
                     env = handle.read(65536).split(b"\0")
                 run_dir = next((v[len(b"KMODD_RUN_DIR="):] for v in env
-                                if v.startswith(b"KMODD_RUN_DIR=")), b"/run/kmodd")
+                                if v.startswith(b"KMODD_RUN_DIR=")), run_path().encode())
                 if run_dir.rstrip(b"/") != ours:
                     continue
                 os.kill(int(entry), signal.SIGUSR1)
@@ -367,7 +366,7 @@ class KernelRequestSource:
                 request=name[:80], requested_by="kernel")
             self._answer(reply, None, problem)
             return None
-        request = Request(kind="kernel", key=name, requested_by="kernel")
+        request = Request(kind=RequestKind.KERNEL, key=name, requested_by="kernel")
         try:
             future = self.submit(request)
         except Exception as exc:

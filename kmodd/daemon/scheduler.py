@@ -24,123 +24,29 @@ from __future__ import annotations
 
 import errno as errno_mod
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
+from kmodd.daemon.interfaces import KernelState, Planner, StepLoader
+from kmodd.daemon.limits import (
+    MAX_KMOD_CONCURRENT,
+    RUNAWAY_LIMIT,
+    RUNAWAY_WINDOW,
+    clamp_workers,
+    default_max_workers,
+)
 from kmodd.daemon.loadlog import LoadRecord
+from kmodd.daemon.requests import OUTCOME_STATUSES, Outcome, OutcomeStatus, Request, RequestKind
+from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import InitState
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 
-log = logging.getLogger(__name__)
-
-# The kernel warns "request_module: runaway loop" past this many concurrent
-# modprobe calls (kernel/module/kmod.c); a loader should never need more.
-MAX_KMOD_CONCURRENT = 50
-# Requests for one key (or loads of one module) within RUNAWAY_WINDOW seconds
-# before they are refused as a runaway.  A real loop (a module asking for
-# itself, a device re-announcing itself) runs far faster; a script calling
-# the request helper in a loop or a device burst stays well below.
-RUNAWAY_LIMIT = 100
-RUNAWAY_WINDOW = 10.0
-
-REQUEST_KINDS = ("modalias", "kernel", "admin", "coldplug", "modules-load")
-OUTCOME_STATUSES = ("loaded", "present", "builtin", "failed", "unresolved", "blacklisted",
-                    "backoff", "runaway")
-OK_STATUSES = frozenset({"loaded", "present", "builtin"})
-
-
-@dataclass(frozen=True)
-class Request:
-    kind: str            # "modalias" | "kernel" | "admin" | "coldplug"
-    key: str             # the modalias, the request_module() name, or the admin's name/alias
-    devpath: str | None = None
-    requested_by: str = ""     # e.g. "uevent", "coldplug", "kernel", "kmodctl uid=0"
-    options: str = ""
-
-    @property
-    def blacklist_all(self) -> bool:
-        """Device-driven requests honour the blacklist for every module, like udev;
-        kernel and administrator requests only for aliases, like modprobe."""
-        # systemd-modules-load probes with KMOD_PROBE_APPLY_BLACKLIST too.
-        return self.kind in ("modalias", "coldplug", "modules-load")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "key": self.key, "devpath": self.devpath,
-                "requested_by": self.requested_by, "options": self.options}
-
-
-@dataclass(frozen=True)
-class Outcome:
-    request: Request
-    status: str          # one of OUTCOME_STATUSES
-    modules: tuple[str, ...]
-    error: str | None = None
-    errno: int | None = None
-    failed: tuple[str, ...] = ()     # the modules whose own load failed, when status is failed
-
-    @property
-    def ok(self) -> bool:
-        return self.status in OK_STATUSES
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"request": self.request.to_dict(), "status": self.status,
-                "modules": list(self.modules), "error": self.error, "errno": self.errno,
-                "failed": list(self.failed)}
-
-
-class StepResultLike(Protocol):
-    """What :class:`kmodd.kernel.loader.StepResult` looks like to the scheduler."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def status(self) -> str: ...
-    @property
-    def error(self) -> str | None: ...
-    @property
-    def errno(self) -> int | None: ...
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """A step result the scheduler makes itself (skips, kernel-side checks, crashes)."""
-
-    name: str
-    status: str
-    error: str | None = None
-    errno: int | None = None
-
-
-class ResolverLike(Protocol):
-    def plan(self, request: str, *, extra_options: str = "",
-             blacklist_all: bool = False) -> Plan: ...
-
-
-class LoaderLike(Protocol):
-    def load_step(self, step: ModuleStep) -> Any: ...
-
-
-class KernelStateLike(Protocol):
-    def initstate(self, name: str) -> InitState: ...
-
-
-def default_max_workers(cpus: int | None = None) -> int:
-    """Loads mostly wait (probing hardware, firmware, and every module init ends
-    by waiting for all asynchronous probes in the system, a SCSI bus scan
-    included), so 8 plus twice the CPUs, as udevd sizes its worker pool, never
-    past the kernel's own limit."""
-    count = cpus if cpus is not None else (os.cpu_count() or 1)
-    return clamp_workers(8 + 2 * count)
-
-
-def clamp_workers(n: int) -> int:
-    return max(1, min(int(n), MAX_KMOD_CONCURRENT))
+LOG = logging.getLogger(__name__)
 
 
 # --- pure policies -------------------------------------------------------------
@@ -242,24 +148,25 @@ def plan_edges(plan: Plan) -> dict[str, set[str]]:
     return edges
 
 
-def summarize(request: Request, plan: Plan, results: dict[str, StepResultLike]) -> Outcome:
+def summarize(request: Request, plan: Plan, results: dict[str, StepResult]) -> Outcome:
     """One request's outcome from the results of its plan's steps."""
     targets = plan.targets
-    failures = [r for r in results.values() if r.status in ("failed", "skipped")]
+    failures = [r for r in results.values() if r.status.is_failure]
     if failures:
         # The target's own error says most; a dependency's explains a skip.
-        first = next((r for r in failures if r.status == "failed"), failures[0])
-        culprits = tuple(r.name for r in failures if r.status == "failed") or (first.name,)
-        return Outcome(request, "failed", targets, first.error or f"{first.name}: failed",
-                       first.errno, culprits)
+        first = next((r for r in failures if r.status == StepStatus.FAILED), failures[0])
+        culprits = tuple(r.name for r in failures
+                         if r.status == StepStatus.FAILED) or (first.name,)
+        return Outcome(request, OutcomeStatus.FAILED, targets,
+                       first.error or f"{first.name}: failed", first.errno, culprits)
     target_status = [results[t].status for t in targets if t in results]
-    if any(s in ("loaded", "install-command") for s in target_status):
-        return Outcome(request, "loaded", targets)
-    if target_status and all(s == "builtin" for s in target_status):
-        return Outcome(request, "builtin", targets)
-    if any(r.status == "loaded" for r in results.values()):
-        return Outcome(request, "loaded", targets)
-    return Outcome(request, "present", targets)
+    if any(s in (StepStatus.LOADED, StepStatus.INSTALL_COMMAND) for s in target_status):
+        return Outcome(request, OutcomeStatus.LOADED, targets)
+    if target_status and all(s is StepStatus.BUILTIN for s in target_status):
+        return Outcome(request, OutcomeStatus.BUILTIN, targets)
+    if any(r.status == StepStatus.LOADED for r in results.values()):
+        return Outcome(request, OutcomeStatus.LOADED, targets)
+    return Outcome(request, OutcomeStatus.PRESENT, targets)
 
 
 # --- the scheduler -------------------------------------------------------------
@@ -273,7 +180,7 @@ class _Entry:
     waiters: list[tuple[Request, Future[Outcome]]]
     plan: Plan | None = None
     needs: set[str] = field(default_factory=set)
-    results: dict[str, StepResultLike] = field(default_factory=dict)
+    results: dict[str, StepResult] = field(default_factory=dict)
     done: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     refused: frozenset[str] = frozenset()     # steps the deny policy keeps out
@@ -297,11 +204,23 @@ class _Task:
     waited_for: tuple[str, ...] = ()
 
 
-ModuleCallback = Callable[[ModuleStep, Request, tuple[str, ...], StepResultLike], None]
+ModuleCallback = Callable[[ModuleStep, Request, tuple[str, ...], StepResult], None]
+
+
+@dataclass(eq=False)
+class _Delivery:
+    """What a change under the lock has to tell, told once the lock is released:
+    the scheduler's rule is slow work (callbacks, the journal) outside it."""
+
+    answers: list[tuple[Future[Outcome], Outcome]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    modules: list[tuple[ModuleStep, Request, tuple[str, ...], StepResult]] = \
+        field(default_factory=list)
+    runaways: list[tuple[str, Request]] = field(default_factory=list)
 
 
 class Scheduler:
-    def __init__(self, resolver: ResolverLike, loader: LoaderLike, kernel: KernelStateLike, *,
+    def __init__(self, resolver: Planner, loader: StepLoader, kernel: KernelState, *,
                  max_workers: int | None = None, queue_limit: int = 16384,
                  max_waiters: int = 4096, backoff: BackoffPolicy | None = None,
                  runaway_limit: int = RUNAWAY_LIMIT, runaway_window: float = RUNAWAY_WINDOW,
@@ -339,7 +258,6 @@ class Scheduler:
         self._failures: OrderedDict[str, FailureRecord] = OrderedDict()
         self._stopping = False
         self._exit = False
-        self._busy = 0                  # workers running a job
         self.loading = 0                # workers inside load_step
         self._extra_loads = 0           # of which on threads of their own (kernel requests)
         self.max_loading_seen = 0
@@ -355,7 +273,7 @@ class Scheduler:
 
     # --- public ------------------------------------------------------------
 
-    def set_resolver(self, resolver: ResolverLike) -> None:
+    def set_resolver(self, resolver: Planner) -> None:
         """New configuration/indexes (SIGHUP, inotify); in-flight plans keep the old one."""
         with self._lock:
             self._resolver = resolver
@@ -381,16 +299,17 @@ class Scheduler:
         fut: Future[Outcome] = Future()
         fut.set_running_or_notify_cancel()    # callers cannot cancel: every Future completes
         immediate: Outcome | None = None
+        runaway_key: str | None = None
         with self._lock:
             self.submitted += 1
             dkey = _dedup_key(request)
             entry = self._entries.get(dkey)
             if self._stopping:
-                immediate = Outcome(request, "failed", (), "kmodd is stopping",
+                immediate = Outcome(request, OutcomeStatus.FAILED, (), "kmodd is stopping",
                                     errno_mod.ESHUTDOWN)
             elif self._waiting >= self.max_total_waiters:
                 # Memory stays bounded whatever the burst; the caller is told.
-                immediate = Outcome(request, "failed", (),
+                immediate = Outcome(request, OutcomeStatus.FAILED, (),
                                     f"too many requests waiting ({self._waiting})",
                                     errno_mod.EAGAIN)
             elif entry is not None and len(entry.waiters) < self.max_waiters:
@@ -399,21 +318,21 @@ class Scheduler:
                 self._waiting += 1
                 return fut
             elif entry is not None:
-                immediate = Outcome(request, "runaway", (),
+                immediate = Outcome(request, OutcomeStatus.RUNAWAY, (),
                                     f"more than {self.max_waiters} identical requests pending")
             else:
-                if request.kind != "admin":
+                if request.kind is not RequestKind.ADMIN:
                     runaway, newly = self._runaway.hit(
                         ("request", request.key, request.devpath or ""), self._clock())
                     if runaway:
                         immediate = Outcome(
-                            request, "runaway", (),
+                            request, OutcomeStatus.RUNAWAY, (),
                             f"more than {self._runaway.limit} requests for {request.key!r} "
                             f"within {self._runaway.window:g}s")
-                        if newly and self._on_runaway is not None:
-                            self._safe(self._on_runaway, request.key, request)
+                        if newly:
+                            runaway_key = request.key
                 if immediate is None and len(self._entries) >= self.queue_limit:
-                    immediate = Outcome(request, "failed", (),
+                    immediate = Outcome(request, OutcomeStatus.FAILED, (),
                                         f"request queue full ({self.queue_limit} pending)",
                                         errno_mod.EAGAIN)
                 if immediate is None:
@@ -426,6 +345,8 @@ class Scheduler:
             if immediate is not None:
                 self.counts[immediate.status] = self.counts.get(immediate.status, 0) + 1
         assert immediate is not None
+        if runaway_key is not None and self._on_runaway is not None:
+            self._safe(self._on_runaway, runaway_key, request)
         if self._on_outcome is not None:
             self._safe(self._on_outcome, immediate)
         fut.set_result(immediate)
@@ -435,10 +356,6 @@ class Scheduler:
         """Distinct requests not yet answered."""
         with self._lock:
             return len(self._entries)
-
-    def running(self) -> int:
-        with self._lock:
-            return self.loading
 
     def idle(self) -> bool:
         with self._lock:
@@ -491,28 +408,28 @@ class Scheduler:
     def begin_shutdown(self) -> None:
         """The non-blocking half of :meth:`shutdown`: from now on every new
         request is refused (ESHUTDOWN) and nothing new starts."""
-        done: list[tuple[Future[Outcome], Outcome]] = []
-        outcomes: list[Outcome] = []
+        tell = _Delivery()
         with self._lock:
             if self._exit:
                 return
             self._stopping = True
             while self._resolve_q:
                 entry = self._resolve_q.popleft()
-                out = Outcome(entry.request, "failed", (), "kmodd is stopping",
+                out = Outcome(entry.request, OutcomeStatus.FAILED, (), "kmodd is stopping",
                               errno_mod.ESHUTDOWN)
-                self._finish_entry_locked(entry, out, done, outcomes)
+                self._finish_entry_locked(entry, out, tell)
             self._ready.clear()
             for task in list(self._tasks.values()):
                 if task.state in ("waiting", "ready") and task.step.name in self._tasks:
                     self._complete_task_locked(
-                        task, StepOutcome(task.step.name, "skipped", "kmodd is stopping",
-                                          errno_mod.ESHUTDOWN), done, outcomes, [])
+                        task, StepResult(task.step.name, StepStatus.SKIPPED,
+                                         "kmodd is stopping", errno_mod.ESHUTDOWN), tell)
             self._exit = True
             self._cond.notify_all()
             self._loads_wake.notify_all()
             self._resolves_wake.notify_all()
-        self._deliver(done, outcomes, [])
+        tell.modules.clear()     # loads never started: nothing to log per module
+        self._deliver(tell)
 
     # --- workers -----------------------------------------------------------
 
@@ -528,8 +445,6 @@ class Scheduler:
                 job = queue.popleft() if resolver else self._pop_ready_locked()
                 if isinstance(job, _Task):
                     self._start_load_locked(job)
-                else:
-                    self._busy += 1
             self._run_job(job)
 
     def _pop_ready_locked(self) -> _Task:
@@ -573,8 +488,8 @@ class Scheduler:
         if task.ready_at is None:
             task.ready_at = time.monotonic()
         free = self.max_workers - (self.loading - self._extra_loads) - len(self._ready)
-        wanted_by_kernel = task.request.kind == "kernel" or any(
-            e.request.kind == "kernel" for e in task.entries)
+        wanted_by_kernel = task.request.kind is RequestKind.KERNEL or any(
+            e.request.kind is RequestKind.KERNEL for e in task.entries)
         if free <= 0 and wanted_by_kernel and self.loading < MAX_KMOD_CONCURRENT:
             self._start_load_locked(task)
             task.own_thread = True
@@ -589,7 +504,6 @@ class Scheduler:
         task.state = "running"
         self.loading += 1
         self.max_loading_seen = max(self.max_loading_seen, self.loading)
-        self._busy += 1
 
     def _run_job(self, job: _Task | _Entry) -> None:
         try:
@@ -598,10 +512,9 @@ class Scheduler:
             else:
                 self._run_resolve(job)
         except Exception:       # a bug here must not kill a worker
-            log.exception("scheduler worker error")
+            LOG.exception("scheduler worker error")
         finally:
             with self._cond:
-                self._busy -= 1
                 self._cond.notify_all()
                 now_idle = self._idle_locked()
             if now_idle and self._on_idle is not None:
@@ -610,113 +523,79 @@ class Scheduler:
     def _run_resolve(self, entry: _Entry) -> None:
         request = entry.request
         resolver = self._resolver
-        done: list[tuple[Future[Outcome], Outcome]] = []
-        outcomes: list[Outcome] = []
+        tell = _Delivery()
         try:
             plan = resolver.plan(request.key, extra_options=request.options,
                                  blacklist_all=request.blacklist_all)
         except Exception as exc:
-            out = Outcome(request, "failed", (), f"cannot resolve {request.key!r}: {exc}")
+            out = Outcome(request, OutcomeStatus.FAILED, (),
+                          f"cannot resolve {request.key!r}: {exc}")
             with self._lock:
-                self._finish_entry_locked(entry, out, done, outcomes)
-            self._deliver(done, outcomes, [])
+                self._finish_entry_locked(entry, out, tell)
+            self._deliver(tell)
             return
         if not plan.resolved:
-            status = "blacklisted" if getattr(plan, "blacklisted", ()) else "unresolved"
-            if status == "unresolved" and request.blacklist_all:
-                try:
-                    if resolver.plan(request.key, extra_options=request.options,
-                                     blacklist_all=False).resolved:
-                        status = "blacklisted"
-                except Exception:
-                    pass
+            # The resolver names what its blacklist dropped (Plan.blacklisted),
+            # so what is neither resolved nor dropped is unknown.
+            status = OutcomeStatus.BLACKLISTED if plan.blacklisted \
+                else OutcomeStatus.UNRESOLVED
             with self._lock:
-                self._finish_entry_locked(entry, Outcome(request, status, ()), done, outcomes)
-            self._deliver(done, outcomes, [])
+                self._finish_entry_locked(entry, Outcome(request, status, ()), tell)
+            self._deliver(tell)
             return
         # sysfs reads outside the lock: which steps the kernel already has.
-        in_kernel: dict[str, StepResultLike] = {}
+        in_kernel: dict[str, StepResult] = {}
         deny = self._deny
         if deny is not None:
             from kmodd.daemon.deny import refusals
             refused = refusals(plan, deny)
             entry.refused = frozenset(refused)
-            in_kernel.update({n: StepOutcome(n, r.status, r.error, r.errno)
+            in_kernel.update({n: StepResult(n, StepStatus(r.status), r.error, r.errno)
                               for n, r in refused.items()})
         for step in plan.steps:
             if step.name in entry.refused:
                 continue
             if step.builtin:
-                in_kernel[step.name] = StepOutcome(step.name, "builtin")
+                in_kernel[step.name] = StepResult(step.name, StepStatus.BUILTIN)
                 continue
             try:
                 state = self._kernel.initstate(step.name)
             except Exception:
                 continue
             if state == InitState.BUILTIN:
-                in_kernel[step.name] = StepOutcome(step.name, "builtin")
+                in_kernel[step.name] = StepResult(step.name, StepStatus.BUILTIN)
             elif state in (InitState.LIVE, InitState.COMING):
                 # COMING counts as loaded, as for modprobe (module_is_inkernel).
-                in_kernel[step.name] = StepOutcome(step.name, "already")
-        module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...], StepResultLike]] = []
+                in_kernel[step.name] = StepResult(step.name, StepStatus.ALREADY)
         with self._lock:
             entry.plan = plan
             entry.results.update(in_kernel)
             if self._stopping:
-                self._finish_entry_locked(entry, Outcome(request, "failed", plan.targets,
-                                                         "kmodd is stopping",
-                                                         errno_mod.ESHUTDOWN), done, outcomes)
+                stopping = Outcome(request, OutcomeStatus.FAILED, plan.targets,
+                                   "kmodd is stopping", errno_mod.ESHUTDOWN)
+                self._finish_entry_locked(entry, stopping, tell)
             else:
-                self._schedule_locked(entry, plan, in_kernel, done, outcomes)
-        self._deliver(done, outcomes, module_cbs)
+                self._schedule_locked(entry, plan, in_kernel, tell)
+        self._deliver(tell)
 
-    def _schedule_locked(self, entry: _Entry, plan: Plan, in_kernel: dict[str, StepResultLike],
-                         done: list[tuple[Future[Outcome], Outcome]],
-                         outcomes: list[Outcome]) -> None:
+    def _schedule_locked(self, entry: _Entry, plan: Plan, in_kernel: dict[str, StepResult],
+                         tell: _Delivery) -> None:
         request = entry.request
         now = self._clock()
         # A module our own worker is loading reads as COMING in sysfs; every
         # request but the kernel's joins that load and shares its outcome.
         todo = [s for s in plan.steps if s.name not in entry.refused
-                and (s.name not in in_kernel or (request.kind != "kernel"
+                and (s.name not in in_kernel or (request.kind is not RequestKind.KERNEL
                                                  and s.name in self._tasks))]
         for step in todo:
             entry.results.pop(step.name, None)
         edges = plan_edges(plan)
-        if request.kind != "admin":     # an administrator asking again means retry now
-            # A module backing off holds back only itself and what needs it: the
-            # plan's other modules (a CPU modalias names a dozen) still load.
-            held: dict[str, StepResultLike] = {}
-            for step in todo:
-                rec = self._failures.get(step.name)
-                if rec is not None and rec.retry_at > now and step.name not in self._tasks:
-                    held[step.name] = StepOutcome(
-                        step.name, "backoff", f"{step.name} failed {rec.failures} time(s), "
-                        f"next retry in {rec.retry_at - now:.0f}s: {rec.error}", rec.errno)
-                elif any(d in held for d in edges.get(step.name, ())):
-                    blocker = next(d for d in edges[step.name] if d in held)
-                    held[step.name] = StepOutcome(step.name, "backoff",
-                                                  held[blocker].error, held[blocker].errno)
-            if held:
-                entry.results.update(held)
-                todo = [s for s in todo if s.name not in held]
-                if not any(s.role is Role.TARGET for s in todo):
-                    first = next(iter(held.values()))
-                    out = Outcome(request, "backoff", plan.targets, first.error, first.errno)
-                    self._finish_entry_locked(entry, out, done, outcomes)
-                    return
-            for step in todo:
-                if step.name in self._tasks:
-                    continue
-                runaway, newly = self._runaway.hit(("module", step.name), now)
-                if runaway:
-                    out = Outcome(request, "runaway", plan.targets,
-                                  f"{step.name} loaded more than {self._runaway.limit} times "
-                                  f"within {self._runaway.window:g}s")
-                    if newly and self._on_runaway is not None:
-                        self._safe(self._on_runaway, step.name, request)
-                    self._finish_entry_locked(entry, out, done, outcomes)
-                    return
+        # An administrator asking again means retry now.
+        if request.kind is not RequestKind.ADMIN:
+            kept = self._hold_back_locked(entry, plan, todo, edges, now, tell)
+            if kept is None:
+                return
+            todo = kept
         for step in todo:
             task = self._tasks.get(step.name)
             if task is None:
@@ -728,61 +607,104 @@ class Scheduler:
                     self._tasks[dep].dependents.append(task)
                 if not waits:
                     self._make_ready_locked(task)
-            elif task.state == "running" and request.kind == "kernel":
+            elif task.state == "running" and request.kind is RequestKind.KERNEL:
                 # Already in the kernel's hands: answer like modprobe does for a
                 # COMING module.  Joining would deadlock a module whose init
                 # asks for itself (the kernel waits for this very reply).
-                entry.results[step.name] = StepOutcome(step.name, "already")
+                entry.results[step.name] = StepResult(step.name, StepStatus.ALREADY)
                 continue
             task.entries.append(entry)
             entry.needs.add(step.name)
-            if request.kind == "kernel" and task.state == "ready" and task.request is not request:
+            if request.kind is RequestKind.KERNEL and task.state == "ready" \
+                    and task.request is not request:
                 self._ready.remove(task)        # queued behind others: maybe expedite
                 self._make_ready_locked(task)
         if not entry.needs:
-            self._finish_entry_locked(entry, summarize(request, plan, entry.results), done,
-                                      outcomes)
+            self._finish_entry_locked(entry, summarize(request, plan, entry.results), tell)
+
+    def _hold_back_locked(self, entry: _Entry, plan: Plan, todo: list[ModuleStep],
+                          edges: dict[str, set[str]], now: float,
+                          tell: _Delivery) -> list[ModuleStep] | None:
+        """Backoff and runaway: the steps still to load, or None when they
+        decided the request (and finished it)."""
+        request = entry.request
+        # A module backing off holds back only itself and what needs it: the
+        # plan's other modules (a CPU modalias names a dozen) still load.
+        held: dict[str, StepResult] = {}
+        for step in todo:
+            rec = self._failures.get(step.name)
+            if rec is not None and rec.retry_at > now and step.name not in self._tasks:
+                held[step.name] = StepResult(
+                    step.name, StepStatus.BACKOFF,
+                    f"{step.name} failed {rec.failures} time(s), "
+                    f"next retry in {rec.retry_at - now:.0f}s: {rec.error}", rec.errno)
+            elif any(d in held for d in edges.get(step.name, ())):
+                blocker = next(d for d in edges[step.name] if d in held)
+                held[step.name] = StepResult(step.name, StepStatus.BACKOFF,
+                                             held[blocker].error, held[blocker].errno)
+        if held:
+            entry.results.update(held)
+            todo = [s for s in todo if s.name not in held]
+            if not any(s.role is Role.TARGET for s in todo):
+                first = next(iter(held.values()))
+                out = Outcome(request, OutcomeStatus.BACKOFF, plan.targets, first.error,
+                              first.errno)
+                self._finish_entry_locked(entry, out, tell)
+                return None
+        for step in todo:
+            if step.name in self._tasks:
+                continue
+            runaway, newly = self._runaway.hit(("module", step.name), now)
+            if runaway:
+                out = Outcome(request, OutcomeStatus.RUNAWAY, plan.targets,
+                              f"{step.name} loaded more than {self._runaway.limit} times "
+                              f"within {self._runaway.window:g}s")
+                if newly:
+                    tell.runaways.append((step.name, request))
+                self._finish_entry_locked(entry, out, tell)
+                return None
+        return todo
 
     def _run_load(self, task: _Task) -> None:
         step = task.step
-        result: StepResultLike
+        result: StepResult
         picked = time.monotonic()
         try:
             result = self._loader.load_step(step)
         except Exception as exc:
             err = getattr(exc, "errno", None)
-            result = StepOutcome(step.name, "failed", f"{step.name}: {exc}",
+            result = StepResult(step.name, StepStatus.FAILED, f"{step.name}: {exc}",
                                  err if isinstance(err, int) else None)
-        if self._on_load is not None and result.status in ("loaded", "failed",
-                                                            "install-command"):
+        if self._on_load is not None and result.status in (StepStatus.LOADED, StepStatus.FAILED,
+                                                            StepStatus.INSTALL_COMMAND):
             self._safe(self._on_load, self._load_record(task, result, picked,
                                                         time.monotonic()))
         # Tell the owner (state record) before any dependent can start or any
         # caller hears back, so "loaded" always implies "recorded".
         if self._on_module is not None:
             self._safe(self._on_module, step, task.request, task.targets, result)
-        done: list[tuple[Future[Outcome], Outcome]] = []
-        outcomes: list[Outcome] = []
-        module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...], StepResultLike]] = []
+        tell = _Delivery()
         with self._lock:
             self.loading -= 1
             if task.own_thread:
                 self._extra_loads -= 1
             now = self._clock()
-            if result.status == "failed":
+            if result.status == StepStatus.FAILED:
                 self._failures[step.name] = record_failure(
                     self._failures.get(step.name), result.error, result.errno, now,
                     self.backoff)
                 self._failures.move_to_end(step.name)
                 while len(self._failures) > 4096:
                     self._failures.popitem(last=False)
-            elif result.status != "skipped":
+            elif result.status != StepStatus.SKIPPED:
                 self._failures.pop(step.name, None)
-            self._complete_task_locked(task, result, done, outcomes, module_cbs)
-        self._deliver(done, outcomes, [cb for cb in module_cbs if cb[0] is not step])
+            self._complete_task_locked(task, result, tell)
+        # The owner heard of this step's own result above, before the lock.
+        tell.modules = [m for m in tell.modules if m[0] is not step]
+        self._deliver(tell)
 
     @staticmethod
-    def _load_record(task: _Task, result: StepResultLike, picked: float,
+    def _load_record(task: _Task, result: StepResult, picked: float,
                      returned: float) -> LoadRecord:
         # The loader times the syscall itself (StepResult.seconds); it returns
         # right after it, so the syscall ended when load_step returned.
@@ -801,12 +723,9 @@ class Scheduler:
 
     # --- bookkeeping (lock held) ------------------------------------------------
 
-    def _complete_task_locked(self, task: _Task, result: StepResultLike,
-                              done: list[tuple[Future[Outcome], Outcome]],
-                              outcomes: list[Outcome],
-                              module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...],
-                                                     StepResultLike]]) -> None:
-        stack: list[tuple[_Task, StepResultLike]] = [(task, result)]
+    def _complete_task_locked(self, task: _Task, result: StepResult,
+                              tell: _Delivery) -> None:
+        stack: list[tuple[_Task, StepResult]] = [(task, result)]
         while stack:
             current, res = stack.pop()
             name = current.step.name
@@ -814,8 +733,8 @@ class Scheduler:
                 continue
             del self._tasks[name]
             current.state = "done"
-            module_cbs.append((current.step, current.request, current.targets, res))
-            failed = res.status in ("failed", "skipped")
+            tell.modules.append((current.step, current.request, current.targets, res))
+            failed = res.status.is_failure
             for dependent in current.dependents:
                 dep_name = dependent.step.name
                 if self._tasks.get(dep_name) is not dependent:
@@ -824,9 +743,9 @@ class Scheduler:
                     if dependent.state != "running":
                         if dependent.state == "ready":
                             self._ready.remove(dependent)
-                        why = res.error if res.status == "skipped" and res.error else \
+                        why = res.error if res.status == StepStatus.SKIPPED and res.error else \
                             f"dependency {name} failed"
-                        stack.append((dependent, StepOutcome(dep_name, "skipped", why,
+                        stack.append((dependent, StepResult(dep_name, StepStatus.SKIPPED, why,
                                                              res.errno)))
                 else:
                     dependent.waiting_on.discard(name)
@@ -841,21 +760,21 @@ class Scheduler:
                 # other modules of its plan still in flight.
                 if (failed or not entry.needs) and entry.plan is not None:
                     self._finish_entry_locked(entry, summarize(entry.request, entry.plan,
-                                                               entry.results), done, outcomes)
+                                                               entry.results), tell)
 
     def _finish_entry_locked(self, entry: _Entry, outcome: Outcome,
-                             done: list[tuple[Future[Outcome], Outcome]],
-                             outcomes: list[Outcome]) -> None:
+                             tell: _Delivery) -> None:
         if entry.done:
             return
         entry.done = True
         if self._entries.get(entry.dkey) is entry:
             del self._entries[entry.dkey]
         self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
-        outcomes.append(outcome)
+        tell.outcomes.append(outcome)
         self._waiting -= len(entry.waiters)
         for req, fut in entry.waiters:
-            done.append((fut, outcome if req is entry.request else replace(outcome, request=req)))
+            tell.answers.append(
+                (fut, outcome if req is entry.request else replace(outcome, request=req)))
         entry.waiters = []
         self._cond.notify_all()
 
@@ -863,30 +782,30 @@ class Scheduler:
         # A worker may still be running callbacks, but nothing is pending.
         return not self._entries and not self._tasks
 
-    def _deliver(self, done: list[tuple[Future[Outcome], Outcome]], outcomes: list[Outcome],
-                 module_cbs: list[tuple[ModuleStep, Request, tuple[str, ...],
-                                        StepResultLike]]) -> None:
+    def _deliver(self, tell: _Delivery) -> None:
+        """Outside the lock: the callbacks, then the answers."""
+        if self._on_runaway is not None:
+            for key, request in tell.runaways:
+                self._safe(self._on_runaway, key, request)
         # Callbacks first: a caller that has its answer knows the monitors
         # were told, in the order the answers were given.
         if self._on_module is not None:
-            for step, request, targets, res in module_cbs:
+            for step, request, targets, res in tell.modules:
                 self._safe(self._on_module, step, request, targets, res)
         if self._on_outcome is not None:
-            for out in outcomes:
-                self._safe(self._on_outcome, out)
-        for fut, out in done:
+            for outcome in tell.outcomes:
+                self._safe(self._on_outcome, outcome)
+        for fut, outcome in tell.answers:
             if not fut.done():
-                fut.set_result(out)
+                fut.set_result(outcome)
 
     @staticmethod
     def _safe(fn: Callable[..., object], *args: Any) -> None:
         try:
             fn(*args)
         except Exception:
-            log.exception("scheduler callback failed")
+            LOG.exception("scheduler callback failed")
 
 
 def _dedup_key(request: Request) -> tuple[str, str, str]:
-    # coldplug and uevent requests behave the same (udev blacklist rules).
-    kind = "modalias" if request.kind == "coldplug" else request.kind
-    return (kind, request.key, request.options)
+    return (request.kind.dedup_kind, request.key, request.options)

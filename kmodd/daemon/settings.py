@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kmodd.daemon.scheduler import (
+from kmodd.daemon.limits import (
     MAX_KMOD_CONCURRENT,
     RUNAWAY_LIMIT,
     RUNAWAY_WINDOW,
     default_max_workers,
 )
 from kmodd.resolution.names import modname_normalize
-from kmodd.root import Root
+from kmodd.root import Root, run_path
 
 DEFAULT_CONFIG = "/etc/kmodd.conf"
 # Drop-in directories, highest priority first, as systemd orders its own
@@ -26,11 +26,11 @@ DEFAULT_CONFIG = "/etc/kmodd.conf"
 # name in later ones; the survivors apply in lexical order of their names
 # after the main file, later ones overriding earlier ones.  A drop-in made a
 # symlink to /dev/null (empty) masks the file of that name.
-CONFIG_DROPIN_DIRS = ("/etc/kmodd.conf.d", "/run/kmodd/kmodd.conf.d",
+CONFIG_DROPIN_DIRS = ("/etc/kmodd.conf.d", run_path("kmodd.conf.d"),
                       "/usr/local/lib/kmodd/kmodd.conf.d", "/usr/lib/kmodd/kmodd.conf.d")
-DEFAULT_SOCKET = "/run/kmodd/control"
-DEFAULT_STATE = "/run/kmodd/state.json"
-DEFAULT_REQUEST_FIFO = "/run/kmodd/request"
+DEFAULT_SOCKET = run_path("control")
+DEFAULT_STATE = run_path("state.json")
+DEFAULT_REQUEST_FIFO = run_path("request")
 
 
 class SettingsError(Exception):
@@ -57,6 +57,7 @@ class Settings:
     queue_limit: int = 16384
     modules_load: bool = True            # load what modules-load.d and /etc/modules list
     deny: tuple[str, ...] = ()           # modules never loaded, whoever asks
+    uevent_reader: str = "netlink"       # "netlink" (kmodd's own) or "pyudev"
     # not in the file: where and what to run against
     config_file: str = DEFAULT_CONFIG
     root: str = "/"
@@ -69,13 +70,6 @@ class Settings:
         return Root(Path(self.root),
                     Path(self.modules_base) if self.modules_base else None)
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
-
 
 # Keys allowed in kmodd.conf and the type each must have.
 _FILE_KEYS: dict[str, str] = {
@@ -84,9 +78,10 @@ _FILE_KEYS: dict[str, str] = {
     "modprobe_config": "strlist", "coldplug": "bool", "log_level": "str",
     "journal": "bool", "backoff_initial": "number", "backoff_max": "number",
     "runaway_limit": "int", "runaway_window": "number", "queue_limit": "int",
-    "modules_load": "bool", "deny": "names",
+    "modules_load": "bool", "deny": "names", "uevent_reader": "str",
 }
 _LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
+UEVENT_READERS = ("netlink", "pyudev")
 
 
 def _check(key: str, value: Any, where: str) -> Any:
@@ -132,6 +127,10 @@ def _validate(values: dict[str, Any], where: str) -> dict[str, Any]:
     for key in ("runaway_limit", "queue_limit"):
         if key in values and values[key] < 1:
             raise SettingsError(f"{where}: {key} must be at least 1, not {values[key]}")
+    reader = values.get("uevent_reader")
+    if reader is not None and reader not in UEVENT_READERS:
+        raise SettingsError(f"{where}: uevent_reader must be one of {', '.join(UEVENT_READERS)}, "
+                            f"not {reader!r}")
     level = values.get("log_level")
     if level is not None and level.lower() not in _LOG_LEVELS:
         raise SettingsError(f"{where}: log_level must be one of {', '.join(_LOG_LEVELS)}, "
@@ -215,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deny", action="append", metavar="MODULES",
                    help="modules never to load, whoever asks (repeatable, comma-separated)")
     p.add_argument("--log-level", choices=_LOG_LEVELS)
+    p.add_argument("--uevent-reader", choices=UEVENT_READERS,
+                   help="read uevents with kmodd's own netlink socket (default) or pyudev")
     journal = p.add_mutually_exclusive_group()
     journal.add_argument("--journal", dest="journal", action="store_true", default=None,
                          help="log to journald")
@@ -228,7 +229,8 @@ def _flag_values(ns: argparse.Namespace) -> dict[str, Any]:
     for key in ("max_workers", "autoclean_interval", "idle_timeout", "socket", "state_file",
                 "request_fifo", "root", "modules_base", "version", "coldplug", "kernel",
                 "log_level", "journal", "config_file", "backoff_initial", "backoff_max",
-                "runaway_limit", "runaway_window", "queue_limit", "modules_load"):
+                "runaway_limit", "runaway_window", "queue_limit", "modules_load",
+                "uevent_reader"):
         v = getattr(ns, key, None)
         if v is not None:
             out[key] = v

@@ -17,14 +17,42 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kmodd.journal import log as slog
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _TMP_PREFIX = ".state."     # tempfile.mkstemp prefix of a save in progress
+
+
+def write_atomically(path: Path, data: bytes, *, mode: int, prefix: str,
+                     durable: bool = True) -> None:
+    """Temporary file beside ``path``, then rename: a crash leaves the old file
+    or the new one, never half of one.  ``durable``: fsync the file before the
+    rename and the directory after it (the rename is only durable then)."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
 
 @dataclass
@@ -120,7 +148,7 @@ class StateStore:
         except FileNotFoundError:
             raw = None
         except OSError as exc:
-            log.warning("cannot read state file %s: %s; starting fresh", self.path, exc)
+            LOG.warning("cannot read state file %s: %s; starting fresh", self.path, exc)
             raw = None
         if raw is not None:
             try:
@@ -129,7 +157,7 @@ class StateStore:
                     raise ValueError("expected an object with a 'modules' list")
             except (ValueError, TypeError, RecursionError) as exc:
                 # RecursionError: json's scanner on deeply nested arrays.
-                log.warning("corrupt state file %s (%s); starting fresh", self.path, exc)
+                LOG.warning("corrupt state file %s (%s); starting fresh", self.path, exc)
                 data = {"modules": []}
             for i, item in enumerate(data["modules"]):
                 # One bad record costs that record only: autoclean then leaves
@@ -139,7 +167,7 @@ class StateStore:
                 except (ValueError, TypeError) as exc:
                     name = item.get("name") if isinstance(item, dict) else None
                     label = repr(name[:80]) if isinstance(name, str) else f"#{i}"
-                    slog(log, logging.WARNING, "state file %s: dropping record %s: %s",
+                    slog(LOG, logging.WARNING, "state file %s: dropping record %s: %s",
                          self.path, label, exc,
                          module=name[:80] if isinstance(name, str) else None)
                     continue
@@ -148,14 +176,14 @@ class StateStore:
             alive = set(live)
             dropped = sorted(set(records) - alive)
             if dropped:
-                log.info("forgetting modules no longer loaded: %s", " ".join(dropped))
+                LOG.info("forgetting modules no longer loaded: %s", " ".join(dropped))
             records = {k: v for k, v in records.items() if k in alive}
         if instance is not None:
             for name, rec in list(records.items()):
                 now = instance(name)
                 if rec.instance is not None and now is not None and now != rec.instance:
                     # rmmod + modprobe by someone else while we were down.
-                    log.info("forgetting %s: loaded again by someone else since kmodd "
+                    LOG.info("forgetting %s: loaded again by someone else since kmodd "
                              "loaded it", name)
                     del records[name]
         with self._lock:
@@ -179,9 +207,9 @@ class StateStore:
                     os.unlink(entry.path)
                     removed.append(entry.name)
             except OSError as exc:
-                log.warning("cannot remove %s: %s", entry.path, exc)
+                LOG.warning("cannot remove %s: %s", entry.path, exc)
         if removed:
-            log.info("removed %d temporary state file(s) left by a killed daemon: %s",
+            LOG.info("removed %d temporary state file(s) left by a killed daemon: %s",
                      len(removed), " ".join(sorted(removed)))
         return removed
 
@@ -196,30 +224,9 @@ class StateStore:
             payload = {"version": STATE_VERSION,
                        "modules": [r.to_dict() for r in self._records.values()]}
         data = json.dumps(payload, indent=1, sort_keys=True).encode()
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            # Root only: records name who asked (uid, pid), which the control
-            # socket hides from other users too.
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # The rename is only durable once the directory is synced.
-        try:
-            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        # Root only: records name who asked (uid, pid), which the control
+        # socket hides from other users too.
+        write_atomically(self.path, data, mode=0o600, prefix=_TMP_PREFIX)
 
     # --- records -------------------------------------------------------------
 
@@ -265,3 +272,65 @@ class StateStore:
     def __contains__(self, name: object) -> bool:
         with self._lock:
             return name in self._records
+
+
+class Scheduling(Protocol):
+    """The event loop's timer call, all :class:`StateSaver` needs of it."""
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Cancellable: ...
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class StateSaver:
+    """Batches the writes of a :class:`StateStore`: the loop marks it dirty,
+    one write follows a burst (a coldplug storm is one fsync, not hundreds),
+    and the fsync runs on a writer thread so uevent intake never waits on it.
+
+    :meth:`mark_dirty` and :meth:`save_now` are for the loop thread.
+    """
+
+    DELAY = 0.5
+
+    def __init__(self, store: StateStore, loop: Scheduling, *,
+                 logger: logging.Logger = LOG) -> None:
+        self.store = store
+        self._loop = loop
+        self._log = logger
+        self._timer: Cancellable | None = None
+        self._thread: threading.Thread | None = None
+        self._wanted = threading.Event()
+
+    def mark_dirty(self) -> None:
+        if self._timer is None:
+            # Coalesce the writes of a coldplug burst into one.
+            self._timer = self._loop.call_later(self.DELAY, self._save_in_background)
+
+    def _save_in_background(self) -> None:
+        self._timer = None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer, name="kmodd-state",
+                                            daemon=True)
+            self._thread.start()
+        self._wanted.set()
+
+    def _writer(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            self._save_logged()
+
+    def save_now(self) -> None:
+        """Write at once (exit, autoclean's unloads), cancelling a batched write."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._save_logged()
+
+    def _save_logged(self) -> None:
+        try:
+            self.store.save()
+        except OSError as exc:
+            slog(self._log, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)

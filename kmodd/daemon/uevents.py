@@ -23,22 +23,21 @@ driver registers a USB root hub, which has a modalias of its own).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, OutcomeStatus, Request, RequestKind, Submit
 from kmodd.journal import log
 from kmodd.root import Root
 
 LOG = logging.getLogger(__name__)
-
-Submit = Callable[[Request], "Future[Outcome]"]
 
 # The kernel builds a uevent in a 2048-byte buffer (UEVENT_BUFFER_SIZE), so
 # no honest MODALIAS is longer; sysfs modalias files obey the same bound
@@ -303,7 +302,8 @@ class UeventSource:
                 log(LOG, logging.WARNING, "ignoring uevent with bad MODALIAS %s: %s",
                     _shown(modalias), problem, devpath=devpath, requested_by="uevent")
             return None
-        request = Request(kind="modalias", key=modalias, devpath=devpath, requested_by="uevent")
+        request = Request(kind=RequestKind.MODALIAS, key=modalias, devpath=devpath,
+                          requested_by="uevent")
         try:
             future = self.submit(request)
         except Exception as exc:
@@ -397,7 +397,7 @@ class ColdplugResult:
         """Modules loaded by coldplug, in completion order, without repeats."""
         seen: dict[str, None] = {}
         for outcome in self.outcomes:
-            if outcome.status == "loaded":
+            if outcome.status is OutcomeStatus.LOADED:
                 for name in outcome.modules:
                     seen.setdefault(name, None)
         return list(seen)
@@ -406,7 +406,8 @@ class ColdplugResult:
 def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
              max_iterations: int = 16,
              on_queued: Callable[[int], None] | None = None,
-             seen: set[str] | None = None) -> ColdplugResult:
+             seen: set[str] | None = None,
+             first: Iterable[tuple[str, str]] = ()) -> ColdplugResult:
     """Load drivers for the devices already present; blocks until done or timed out.
 
     Each iteration walks ``/sys/devices``, submits every modalias not asked
@@ -418,7 +419,9 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
     right after the first walk's requests are queued: the daemon reports
     READY then.  ``seen`` lets the caller share the set of modaliases
     already handled (a later ``kmodctl reload`` walks again without
-    re-asking).  Runs in a thread of its own: it waits on futures.
+    re-asking).  ``first`` lists ``(devpath, modalias)`` pairs submitted
+    before the first walk, in that order (the learned order,
+    kmodd.daemon.learned).  Runs in a thread of its own: it waits on futures.
     """
     start = time.monotonic()
     deadline = start + settle_timeout
@@ -430,8 +433,12 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
         result.iterations += 1
         futures: list[Future[Outcome]] = []
         devices = 0
-        for devpath, modalias in walk_modaliases(root.sys):
-            devices += 1
+        found: Iterable[tuple[str, str, bool]] = (
+            (d, m, True) for d, m in walk_modaliases(root.sys))
+        if result.iterations == 1:
+            found = itertools.chain(((d, m, False) for d, m in first), found)
+        for devpath, modalias, walked in found:
+            devices += walked
             if modalias in asked:
                 continue
             asked.add(modalias)
@@ -442,7 +449,7 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
                     log(LOG, logging.WARNING, "ignoring bad modalias %s: %s",
                         _shown(modalias), problem, devpath=devpath, requested_by="coldplug")
                 continue
-            request = Request(kind="coldplug", key=modalias, devpath=devpath,
+            request = Request(kind=RequestKind.COLDPLUG, key=modalias, devpath=devpath,
                               requested_by="coldplug")
             try:
                 futures.append(submit(request))

@@ -13,35 +13,57 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 from kmodd.journal import NOTICE, journal_fields
 from kmodd.kernel import commands, errors
 from kmodd.kernel.protocol import InitState, Kernel, KernelError
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 NO_MODULE_SUPPORT = "this kernel was built without loadable module support"
 
 
+class StepStatus(StrEnum):
+    """What happened to one module; compares and serialises as its plain string."""
+
+    # loads
+    LOADED = "loaded"
+    ALREADY = "already"
+    BUILTIN = "builtin"
+    INSTALL_COMMAND = "install-command"
+    FAILED = "failed"
+    SKIPPED = "skipped"          # a dependency failed or was refused
+    BACKOFF = "backoff"          # held back by the scheduler after failures
+    REFUSED = "refused"          # left out by the deny policy, failing nobody (a softdep)
+    # unloads
+    UNLOADED = "unloaded"
+    REMOVE_COMMAND = "remove-command"
+    ABSENT = "absent"
+    KEPT = "kept"                # a dependency still in use, left alone by a recursive unload
+
+    @property
+    def is_failure(self) -> bool:
+        return self in (StepStatus.FAILED, StepStatus.SKIPPED)
+
+
 @dataclass(frozen=True)
 class StepResult:
-    """What happened to one module.
-
-    status: "loaded" | "already" | "builtin" | "install-command" | "failed" |
-    "skipped" for loads; "unloaded" | "remove-command" | "absent" | "failed" |
-    "kept" (a dependency still in use, left alone by a recursive unload).
-    """
+    """What happened to one module (loads and unloads alike)."""
 
     name: str
-    status: str
+    status: StepStatus
     error: str | None = None
     errno: int | None = None
     seconds: float | None = None        # time spent in the load syscall
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", StepStatus(self.status))
+
     @property
     def ok(self) -> bool:
-        return self.status not in ("failed", "skipped")
+        return not self.status.is_failure
 
 
 InstallRunner = Callable[[str, str, str], commands.CommandResult]
@@ -67,14 +89,14 @@ class Loader:
             first = not self.no_module_support
             self.no_module_support = True
         if first:
-            log.error("%s; not trying to load modules again", NO_MODULE_SUPPORT)
+            LOG.error("%s; not trying to load modules again", NO_MODULE_SUPPORT)
 
     def _unsupported(self, name: str) -> StepResult | None:
         if self.no_module_support:
-            return StepResult(name, "failed", NO_MODULE_SUPPORT, E.ENOSYS)
+            return StepResult(name, StepStatus.FAILED, NO_MODULE_SUPPORT, E.ENOSYS)
         if not self.kernel.supports_modules():
             self._note_enosys()
-            return StepResult(name, "failed", NO_MODULE_SUPPORT, E.ENOSYS)
+            return StepResult(name, StepStatus.FAILED, NO_MODULE_SUPPORT, E.ENOSYS)
         return None
 
     def _wait_settled(self, name: str) -> InitState:
@@ -95,7 +117,7 @@ class Loader:
         """Load one module (its dependencies must already be live)."""
         name = step.name
         if step.builtin and step.install_command is None:
-            return StepResult(name, "builtin")
+            return StepResult(name, StepStatus.BUILTIN)
         if step.install_command is not None and not self.kernel.supports_modules():
             # A command may not need module support at all ("install foo /bin/true").
             return self._install(step)
@@ -106,23 +128,23 @@ class Loader:
         if state in (InitState.COMING, InitState.GOING):
             state = self._wait_settled(name)
             if state is InitState.COMING:
-                return StepResult(name, "failed",
+                return StepResult(name, StepStatus.FAILED,
                                   f"{name}: still initialising after "
                                   f"{self.coming_timeout:g}s (see dmesg)", E.EBUSY)
             if state is InitState.GOING:
-                return StepResult(name, "failed",
+                return StepResult(name, StepStatus.FAILED,
                                   f"{name}: still being removed after "
                                   f"{self.coming_timeout:g}s", E.EBUSY)
         # Like kmod (module_is_inkernel): a live or built-in module is not loaded
         # again and its install command is not run.
         if state is InitState.LIVE:
-            return StepResult(name, "already")
+            return StepResult(name, StepStatus.ALREADY)
         if state is InitState.BUILTIN:
-            return StepResult(name, "builtin")
+            return StepResult(name, StepStatus.BUILTIN)
         if step.install_command is not None:
             return self._install(step)
         if step.path is None:
-            return StepResult(name, "failed", f"{name}: no module file in the module tree",
+            return StepResult(name, StepStatus.FAILED, f"{name}: no module file in the module tree",
                               E.ENOENT)
         started = time.monotonic()
         try:
@@ -130,22 +152,22 @@ class Loader:
         except KernelError as e:
             if e.errno == E.ENOSYS:
                 self._note_enosys()
-            return StepResult(name, "failed", e.message, e.errno,
+            return StepResult(name, StepStatus.FAILED, e.message, e.errno,
                               time.monotonic() - started)
-        return StepResult(name, "loaded" if inserted else "already",
+        return StepResult(name, StepStatus.LOADED if inserted else StepStatus.ALREADY,
                           seconds=time.monotonic() - started)
 
     def _install(self, step: ModuleStep) -> StepResult:
         assert step.install_command is not None
         if step.kmod_ignores_install:
-            log.log(NOTICE, "%s: running its install command although it has softdeps; "
+            LOG.log(NOTICE, "%s: running its install command although it has softdeps; "
                     "modprobe would load the module directly (kmod bug #446)", step.name,
                     extra=journal_fields(module=step.name))
         res = self._run_install(step.name, step.install_command,
                                 step.options)
         if res.ok:
-            return StepResult(step.name, "install-command")
-        return StepResult(step.name, "failed", res.error, E.EINVAL)
+            return StepResult(step.name, StepStatus.INSTALL_COMMAND)
+        return StepResult(step.name, StepStatus.FAILED, res.error, E.EINVAL)
 
     def load_plan(self, plan: Plan) -> list[StepResult]:
         """Load every step in order, like modprobe.
@@ -159,21 +181,21 @@ class Loader:
         for step in plan.steps:
             blockers = [d for d in step.deps if d in broken]
             if blockers:
-                results.append(StepResult(step.name, "skipped",
+                results.append(StepResult(step.name, StepStatus.SKIPPED,
                                           f"{step.name}: not loaded because "
                                           f"{', '.join(blockers)} failed", None))
                 broken.add(step.name)
                 continue
             res = self.load_step(step)
             results.append(res)
-            if res.status == "failed":
+            if res.status == StepStatus.FAILED:
                 if step.role in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST):
-                    log.info("ignoring failed softdep: %s", res.error)
+                    LOG.info("ignoring failed softdep: %s", res.error)
                     continue
                 broken.add(step.name)
                 if res.errno == E.ENOSYS:
                     # Nothing else can load either; say so for the rest.
-                    results += [StepResult(s.name, "skipped", NO_MODULE_SUPPORT, E.ENOSYS)
+                    results += [StepResult(s.name, StepStatus.SKIPPED, NO_MODULE_SUPPORT, E.ENOSYS)
                                 for s in plan.steps[len(results):]]
                     break
         return results
@@ -193,16 +215,16 @@ class Loader:
         if remove_command is not None:
             res = self._run_remove(name, remove_command)
             if res.ok:
-                return StepResult(name, "remove-command")
-            return StepResult(name, "failed", res.error, E.EINVAL)
+                return StepResult(name, StepStatus.REMOVE_COMMAND)
+            return StepResult(name, StepStatus.FAILED, res.error, E.EINVAL)
         unsupported = self._unsupported(name)
         if unsupported is not None:
             return unsupported
         state = self.kernel.initstate(name)
         if state is InitState.ABSENT:
-            return StepResult(name, "absent", f"{name}: not loaded", E.ENOENT)
+            return StepResult(name, StepStatus.ABSENT, f"{name}: not loaded", E.ENOENT)
         if state is InitState.BUILTIN:
-            return StepResult(name, "failed", f"{name}: built into the kernel, cannot be "
+            return StepResult(name, StepStatus.FAILED, f"{name}: built into the kernel, cannot be "
                               "unloaded", E.ENOENT)
         if not force:
             # Like modprobe -r: check in user space first so the message names
@@ -213,16 +235,16 @@ class Loader:
                 msg = (f"{name}: in use by: {' '.join(holders)}" if holders else
                        f"{name}: in use ({refs} reference{'s' if refs != 1 else ''}, "
                        "e.g. an open device or a mounted filesystem)")
-                return StepResult(name, "failed", msg, E.EBUSY)
+                return StepResult(name, StepStatus.FAILED, msg, E.EBUSY)
         try:
             self.kernel.unload_module(name, force=force)
         except KernelError as e:
             if e.errno == E.ENOSYS:
                 self._note_enosys()
             if e.errno == E.ENOENT:
-                return StepResult(name, "absent", e.message, E.ENOENT)
-            return StepResult(name, "failed", e.message, e.errno)
-        return StepResult(name, "unloaded")
+                return StepResult(name, StepStatus.ABSENT, e.message, E.ENOENT)
+            return StepResult(name, StepStatus.FAILED, e.message, e.errno)
+        return StepResult(name, StepStatus.UNLOADED)
 
     def unload_recursive(self, plan_or_name: Plan | str, *,
                          remove_commands: Mapping[str, str] | None = None,
@@ -247,7 +269,7 @@ class Loader:
             if step.name in targets:
                 res = self.unload(step.name, remove_command=cmds.get(step.name), force=force)
                 results.append(res)
-                if res.status == "failed":
+                if res.status == StepStatus.FAILED:
                     break
                 continue
             results.append(self._unload_if_unused(step.name, cmds.get(step.name)))
@@ -257,13 +279,14 @@ class Loader:
         if remove_command is None:
             state = self.kernel.initstate(name)
             if state in (InitState.ABSENT, InitState.BUILTIN):
-                return StepResult(name, "absent" if state is InitState.ABSENT else "builtin")
+                return StepResult(name, StepStatus.ABSENT if state is InitState.ABSENT
+                                  else StepStatus.BUILTIN)
             if self.kernel.holders(name) or (self.kernel.refcount(name) or 0) > 0:
-                return StepResult(name, "kept", f"{name}: still in use", E.EBUSY)
+                return StepResult(name, StepStatus.KEPT, f"{name}: still in use", E.EBUSY)
         res = self.unload(name, remove_command=remove_command)
-        if res.status == "failed":
+        if res.status == StepStatus.FAILED:
             # Non-fatal for a dependency, as in modprobe -r.
-            return StepResult(name, "kept", res.error, res.errno)
+            return StepResult(name, StepStatus.KEPT, res.error, res.errno)
         return res
 
     def _unload_by_holders(self, name: str, cmds: Mapping[str, str],
@@ -272,7 +295,7 @@ class Loader:
         used = [m for m, info in self.kernel.modules().items() if name in info.holders]
         first = self.unload(name, remove_command=cmds.get(name), force=force)
         results = [first]
-        if first.status == "failed" or first.status == "absent":
+        if first.status == StepStatus.FAILED or first.status == StepStatus.ABSENT:
             return results
         pending = list(used)
         seen = {name}
@@ -284,7 +307,7 @@ class Loader:
             below = [m for m, info in self.kernel.modules().items() if dep in info.holders]
             res = self._unload_if_unused(dep, cmds.get(dep))
             results.append(res)
-            if res.status == "unloaded":
+            if res.status == StepStatus.UNLOADED:
                 pending += below
         return results
 
@@ -294,6 +317,6 @@ def describe_failure(results: list[StepResult], plan: Plan | None = None) -> str
     soft = {s.name for s in plan.steps if s.role in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST)} \
         if plan is not None else set()
     for r in results:
-        if r.status == "failed" and r.name not in soft:
+        if r.status == StepStatus.FAILED and r.name not in soft:
             return r.error or errors.load_message(r.errno or E.EIO, r.name)
     return None

@@ -24,6 +24,8 @@ import sys
 import zlib
 from pathlib import Path
 
+from kmodd.root import run_path
+
 _MAGIC = b"KMODDIX1"
 # Small indexes are quicker to decode than to look up in a cache.
 MIN_SOURCE_SIZE = 256 * 1024
@@ -34,7 +36,7 @@ def default_dir() -> Path | None:
     if env is not None:
         return Path(env) if env else None
     if os.geteuid() == 0:
-        return Path("/run/kmodd/cache")
+        return Path(run_path("cache"))
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "kmodd"

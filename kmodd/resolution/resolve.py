@@ -170,6 +170,10 @@ class Resolver:
             return [n for n in names if n not in blacklist]
         return names
 
+    def blacklisted(self, module: str) -> bool:
+        """Named by a blacklist line (modprobe.d or modprobe.blacklist=)."""
+        return module in self.config.blacklist
+
     def remove_command(self, module: str) -> str | None:
         """The modprobe.d ``remove`` command for a module name (first matching pattern,
         ``kmod_module_get_remove_commands``), as written."""
@@ -288,18 +292,6 @@ class Resolver:
             else:
                 kept.append(mod)
         return kept, dropped, bool(found)
-
-    def target_plans(self, request: str, *, extra_options: str = "",
-                     blacklist_all: bool = False) -> list[Plan]:
-        """One plan per module the request resolves to, each as modprobe walks it.
-
-        Steps repeat across plans exactly as ``modprobe --show-depends`` repeats
-        them; :meth:`plan` merges these into one plan.
-        """
-        kept, _, _ = self._targets(request, blacklist_all)
-        return [Plan(request=request, targets=(mod.name,),
-                     steps=tuple(e.step for e in self._entries(mod, extra_options)))
-                for mod in kept]
 
     def plan(self, request: str, *, extra_options: str = "",
              blacklist_all: bool = False) -> Plan:

@@ -209,7 +209,7 @@ class _Control:
     """A real Service (simulated kernel, never started) and one connection per input."""
 
     def __init__(self) -> None:
-        from kmodd.daemon.scheduler import Outcome, Request
+        from kmodd.daemon.requests import Outcome, Request
         from kmodd.daemon.service import Service
         from kmodd.daemon.settings import Settings
         from kmodd.kernel.sim import SimKernel
@@ -290,7 +290,7 @@ def control(data: bytes) -> None:
 class _Fifo:
     def __init__(self) -> None:
         from kmodd.daemon.kernelreq import KernelRequestSource
-        from kmodd.daemon.scheduler import Outcome, Request
+        from kmodd.daemon.requests import Outcome, Request
         run = workdir() / "run"
         run.mkdir(mode=0o755, exist_ok=True)
         self.run = run
@@ -353,7 +353,7 @@ def fifo(data: bytes) -> None:
 
 class _Uevents:
     def __init__(self) -> None:
-        from kmodd.daemon.scheduler import Outcome, Request
+        from kmodd.daemon.requests import Outcome, Request
         from kmodd.daemon.uevents import UeventSource
         from kmodd.root import Root
         self.requests: list[Request] = []
@@ -413,6 +413,22 @@ def state(data: bytes) -> None:
     assert again.records() == store.records()
 
 
+# --- learned.json ----------------------------------------------------------------------
+
+def learned(data: bytes) -> None:
+    from kmodd.daemon.learned import read, write
+    path = workdir() / "learned.json"
+    path.write_bytes(data)
+    got = read(path, "6.1.0-fuzz")          # never raises: an unusable file is empty
+    got.first(lambda devpath: None)
+    for alias in list(got.devices)[:50]:
+        got.weight(alias)
+    # What it kept must survive its own save and read.
+    out = workdir() / "learned-out.json"
+    write(out, got)
+    assert read(out, "6.1.0-fuzz").to_dict() == got.to_dict()
+
+
 # --- module files: ELF, modinfo, signature --------------------------------------------
 
 def elf(data: bytes) -> None:
@@ -451,6 +467,7 @@ def targets() -> dict[str, Target]:
         Target("fifo", fifo, (), "request FIFO lines (kernelreq.py)"),
         Target("uevent", uevent, (), "netlink uevent payloads (uevents.py)"),
         Target("state", state, (), "state.json (state.py)"),
+        Target("learned", learned, (), "learned.json (learned.py)"),
         Target("elf", elf, _module_file_error(), "module ELF and .modinfo (elf.py)"),
         Target("signature", signature, (), "module signature trailer (signature.py)"),
     )}

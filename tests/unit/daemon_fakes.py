@@ -3,6 +3,7 @@ module files for :class:`SimKernel`, a loader that can be held at a gate."""
 
 from __future__ import annotations
 
+import fnmatch
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,11 +27,20 @@ class GraphResolver:
         self.blacklist = set(blacklist)
         self.builtin = set(builtin)
         self.softdeps = dict(softdeps or {})
+        self.removes: dict[str, str] = {}     # modprobe.d remove: pattern -> command
         self.calls = 0
         self._lock = threading.Lock()
         moddir.mkdir(parents=True, exist_ok=True)
         for name in self.graph:
             (moddir / f"{name}.ko").write_bytes(b"\x7fELF" + name.encode())
+
+    def remove_command(self, module: str) -> str | None:
+        # A pattern, as Resolver.remove_command matches them (first match wins).
+        return next((cmd for pat, cmd in self.removes.items()
+                     if fnmatch.fnmatchcase(module, pat)), None)
+
+    def blacklisted(self, module: str) -> bool:
+        return module in self.blacklist
 
     def path(self, name: str) -> str:
         return str(self.moddir / f"{name}.ko")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,19 @@ def test_rmmod_modprobe_between_sweeps_is_left_alone(tmp_path: Path) -> None:
         clock.advance(600)
         assert "snd" not in ac.sweep().unloaded
     assert "snd" in kernel.loaded()                                # type: ignore[attr-defined]
+
+
+def test_a_module_no_longer_ours_is_logged_under_its_module_field(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # journalctl MODULE=snd finds why autoclean let go of it.
+    ac, kernel, _state, clock = loaded_by_kmodd(tmp_path)
+    ac.sweep()
+    _reload_by_hand(kernel, "snd", tmp_path)
+    clock.advance(60)
+    with caplog.at_level(logging.INFO, logger="kmodd.daemon.autoclean"):
+        ac.sweep()
+    lines = [r for r in caplog.records if "loaded again by someone else" in r.getMessage()]
+    assert [getattr(r, "MODULE", None) for r in lines] == ["snd"]
 
 
 def test_reload_between_snapshot_and_unload_is_left_alone(

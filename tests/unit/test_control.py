@@ -17,8 +17,22 @@ from typing import Any
 
 import pytest
 
-from kmodd.daemon.control import MAX_MESSAGE, Client, Connection, ControlServer, PeerCred
-from kmodd.daemon.service import EventLoop
+from kmodd.daemon.control import (
+    MAX_MESSAGE,
+    Client,
+    Connection,
+    ControlServer,
+    Handler,
+    Operation,
+    PeerCred,
+)
+from kmodd.daemon.loop import EventLoop
+from kmodd.daemon.operations import OPERATIONS
+
+
+def every_op(handler: Handler) -> dict[str, Operation]:
+    """The daemon's ops with their access rules, all served by ``handler``."""
+    return {op: Operation(root, handler) for op, (root, _) in OPERATIONS.items()}
 
 
 class Harness:
@@ -26,7 +40,7 @@ class Harness:
         self.loop = EventLoop()
         self.calls: list[tuple[int, dict[str, Any]]] = []
         kwargs = {"peercred": peercred} if peercred is not None else {}
-        self.server = ControlServer(path, self.loop, self.handle, **kwargs)
+        self.server = ControlServer(path, self.loop, every_op(self.handle), **kwargs)
         self.server.start()
         self.stop = False
         self.thread = threading.Thread(target=self.loop.run, args=(lambda: self.stop,),
@@ -170,7 +184,7 @@ def test_handler_crash_is_an_error_reply(sockdir: Path) -> None:
     def crash(conn: Connection, msg: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("boom")
 
-    h.server.handler = crash
+    h.server.operations = every_op(crash)
     try:
         with Client(h.server.path, timeout=5) as c:
             reply = c.request({"op": "status"})
@@ -193,7 +207,7 @@ def test_try_connect_and_stale_socket(sockdir: Path) -> None:
         assert c is not None and c.status()["ok"]
         c.close()
         # A live daemon's socket is not stolen.
-        other = ControlServer(path, EventLoop(), h.handle)
+        other = ControlServer(path, EventLoop(), every_op(h.handle))
         with pytest.raises(RuntimeError, match="already listening"):
             other.start()
     finally:
@@ -263,7 +277,7 @@ def test_a_peer_that_does_not_read_is_paused_not_buffered(sockdir: Path) -> None
     from kmodd.daemon.control import OUTPUT_HIGH
     h = Harness(sockdir / "control", peercred=lambda sock: PeerCred(4242, 65534, 65534))
     big = "x" * 8000
-    h.server.handler = lambda conn, msg: {"ok": True, "blob": big}
+    h.server.operations = every_op(lambda conn, msg: {"ok": True, "blob": big})
     count = 2000          # ~16 MB of replies, far beyond any queue the daemon keeps
     s, f = raw(h.server.path)
     s.settimeout(30)

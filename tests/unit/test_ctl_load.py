@@ -99,6 +99,8 @@ def test_json_with_several_names_is_a_list(tree: Path, tmp_path: Path, sim: SimK
 def test_direct_load_honours_the_deny_lists(tree: Path, tmp_path: Path, sim: SimKernel) -> None:
     """kmodctl load without the daemon refuses what a daemon would: the persistent
     list and the deny setting, for the module itself and for what needs it."""
+    from kmodd.daemon.deny import system_refuse
+    from kmodd.kernel.direct import load_direct
     from kmodd.root import Root
 
     base = tmp_path / "root"
@@ -106,16 +108,16 @@ def test_direct_load_honours_the_deny_lists(tree: Path, tmp_path: Path, sim: Sim
     (base / "var/lib/kmodd/deny").write_text("core-lib\n")
     root = Root(base=base, modules_base=tree)
     config = [str(tmp_path / "none")]
-    out = ctl_load.load_direct("drv-a", root=root, version=VERSION, config_paths=config,
-                               kernel=sim)
+    out = load_direct("drv-a", root=root, version=VERSION, config_paths=config,
+                      kernel=sim, deny=system_refuse(root))
     assert not out.ok and "core_lib" in out.message and "kmodctl deny" in out.message
     assert sim.load_order == []
     (base / "var/lib/kmodd/deny").write_text("")
     (base / "etc").mkdir()
     (base / "etc/kmodd.conf").write_text('deny = ["drv_b"]\n')
-    out = ctl_load.load_direct("drv-b", root=root, version=VERSION, config_paths=config,
-                               kernel=sim)
+    out = load_direct("drv-b", root=root, version=VERSION, config_paths=config,
+                      kernel=sim, deny=system_refuse(root))
     assert not out.ok and "'deny' setting" in out.message
-    assert ctl_load.load_direct("drv-a", root=root, version=VERSION, config_paths=config,
-                                kernel=sim).ok
+    assert load_direct("drv-a", root=root, version=VERSION, config_paths=config,
+                       kernel=sim, deny=system_refuse(root)).ok
     assert sim.load_order == ["core_lib", "drv_a"]

@@ -13,7 +13,7 @@ import pytest
 
 from kmodd.daemon.control import Client
 from kmodd.daemon.deny import DenyPolicy, read_deny_file, refusals
-from kmodd.daemon.scheduler import Request
+from kmodd.daemon.requests import Request
 from kmodd.daemon.service import Service
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 from tests.unit.daemon_fakes import GatedLoader, GraphResolver
@@ -123,7 +123,7 @@ def test_kmodctl_deny_allow_persist_across_restarts(env: Env,
     assert read_deny_file(path) == []
     with Client(env.sock, timeout=10) as c:
         # Only root may change the list: the control server checks the op.
-        from kmodd.daemon.control import ROOT_OPS
+        from kmodd.daemon.operations import ROOT_OPS
         assert {"deny", "allow"} <= ROOT_OPS
         assert c.request({"op": "deny"})["ok"] is False     # a module is required
     stop(svc, t, rc)

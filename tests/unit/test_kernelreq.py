@@ -23,7 +23,7 @@ from kmodd.daemon.kernelreq import (
     process_start_time,
     reply_line,
 )
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, Request
 
 HELPER = Path(__file__).resolve().parents[2] / "contrib" / "kmodd-request"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.cli.ctl_load import format_params, load_plan_direct
 from kmodd.kernel import commands
+from kmodd.kernel.direct import format_params, load_plan_direct
 from kmodd.kernel.loader import Loader, describe_failure
 from kmodd.kernel.sim import SimKernel
 from kmodd.resolution.plan import ModuleStep, Plan, Role
@@ -337,8 +337,7 @@ def _sim_for(tree: Path, tmp_path: Path) -> SimKernel:
 
 
 def test_load_direct_and_unload_direct(real_tree: Path, tmp_path: Path) -> None:
-    from kmodd.cli.ctl_load import load_direct
-    from kmodd.cli.ctl_unload import unload_direct
+    from kmodd.kernel.direct import load_direct, unload_direct
     from kmodd.root import Root
 
     sim = _sim_for(real_tree, tmp_path)
@@ -361,7 +360,7 @@ def test_load_direct_and_unload_direct(real_tree: Path, tmp_path: Path) -> None:
 
 
 def test_load_direct_checks_admin_parameters(real_tree: Path, tmp_path: Path) -> None:
-    from kmodd.cli.ctl_load import load_direct
+    from kmodd.kernel.direct import load_direct
     from kmodd.root import Root
 
     sim = _sim_for(real_tree, tmp_path)
@@ -380,7 +379,7 @@ def test_load_direct_checks_admin_parameters(real_tree: Path, tmp_path: Path) ->
 
 def test_load_direct_install_command_with_hostile_parameters(real_tree: Path,
                                                              tmp_path: Path) -> None:
-    from kmodd.cli.ctl_load import load_direct
+    from kmodd.kernel.direct import load_direct
     from kmodd.root import Root
 
     out = tmp_path / "args"

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from kmodd.daemon.loadlog import Histogram, LoadLog, LoadRecord, blame, critical_chain
-from kmodd.daemon.scheduler import Request, Scheduler
+from kmodd.daemon.requests import Request
+from kmodd.daemon.scheduler import Scheduler
 from kmodd.kernel.loader import Loader, StepResult
 from kmodd.resolution.plan import ModuleStep
 from tests.unit.daemon_fakes import GraphResolver, sim_kernel

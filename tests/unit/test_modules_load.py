@@ -192,8 +192,8 @@ def test_modules_load_can_be_turned_off(env: Env) -> None:
 
 def test_ready_waits_for_listed_loads_but_not_forever(
         env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import kmodd.daemon.service
-    monkeypatch.setattr(kmodd.daemon.service, "MODULES_LOAD_READY_WAIT", 0.3)
+    from kmodd.daemon.modules_load import BootLoads
+    monkeypatch.setattr(BootLoads, "READY_WAIT", 0.3)
     write(env.tmp / "tree", "etc/modules-load.d/x.conf", "slow\nsolo\n")
     caplog.set_level(logging.INFO, logger="kmodd")
     svc = env.service(gated=("slow",))

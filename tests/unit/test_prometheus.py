@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kmodd.cli.prometheus import exposition
-from kmodd.daemon.scheduler import Request
+from kmodd.daemon.requests import Request
 from tests.unit.test_service import Env, in_thread, stop
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

@@ -12,18 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from kmodd.daemon.scheduler import (
+from kmodd.daemon.limits import (
     MAX_KMOD_CONCURRENT,
     RUNAWAY_LIMIT,
-    BackoffPolicy,
-    Outcome,
-    Request,
-    RunawayDetector,
-    Scheduler,
     clamp_workers,
     default_max_workers,
-    plan_edges,
 )
+from kmodd.daemon.requests import Outcome, Request
+from kmodd.daemon.scheduler import BackoffPolicy, RunawayDetector, Scheduler, plan_edges
 from kmodd.kernel.loader import Loader
 from kmodd.kernel.sim import SimKernel
 from kmodd.resolution.plan import ModuleStep, Plan, Role
@@ -319,6 +315,36 @@ def test_module_reloaded_over_and_over_is_runaway(env: dict[str, object]) -> Non
     assert loads_of(kernel, "solo") == 3
 
 
+def test_runaway_is_reported_outside_the_scheduler_lock(env: dict[str, object]) -> None:
+    """The report writes to the journal: slow work, never under the lock.  While
+    it runs, another thread can take the lock (a status request, a worker)."""
+    clock = FakeClock()
+    reports: list[tuple[str, bool]] = []
+    holder: list[Scheduler] = []
+
+    def on_runaway(key: str, request: Request) -> None:
+        other = threading.Thread(target=holder[0].snapshot, daemon=True)
+        other.start()
+        other.join(5)
+        reports.append((key, not other.is_alive()))
+
+    sched, kernel, _, _ = make(env, clock=clock, runaway_limit=2, runaway_window=60,
+                               on_runaway=on_runaway)
+    holder.append(sched)
+    # Request storm (refused in submit) ...
+    storm = [outcome(sched.submit(Request("kernel", "solo", None, "kernel")))
+             for _ in range(3)]
+    assert storm[-1].status == "runaway"
+    # ... and a module loaded over and over (refused while scheduling a plan).
+    statuses = []
+    for i in range(3):
+        statuses.append(outcome(sched.submit(Request("modalias", "core", f"/d{i}"))).status)
+        if "core" in kernel.loaded():
+            kernel.unload_module("core")
+    assert statuses[-1] == "runaway"
+    assert reports == [("solo", True), ("core", True)]
+
+
 def test_module_requesting_itself_does_not_deadlock(env: dict[str, object]) -> None:
     sched, kernel, loader, _ = make(env)
     inner: list[Outcome] = []
@@ -586,3 +612,12 @@ def test_kernel_request_joining_a_queued_load_does_not_wait_behind_the_init(
     assert outcome(sched.submit(Request("modalias", "m"))).status == "loaded"
     assert [o.status for o in inner] == ["loaded"]
     assert outcome(device[0]).status == "loaded" and loads_of(kernel, "want") == 1
+
+
+def test_a_denied_softdep_is_left_out_and_the_module_still_loads(
+        env: dict[str, object]) -> None:
+    sched, kernel, _, _ = make(env, resolver_kwargs={"softdeps": {"solo": (("fast",), ())}})
+    sched.set_deny(lambda name: "denied by test" if name == "fast" else None)
+    out = outcome(sched.submit(Request("admin", "solo")))
+    assert out.status == "loaded" and out.modules == ("solo",)
+    assert loads_of(kernel, "solo") == 1 and loads_of(kernel, "fast") == 0

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from kmodd.daemon.control import Client
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, Request
 from kmodd.daemon.service import Service
 from kmodd.daemon.settings import Settings, SettingsSource
 from kmodd.kernel.loader import StepResult
@@ -159,6 +159,8 @@ def test_sigterm_finishes_inflight_loads_saves_state_and_exits_0(env: Env) -> No
     closed = threading.Event()
 
     class FakeSource:
+        udev_handover = False
+
         def __init__(self, submit: Callable[[Request], Future[Outcome]]) -> None:
             self.a, self.b = socket.socketpair()
 
@@ -262,12 +264,12 @@ def test_ready_after_coldplug_is_queued_and_settle_waits_for_it(env: Env) -> Non
     queued = threading.Event()
 
     def coldplug(submit: Callable[[Request], Future[Outcome]],
-                 on_queued: Callable[[int], None]) -> object:
+                 on_queued: Callable[[int], None]) -> None:
         fut = submit(Request("coldplug", "pci:v8086d100E", "/devices/pci0/0000:00:03.0",
                              "coldplug"))
         queued.set()
         on_queued(1)
-        return fut.result(10)
+        fut.result(10)
 
     svc = env.service(gated=("nic",), coldplug=coldplug)
     t, rc = in_thread(svc)
@@ -290,6 +292,8 @@ def test_broken_source_and_bad_input_do_not_take_it_down(env: Env) -> None:
     fired = threading.Event()
 
     class Broken:
+        udev_handover = False
+
         def __init__(self, submit: Callable[[Request], Future[Outcome]]) -> None:
             self.a, self.b = socket.socketpair()
             self.b.send(b"x")
@@ -482,10 +486,10 @@ def test_kmodctl_monitor_why_and_status_output(env: Env,
         kmodctl.main(["monitor", "-n", "2", "--json", "--socket", sock])))
     mon.start()
     for _ in range(500):
-        if svc.monitors:
+        if svc.reporter.monitors:
             break
         threading.Event().wait(0.01)
-    assert svc.monitors
+    assert svc.reporter.monitors
     assert svc.submit(Request("modalias", "pci:v8086d100E", "/devices/pci0/nic0",
                               "uevent")).result(10).status == "loaded"
     assert svc.submit(Request("modalias", "pci:nothing")).result(10).status == "unresolved"
@@ -509,7 +513,7 @@ def test_second_daemon_on_the_same_socket_refuses_and_touches_nothing(env: Env) 
     t, rc = in_thread(svc)
     env.notifier.wait_for("READY")
     assert svc.submit(Request("admin", "solo")).result(10).status == "loaded"
-    svc._save_state()
+    svc.saver.save_now()
     before = Path(svc.settings.state_file).read_bytes()
     in_progress = Path(svc.settings.state_file).with_name(".state.abc123")
     in_progress.write_text("{")              # as if the first daemon were saving right now
@@ -581,9 +585,8 @@ def test_each_failure_is_logged_once_at_a_fitting_level(
 
 
 def test_autoclean_leaves_modules_with_a_remove_command_alone(env: Env) -> None:
-    from types import SimpleNamespace
     svc = env.service()
-    svc.resolver.config = SimpleNamespace(remove={"solo": "/sbin/custom-teardown"})  # type: ignore[attr-defined]
+    env.resolvers[0].removes["sol[o]"] = "/sbin/custom-teardown"
     env.kernel.load_module("solo", env.resolvers[0].path("solo"))
     res = svc._autoclean_unload("solo")
     assert res.status == "failed" and "remove command" in (res.error or "")
@@ -592,7 +595,7 @@ def test_autoclean_leaves_modules_with_a_remove_command_alone(env: Env) -> None:
 
 
 def test_a_peer_cannot_pile_up_settle_or_monitor_requests(env: Env) -> None:
-    from kmodd.daemon.service import MAX_SETTLE_PER_PEER
+    from kmodd.daemon.operations import MAX_SETTLE_PER_PEER
     svc = env.service(gated=("slow",))
     t, rc = in_thread(svc)
     env.notifier.wait_for("READY")
@@ -611,7 +614,7 @@ def test_a_peer_cannot_pile_up_settle_or_monitor_requests(env: Env) -> None:
         assert len(settles) == MAX_SETTLE_PER_PEER and all(r["settled"] for r in settles)
     assert held.result(10).status == "loaded"
     stop(svc, t, rc)
-    assert len(svc.monitors) == 0
+    assert len(svc.reporter.monitors) == 0
 
 
 def test_each_inserted_module_is_logged_with_its_own_module_field(
@@ -680,7 +683,7 @@ def test_udev_handover_flag_exists_only_while_kmodd_hears_uevents(env: Env) -> N
     flag = env.tmp / "tree/run/kmodd/udev-handover"
     seen_before_ready: list[bool] = []
 
-    def coldplug(submit: Any, on_queued: Callable[[int], None]) -> object:
+    def coldplug(submit: Any, on_queued: Callable[[int], None]) -> None:
         seen_before_ready.append(flag.exists())
         on_queued(0)
         return None
@@ -767,10 +770,10 @@ def test_non_root_readers_see_no_options_and_no_requester_pid_or_uid(env: Env) -
             events = root_mon.stream("monitor")
             next(events)
             for _ in range(1000):          # the child's monitor is subscribed too
-                if len(svc.monitors) == 2:
+                if len(svc.reporter.monitors) == 2:
                     break
                 time.sleep(0.01)
-            assert len(svc.monitors) == 2
+            assert len(svc.reporter.monitors) == 2
             reply = c.request({"op": "load", "name": "a", "options": "password=hunter2",
                                "kind": "kernel"})
             assert reply["status"] == "loaded"
@@ -794,7 +797,7 @@ def test_non_root_readers_see_no_options_and_no_requester_pid_or_uid(env: Env) -
 
 
 def test_redaction_of_quoted_parameters_in_errors() -> None:
-    from kmodd.daemon.service import redact_error, redact_outcome
+    from kmodd.daemon.report import redact_error, redact_outcome
     from kmodd.kernel.errors import load_message
     msg = load_message(E.EINVAL, "foo", params="password='x y' debug=1")
     assert "password" in msg
@@ -806,3 +809,86 @@ def test_redaction_of_quoted_parameters_in_errors() -> None:
     assert public["request"] == {"kind": "admin", "key": "foo", "options": None,
                                  "requested_by": "kmodctl"}
     assert event["request"]["options"] == "k=v"      # the root copy is untouched
+
+
+def test_stopping_answers_a_settle_that_has_no_timeout(env: Env) -> None:
+    # A settle without a timeout has no timer: the stop must still answer it
+    # (and stop), not fail on the missing timer and leave the loop running.
+    walk_done = threading.Event()
+
+    def coldplug(submit: Any, on_queued: Callable[[int], None]) -> None:
+        on_queued(0)
+        walk_done.wait(30)                        # coldplug running: not settled
+
+    svc = env.service(coldplug=coldplug)
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    try:
+        with Client(env.sock, timeout=10) as c:
+            c.send({"op": "settle", "id": 1})
+            c.send({"op": "ping", "id": 2})
+            assert c.receive()["id"] == 2             # the settle is waiting
+            svc.request_stop()
+            reply = c.receive()
+            assert reply["id"] == 1 and reply["settled"] is False
+        t.join(15)
+        assert not t.is_alive() and rc == [0]
+    finally:
+        walk_done.set()
+
+
+
+def test_why_does_not_call_a_module_absent_when_its_state_cannot_be_read(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+
+    def unreadable(name: str) -> Any:
+        raise OSError(E.EACCES, "Permission denied")
+
+    env.kernel.initstate = unreadable  # type: ignore[method-assign]
+    with Client(env.sock, timeout=10) as c:
+        why = c.why("a")
+    assert why["ok"] and why["state"] == "unknown"
+    assert "Permission denied" in why["state_error"]
+    from kmodd.cli.ctl_daemon import _why
+    with Client(env.sock, timeout=10) as c:
+        assert _why(c, "a", False) == 0
+    shown = capsys.readouterr().out
+    assert "a: state unknown" in shown and "not loaded" not in shown
+    stop(svc, t, rc)
+
+
+def test_the_daemons_lines_keep_their_logger_name(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    # The name starts every stderr line ("kmodd.daemon.service: INFO: loaded
+    # ..."); tools parse it (tests/vm/test_analyze_vm.py does).
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    with caplog.at_level(logging.DEBUG, logger="kmodd"):
+        assert svc.submit(Request("admin", "a")).result(10).status == "loaded"
+        assert svc.submit(Request("admin", "nothing-such")).result(10).status == "unresolved"
+    names = {r.name for r in caplog.records
+             if r.getMessage().startswith(("loaded a for", "loaded core for", "nothing-such"))}
+    assert names == {"kmodd.daemon.service"}
+    stop(svc, t, rc)
+
+
+@pytest.mark.parametrize("reader", ["netlink", "pyudev"])
+def test_the_uevent_source_reads_with_the_configured_reader(
+        env: Env, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+    import kmodd.daemon.uevents as uevents
+
+    made: list[str] = []
+
+    class Recorder:
+        def __init__(self, submit: Any, root: Any, *, backend: str) -> None:
+            made.append(backend)
+
+    monkeypatch.setattr(uevents, "UeventSource", Recorder)
+    svc = env.service(uevent_reader=reader)
+    factories = svc._default_sources()
+    factories[0](lambda request: None)
+    assert made == [reader]

@@ -267,7 +267,7 @@ MODULES_LOAD_DROPIN = UNITS / "systemd-modules-load.service.d/50-kmodd.conf"
 
 
 def test_modules_load_drop_in_stands_back_only_while_kmodd_serves() -> None:
-    from kmodd.daemon.service import MODULES_LOAD_MARKER
+    from kmodd.daemon.modules_load import MODULES_LOAD_MARKER
     from kmodd.daemon.settings import DEFAULT_STATE
     text = MODULES_LOAD_DROPIN.read_text()
     # kmodd-takeover recognises its own files by the first line.

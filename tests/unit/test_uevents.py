@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, Request
 from kmodd.daemon.uevents import (
     MAX_MODALIAS,
     NetlinkMonitor,
