@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/bench_boot.py [--rounds 3] [--plots docs/]
 
-One machine of the boot test bed installs kmodd's package and takes over
-(``kmodd-takeover enable``, as an administrator does), boots once that way and
-is powered off; its disk is kept.  Then fresh boots alternate, stock (an
-overlay of the image) and kmodd (an overlay of the kept disk), same devices,
-``--rounds`` of each.  Per boot, from the kernel's start:
+kmodd's package is built from this checkout and taken over in a chroot of the
+image's tree (``testbed.takeover``: ``dpkg -i``, ``kmodd-takeover enable
+--no-start`` with the real ``update-initramfs``), cached.  Then fresh boots
+alternate, stock (an overlay of the image) and kmodd (an overlay of the
+takeover image), same devices, ``--rounds`` of each.  Per boot, from the
+kernel's start:
 
   (a) the last coldplug driver bound: the latest ``driver_bound`` line in the
       kernel log (``dyndbg="func driver_bound +p"`` on the command line: the
@@ -17,8 +18,17 @@ overlay of the image) and kmodd (an overlay of the kept disk), same devices,
 Medians and the kmodd/stock ratios are printed and written to
 ``bench/results/boot.json``; with ``--plots DIR``, ``systemd-analyze plot`` of
 the first boot of each kind goes to ``DIR/boot-stock.svg`` and
-``DIR/boot-kmodd.svg``.  Needs root (the image build) and the packaging tools
-of scripts/install-deps.sh.
+``DIR/boot-kmodd.svg``, and ``kmodctl plot`` of that kmodd boot to
+``DIR/boot-kmodd-loads.svg``.
+
+In the last kmodd boot, the kernel-request round trip through the installed
+helper (``/usr/libexec/kmodd/kmodd-request``, kmodd running as the unit) is
+timed against ``/sbin/modprobe`` as ``kernel.modprobe``: ``ip link add ... type
+dummy`` and ``type bridge`` (``--request-reps`` times each, alternating which
+helper goes first, the module unloaded after each; warm: one untimed round
+first), and the same command with the module already loaded (the floor).
+Needs root (the image build, the chroot) and the packaging tools of
+scripts/install-deps.sh.
 """
 
 from __future__ import annotations
@@ -29,7 +39,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,18 +47,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from testbed.boot import BootVM
-from testbed.image import build_image
+from testbed.image import DUMMY_LINK, ImageArtifacts, build_image
+from testbed.takeover import build_deb, derived_images
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "boot.json"
 CMDLINE = 'dyndbg="func driver_bound +p" log_buf_len=4M'
 _BOUND = re.compile(r"^\[\s*([0-9.]+)\] driver: '([^']+)': driver_bound: bound to device '([^']+)'")
-
-
-def build_deb(outdir: Path) -> Path:
-    subprocess.run(["bash", str(ROOT / "contrib" / "build-deb.sh"), str(outdir)], check=True,
-                   stdout=subprocess.DEVNULL)
-    return next(outdir.glob("kmodd_*_all.deb"))
 
 
 def measure(vm: BootVM) -> dict[str, object]:
@@ -68,10 +72,82 @@ def measure(vm: BootVM) -> dict[str, object]:
             "systemd_analyze": analyze.splitlines()[0] if analyze else ""}
 
 
-def one_boot(kind: str, disk: tuple[Path, Path, Path] | None,
-             plot: Path | None) -> dict[str, object]:
-    vm = BootVM(cmdline_extra=CMDLINE, disk=disk[0] if disk else None,
-                boot_files=(disk[1], disk[2]) if disk else None)
+# Runs in the booted kmodd machine (python3 -): the request round trip, per
+# trigger and helper, in seconds of the guest's monotonic clock.
+_REQUEST_DRIVER = r"""
+import json, subprocess, sys, time
+REPS = int(sys.argv[1])
+HELPERS = {"modprobe": "/sbin/modprobe", "kmodd": "/usr/libexec/kmodd/kmodd-request"}
+TRIGGERS = {"dummy": ("ip link add kbx0 type dummy", "ip link del kbx0", ["dummy"]),
+            "bridge": ("ip link add kbb0 type bridge", "ip link del kbb0",
+                       ["bridge", "stp", "llc"])}
+
+def sh(cmd):
+    subprocess.run(["/bin/sh", "-c", cmd], check=True, capture_output=True)
+
+def loaded():
+    return {line.split()[0] for line in open("/proc/modules")}
+
+def helper(path):
+    with open("/proc/sys/kernel/modprobe", "w") as fh:
+        fh.write(path + "\n")
+
+def timed(cmd):
+    t0 = time.monotonic()
+    sh(cmd)
+    return time.monotonic() - t0
+
+def undo(name):
+    run, undo_cmd, mods = TRIGGERS[name]
+    sh(undo_cmd)
+    for m in mods:
+        sh("rmmod " + m)
+    assert not loaded() & set(mods), mods
+
+times = {t: {"modprobe": [], "kmodd": [], "floor": []} for t in TRIGGERS}
+assert not loaded() & {m for t in TRIGGERS.values() for m in t[2]}
+try:
+    for rep in range(REPS + 1):
+        order = ("modprobe", "kmodd") if rep % 2 == 0 else ("kmodd", "modprobe")
+        for name, (run, _, mods) in TRIGGERS.items():
+            for h in order:
+                helper(HELPERS[h])
+                took = timed(run)
+                assert set(mods) <= loaded(), (h, name)
+                undo(name)
+                if rep:  # round 0 warms the page cache and both helpers
+                    times[name][h].append(took)
+            helper("/bin/false")
+            sh("modprobe " + mods[0])
+            took = timed(run)
+            undo(name)
+            if rep:
+                times[name]["floor"].append(took)
+finally:
+    helper(HELPERS["kmodd"])
+print(json.dumps(times))
+"""
+
+
+def request_round_trip(vm: BootVM, reps: int) -> dict[str, dict[str, float]]:
+    # The boot's own dummy link (a kernel request at boot) goes first.
+    vm.run(f"ip link del {DUMMY_LINK} && rmmod dummy", check=True)
+    r = vm.run(["python3", "-c", _REQUEST_DRIVER, str(reps)], timeout=1800, check=True)
+    times = json.loads(r.stdout)
+    out: dict[str, dict[str, float]] = {}
+    for trig, by in times.items():
+        med = {k: statistics.median(v) for k, v in by.items()}
+        out[trig] = {**med, "ratio": med["kmodd"] / med["modprobe"],
+                     "n": float(len(by["kmodd"]))}
+        print(f"  request {trig:6}: floor {med['floor'] * 1000:6.1f} ms, /sbin/modprobe "
+              f"{med['modprobe'] * 1000:6.1f} ms, kmodd-request {med['kmodd'] * 1000:6.1f} ms, "
+              f"ratio {out[trig]['ratio']:.2f}x", flush=True)
+    return out
+
+
+def one_boot(kind: str, image: ImageArtifacts | None, plots: Path | None,
+             request_reps: int = 0) -> dict[str, object]:
+    vm = BootVM(cmdline_extra=CMDLINE, image=image)
     try:
         vm.boot()
         result = measure(vm)
@@ -79,8 +155,15 @@ def one_boot(kind: str, disk: tuple[Path, Path, Path] | None,
             active = vm.run("systemctl is-active kmodd.service").stdout.strip()
             if active != "active":
                 raise SystemExit(f"kmodd is {active} in a kmodd boot")
-        if plot is not None:
-            plot.write_text(vm.run("systemd-analyze plot", check=True).stdout)
+        if plots is not None:
+            plots.mkdir(parents=True, exist_ok=True)
+            (plots / f"boot-{kind}.svg").write_text(
+                vm.run("systemd-analyze plot", check=True).stdout)
+            if kind == "kmodd":
+                (plots / "boot-kmodd-loads.svg").write_text(
+                    vm.run("kmodctl plot", check=True).stdout)
+        if request_reps:
+            result["request"] = request_round_trip(vm, request_reps)
     finally:
         vm.shutdown()
     result["kind"] = kind
@@ -94,30 +177,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--plots", type=Path, default=None, help="directory for the SVG timelines")
+    ap.add_argument("--request-reps", type=int, default=7,
+                    help="kernel-request round trips per helper and trigger (0: none)")
     args = ap.parse_args()
-    build_image()
+    base = build_image()
     with tempfile.TemporaryDirectory(prefix="bench-boot-") as tmp:
-        deb = build_deb(Path(tmp) / "deb")
-        print("preparing the kmodd disk (dpkg -i, kmodd-takeover enable, one boot)", flush=True)
-        prep = BootVM()
-        try:
-            prep.boot()
-            path = prep.put_file(deb.name, deb.read_bytes())
-            # update-initramfs under emulation takes minutes, many on a busy host
-            prep.run(f"dpkg -i {path} && kmodd-takeover enable && umount /run/testbed-xfer",
-                     timeout=3600, check=True)
-            prep.reboot(poweroff=True)
-            prep.run("systemctl is-system-running --wait", timeout=900)
-            prep.poweroff()
-            disk = prep.save_disk(Path(tmp) / "kmodd")
-        finally:
-            prep.shutdown()
-        runs: list[dict[str, object]] = []
-        for i in range(args.rounds):
-            print(f"round {i + 1}/{args.rounds}", flush=True)
-            for kind in ("stock", "kmodd"):
-                plot = args.plots / f"boot-{kind}.svg" if args.plots and i == 0 else None
-                runs.append(one_boot(kind, disk if kind == "kmodd" else None, plot))
+        takeover = derived_images(build_deb(Path(tmp) / "deb"), base).takeover
+    runs: list[dict[str, object]] = []
+    for i in range(args.rounds):
+        print(f"round {i + 1}/{args.rounds}", flush=True)
+        for kind in ("stock", "kmodd"):
+            last = i == args.rounds - 1 and kind == "kmodd"
+            runs.append(one_boot(kind, takeover if kind == "kmodd" else None,
+                                 args.plots if i == 0 else None,
+                                 args.request_reps if last else 0))
     summary: dict[str, dict[str, float]] = {}
     for key in ("last_bound", "multi_user"):
         med = {k: statistics.median(float(str(r[key])) for r in runs if r["kind"] == k)
@@ -135,7 +208,8 @@ def main() -> int:
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cpus, "
                    f"load {os.getloadavg()[0]:.1f} at the end, QEMU TCG",
         "command": "bench/bench_boot.py " + " ".join(sys.argv[1:]),
-        "runs": runs, "summary": summary}, indent=2) + "\n")
+        "runs": runs, "summary": summary,
+        "request": next((r["request"] for r in runs if "request" in r), {})}, indent=2) + "\n")
     print(f"results: {RESULTS}")
     return 0
 

@@ -23,8 +23,9 @@ PACKAGES=(
     # building systemd-python (journald, sd_notify) and other wheels
     python3-venv python3-dev libsystemd-dev pkg-config gcc
     # the boot test bed: a Debian root made with mmdebstrap, an ext4 image made
-    # from it without loop mounts, copy-on-write overlays, a vfat disk
-    mmdebstrap e2fsprogs qemu-utils dosfstools debian-archive-keyring
+    # from it without loop mounts, copy-on-write overlays, a vfat disk; the
+    # takeover image's initramfs is unpacked on the host (unmkinitramfs)
+    mmdebstrap e2fsprogs qemu-utils dosfstools debian-archive-keyring initramfs-tools
     # the Debian package (contrib/build-deb.sh): build, lint, man pages,
     # completion, and the clean Debian 12 chroot it is installed into (tests/pkg)
     debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools

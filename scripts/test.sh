@@ -67,13 +67,10 @@ for step in "${STEPS[@]}"; do
         # The Debian package: build, lintian, install into a Debian 12 chroot, purge.
         pkg)      run_step pkg 1800 "${PYTEST[@]}" tests/pkg ;;
         vm)       run_step vm 3600 "${PYTEST[@]}" tests/vm ;;
-        # the Debian boot test bed: the image (cached) and its stock boot
-        boot)     run_step boot 1800 "${PYTEST[@]}" -s -m "not takeover" tests/boot ;;
-        # kmodd installed and taken over in the booted image, compared with
-        # stock: not in the default steps (the in-guest update-initramfs takes
-        # longer than CI's budget under emulation; see docs/boot-testbed.md)
-        boot-takeover) run_step boot-takeover 4800 "${PYTEST[@]}" -s -m takeover tests/boot ;;
-        *) echo "test.sh: unknown step $step (lint types unit fuzz realtree pkg vm boot boot-takeover)" >&2; exit 2 ;;
+        # the Debian boot test bed: the image (cached), kmodd taken over and
+        # given back in chroots of it (cached per package), four boots compared
+        boot)     run_step boot 1800 "${PYTEST[@]}" -s tests/boot ;;
+        *) echo "test.sh: unknown step $step (lint types unit fuzz realtree pkg vm boot)" >&2; exit 2 ;;
     esac
 done
 

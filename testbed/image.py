@@ -58,12 +58,26 @@ DATA_MOUNT = "/mnt/data"
 DUMMY_LINK = "kd0"
 IMAGE_SIZE_MB = 3072
 MACHINE_ID = "6b6d6f6464626f6f7474657374626564"
+# A modules-load.d list, as packages and administrators write them: comments
+# of both kinds, and a module with dependencies (macvtap needs macvlan and tap).
+# None of these is loaded by anything else at boot.
+MODULES_LOAD_CONF = "/etc/modules-load.d/testbed.conf"
+MODULES_LOAD_LIST = ("tun", "nbd", "macvtap")
+_MODULES_LOAD = """\
+# Loaded at boot by systemd-modules-load (or kmodd after the takeover).
+tun
+; a comment of the other kind
+nbd
+macvtap
+"""
 
 _FSTAB = f"""\
 # <file system> <mount point> <type> <options> <dump> <pass>
 UUID={ROOT_UUID} / ext4 errors=remount-ro 0 1
 # A second disk by UUID: mounting it asks the kernel for fs-vfat (not loaded before).
-UUID={DATA_UUID} {DATA_MOUNT} vfat ro,nofail,x-systemd.device-timeout=30s 0 0
+# The device wait is longer than systemd's 90 s: under emulation on a loaded
+# host udev has reached this disk only after that in some stock boots.
+UUID={DATA_UUID} {DATA_MOUNT} vfat ro,nofail,x-systemd.device-timeout=5min 0 0
 """
 
 _AGENT_UNIT = """\
@@ -206,14 +220,26 @@ def _customize(root: Path) -> None:
     (root / "var/lib/man-db/auto-update").unlink(missing_ok=True)
     # A persistent journal: the shutdown of one boot is read in the next.
     (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
+    conf = root / MODULES_LOAD_CONF.lstrip("/")
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(_MODULES_LOAD)
 
 
 def _build(directory: Path) -> None:
-    mmdebstrap, mkfs, mkfs_vfat = _tool("mmdebstrap"), _tool("mkfs.ext4"), _tool("mkfs.vfat")
+    mmdebstrap, mkfs_vfat = _tool("mmdebstrap"), _tool("mkfs.vfat")
     root = directory / "root"
     _log(f"mmdebstrap {SUITE} ({len(PACKAGES)} packages) from {MIRROR} into {root}")
     _run([mmdebstrap, "--mode=root", "--variant=minbase", "--format=directory",
           "--include=" + ",".join(PACKAGES), SUITE, str(root), MIRROR], "mmdebstrap")
+    _customize(root)
+    _make_disk(root, directory)
+    _run([mkfs_vfat, "-C", "-n", "KMODDDATA", "-i", DATA_VOLUME_ID,
+          str(directory / "data.img"), "16384"], "mkfs.vfat")
+    # The tree stays: derived images (the takeover, the handback) start from it.
+
+
+def _make_disk(root: Path, directory: Path) -> None:
+    """The tree's kernel and initramfs copied out, the tree made into base.img."""
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
         raise TestbedError(f"the image should hold one kernel, found {kernels}")
@@ -223,14 +249,9 @@ def _build(directory: Path) -> None:
         raise TestbedError(f"the image has no {initrd.name}: update-initramfs did not run")
     shutil.copyfile(kernels[0], directory / kernels[0].name)
     shutil.copyfile(initrd, directory / initrd.name)
-    _customize(root)
     _log(f"mkfs.ext4 -d ({IMAGE_SIZE_MB} MB, kernel {version})")
-    base = directory / "base.img"
-    _run([mkfs, "-q", "-F", "-t", "ext4", "-L", "root", "-U", ROOT_UUID, "-d", str(root),
-          str(base), f"{IMAGE_SIZE_MB}M"], "mkfs.ext4")
-    _run([mkfs_vfat, "-C", "-n", "KMODDDATA", "-i", DATA_VOLUME_ID,
-          str(directory / "data.img"), "16384"], "mkfs.vfat")
-    shutil.rmtree(root)
+    _run([_tool("mkfs.ext4"), "-q", "-F", "-t", "ext4", "-L", "root", "-U", ROOT_UUID,
+          "-d", str(root), str(directory / "base.img"), f"{IMAGE_SIZE_MB}M"], "mkfs.ext4")
 
 
 def build_image(*, force: bool = False) -> ImageArtifacts:

@@ -603,7 +603,12 @@ def selected_job() -> Callable[[VM], int]:
 
 def main(devices: list[str] | None = None, console: bool = False) -> int:
     """Boot, run the selected job, shut down.  The guest console goes to stderr with
-    *console*, and its tail on failure otherwise."""
+    *console*, and its tail on failure otherwise.  ``KMODD_MAIN_JOB=boot``: the
+    job on the boot test bed instead (``testbed/boot_job.py``)."""
+    if os.environ.get("KMODD_MAIN_JOB") == "boot":
+        from testbed.boot_job import main as boot_job
+
+        return boot_job(console)
     job = selected_job()
     vm = VM(devices, console=sys.stderr if console else None)
     rc = 1

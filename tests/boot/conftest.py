@@ -1,22 +1,27 @@
-"""Fixtures for the boot test bed: one Debian machine, three boots, shared by every test.
+"""Fixtures for the boot test bed: three machines, four boots, shared by every test.
 
-``stock``        the first boot of a fresh overlay: udev and /sbin/modprobe load
-                 modules (a ``Snapshot`` of what the boot did)
-``kmodd_vm``     the same machine after kmodd's package was installed with
-                 ``dpkg -i``, the takeover done as docs/systemd.md says
-                 (``kmodd-takeover enable``, which runs ``update-initramfs -u``),
-                 and a power cycle: the booted ``BootVM``
-``kmodd_boot``   the ``Snapshot`` of that boot, taken before any test touched it
-``handback_boot`` ``kmodd-takeover disable`` and a power cycle: the last boot
+``stock``         a boot of the image: udev and /sbin/modprobe load modules (a
+                  ``Snapshot`` of what the boot did); the machine is then turned off
+``images``        kmodd's package built from this checkout, installed and taken
+                  over in a chroot of the image's tree (``dpkg -i``, ``kmodd-takeover
+                  enable --no-start``, the real ``update-initramfs -u``), and given
+                  back (``kmodd-takeover disable``, ``dpkg --purge``):
+                  ``testbed.takeover.derived_images``, cached
+``kmodd_vm``      the takeover image booted on the same devices: the ``BootVM``
+``kmodd_boot``    the ``Snapshot`` of that boot, taken before any test touched it
+``power_cycle``   ``systemctl poweroff`` of the kmodd machine and a cold boot again
+                  (the id of the boot that was powered off)
+``handback_vm``   the handback image booted (the kmodd machine turned off first)
+``handback_boot`` its ``Snapshot``
 
-Test files run in name order (test_a_... to test_g_...), so the handback comes
-last.  Nothing skips: a machine that cannot boot fails the tests, saying why.
+Test files run in name order (test_a_... to test_g_...): the power cycle comes
+in test_f, the handback last.  Nothing skips: a machine that cannot boot fails
+the tests, saying why.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Generator, Iterator
@@ -27,28 +32,17 @@ from typing import Any, TypeVar
 import pytest
 
 from testbed.boot import BootVM
-from testbed.initramfs import PROJECT_ROOT
+from testbed.takeover import DerivedImages, build_deb, derived_images
 
 _HERE = Path(__file__).resolve().parent
 SYSTEM_TIMEOUT = 600.0
-# update-initramfs in the guest: minutes under emulation, tens of minutes on a busy host
-TAKEOVER_TIMEOUT = float(os.environ.get("BOOTBED_TAKEOVER_TIMEOUT", "3600"))
 T = TypeVar("T")
-
-
-# Tests on the machine after kmodd's package and the takeover: the in-guest
-# update-initramfs alone outlasts CI's budget under emulation, so CI's `boot`
-# step runs the others (-m "not takeover") and `scripts/test.sh boot-takeover`
-# runs these.
-_TAKEOVER_FIXTURES = {"kmodd_vm", "kmodd_boot", "handback_boot", "takeover_log"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.boot)
-            if _TAKEOVER_FIXTURES & set(getattr(item, "fixturenames", ())):
-                item.add_marker(pytest.mark.takeover)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -77,17 +71,47 @@ class Snapshot:
 
 _SNAPSHOT = r"""
 # The agent answers early in the boot (before the root is even writable):
-# wait for the boot to finish before looking.
+# wait for the boot to finish before looking.  "running" does not wait for
+# coldplug (udev works through the trigger's events on its own, kmodd too),
+# and a USB device enumerates only once its controller's driver is bound:
+# wait for both loaders, then for the drivers to stay the same for 5 s.
 state=$(systemctl is-system-running --wait 2>&1)
 echo "@state $state"
+drivers() {
+    for d in /sys/bus/*/devices/*; do
+        [ -L "$d/driver" ] || continue
+        b=${d#/sys/bus/}; b=${b%%/*}
+        echo "@driver $b:${d##*/} $(basename "$(readlink "$d/driver")") $(readlink -f "$d")"
+    done
+}
+prev= i=0
+while [ $i -lt 30 ]; do
+    udevadm settle --timeout=120
+    if systemctl -q is-active kmodd.service; then kmodctl settle --timeout 120 >/dev/null; fi
+    now=$(drivers; cat /proc/modules)
+    [ "$now" = "$prev" ] && break
+    prev=$now i=$((i + 1))
+    sleep 5
+done
+echo "@settled $i"
 systemctl list-units --state=failed --plain --no-legend --no-pager | awk '{print "@failed " $1}'
 awk '{print "@module " $1}' /proc/modules
-for d in /sys/bus/*/devices/*; do
-    [ -L "$d/driver" ] || continue
-    b=${d#/sys/bus/}; b=${b%%/*}
-    echo "@driver $b:${d##*/} $(basename "$(readlink "$d/driver")")"
-done
+drivers
 """
+
+
+def _device_key(dev: str, path: str) -> str:
+    """A device's name, stable across boots of the same devices.
+
+    USB bus numbers follow the order the host controller drivers registered
+    (ehci_hcd or uhci_hcd first), which differs between boots: a USB device is
+    named by its controller's PCI address and its port path instead.
+    """
+    if not dev.startswith("usb:") or "/usb" not in path:
+        return dev
+    controller, _, ports = path.partition("/usb")
+    tail = re.sub(r"(^|/)\d+-", r"\1X-", ports.split("/", 1)[1]) if "/" in ports else "root"
+    return f"usb:{controller.rsplit('/', 1)[-1]}/{tail}"
 
 
 def snapshot(vm: BootVM) -> Snapshot:
@@ -102,41 +126,24 @@ def snapshot(vm: BootVM) -> Snapshot:
         elif tag == "@module":
             modules.add(rest.strip())
         elif tag == "@driver":
-            dev, _, drv = rest.partition(" ")
-            drivers[dev] = drv
+            dev, drv, path = [*rest.split(), "", ""][:3]
+            drivers[_device_key(dev, path)] = drv
     return Snapshot(vm.boot_id, state, failed, modules, drivers, vm.console_log())
 
 
-def build_deb(outdir: Path) -> Path:
-    """kmodd's Debian package, built from this checkout as the packaging docs say."""
-    script = PROJECT_ROOT / "contrib" / "build-deb.sh"
-    if not script.is_file():
-        raise AssertionError(f"{script} is missing: the boot tests install kmodd's package")
-    proc = subprocess.run(["bash", str(script), str(outdir)], cwd=PROJECT_ROOT, text=True,
-                          capture_output=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"build-deb.sh failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    debs = sorted(outdir.glob("kmodd_*_all.deb"))
-    if len(debs) != 1:
-        raise AssertionError(f"build-deb.sh made {debs}, expected one kmodd_*_all.deb")
-    return debs[0]
-
-
 @pytest.fixture(scope="session")
-def machine() -> Iterator[BootVM]:
-    vm = BootVM()
-    seconds = _once("the stock boot", vm.boot)
-    print(f"\nbootbed: stock boot, agent up after {seconds:.0f} s", file=sys.stderr)
-    try:
-        yield vm
-    finally:
-        vm.shutdown()
-
-
-@pytest.fixture(scope="session")
-def stock(machine: BootVM) -> Snapshot:
-    return _once("the stock snapshot", lambda: snapshot(machine))
+def stock() -> Snapshot:
+    def step() -> Snapshot:
+        with BootVM() as vm:
+            print(f"\nbootbed: stock boot, agent up after {vm.boot_seconds:.0f} s",
+                  file=sys.stderr)
+            snap = snapshot(vm)
+            # By its identifier: it logs before journald rotates into the
+            # persistent journal, which can lose the unit's _SYSTEMD_UNIT match.
+            snap.extra["modules_load_journal"] = vm.run(
+                "journalctl -b -t systemd-modules-load -o cat --no-pager", check=True).stdout
+            return snap
+    return _once("the stock boot", step)
 
 
 @pytest.fixture(scope="session")
@@ -161,42 +168,52 @@ def _once(name: str, step: Callable[[], T]) -> T:
 
 
 @pytest.fixture(scope="session")
-def takeover_log(machine: BootVM, stock: Snapshot, deb: Path) -> str:
-    """Install the package and take over exactly as an administrator does."""
-    def step() -> str:
-        path = machine.put_file(deb.name, deb.read_bytes())
-        # update-initramfs under emulation on a busy host takes minutes
-        res = machine.run(f"dpkg -i {path} && kmodd-takeover enable", timeout=TAKEOVER_TIMEOUT,
-                          check=True)
-        machine.run(f"umount {Path(path).parent}", timeout=60, check=True)
-        return res.stdout + res.stderr
-    return _once("the takeover", step)
+def images(deb: Path) -> DerivedImages:
+    return _once("the takeover and handback images", lambda: derived_images(deb))
 
 
 @pytest.fixture(scope="session")
-def kmodd_vm(machine: BootVM, takeover_log: str) -> BootVM:
-    def step() -> BootVM:
-        if not hasattr(machine, "_kmodd_booted"):
-            seconds = machine.reboot(poweroff=True)
-            print(f"\nbootbed: kmodd boot, agent up after {seconds:.0f} s", file=sys.stderr)
-            machine._kmodd_booted = True  # type: ignore[attr-defined]
-        return machine
-    return _once("the kmodd boot", step)
+def kmodd_vm(stock: Snapshot, images: DerivedImages) -> Iterator[BootVM]:
+    # After the stock boot (its machine is off by then): one machine at a time.
+    vm = BootVM(image=images.takeover)
+    seconds = _once("the kmodd boot", vm.boot)
+    print(f"\nbootbed: kmodd boot, agent up after {seconds:.0f} s", file=sys.stderr)
+    try:
+        yield vm
+    finally:
+        vm.shutdown()
 
 
 @pytest.fixture(scope="session")
 def kmodd_boot(kmodd_vm: BootVM) -> Snapshot:
-    snap = _once("the kmodd snapshot", lambda: snapshot(kmodd_vm))
-    snap.extra["boot_number"] = str(kmodd_vm.boots)
-    return snap
+    return _once("the kmodd snapshot", lambda: snapshot(kmodd_vm))
 
 
 @pytest.fixture(scope="session")
-def handback_boot(kmodd_vm: BootVM, kmodd_boot: Snapshot) -> Snapshot:
-    def step() -> Snapshot:
-        res = kmodd_vm.run("kmodd-takeover disable", timeout=TAKEOVER_TIMEOUT, check=True)
-        kmodd_vm.reboot(poweroff=True)
-        snap = snapshot(kmodd_vm)
-        snap.extra["disable_log"] = res.stdout + res.stderr
-        return snap
-    return _once("the handback boot", step)
+def power_cycle(kmodd_vm: BootVM, kmodd_boot: Snapshot) -> str:
+    """Power the kmodd machine off (kmodd running) and on; the id of the boot that ended."""
+    def step() -> str:
+        ended = kmodd_vm.boot_id
+        seconds = kmodd_vm.reboot(poweroff=True)
+        print(f"\nbootbed: kmodd power cycle, agent up after {seconds:.0f} s", file=sys.stderr)
+        kmodd_vm.run("systemctl is-system-running --wait", timeout=SYSTEM_TIMEOUT)
+        return ended
+    return _once("the power cycle", step)
+
+
+@pytest.fixture(scope="session")
+def handback_vm(kmodd_vm: BootVM, images: DerivedImages) -> Iterator[BootVM]:
+    # The last machine: the kmodd one is done (test files run in name order).
+    kmodd_vm.shutdown()
+    vm = BootVM(image=images.handback)
+    seconds = _once("the handback boot", vm.boot)
+    print(f"\nbootbed: handback boot, agent up after {seconds:.0f} s", file=sys.stderr)
+    try:
+        yield vm
+    finally:
+        vm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def handback_boot(handback_vm: BootVM) -> Snapshot:
+    return _once("the handback snapshot", lambda: snapshot(handback_vm))

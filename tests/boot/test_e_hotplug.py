@@ -42,7 +42,10 @@ def test_hotplug_during_restart_and_while_stopped(kmodd_vm: BootVM,
         vm.qmp("device_add", driver=dev, id=f"hot{i}", addr=slot)
     got = {dev: _wait_driver(vm, slot) for dev, (slot, _drv) in DURING_RESTART.items()}
     assert got == {dev: drv for dev, (_slot, drv) in DURING_RESTART.items()}, got
-    vm.run("kmodctl settle --timeout 120", timeout=180, check=True)
+    # The restart may still be under way (udev loaded the drivers meanwhile):
+    # a start joins its job and returns once kmodd is ready.
+    vm.run("systemctl start kmodd.service && kmodctl settle --timeout 120", timeout=300,
+           check=True)
 
     # kmodd stopped: its flag is gone, so udev loads the driver again.
     vm.run("systemctl stop kmodd.service", timeout=60, check=True)
