@@ -1,7 +1,12 @@
 """The README's main job, run by ``scripts/run-main.sh`` (``python -m testbed main``).
 
-``daemon_demo`` (the default): boots Debian's real kernel under QEMU with the
-dozen default devices, starts ``kmodd`` in the guest with ``kmodd-request`` as
+By default (``KMODD_MAIN_JOB`` unset or ``boot``) the job runs on the boot
+test bed: a Debian 12 machine with kmodd installed from its package as the
+loader, narrated by ``testbed/boot_job.py``.  The jobs below run on the
+busybox test bed instead.
+
+``daemon_demo`` (``KMODD_MAIN_JOB=daemon``): boots Debian's real kernel
+under QEMU with the dozen default devices, starts ``kmodd`` in the guest with ``kmodd-request`` as
 the kernel's ``request_module()`` helper, and narrates what the daemon does as
 it happens, one line per event, timed from the start of the job:
 
@@ -602,10 +607,13 @@ def selected_job() -> Callable[[VM], int]:
 
 
 def main(devices: list[str] | None = None, console: bool = False) -> int:
-    """Boot, run the selected job, shut down.  The guest console goes to stderr with
-    *console*, and its tail on failure otherwise.  ``KMODD_MAIN_JOB=boot``: the
-    job on the boot test bed instead (``testbed/boot_job.py``)."""
-    if os.environ.get("KMODD_MAIN_JOB") == "boot":
+    """The README's main job.  By default (or ``KMODD_MAIN_JOB=boot``) kmodd as
+    the loader of a booted Debian machine (``testbed/boot_job.py``); otherwise
+    boot the busybox test bed, run the selected job (``daemon``: the daemon
+    started from a shell; ``resolve``; ``module:function``), shut down.  The
+    guest console goes to stderr with *console*, and its tail on failure
+    otherwise."""
+    if os.environ.get("KMODD_MAIN_JOB", "boot") in ("", "boot"):
         from testbed.boot_job import main as boot_job
 
         return boot_job(console)
