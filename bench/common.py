@@ -40,8 +40,46 @@ VENV_PY = ROOT / ".venv" / "bin" / "python"
 # Debian package's (dpkg-deb -x into a directory under the checkout, which the
 # guest shares).
 REQUEST_HELPER = Path(os.environ.get("KMODD_BENCH_HELPER") or ROOT / "contrib" / "kmodd-request")
+# The kmodd package copied into the guest; KMODD_BENCH_SOURCE names another
+# (e.g. "git archive" of an older commit under build/, for a before/after).
+SOURCE = Path(os.environ.get("KMODD_BENCH_SOURCE") or ROOT / "kmodd")
 # Where the guest driver installs kmodd (tmpfs), see guest_install_kmodd().
 GUEST_PREFIX = "/tmp/kmodd-install"
+# How kmodd is installed in the guest (the guest's / is the host's under a
+# tmpfs overlay, so /usr can be written there):
+#   installed  as the Debian package lays it out: the package in
+#              /usr/lib/python3/dist-packages with its byte code, run by
+#              /usr/bin/python3 through contrib/debian/console-script as
+#              /usr/sbin/kmodd and /usr/bin/kmodctl (the README's install);
+#   generated  the same with the wrappers pybuild generates (import re), to
+#              measure what the lean entry points save;
+#   venv       the development virtual environment (-P -m, PYTHONPATH to a
+#              tmpfs copy): the layout of the figures before 2026-11-30.
+# The host picks it (set_layout); the guest driver reads KMODD_BENCH_LAYOUT.
+LAYOUTS = ("installed", "generated", "venv")
+LAYOUT = "installed"
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+GENERATED_WRAPPER = """#!/usr/bin/python3
+# -*- coding: utf-8 -*-
+import re
+import sys
+from @MODULE@ import main
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit(main())
+"""
+
+
+def set_layout(name: str) -> None:
+    global LAYOUT
+    if name not in LAYOUTS:
+        raise SystemExit(f"unknown layout {name!r} (one of {', '.join(LAYOUTS)})")
+    LAYOUT = name
+
+
+def guest_layout() -> str:
+    """The layout inside the guest driver; "venv" on the host."""
+    return os.environ.get("KMODD_BENCH_LAYOUT", "venv")
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -271,25 +309,47 @@ def booted(device_list: Sequence[Device], *, kernel_modprobe: str | None = None,
 
 def precompile() -> None:
     """Byte-compile kmodd on the host so no run pays for compilation."""
-    subprocess.run([str(VENV_PY), "-m", "compileall", "-q", str(ROOT / "kmodd")],
+    subprocess.run([str(VENV_PY), "-m", "compileall", "-q", str(SOURCE)],
                    check=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""})
 
 
+def _wrapper(module: str) -> str:
+    if LAYOUT == "generated":
+        return GENERATED_WRAPPER.replace("@MODULE@", module)
+    return (ROOT / "contrib/debian/console-script").read_text().replace("@MODULE@", module)
+
+
 def guest_prepare_script() -> str:
-    """Shell run in a fresh guest before any timing: install kmodd into tmpfs
-    (with its byte code) and warm the page cache for every program compared,
-    so each method starts with its files in memory, as after a disk read."""
+    """Shell run in a fresh guest before any timing: install kmodd (LAYOUT, with
+    its byte code) and warm the page cache for every program compared, so each
+    method starts with its files in memory, as after a disk read."""
+    imports = ("kmodd, kmodd.daemon.service, kmodd.daemon.uevents, kmodd.daemon.kernelreq, "
+               "kmodd.daemon.watch, kmodd.resolution.resolve, kmodd.kernel.loader, "
+               "kmodd.kernel.real, kmodd.cli.daemon, kmodd.cli.kmodctl, kmodd.cli.ctl_daemon, "
+               "pyudev, json")
+    if LAYOUT == "venv":
+        install = f"""rm -rf {GUEST_PREFIX}; mkdir -p {GUEST_PREFIX}
+cp -a {SOURCE} {GUEST_PREFIX}/kmodd
+cp -a {REQUEST_HELPER} {GUEST_PREFIX}/kmodd-request
+PYTHONPATH={GUEST_PREFIX} {VENV_PY} -P -c 'import {imports}; \
+assert kmodd.__file__.startswith("{GUEST_PREFIX}"), kmodd.__file__'
+"""
+    else:
+        install = f"""rm -rf {GUEST_PREFIX} {DIST_PACKAGES}/kmodd; mkdir -p {GUEST_PREFIX}
+cp -a {SOURCE} {DIST_PACKAGES}/kmodd
+cp -a {REQUEST_HELPER} {GUEST_PREFIX}/kmodd-request
+cat >/usr/sbin/kmodd <<'EOF_KMODD'
+{_wrapper("kmodd.cli.daemon")}EOF_KMODD
+cat >/usr/bin/kmodctl <<'EOF_KMODCTL'
+{_wrapper("kmodd.cli.kmodctl")}EOF_KMODCTL
+chmod 0755 /usr/sbin/kmodd /usr/bin/kmodctl
+/usr/bin/python3 -P -c 'import {imports}; \
+assert kmodd.__file__.startswith("{DIST_PACKAGES}/"), kmodd.__file__'
+/usr/bin/kmodctl --version >/dev/null
+"""
     return f"""
 set -e
-rm -rf {GUEST_PREFIX}; mkdir -p {GUEST_PREFIX}
-cp -a {ROOT}/kmodd {GUEST_PREFIX}/kmodd
-cp -a {REQUEST_HELPER} {GUEST_PREFIX}/kmodd-request
-PYTHONPATH={GUEST_PREFIX} {VENV_PY} -P -c 'import kmodd, kmodd.daemon.service, \
-kmodd.daemon.uevents, kmodd.daemon.kernelreq, kmodd.daemon.watch, kmodd.resolution.resolve, \
-kmodd.kernel.loader, kmodd.kernel.real, kmodd.cli.daemon, kmodd.cli.kmodctl, kmodd.cli.ctl_daemon, \
-pyudev, json; \
-assert kmodd.__file__.startswith("{GUEST_PREFIX}"), kmodd.__file__'
-/lib/systemd/systemd-udevd --version >/dev/null
+{install}/lib/systemd/systemd-udevd --version >/dev/null
 udevadm --version >/dev/null
 modprobe --version >/dev/null
 cat /lib/udev/rules.d/* >/dev/null
@@ -300,22 +360,29 @@ cat /lib/modules/$(uname -r)/modules.*.bin /lib/modules/$(uname -r)/modules.dep 
 
 def guest_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = GUEST_PREFIX
+    if guest_layout() == "venv":
+        env["PYTHONPATH"] = GUEST_PREFIX
+    else:
+        env.pop("PYTHONPATH", None)
     env.pop("NOTIFY_SOCKET", None)
     return env
 
 
 def kmodd_argv(*extra: str) -> list[str]:
+    if guest_layout() != "venv":
+        return ["/usr/sbin/kmodd", "--no-journal", *extra]
     return [str(VENV_PY), "-P", "-m", "kmodd.cli.daemon", "--no-journal", *extra]
 
 
 def kmodctl_argv(*extra: str) -> list[str]:
+    if guest_layout() != "venv":
+        return ["/usr/bin/kmodctl", *extra]
     return [str(VENV_PY), "-P", "-m", "kmodd.cli.kmodctl", *extra]
 
 
 def run_guest(vm: Any, argv: Sequence[str], timeout: float) -> dict[str, Any]:
     """Run a guest driver; its BENCH-JSON answer (raises with its output on failure)."""
-    res = vm.run(list(argv), timeout=timeout)
+    res = vm.run(list(argv), timeout=timeout, env={"KMODD_BENCH_LAYOUT": LAYOUT})
     if res.rc != 0:
         raise RuntimeError(f"guest driver {argv} failed with {res.rc}:\n"
                            f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")

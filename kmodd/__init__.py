@@ -11,17 +11,17 @@ importing the package costs nothing.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
-
 
 def version() -> str:
     """The version of kmodd (pyproject.toml's ``project.version``)."""
+    # pathlib only here: every front end imports this package first.
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     try:
         import tomllib
 
-        with _PYPROJECT.open("rb") as f:
+        with pyproject.open("rb") as f:
             project = tomllib.load(f).get("project", {})
         if project.get("name") == "kmodd" and isinstance(project.get("version"), str):
             return str(project["version"])

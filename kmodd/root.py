@@ -20,6 +20,8 @@ RUN_DIR = "run/kmodd"
 # the running system sees it, so the path is fixed).  kmodd creates it once
 # it listens to uevents; the unit's ExecStopPost= and a clean stop remove it.
 UDEV_HANDOVER = f"{RUN_DIR}/udev-handover"
+# What is kept across boots (the unit's StateDirectory=kmodd).
+STATE_DIR = "var/lib/kmodd"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class Root:
     @property
     def udev_handover(self) -> Path:
         return self.path(UDEV_HANDOVER)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path(STATE_DIR)
 
 
 def run_path(name: str = "") -> str:

@@ -1,17 +1,85 @@
 """``kmodctl status|list|why|monitor|settle|reload``: talk to the running daemon.
 
-Imports stay light (json, socket): no pyudev, no pyelftools.
+These only talk to the socket, and ``settle`` runs at every boot: the
+module imports nothing but ``kmodd.daemon.client`` (no argparse, json,
+socket or typing modules; tests/unit/test_kmodctl_fast.py holds it to that).
+:func:`parse_fast` reads the usual command lines itself; anything it does
+not recognise (``--help``, abbreviations, errors) goes through argparse.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from typing import Any
 
-from kmodd.daemon.control import DEFAULT_SOCKET, Client, ControlError
+from kmodd.daemon.client import DEFAULT_SOCKET, Client, ControlError, dumps
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+# Options taking a value, per command (argparse's spelling in add_arguments).
+_VALUE_OPTIONS = {"settle": {"-t": "timeout", "--timeout": "timeout"},
+                  "monitor": {"-n": "count", "--count": "count"}}
+_CONVERT = {"timeout": float, "count": int}
+
+
+class FastArgs:
+    """What argparse would produce for the command lines parse_fast accepts."""
+
+    module: str     # why only
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.socket = DEFAULT_SOCKET
+        self.json = False
+        if command == "status":
+            self.prometheus = False
+        elif command == "settle":
+            self.timeout = 120.0
+        elif command == "monitor":
+            self.count = 0
+
+
+def parse_fast(command: str, argv: list[str]) -> FastArgs | None:
+    """The parsed command line, or None to leave it to argparse (help, errors,
+    abbreviated or attached option values: whatever is not the plain form)."""
+    args = FastArgs(command)
+    positional: list[str] = []
+    values = {"--socket": "socket", **_VALUE_OPTIONS.get(command, {})}
+    flags = {"--json": "json"}
+    if command == "status":
+        flags["--prometheus"] = "prometheus"
+    i = 0
+    only_positional = False
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if only_positional or not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+        elif arg == "--":
+            only_positional = True
+        elif arg in flags:
+            setattr(args, flags[arg], True)
+        elif arg in values:
+            if i >= len(argv) or argv[i].startswith("-"):
+                return None
+            dest = values[arg]
+            try:
+                setattr(args, dest, _CONVERT.get(dest, str)(argv[i]))
+            except ValueError:
+                return None
+            i += 1
+        else:
+            return None
+    if command == "why":
+        if len(positional) != 1:
+            return None
+        args.module = positional[0]
+    elif positional:
+        return None
+    return args
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -60,8 +128,7 @@ def _why_text(why: dict[str, Any] | None) -> str:
 
 
 def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+    sys.stdout.write(dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _status(client: Client, as_json: bool) -> int:
@@ -150,7 +217,7 @@ def _monitor(client: Client, count: int, as_json: bool) -> int:
         print("monitoring load outcomes (Ctrl-C to stop)", flush=True)
     for seen, event in enumerate(stream, 1):
         if as_json:
-            print(json.dumps(event, sort_keys=True), flush=True)
+            print(dumps(event, sort_keys=True), flush=True)
         else:
             req = event.get("request", {})
             mods = " ".join(event.get("modules", [])) or "-"

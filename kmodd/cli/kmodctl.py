@@ -3,12 +3,13 @@
 Each sub-command lives in its own ``kmodd.cli.ctl_*`` module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; only the one asked for is
 imported, so a resolve does not pay for the daemon client and vice versa.
+A sub-command module may offer ``parse_fast(command, argv)``: when it
+understands the command line, argparse is never imported (the socket-only
+commands, ``kmodctl settle`` first of all, start in a few imports).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,12 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"kmodctl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    parser = argparse.ArgumentParser(prog=f"kmodctl {command}",
-                                     description=COMMANDS[command][1])
-    module.add_arguments(parser, command)
-    parsed = parser.parse_args(args[1:])
-    parsed.command = command
+    name = COMMANDS[command][0]
+    __import__(name)            # not importlib: one import less on the fast path
+    module = sys.modules[name]
+    parse_fast = getattr(module, "parse_fast", None)
+    parsed = parse_fast(command, args[1:]) if parse_fast is not None else None
+    if parsed is None:
+        import argparse
+
+        parser = argparse.ArgumentParser(prog=f"kmodctl {command}",
+                                         description=COMMANDS[command][1])
+        module.add_arguments(parser, command)
+        parsed = parser.parse_args(args[1:])
+        parsed.command = command
     try:
         return int(module.run(parsed))
     except BrokenPipeError:

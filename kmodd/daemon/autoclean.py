@@ -29,7 +29,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from kmodd.daemon.requests import is_device_kind
+from kmodd.daemon.requests import RequestKind, is_device_kind
 from kmodd.daemon.state import ModuleRecord, StateStore
 from kmodd.journal import log as slog
 from kmodd.kernel.protocol import InitState, Kernel
@@ -189,26 +189,7 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
             out.reloaded.append(name)
             foreign.add(name)
             continue
-        reason = busy_reason(use, policy)
-        if reason is None and (rec.instance is None or use.instance is None):
-            # Only what the kernel proves is the very load kmodd made goes.
-            reason = "which load this is is unknown (no load identity)"
-        if reason is None and rec.kind == "modules-load":
-            # Listed for loading at boot: wanted whether used or not.
-            reason = f"listed in {rec.requested_by or 'modules-load.d'}"
-        if reason is None and name in busy_set:
-            reason = "a request for it is in flight"
-        if reason is None and name in present:
-            # Loaded for a device, like udev would: it stays while the device
-            # does (CPU feature modules, drivers whose probe passed it over).
-            reason = f"its device {rec.devpath} is present"
-        family = family_of(name, rec)
-        if reason is None and family is not None and family.decision == "never":
-            reason = f"{family.label}: the kernel cannot prove it unused ({family.reason})"
-        if reason is None and links is None and rec.key.startswith("rtnl-link-"):
-            reason = "cannot tell whether links of its type exist in every network namespace"
-        elif reason is None and links and (kinds := link_kinds_of(name, rec) & links):
-            reason = f"network link(s) of type {', '.join(sorted(kinds))} exist"
+        reason = _keep_reason(name, rec, use, policy, busy_set, present, links)
         if reason is not None:
             out.idle[name] = (None, 0)
             out.kept[name] = reason
@@ -222,7 +203,41 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
             out.kept[name] = f"idle for {now - idle_since:.0f}s of {policy.idle_timeout:g}s"
         else:
             out.unload.append(name)
-    # Dependencies follow: a module kmodd loaded whose every user is going away.
+    _add_followers(out, records, uses, policy, foreign | busy_set | present)
+    return out
+
+
+def _keep_reason(name: str, rec: ModuleRecord, use: ModuleUse, policy: AutocleanPolicy,
+                 busy: set[str], present: set[str], links: set[str] | None) -> str | None:
+    """Why a module kmodd loaded stays, however long it is idle (None: it may go)."""
+    reason = busy_reason(use, policy)
+    if reason is None and (rec.instance is None or use.instance is None):
+        # Only what the kernel proves is the very load kmodd made goes.
+        reason = "which load this is is unknown (no load identity)"
+    if reason is None and rec.kind == RequestKind.MODULES_LOAD:
+        # Listed for loading at boot: wanted whether used or not.
+        reason = f"listed in {rec.requested_by or 'modules-load.d'}"
+    if reason is None and name in busy:
+        reason = "a request for it is in flight"
+    if reason is None and name in present:
+        # Loaded for a device, like udev would: it stays while the device
+        # does (CPU feature modules, drivers whose probe passed it over).
+        reason = f"its device {rec.devpath} is present"
+    family = family_of(name, rec)
+    if reason is None and family is not None and family.decision == "never":
+        reason = f"{family.label}: the kernel cannot prove it unused ({family.reason})"
+    if reason is None and links is None and rec.key.startswith("rtnl-link-"):
+        reason = "cannot tell whether links of its type exist in every network namespace"
+    elif reason is None and links and (kinds := link_kinds_of(name, rec) & links):
+        reason = f"network link(s) of type {', '.join(sorted(kinds))} exist"
+    return reason
+
+
+def _add_followers(out: SweepPlan, records: Mapping[str, ModuleRecord],
+                   uses: Mapping[str, ModuleUse], policy: AutocleanPolicy,
+                   stay: set[str]) -> None:
+    """Dependencies follow: a module kmodd loaded whose every user is going
+    away goes too (``stay``: not ours any more, busy, or its device is here)."""
     going = set(out.unload)
     changed = True
     while changed:
@@ -232,9 +247,9 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
             if name in going or use is None or not use.loaded or not use.holders:
                 continue
             rec = records[name]
-            if name in foreign or rec.instance is None or use.instance != rec.instance:
+            if name in stay or rec.instance is None or use.instance != rec.instance:
                 continue
-            if name in busy_set or name in present or not set(use.holders) <= going:
+            if not set(use.holders) <= going:
                 continue
             rest = (use.refcount or 0) - len(use.holders)
             if use.refcount is None or rest != 0 or use.bound_devices or use.permanent \
@@ -248,7 +263,6 @@ def plan_sweep(records: Mapping[str, ModuleRecord], uses: Mapping[str, ModuleUse
             out.followers.add(name)
             out.kept.pop(name, None)
             changed = True
-    return out
 
 
 def kernel_snapshot(kernel: Kernel, names: Iterable[str]) -> dict[str, ModuleUse]:

@@ -20,15 +20,20 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from kmodd.daemon.client import (  # noqa: F401 (re-exported: the client used to live here)
+    Client,
+    ControlError,
+)
 from kmodd.root import run_path
 
 LOG = logging.getLogger(__name__)
 
+# kmodd.daemon.client spells it out (it imports nothing of kmodd); a test holds both equal.
 DEFAULT_SOCKET = run_path("control")
 MAX_MESSAGE = 64 * 1024          # one request line
 # Backpressure: a peer with this much output queued is not read from (its
@@ -402,114 +407,5 @@ class ControlServer:
 
 
 # --- client ------------------------------------------------------------------
-
-class ControlError(Exception):
-    """The daemon answered with ok=false, or the connection broke."""
-
-    def __init__(self, message: str, code: str = "EIO", reply: dict[str, Any] | None = None
-                 ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.reply = reply or {}
-
-
-class Client:
-    """Blocking client for kmodctl and kmodd-request."""
-
-    def __init__(self, path: str | Path = DEFAULT_SOCKET, *, timeout: float | None = None
-                 ) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except BaseException:
-            self.sock.close()
-            raise
-        self._rfile = self.sock.makefile("rb")
-
-    @classmethod
-    def try_connect(cls, path: str | Path = DEFAULT_SOCKET, *, timeout: float | None = 5.0
-                    ) -> Client | None:
-        """A client when a daemon listens at ``path``; None otherwise (load directly)."""
-        try:
-            return cls(path, timeout=timeout)
-        except OSError:
-            return None
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def receive(self) -> dict[str, Any]:
-        line = self._rfile.readline(MAX_OUTPUT)
-        if not line:
-            raise ControlError("the daemon closed the connection")
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ControlError(f"bad reply from the daemon: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ControlError("bad reply from the daemon: not an object")
-        return obj
-
-    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one request, return its raw reply (``ok`` may be false)."""
-        self.send(msg)
-        return self.receive()
-
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Like :meth:`request` but raise ControlError when ``ok`` is false."""
-        reply = self.request({"op": op, **fields})
-        if not reply.get("ok"):
-            raise ControlError(str(reply.get("error", "request failed")),
-                               str(reply.get("code", "EIO")), reply)
-        return reply
-
-    def stream(self, op: str = "monitor", **fields: Any) -> Iterator[dict[str, Any]]:
-        """The first reply, then every event line until the daemon closes."""
-        first = self.call(op, **fields)
-        yield first
-        while True:
-            try:
-                yield self.receive()
-            except ControlError:
-                return
-
-    def status(self) -> dict[str, Any]:
-        return self.call("status")
-
-    def list_modules(self) -> dict[str, Any]:
-        return self.call("list")
-
-    def why(self, module: str) -> dict[str, Any]:
-        return self.call("why", module=module)
-
-    def settle(self, timeout: float | None = None) -> dict[str, Any]:
-        return self.call("settle", timeout=timeout)
-
-    def reload(self) -> dict[str, Any]:
-        return self.call("reload")
-
-    def load(self, name: str, options: str = "", *, kind: str = "admin",
-             requested_by: str = "") -> dict[str, Any]:
-        """Ask the daemon to load; the reply carries the outcome (``status``...)."""
-        return self.request({"op": "load", "name": name, "options": options, "kind": kind,
-                             "requested_by": requested_by})
-
-    def unload(self, name: str, *, force: bool = False) -> dict[str, Any]:
-        return self.request({"op": "unload", "name": name, "force": force})
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._rfile.close()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+# The client lives in kmodd.daemon.client (dependency-free, for kmodctl's
+# start-up); these names stay importable from here.

@@ -14,14 +14,12 @@ name per line, ``#`` comments).
 
 from __future__ import annotations
 
-import contextlib
 import errno as errno_mod
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodd.daemon.state import write_atomically
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.resolution.names import modname_normalize
 from kmodd.resolution.plan import Plan, Role
@@ -63,19 +61,7 @@ def write_deny_file(path: Path, names: Iterable[str]) -> None:
     """Atomically: temporary file, fsync, rename (a crash leaves old or new)."""
     body = "# modules kmodd never loads (kmodctl deny/allow)\n" + "".join(
         f"{n}\n" for n in sorted(set(names)))
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".deny.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, body.encode(), mode=0o644, prefix=".deny.")
 
 
 class DenyPolicy:

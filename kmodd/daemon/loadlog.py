@@ -13,10 +13,7 @@ init-time histogram count every load even once old records were dropped.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
-import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -190,17 +187,12 @@ class LoadLog:
         data = self.to_dict()
         data.pop("now", None)
         data["boot_id"] = boot_id()
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".loads.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, separators=(",", ":"))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # The daemon saves; kmodctl only reads (its start-up stays light).
+        from kmodd.daemon.state import write_atomically
+
+        # Only this boot's next daemon reads it: no fsync needed.
+        write_atomically(path, json.dumps(data, separators=(",", ":")).encode(), mode=0o644,
+                         prefix=".loads.", durable=False)
 
     def restore(self, path: Path) -> int:
         """Records and totals a previous daemon of this boot saved; how many

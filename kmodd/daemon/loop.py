@@ -20,7 +20,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-LOG = logging.getLogger(__name__)
+# The name the loop's lines had before the loop had a file of its own (it
+# starts every stderr line; see kmodd.daemon.report.DAEMON_LOGGER).
+LOG = logging.getLogger("kmodd.daemon.service")
 
 CALLBACK = "event loop callback"     # what a failing handler is called in the log
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmodd.daemon.report import slog
+from kmodd.daemon.report import DAEMON_LOGGER, slog
 from kmodd.daemon.requests import Request, RequestKind, Submit
 from kmodd.root import Root
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(DAEMON_LOGGER)     # the daemon's lines keep their name (report.py)
 
 MODULES_LOAD_DIRS = ("etc/modules-load.d", "run/modules-load.d",
                      "usr/local/lib/modules-load.d", "usr/lib/modules-load.d",

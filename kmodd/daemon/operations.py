@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from kmodd.daemon.control import Connection, Operation, error_reply
-from kmodd.daemon.report import redact_error, redact_requester, slog
+from kmodd.daemon.report import DAEMON_LOGGER, redact_error, redact_requester, slog
 from kmodd.daemon.requests import Outcome, Request, RequestKind
 from kmodd.daemon.state import ModuleRecord
 from kmodd.kernel.protocol import InitState
@@ -28,7 +28,7 @@ from kmodd.resolution.names import modname_normalize
 if TYPE_CHECKING:
     from kmodd.daemon.service import Service
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(DAEMON_LOGGER)     # the daemon's lines keep their name (report.py)
 
 MAX_SETTLE_PER_PEER = 16
 

@@ -23,7 +23,11 @@ from kmodd.journal import log as journal_log
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.resolution.plan import ModuleStep
 
-LOG = logging.getLogger(__name__)
+# The daemon's own lines (loads, failures, boot lists, control changes) carry
+# the name they always had, whichever module writes them: it starts every
+# stderr line ("kmodd.daemon.service: INFO: loaded ...") and tools match it.
+DAEMON_LOGGER = "kmodd.daemon.service"
+LOG = logging.getLogger(DAEMON_LOGGER)
 
 
 def slog(logger: logging.Logger, level: int, msg: str, *args: object, **fields: Any) -> None:

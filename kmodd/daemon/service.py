@@ -35,8 +35,10 @@ from kmodd.daemon.interfaces import (
     SourceFactory,
     WatcherFactory,
 )
+from kmodd.daemon.learned import learned_order
 from kmodd.daemon.loadlog import LoadLog
 from kmodd.daemon.loop import EventLoop
+from kmodd.daemon.memory import release_memory
 from kmodd.daemon.modules_load import (
     MODULES_LOAD_MARKER,
     BootLoads,
@@ -137,10 +139,11 @@ class Service:
         self.loop = EventLoop()
         self.started_at = time.time()
         self.state = StateStore(Path(settings.state_file))
-        self.saver = StateSaver(self.state, self.loop)
+        self.saver = StateSaver(self.state, self.loop, logger=LOG)
         self.reporter = OutcomeReporter()
         self.ops = ControlOps(self)
         self.loadlog = LoadLog()
+        self.learned = learned_order(settings)
         if loader is None:
             from kmodd.kernel.loader import Loader
             loader = Loader(kernel)
@@ -212,10 +215,13 @@ class Service:
     def _default_sources(self) -> list[SourceFactory]:
         root = self.settings.root_obj
         fifo = self.settings.request_fifo
+        # kmodd's own netlink reader by default: pyudev's imports were 0.8 s
+        # of the start before coldplug in the VM (docs/performance.md).
+        reader = self.settings.uevent_reader
 
         def uevents(submit: Submit) -> Source:
             from kmodd.daemon.uevents import UeventSource
-            return UeventSource(submit, root)
+            return UeventSource(submit, root, backend=reader)
 
         def kernel_requests(submit: Submit) -> Source:
             from kmodd.daemon.kernelreq import KernelRequestSource
@@ -230,7 +236,8 @@ class Service:
 
         def run(submit: Submit, on_queued: Callable[[int], None]) -> ColdplugReport:
             from kmodd.daemon.uevents import coldplug
-            return coldplug(root, submit, on_queued=on_queued)
+            # Last boot's longest chains first, before the walk (learned.py).
+            return coldplug(root, submit, on_queued=on_queued, first=self.learned.first())
 
         return run
 
@@ -491,6 +498,9 @@ class Service:
     def _coldplug_finished(self, result: ColdplugReport | None) -> None:
         self.coldplug_state = "done"
         self.loadlog.mark("coldplug-end")
+        # Off the loop: the next boot's order, then idle memory (memory.py).
+        resolver = self.resolver
+        self.learned.save_in_background(then=lambda: release_memory(resolver))
         self._set_ready()
         loaded = result.loaded if result is not None else None
         slog(LOG, logging.INFO, "coldplug done%s",
@@ -554,6 +564,9 @@ class Service:
                    result: StepResult) -> None:
         if not self.reporter.module_result(step, request, result):
             return
+        self.learned.note(step.name, step.path, step.deps, result.seconds, kind=request.kind,
+                          key=request.key, devpath=request.devpath,
+                          target=str(step.role) == "target")
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,

@@ -57,6 +57,7 @@ class Settings:
     queue_limit: int = 16384
     modules_load: bool = True            # load what modules-load.d and /etc/modules list
     deny: tuple[str, ...] = ()           # modules never loaded, whoever asks
+    uevent_reader: str = "netlink"       # "netlink" (kmodd's own) or "pyudev"
     # not in the file: where and what to run against
     config_file: str = DEFAULT_CONFIG
     root: str = "/"
@@ -77,9 +78,10 @@ _FILE_KEYS: dict[str, str] = {
     "modprobe_config": "strlist", "coldplug": "bool", "log_level": "str",
     "journal": "bool", "backoff_initial": "number", "backoff_max": "number",
     "runaway_limit": "int", "runaway_window": "number", "queue_limit": "int",
-    "modules_load": "bool", "deny": "names",
+    "modules_load": "bool", "deny": "names", "uevent_reader": "str",
 }
 _LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
+UEVENT_READERS = ("netlink", "pyudev")
 
 
 def _check(key: str, value: Any, where: str) -> Any:
@@ -125,6 +127,10 @@ def _validate(values: dict[str, Any], where: str) -> dict[str, Any]:
     for key in ("runaway_limit", "queue_limit"):
         if key in values and values[key] < 1:
             raise SettingsError(f"{where}: {key} must be at least 1, not {values[key]}")
+    reader = values.get("uevent_reader")
+    if reader is not None and reader not in UEVENT_READERS:
+        raise SettingsError(f"{where}: uevent_reader must be one of {', '.join(UEVENT_READERS)}, "
+                            f"not {reader!r}")
     level = values.get("log_level")
     if level is not None and level.lower() not in _LOG_LEVELS:
         raise SettingsError(f"{where}: log_level must be one of {', '.join(_LOG_LEVELS)}, "
@@ -208,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deny", action="append", metavar="MODULES",
                    help="modules never to load, whoever asks (repeatable, comma-separated)")
     p.add_argument("--log-level", choices=_LOG_LEVELS)
+    p.add_argument("--uevent-reader", choices=UEVENT_READERS,
+                   help="read uevents with kmodd's own netlink socket (default) or pyudev")
     journal = p.add_mutually_exclusive_group()
     journal.add_argument("--journal", dest="journal", action="store_true", default=None,
                          help="log to journald")
@@ -221,7 +229,8 @@ def _flag_values(ns: argparse.Namespace) -> dict[str, Any]:
     for key in ("max_workers", "autoclean_interval", "idle_timeout", "socket", "state_file",
                 "request_fifo", "root", "modules_base", "version", "coldplug", "kernel",
                 "log_level", "journal", "config_file", "backoff_initial", "backoff_max",
-                "runaway_limit", "runaway_window", "queue_limit", "modules_load"):
+                "runaway_limit", "runaway_window", "queue_limit", "modules_load",
+                "uevent_reader"):
         v = getattr(ns, key, None)
         if v is not None:
             out[key] = v

@@ -27,6 +27,34 @@ STATE_VERSION = 1
 _TMP_PREFIX = ".state."     # tempfile.mkstemp prefix of a save in progress
 
 
+def write_atomically(path: Path, data: bytes, *, mode: int, prefix: str,
+                     durable: bool = True) -> None:
+    """Temporary file beside ``path``, then rename: a crash leaves the old file
+    or the new one, never half of one.  ``durable``: fsync the file before the
+    rename and the directory after it (the rename is only durable then)."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
 @dataclass
 class ModuleRecord:
     name: str
@@ -196,30 +224,9 @@ class StateStore:
             payload = {"version": STATE_VERSION,
                        "modules": [r.to_dict() for r in self._records.values()]}
         data = json.dumps(payload, indent=1, sort_keys=True).encode()
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            # Root only: records name who asked (uid, pid), which the control
-            # socket hides from other users too.
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # The rename is only durable once the directory is synced.
-        try:
-            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        # Root only: records name who asked (uid, pid), which the control
+        # socket hides from other users too.
+        write_atomically(self.path, data, mode=0o600, prefix=_TMP_PREFIX)
 
     # --- records -------------------------------------------------------------
 
@@ -287,9 +294,11 @@ class StateSaver:
 
     DELAY = 0.5
 
-    def __init__(self, store: StateStore, loop: Scheduling) -> None:
+    def __init__(self, store: StateStore, loop: Scheduling, *,
+                 logger: logging.Logger = LOG) -> None:
         self.store = store
         self._loop = loop
+        self._log = logger
         self._timer: Cancellable | None = None
         self._thread: threading.Thread | None = None
         self._wanted = threading.Event()
@@ -324,4 +333,4 @@ class StateSaver:
         try:
             self.store.save()
         except OSError as exc:
-            slog(LOG, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)
+            slog(self._log, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)

@@ -23,10 +23,11 @@ driver registers a USB root hub, which has a modalias of its own).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -405,7 +406,8 @@ class ColdplugResult:
 def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
              max_iterations: int = 16,
              on_queued: Callable[[int], None] | None = None,
-             seen: set[str] | None = None) -> ColdplugResult:
+             seen: set[str] | None = None,
+             first: Iterable[tuple[str, str]] = ()) -> ColdplugResult:
     """Load drivers for the devices already present; blocks until done or timed out.
 
     Each iteration walks ``/sys/devices``, submits every modalias not asked
@@ -417,7 +419,9 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
     right after the first walk's requests are queued: the daemon reports
     READY then.  ``seen`` lets the caller share the set of modaliases
     already handled (a later ``kmodctl reload`` walks again without
-    re-asking).  Runs in a thread of its own: it waits on futures.
+    re-asking).  ``first`` lists ``(devpath, modalias)`` pairs submitted
+    before the first walk, in that order (the learned order,
+    kmodd.daemon.learned).  Runs in a thread of its own: it waits on futures.
     """
     start = time.monotonic()
     deadline = start + settle_timeout
@@ -429,8 +433,12 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
         result.iterations += 1
         futures: list[Future[Outcome]] = []
         devices = 0
-        for devpath, modalias in walk_modaliases(root.sys):
-            devices += 1
+        found: Iterable[tuple[str, str, bool]] = (
+            (d, m, True) for d, m in walk_modaliases(root.sys))
+        if result.iterations == 1:
+            found = itertools.chain(((d, m, False) for d, m in first), found)
+        for devpath, modalias, walked in found:
+            devices += walked
             if modalias in asked:
                 continue
             asked.add(modalias)

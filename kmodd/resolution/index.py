@@ -245,6 +245,16 @@ class ModuleTree:
         idx = self._get("modules.alias", self._load_alias_index)
         return idx if isinstance(idx, WildIndex) else None
 
+    def drop_caches(self) -> None:
+        """Forget every index read so far (they are read again on the next
+        lookup): the daemon's idle memory after coldplug.  The files are
+        re-readable, and a lookup in progress keeps what it holds."""
+        with self._prepare_lock, self._load_lock:
+            self._loaded.clear()
+            self._alias_search = None
+            self._builtin_alias_search = None
+            self._builtin_names = None
+
     def prepare_aliases(self) -> None:
         """Switch modules.alias lookups to the prepared index now (built or
         loaded from the cache), instead of after ``prepare_after`` walks."""

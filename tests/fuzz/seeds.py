@@ -68,7 +68,7 @@ def make_seeds(dest: Path) -> dict[str, Path]:
     """A directory of seed inputs per target under ``dest``; {target: directory}."""
     seeds: dict[str, list[bytes]] = {name: [] for name in (
         "index_bin", "index_text", "modprobe_d", "cmdline", "kmodd_conf", "control", "fifo",
-        "uevent", "state", "elf", "signature")}
+        "uevent", "state", "learned", "elf", "signature")}
     with tempfile.TemporaryDirectory(prefix="kmodd-seeds-") as tmp:
         tree = _fixture_tree(Path(tmp))
         real = _real_moddir()
@@ -149,6 +149,19 @@ def make_seeds(dest: Path) -> dict[str, Path]:
         json.dumps({"version": 1, "modules": [record, {**record, "name": "snd",
                                                          "kind": "kernel"}]}).encode(),
         b'{"modules": []}',
+    ]
+    seeds["learned"] += [
+        json.dumps({"format": 1, "kernel": "6.1.0-fuzz",
+                    "modules": {"scsi_mod": {"init": 0.3, "deps": ["scsi_common"], "path": None,
+                                             "size": None, "mtime_ns": None},
+                                "scsi_common": {"init": 0.1, "deps": []},
+                                "sym53c8xx": {"init": 5.0, "deps": ["scsi_mod"],
+                                              "path": "/nonexistent/sym53c8xx.ko",
+                                              "size": 1, "mtime_ns": 2}},
+                    "devices": {"pci:v00001000d00000012sv*": {
+                        "devpath": "/devices/pci0000:00/0000:00:05.0",
+                        "targets": ["sym53c8xx", "scsi_mod"]}}}).encode(),
+        b'{"format": 1, "kernel": "6.1.0-other", "modules": {}, "devices": {}}',
     ]
     out: dict[str, Path] = {}
     for name, inputs in seeds.items():

@@ -413,6 +413,22 @@ def state(data: bytes) -> None:
     assert again.records() == store.records()
 
 
+# --- learned.json ----------------------------------------------------------------------
+
+def learned(data: bytes) -> None:
+    from kmodd.daemon.learned import read, write
+    path = workdir() / "learned.json"
+    path.write_bytes(data)
+    got = read(path, "6.1.0-fuzz")          # never raises: an unusable file is empty
+    got.first(lambda devpath: None)
+    for alias in list(got.devices)[:50]:
+        got.weight(alias)
+    # What it kept must survive its own save and read.
+    out = workdir() / "learned-out.json"
+    write(out, got)
+    assert read(out, "6.1.0-fuzz").to_dict() == got.to_dict()
+
+
 # --- module files: ELF, modinfo, signature --------------------------------------------
 
 def elf(data: bytes) -> None:
@@ -451,6 +467,7 @@ def targets() -> dict[str, Target]:
         Target("fifo", fifo, (), "request FIFO lines (kernelreq.py)"),
         Target("uevent", uevent, (), "netlink uevent payloads (uevents.py)"),
         Target("state", state, (), "state.json (state.py)"),
+        Target("learned", learned, (), "learned.json (learned.py)"),
         Target("elf", elf, _module_file_error(), "module ELF and .modinfo (elf.py)"),
         Target("signature", signature, (), "module signature trailer (signature.py)"),
     )}

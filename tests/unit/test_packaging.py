@@ -81,3 +81,24 @@ def test_debian_12s_zstandard_decompresses_modules(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     major, minor = (int(x) for x in r.stdout.strip().split(".")[:2])
     assert (major, minor) >= (0, 20)
+
+
+def test_entry_points_are_the_lean_ones(tmp_path: Path) -> None:
+    """debian/rules writes both entry points from contrib/debian/console-script,
+    which runs the front end without the generated wrapper's ``import re``."""
+    import os
+    import subprocess
+
+    template = (CHECKOUT / "contrib/debian/console-script").read_text()
+    assert "@MODULE@" in template and "\nimport re\n" not in template
+    for module, dest in (("kmodd.cli.daemon", "usr/sbin/kmodd"),
+                         ("kmodd.cli.kmodctl", "usr/bin/kmodctl")):
+        assert f"s/@MODULE@/{module}/' contrib/debian/console-script >$(PKG)/{dest}" in RULES
+    script = tmp_path / "kmodctl"
+    script.write_text(template.replace("@MODULE@", "kmodd.cli.kmodctl"))
+    code = ("import sys; script = sys.argv.pop(1); sys.argv[0] = script; "
+            "exec(compile(open(script).read(), script, 'exec'))")
+    res = subprocess.run([sys.executable, "-S", "-c", code, str(script), "status", "--socket",
+                          str(tmp_path / "none")], capture_output=True, text=True, check=False,
+                         env={**os.environ, "PYTHONPATH": str(CHECKOUT)})
+    assert res.returncode == 1 and "kmodd is not running" in res.stderr

@@ -858,3 +858,37 @@ def test_why_does_not_call_a_module_absent_when_its_state_cannot_be_read(
     shown = capsys.readouterr().out
     assert "a: state unknown" in shown and "not loaded" not in shown
     stop(svc, t, rc)
+
+
+def test_the_daemons_lines_keep_their_logger_name(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    # The name starts every stderr line ("kmodd.daemon.service: INFO: loaded
+    # ..."); tools parse it (tests/vm/test_analyze_vm.py does).
+    svc = env.service()
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    with caplog.at_level(logging.DEBUG, logger="kmodd"):
+        assert svc.submit(Request("admin", "a")).result(10).status == "loaded"
+        assert svc.submit(Request("admin", "nothing-such")).result(10).status == "unresolved"
+    names = {r.name for r in caplog.records
+             if r.getMessage().startswith(("loaded a for", "loaded core for", "nothing-such"))}
+    assert names == {"kmodd.daemon.service"}
+    stop(svc, t, rc)
+
+
+@pytest.mark.parametrize("reader", ["netlink", "pyudev"])
+def test_the_uevent_source_reads_with_the_configured_reader(
+        env: Env, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+    import kmodd.daemon.uevents as uevents
+
+    made: list[str] = []
+
+    class Recorder:
+        def __init__(self, submit: Any, root: Any, *, backend: str) -> None:
+            made.append(backend)
+
+    monkeypatch.setattr(uevents, "UeventSource", Recorder)
+    svc = env.service(uevent_reader=reader)
+    factories = svc._default_sources()
+    factories[0](lambda request: None)
+    assert made == [reader]

@@ -181,3 +181,13 @@ def test_show_config_prints_values_and_origins(tmp_path: Path,
     assert "idle_timeout = 5.0  # command line" in lines
     assert "coldplug = true  # default" in lines
     assert "# journal is unset  # default" in lines
+
+
+def test_uevent_reader_from_file_and_flag(tmp_path: Path) -> None:
+    assert parse_settings(["--root", str(tmp_path)])[0].uevent_reader == "netlink"
+    conf = write(tmp_path, 'uevent_reader = "pyudev"\n')
+    assert parse_settings(["--config", conf])[0].uevent_reader == "pyudev"
+    s, _ = parse_settings(["--config", conf, "--uevent-reader", "netlink"])
+    assert s.uevent_reader == "netlink"
+    with pytest.raises(SettingsError, match="uevent_reader must be one of netlink, pyudev"):
+        parse_settings(["--config", write(tmp_path, 'uevent_reader = "libudev"\n')])

@@ -41,6 +41,9 @@ for f in /usr/sbin/kmodd /usr/bin/kmodctl /usr/libexec/kmodd/kmodd-request \
 	/usr/sbin/kmodd-takeover; do
 	check "executable $f" test -x "$f"
 done
+for f in /usr/sbin/kmodd /usr/bin/kmodctl; do
+	check "$f: the lean entry point (no import re)" sh -c "! grep -q '^import re' $f"
+done
 dropin=systemd-modules-load.service.d/50-kmodd.conf
 for f in /lib/systemd/system/kmodd.service /usr/lib/kmodd/udev/80-drivers.rules \
 	/usr/lib/kmodd/systemd/$dropin \

@@ -1,0 +1,298 @@
+"""Learned coldplug order: start the longest chains of module inits first.
+
+At coldplug a loader is done when the slowest chain of inits is done (on the
+benchmark machine: scsi_common -> scsi_mod -> scsi_transport_spi ->
+sym53c8xx, whose init scans its bus for seconds, and since Linux 5.18
+``do_init_module()`` ends every init with ``async_synchronize_full()``, so
+inits finishing meanwhile wait for it too).  The order of the walk of
+``/sys/devices`` says nothing about that; the last boot's load log does.
+
+kmodd notes every load (init time, the module's hard dependencies, its
+file's identity) and which device's modalias asked for which target
+modules.  After coldplug it merges this into ``/var/lib/kmodd/learned.json``
+(a thread of its own, never on the way to the first load).  At the next
+coldplug the devices known from that file, whose ``modalias`` still reads
+the same, are submitted first, heaviest chain first, before the walk of
+``/sys/devices`` even starts; the walk then adds the rest in its own order.
+
+What is remembered is thrown away when it could mislead: everything when the
+kernel release differs, a module's timing when its file's size or mtime
+changed (or it is gone).  A damaged or foreign file is ignored (and
+replaced at the next save).  None of udevd, modprobe or mdevd does this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kmodd.daemon.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+FORMAT = 1
+LEARNED_FILE = "learned.json"       # under the state directory (Root.state_dir)
+MAX_MODULES = 8192
+MAX_DEVICES = 4096
+MAX_FILE = 4 * 1024 * 1024
+MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class ModuleTiming:
+    """One module as last loaded: its init time and what identifies its file."""
+
+    init: float                       # seconds in the load syscall
+    deps: tuple[str, ...] = ()        # its own hard dependencies (modules.dep)
+    path: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"init": self.init, "deps": list(self.deps), "path": self.path,
+                "size": self.size, "mtime_ns": self.mtime_ns}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModuleTiming:
+        init = float(d["init"])
+        if not 0.0 <= init < 3600.0:
+            raise ValueError(f"init time {init!r}")
+        deps = d.get("deps") or []
+        if not isinstance(deps, list) or not all(isinstance(x, str) for x in deps):
+            raise ValueError("deps")
+        path = d.get("path")
+        size, mtime = d.get("size"), d.get("mtime_ns")
+        if path is not None and not isinstance(path, str):
+            raise ValueError("path")
+        if (size is not None and not isinstance(size, int)) or \
+                (mtime is not None and not isinstance(mtime, int)):
+            raise ValueError("size/mtime_ns")
+        return cls(init, tuple(deps), path, size, mtime)
+
+
+def file_identity(path: str | None) -> tuple[int | None, int | None]:
+    """(size, mtime_ns) of a module file; (None, None) when it has none or is gone."""
+    if path is None:
+        return None, None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+class Learned:
+    """What earlier boots taught: module timings and each device's target modules."""
+
+    def __init__(self, kernel: str, modules: Mapping[str, ModuleTiming] | None = None,
+                 devices: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> None:
+        self.kernel = kernel
+        self.modules: dict[str, ModuleTiming] = dict(modules or {})
+        # modalias -> (devpath, target modules)
+        self.devices: dict[str, tuple[str, tuple[str, ...]]] = dict(devices or {})
+
+    def chain(self, module: str, _memo: dict[str, float] | None = None,
+              _path: frozenset[str] = frozenset()) -> float:
+        """Seconds of the longest chain of inits ending with ``module``'s: its own
+        init after its slowest dependency's chain (unknown modules count 0)."""
+        memo = {} if _memo is None else _memo
+        if module in memo:
+            return memo[module]
+        timing = self.modules.get(module)
+        # Unknown, a cycle or an absurd depth (real chains are a few modules
+        # long): bad data must cost neither a loop nor the recursion limit.
+        if timing is None or module in _path or len(_path) >= MAX_DEPTH:
+            return 0.0
+        inner = _path | {module}
+        value = timing.init + max((self.chain(d, memo, inner) for d in timing.deps),
+                                  default=0.0)
+        memo[module] = value
+        return value
+
+    def weight(self, modalias: str) -> float:
+        """The longest chain a device's request started last time."""
+        entry = self.devices.get(modalias)
+        if entry is None:
+            return 0.0
+        memo: dict[str, float] = {}
+        return max((self.chain(m, memo) for m in entry[1]), default=0.0)
+
+    def first(self, read_modalias: Callable[[str], str | None]) -> list[tuple[str, str]]:
+        """``(devpath, modalias)`` of the known devices still present with the same
+        modalias, heaviest chain first (ties: modalias order, for stable runs)."""
+        memo: dict[str, float] = {}
+        ranked = []
+        for modalias, (devpath, targets) in self.devices.items():
+            weight = max((self.chain(m, memo) for m in targets), default=0.0)
+            if weight > 0.0:
+                ranked.append((-weight, modalias, devpath))
+        ranked.sort()
+        out = []
+        for _, modalias, devpath in ranked:
+            if read_modalias(devpath) == modalias:
+                out.append((devpath, modalias))
+        return out
+
+    def valid(self, kernel: str,
+              identity: Callable[[str | None], tuple[int | None, int | None]] = file_identity
+              ) -> Learned:
+        """What still holds for this kernel: module timings whose file is unchanged."""
+        if kernel != self.kernel:
+            return Learned(kernel)
+        kept = {name: t for name, t in self.modules.items()
+                if t.path is None or identity(t.path) == (t.size, t.mtime_ns)}
+        return Learned(kernel, kept, self.devices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "kernel": self.kernel,
+                "modules": {n: t.to_dict() for n, t in sorted(self.modules.items())},
+                "devices": {a: {"devpath": d, "targets": list(t)}
+                            for a, (d, t) in sorted(self.devices.items())}}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Learned:
+        """Raises ValueError (TypeError, KeyError) on anything not written by to_dict."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("not a learned-order file of this format")
+        kernel = data.get("kernel")
+        modules, devices = data.get("modules"), data.get("devices")
+        if not isinstance(kernel, str) or not isinstance(modules, dict) or \
+                not isinstance(devices, dict):
+            raise ValueError("missing kernel, modules or devices")
+        mods = {str(n): ModuleTiming.from_dict(t) for n, t in modules.items()}
+        devs: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for alias, d in devices.items():
+            devpath, targets = d["devpath"], d["targets"]
+            if not isinstance(devpath, str) or not isinstance(targets, list) or \
+                    not all(isinstance(t, str) for t in targets):
+                raise ValueError(f"device {alias!r}")
+            devs[str(alias)] = (devpath, tuple(targets))
+        return cls(kernel, mods, devs)
+
+
+def read(path: Path, kernel: str) -> Learned:
+    """The valid part of the file for this kernel; empty (logged) when unusable."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE + 1)
+        if len(raw) > MAX_FILE:
+            raise ValueError("file too large")
+        return Learned.from_dict(json.loads(raw)).valid(kernel)
+    except FileNotFoundError:
+        return Learned(kernel)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+        # RecursionError: json.loads of a deeply nested document.
+        LOG.warning("ignoring the learned coldplug order in %s: %s", path, exc)
+        return Learned(kernel)
+
+
+def write(path: Path, learned: Learned) -> None:
+    """Atomically (state.write_atomically), mode 0644; not fsynced: losing the
+    lesson in a crash only costs the next boot its order."""
+    from kmodd.daemon.state import write_atomically
+    write_atomically(path, json.dumps(learned.to_dict(), separators=(",", ":")).encode(),
+                     mode=0o644, prefix=".learned.", durable=False)
+
+
+class LearnedOrder:
+    """The daemon's side: the order for this coldplug, the notes for the next.
+
+    ``note`` is called by the workers for every load (a dict update under a
+    lock); ``first`` by the coldplug thread; ``save`` after coldplug, in a
+    thread (it stats module files and writes the file).
+    """
+
+    def __init__(self, path: Path, kernel: str, sys_dir: Path) -> None:
+        self.path = path
+        self.kernel = kernel
+        self.sys_dir = sys_dir
+        self._lock = threading.Lock()
+        self._modules: dict[str, tuple[float, tuple[str, ...], str | None]] = {}
+        self._devices: dict[str, tuple[str, set[str]]] = {}
+
+    def _read_modalias(self, devpath: str) -> str | None:
+        # Only what the walk itself would find: a device under /sys/devices.
+        if not devpath.startswith("/devices/") or "/../" in devpath + "/":
+            return None
+        try:
+            with open(os.path.join(self.sys_dir, devpath.lstrip("/"), "modalias"), "rb") as f:
+                return f.read(4096).rstrip(b"\n").decode("ascii", "replace")
+        except (OSError, ValueError):
+            return None
+
+    def first(self) -> list[tuple[str, str]]:
+        """The known devices to submit before the walk, heaviest chain first
+        (empty when nothing usable was learned; never raises)."""
+        try:
+            return read(self.path, self.kernel).first(self._read_modalias)
+        except Exception as exc:
+            LOG.warning("learned coldplug order unusable: %s", exc)
+            return []
+
+    def note(self, name: str, path: str | None, deps: Iterable[str], seconds: float | None,
+             *, kind: str, key: str, devpath: str | None, target: bool) -> None:
+        """One module loaded (``seconds`` in the syscall) for a request."""
+        if seconds is None:
+            return
+        with self._lock:
+            if len(self._modules) < MAX_MODULES or name in self._modules:
+                self._modules[name] = (float(seconds), tuple(deps), path)
+            if target and devpath and kind in ("coldplug", "modalias") and \
+                    (len(self._devices) < MAX_DEVICES or key in self._devices):
+                _, targets = self._devices.setdefault(key, (devpath, set()))
+                targets.add(name)
+
+    def merged(self) -> Learned:
+        """The file's valid content updated with this boot's notes."""
+        base = read(self.path, self.kernel)
+        with self._lock:
+            modules = dict(self._modules)
+            devices = {k: (d, tuple(sorted(t))) for k, (d, t) in self._devices.items()}
+        for name, (init, deps, path) in modules.items():
+            size, mtime = file_identity(path)
+            base.modules[name] = ModuleTiming(init, deps, path, size, mtime)
+        base.devices.update(devices)
+        # Bounded whatever the machine: keep the heaviest.
+        if len(base.devices) > MAX_DEVICES:
+            keep = sorted(base.devices, key=base.weight, reverse=True)[:MAX_DEVICES]
+            base.devices = {k: base.devices[k] for k in keep}
+        if len(base.modules) > MAX_MODULES:
+            keep = sorted(base.modules, key=lambda n: base.modules[n].init,
+                          reverse=True)[:MAX_MODULES]
+            base.modules = {k: base.modules[k] for k in keep}
+        return base
+
+    def save(self) -> None:
+        """Merge and write; never raises (a read-only /var only loses the lesson)."""
+        try:
+            with self._lock:
+                if not self._modules:
+                    return          # nothing loaded (a restart mid-boot): keep the file as is
+            write(self.path, self.merged())
+        except Exception as exc:
+            LOG.warning("cannot save the learned coldplug order to %s: %s", self.path, exc)
+
+    def save_in_background(self, then: Callable[[], None] | None = None) -> threading.Thread:
+        """``save`` in a thread of its own, then ``then`` (in that thread)."""
+        def run() -> None:
+            self.save()
+            if then is not None:
+                then()
+        t = threading.Thread(target=run, name="kmodd-after-coldplug", daemon=True)
+        t.start()
+        return t
+
+
+def learned_order(settings: Settings) -> LearnedOrder:
+    """The daemon's LearnedOrder: the state directory under its root, its kernel."""
+    from kmodd.root import running_kernel_version
+    root = settings.root_obj
+    return LearnedOrder(root.state_dir / LEARNED_FILE,
+                        settings.version or running_kernel_version(root), root.sys)
