@@ -105,8 +105,14 @@ def _device_key(dev: str, path: str) -> str:
 
     USB bus numbers follow the order the host controller drivers registered
     (ehci_hcd or uhci_hcd first), which differs between boots: a USB device is
-    named by its controller's PCI address and its port path instead.
+    named by its controller's PCI address and its port path instead.  An HD
+    audio codec's name carries its card's index (hdaudioC1D0), which follows
+    the order the sound drivers probed: it is named by its controller's PCI
+    address and its codec address.
     """
+    codec = re.fullmatch(r"hdaudio:hdaudioC\d+D(\d+)", dev)
+    if codec and path.count("/") >= 2:
+        return f"hdaudio:{path.rsplit('/', 2)[-2]}/D{codec.group(1)}"
     if not dev.startswith("usb:") or "/usb" not in path:
         return dev
     controller, _, ports = path.partition("/usb")
