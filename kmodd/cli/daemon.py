@@ -41,6 +41,19 @@ def _setup_logging(settings: Settings) -> None:
         logging.basicConfig(level=level, format="%(name)s: %(levelname)s: %(message)s")
 
 
+def _dump_stacks_on_sigusr2() -> None:
+    """``kill -USR2 $(pidof kmodd)``: every thread's stack to stderr (the journal
+    under systemd), for a daemon that stopped answering.  faulthandler writes
+    from the signal handler itself, so it works while the event loop is stuck."""
+    import contextlib
+    import faulthandler
+    import signal
+
+    # stderr with no descriptor (an embedding that captures it): no dump.
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        faulthandler.register(signal.SIGUSR2, file=sys.stderr.fileno(), all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings, source = parse_settings(argv)
@@ -51,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kmodd: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings)
+    _dump_stacks_on_sigusr2()
     from kmodd.daemon.service import Service
     try:
         kernel = make_kernel(settings)
