@@ -386,21 +386,25 @@ INDEX_FILES = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias
                "modules.builtin.modinfo", "modules.symbols.bin")
 
 
-def _identity_line(path: Path) -> str:
+def _identity_line(path: Path, base: Path) -> str:
+    # Named relative to the root: the same tree under another root is the same.
+    try:
+        name = str(path.relative_to(base))
+    except ValueError:
+        name = str(path)
     try:
         st = os.stat(path)
     except OSError:
-        return f"{path} -"
-    return f"{path} {st.st_mode:o} {st.st_size} {st.st_mtime_ns}"
+        return f"{name} -"
+    return f"{name} {st.st_mode:o} {st.st_size} {st.st_mtime_ns}"
 
 
 def config_stamp(settings: Settings, version: str) -> str:
     """The configuration a plan was resolved under: kernel command line, deny
     lists, every modprobe.d file and the module indexes (by size and mtime)."""
-    from kmodd.daemon.deny import deny_file
     root = settings.root_obj
     lines = [f"kernel {version}", "deny " + ",".join(settings.deny),
-             _identity_line(deny_file(root))]
+             _identity_line(root.deny_file, root.base)]
     try:
         lines.append("cmdline " + (root.proc / "cmdline").read_text(errors="replace").strip())
     except OSError:
@@ -408,14 +412,14 @@ def config_stamp(settings: Settings, version: str) -> str:
     configs = [Path(p) for p in settings.modprobe_config] \
         if settings.modprobe_config is not None else root.modprobe_dirs()
     for config in configs:
-        lines.append(_identity_line(config))
+        lines.append(_identity_line(config, root.base))
         try:
             names = sorted(os.listdir(config))
         except OSError:
             continue
-        lines.extend(_identity_line(config / name) for name in names)
+        lines.extend(_identity_line(config / name, root.base) for name in names)
     modules_dir = root.modules_dir(version)
-    lines.extend(_identity_line(modules_dir / name) for name in INDEX_FILES)
+    lines.extend(_identity_line(modules_dir / name, modules_dir) for name in INDEX_FILES)
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ modules inserted before the daemon has started, and taken over by its loader."""
 from __future__ import annotations
 
 import errno as E
+import os
 import threading
 import time
 from dataclasses import replace
@@ -15,6 +16,7 @@ from kmodd.daemon.learned import (
     Learned,
     LearnedOrder,
     ModuleTiming,
+    config_stamp,
     read,
     start_head_start,
     write,
@@ -246,3 +248,15 @@ def test_a_damaged_file_means_no_head_start(tree: Tree, content: bytes) -> None:
     tree.learned_file.parent.mkdir(parents=True, exist_ok=True)
     tree.learned_file.write_bytes(content)
     assert start_head_start(tree.settings(), sim_kernel(tree.base / "k3", GRAPH)) is None
+
+
+def test_the_stamp_names_files_relative_to_the_root(tree: Tree) -> None:  # noqa: F811
+    # The same tree under another root (a benchmark's, a chroot's) is the same
+    # configuration; a file's size or mtime is not.
+    conf = tree.root / "etc/modprobe.d"
+    conf.mkdir(parents=True)
+    (conf / "a.conf").write_text("options nic x=1\n")
+    stamp = config_stamp(tree.settings(), KERNEL)
+    assert str(tree.root) not in stamp and "etc/modprobe.d/a.conf" in stamp
+    os.utime(conf / "a.conf", ns=(0, 12345))
+    assert config_stamp(tree.settings(), KERNEL) != stamp
