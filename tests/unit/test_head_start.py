@@ -288,3 +288,10 @@ def test_module_params_reads_words_as_kmod_does() -> None:
                          "modprobe.blacklist=e1000 BOOT_IMAGE=/v root=UUID=1.2") == {
         "snd_hda_intel": "snd-hda-intel.model=auto snd_hda_intel.x=1", "a": "a.b",
         "modprobe": "modprobe.blacklist=e1000"}
+
+
+def test_the_summary_tells_what_the_head_start_did() -> None:
+    kernel = FakeKernel(fail={"b": E.ENOEXEC}, present={"c"})
+    early = EarlyLoads(kernel, [mod("a"), mod("b"), mod("c")], workers=1).start()  # type: ignore[arg-type]
+    assert early.wait(10)
+    assert early.summary().startswith("1 inserted, 1 already there, 1 failed; syscalls from +")
