@@ -81,11 +81,54 @@ def set_helper(path: str) -> None:
     Path("/proc/sys/kernel/modprobe").write_text(path + "\n")
 
 
+# A command slower than this is a stall: the daemon's threads and descriptors
+# and the helpers' states are written to the daemon's log while it hangs.
+STALL = 10.0
+DAEMON_PID: list[int] = []
+STALLS: list[str] = []
+
+
+def stall_snapshot(cmd: str) -> None:
+    """What a stalled request looks like from outside: the daemon's threads'
+    stacks (SIGUSR2), its descriptors, the run directory, every helper's state."""
+    pid = DAEMON_PID[0] if DAEMON_PID else 0
+    STALLS.append(f"{time.strftime('%H:%M:%S')} {cmd}")
+    progress(f"STALL > {STALL:g} s: {cmd}; snapshot in the daemon log")
+    script = f"""
+echo "=== stall snapshot: {cmd}"
+kill -USR2 {pid}; sleep 1
+echo "--- daemon fds"; ls -l /proc/{pid}/fd
+echo "--- daemon threads (state, wchan)"
+for t in /proc/{pid}/task/*; do echo "$(cat $t/comm) $(cut -d' ' -f3 $t/stat) \
+$(cat $t/wchan)"; done
+echo "--- run dir"; ls -l /run/kmodd; cat /run/kmodd/request.pid
+echo "--- helpers"
+for p in /proc/[0-9]*; do case $(tr '\0' ' ' <$p/cmdline 2>/dev/null) in
+*kmodd-request*|*kmodctl*) echo "${{p#/proc/}} $(tr '\0' ' ' <$p/cmdline) \
+$(cut -d' ' -f3 $p/stat) $(cat $p/wchan)"; ls -l $p/fd;; esac; done
+"""
+    with open("/tmp/kmodd-request-bench.log", "a") as log:
+        subprocess.run(["/bin/sh", "-c", script], stdout=log, stderr=log, check=False,
+                       timeout=60)
+
+
 def timed(cmd: str, env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     try:
-        res = subprocess.run(["/bin/sh", "-c", "exec " + cmd], capture_output=True, text=True,
-                             env=env, check=False, timeout=COMMAND_TIMEOUT)
+        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            proc.wait(STALL)
+        except subprocess.TimeoutExpired:
+            stall_snapshot(cmd)
+        try:
+            out, err = proc.communicate(timeout=max(1.0, COMMAND_TIMEOUT -
+                                                    (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     except subprocess.TimeoutExpired:
         log = Path("/tmp/kmodd-request-bench.log")
         raise RuntimeError(f"{cmd!r} did not finish in {COMMAND_TIMEOUT:g} s; helper "
@@ -122,6 +165,7 @@ def guest_main(reps: int) -> int:
     daemon = subprocess.Popen(common.kmodd_argv("--no-coldplug", "--autoclean-interval", "0"),
                               env={**common.guest_env(), **listener.env()}, stdout=log,
                               stderr=log, stdin=subprocess.DEVNULL)
+    DAEMON_PID[:] = [daemon.pid]
     if listener.wait_for("READY", 600) is None:
         raise RuntimeError("kmodd did not become ready")
     progress("kmodd ready")
@@ -161,7 +205,10 @@ def guest_main(reps: int) -> int:
         common.stop_process(daemon)
         log.close()
         listener.close()
-    common.emit_json({"times": times, "status": status[-3000:],
+        # The whole daemon log (stall snapshots included) where the host sees it.
+        (common.ROOT / "build" / "bench-request-daemon.log").write_bytes(
+            Path("/tmp/kmodd-request-bench.log").read_bytes())
+    common.emit_json({"times": times, "status": status[-3000:], "stalls": STALLS,
                       "log_tail": Path("/tmp/kmodd-request-bench.log").read_text()[-2000:]})
     return 0
 
@@ -198,6 +245,8 @@ def main() -> int:
         print(f"{trig.name:8s} {common.fmt_s(floor):>10s} {common.fmt_s(mp):>10s} "
               f"{common.fmt_s(km):>10s} {r:>14.2f}x {common.fmt_s(mp - floor):>22s} "
               f"{common.fmt_s(km - floor):>9s}")
+    for stall in res.get("stalls", []):
+        print(f"STALL (> {STALL:g} s): {stall}; see build/bench-request-daemon.log")
     print(f"worst kmodd-request / modprobe = {worst:.2f}x (target <= {TARGET}x: "
           f"{'met' if worst <= TARGET else 'MISSED'}); {args.reps} repetitions, medians")
     path = common.save_results("request", {
