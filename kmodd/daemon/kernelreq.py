@@ -348,7 +348,12 @@ class KernelRequestSource:
             if ours:
                 self.on_readable()      # what was written into the old one
                 os.close(self._fd)
-            self._fd = self._make_fifo()
+                self._fd = self._make_fifo()
+            else:
+                # Our FIFO is still there but we no longer hold it: helpers
+                # wait in open() for a writer; reopening it lets them in.
+                self._fd = os.open(self.fifo_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC) \
+                    if linked else self._make_fifo()
             self._ident = self._identity(self._fd)
             self._checked = (0, self.reads)
             with contextlib.suppress(OSError):

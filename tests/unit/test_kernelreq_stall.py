@@ -127,9 +127,23 @@ def test_check_makes_a_new_fifo_when_the_path_was_removed(
 def test_check_reopens_when_the_descriptor_was_closed_behind_its_back(
         source: tuple[KernelRequestSource, Recorder], run_dir: Path) -> None:
     src, rec = source
+    fifo = run_dir / "request"
+    before = os.lstat(fifo).st_ino
     os.close(src.fileno())
+    # A helper opening the FIFO now waits for a writer (nobody holds it).
+    opened = threading.Event()
+
+    def helper() -> None:
+        fd = os.open(fifo, os.O_RDONLY)
+        opened.set()
+        os.close(fd)
+
+    threading.Thread(target=helper, daemon=True).start()
+    assert not opened.wait(0.2)
     problem = src.check()
     assert problem is not None and "closed or reused" in problem
+    # The same FIFO, reopened: the waiting helper got in.
+    assert opened.wait(5) and os.lstat(fifo).st_ino == before
     path, fd = reply_fifo(run_dir, 301)
     write_request(run_dir / "request", f"dummy {path}\n".encode())
     src.on_readable()
