@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -150,6 +151,18 @@ def unload(trigger: Trigger, env: dict[str, str]) -> None:
         raise RuntimeError(f"still loaded after rmmod: {left}")
 
 
+# kmodd logs (at debug level) when it answered a kernel request.
+ANSWERED = re.compile(r"kernel request (\S+) answered ([0-9.]+) ms after its line was read")
+
+
+def daemon_spans(log: str) -> dict[str, list[float]]:
+    """The daemon's read -> reply time per request name, warm-up (the first) left out."""
+    spans: dict[str, list[float]] = {}
+    for name, ms in ANSWERED.findall(log):
+        spans.setdefault(name, []).append(float(ms) / 1000)
+    return {name: values[1:] for name, values in spans.items()}
+
+
 def guest_main(reps: int) -> int:
     helper_kmodd = f"{common.GUEST_PREFIX}/kmodd-request"
     env = dict(os.environ)
@@ -162,7 +175,8 @@ def guest_main(reps: int) -> int:
         raise RuntimeError(f"modules already loaded before the benchmark: {already}")
     listener = common.NotifyListener()
     log = open("/tmp/kmodd-request-bench.log", "wb")  # noqa: SIM115
-    daemon = subprocess.Popen(common.kmodd_argv("--no-coldplug", "--autoclean-interval", "0"),
+    daemon = subprocess.Popen(common.kmodd_argv("--no-coldplug", "--autoclean-interval", "0",
+                                                "--log-level", "debug"),
                               env={**common.guest_env(), **listener.env()}, stdout=log,
                               stderr=log, stdin=subprocess.DEVNULL)
     DAEMON_PID[:] = [daemon.pid]
@@ -208,7 +222,9 @@ def guest_main(reps: int) -> int:
         # The whole daemon log (stall snapshots included) where the host sees it.
         (common.ROOT / "build" / "bench-request-daemon.log").write_bytes(
             Path("/tmp/kmodd-request-bench.log").read_bytes())
+    daemon_log = Path("/tmp/kmodd-request-bench.log").read_text(errors="replace")
     common.emit_json({"times": times, "status": status[-3000:], "stalls": STALLS,
+                      "daemon": daemon_spans(daemon_log),
                       "log_tail": Path("/tmp/kmodd-request-bench.log").read_text()[-2000:]})
     return 0
 
@@ -245,6 +261,10 @@ def main() -> int:
         print(f"{trig.name:8s} {common.fmt_s(floor):>10s} {common.fmt_s(mp):>10s} "
               f"{common.fmt_s(km):>10s} {r:>14.2f}x {common.fmt_s(mp - floor):>22s} "
               f"{common.fmt_s(km - floor):>9s}")
+    spans = res.get("daemon") or {}
+    if spans:
+        print("daemon, request line read -> reply written (medians): " + ", ".join(
+            f"{name} {common.fmt_s(common.median(v))}" for name, v in sorted(spans.items()) if v))
     for stall in res.get("stalls", []):
         print(f"STALL (> {STALL:g} s): {stall}; see build/bench-request-daemon.log")
     print(f"worst kmodd-request / modprobe = {worst:.2f}x (target <= {TARGET}x: "
@@ -252,7 +272,7 @@ def main() -> int:
     path = common.save_results("request", {
         "benchmark": "request", "date": started, "host": host,
         "command": "bench/bench_request.py " + " ".join(sys.argv[1:]), "reps": args.reps,
-        "rows": rows, "daemon_status": res.get("status")})
+        "rows": rows, "daemon_spans": spans, "daemon_status": res.get("status")})
     print(f"results: {os.path.relpath(path, common.ROOT)}")
     return 0 if worst <= TARGET else 1
 

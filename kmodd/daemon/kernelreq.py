@@ -154,13 +154,14 @@ def reply_line(outcome: Outcome | None, error: str | None = None) -> bytes:
 class _Reply:
     """An open reply FIFO waiting for its outcome."""
 
-    __slots__ = ("answered", "fd", "name", "path")
+    __slots__ = ("answered", "fd", "name", "path", "read_at")
 
-    def __init__(self, fd: int, path: str, name: str) -> None:
+    def __init__(self, fd: int, path: str, name: str, read_at: float = 0.0) -> None:
         self.fd = fd
         self.path = path
         self.name = name
         self.answered = False
+        self.read_at = read_at      # monotonic: when its line was read
 
 
 class KernelRequestSource:
@@ -191,6 +192,7 @@ class KernelRequestSource:
         # inode a previous daemon left (see free_orphaned_helpers).
         self._born = boot_ticks()
         self.reads = 0            # chunks read from the request FIFO
+        self._read_at = 0.0       # when the last chunk was read
         self._checked = (0, 0)    # (unread bytes, reads) at the last check()
         self._prepare_dir()
         self._fd = self._make_fifo()
@@ -379,6 +381,7 @@ class KernelRequestSource:
             if not chunk:
                 return
             self.reads += 1
+            self._read_at = time.monotonic()
             self._feed(chunk)
 
     def _feed(self, chunk: bytes) -> None:
@@ -421,7 +424,7 @@ class KernelRequestSource:
             if self._open_errno in (errno.EACCES, errno.EPERM) and PROC_REPLY_RE.match(reply_path):
                 self._cannot_reach(reply_path)
             return None
-        reply = _Reply(fd, reply_path, name)
+        reply = _Reply(fd, reply_path, name, self._read_at or time.monotonic())
         try:
             os.write(fd, ACK)  # the helper may now drop its own write end
         except OSError:
@@ -533,6 +536,11 @@ class KernelRequestSource:
             pass
         finally:
             os.close(reply.fd)
+        if LOG.isEnabledFor(logging.DEBUG):
+            # The daemon's share of the round trip (bench/bench_request.py).
+            LOG.debug("kernel request %s answered %.1f ms after its line was read: %s",
+                      reply.name, (time.monotonic() - reply.read_at) * 1000,
+                      data.decode("utf-8", "replace").strip())
 
     def _reject(self, what: str) -> None:
         self.rejected += 1

@@ -205,3 +205,22 @@ def test_service_watches_a_lost_request_fifo_again(
         t.join(15)
     assert not t.is_alive()
     assert any("no longer watched" in r.getMessage() for r in caplog.records)
+
+
+def test_the_daemons_share_of_the_round_trip_is_logged_at_debug_level(
+        source: tuple[KernelRequestSource, Recorder], run_dir: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # bench/bench_request.py reads these lines (ANSWERED) from the daemon's log.
+    from bench.bench_request import daemon_spans
+    src, _ = source
+    for n, name in enumerate(("rtnl-link-dummy", "rtnl-link-dummy")):
+        path, fd = reply_fifo(run_dir, 600 + n)
+        write_request(run_dir / "request", f"{name} {path}\n".encode())
+        with caplog.at_level(logging.DEBUG, logger="kmodd.daemon.kernelreq"):
+            src.on_readable()
+        assert read_reply(fd) == f"+\n0 loaded {name}\n".encode()
+        os.close(fd)
+    lines = "\n".join(r.getMessage() for r in caplog.records)
+    spans = daemon_spans(lines)
+    assert list(spans) == ["rtnl-link-dummy"] and len(spans["rtnl-link-dummy"]) == 1
+    assert 0 <= spans["rtnl-link-dummy"][0] < 10
