@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -81,11 +82,54 @@ def set_helper(path: str) -> None:
     Path("/proc/sys/kernel/modprobe").write_text(path + "\n")
 
 
+# A command slower than this is a stall: the daemon's threads and descriptors
+# and the helpers' states are written to the daemon's log while it hangs.
+STALL = 10.0
+DAEMON_PID: list[int] = []
+STALLS: list[str] = []
+
+
+def stall_snapshot(cmd: str) -> None:
+    """What a stalled request looks like from outside: the daemon's threads'
+    stacks (SIGUSR2), its descriptors, the run directory, every helper's state."""
+    pid = DAEMON_PID[0] if DAEMON_PID else 0
+    STALLS.append(f"{time.strftime('%H:%M:%S')} {cmd}")
+    progress(f"STALL > {STALL:g} s: {cmd}; snapshot in the daemon log")
+    script = f"""
+echo "=== stall snapshot: {cmd}"
+kill -USR2 {pid}; sleep 1
+echo "--- daemon fds"; ls -l /proc/{pid}/fd
+echo "--- daemon threads (state, wchan)"
+for t in /proc/{pid}/task/*; do echo "$(cat $t/comm) $(cut -d' ' -f3 $t/stat) \
+$(cat $t/wchan)"; done
+echo "--- run dir"; ls -l /run/kmodd; cat /run/kmodd/request.pid
+echo "--- helpers"
+for p in /proc/[0-9]*; do case $(tr '\0' ' ' <$p/cmdline 2>/dev/null) in
+*kmodd-request*|*kmodctl*) echo "${{p#/proc/}} $(tr '\0' ' ' <$p/cmdline) \
+$(cut -d' ' -f3 $p/stat) $(cat $p/wchan)"; ls -l $p/fd;; esac; done
+"""
+    with open("/tmp/kmodd-request-bench.log", "a") as log:
+        subprocess.run(["/bin/sh", "-c", script], stdout=log, stderr=log, check=False,
+                       timeout=60)
+
+
 def timed(cmd: str, env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     try:
-        res = subprocess.run(["/bin/sh", "-c", "exec " + cmd], capture_output=True, text=True,
-                             env=env, check=False, timeout=COMMAND_TIMEOUT)
+        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            proc.wait(STALL)
+        except subprocess.TimeoutExpired:
+            stall_snapshot(cmd)
+        try:
+            out, err = proc.communicate(timeout=max(1.0, COMMAND_TIMEOUT -
+                                                    (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     except subprocess.TimeoutExpired:
         log = Path("/tmp/kmodd-request-bench.log")
         raise RuntimeError(f"{cmd!r} did not finish in {COMMAND_TIMEOUT:g} s; helper "
@@ -107,6 +151,18 @@ def unload(trigger: Trigger, env: dict[str, str]) -> None:
         raise RuntimeError(f"still loaded after rmmod: {left}")
 
 
+# kmodd logs (at debug level) when it answered a kernel request.
+ANSWERED = re.compile(r"kernel request (\S+) answered ([0-9.]+) ms after its line was read")
+
+
+def daemon_spans(log: str) -> dict[str, list[float]]:
+    """The daemon's read -> reply time per request name, warm-up (the first) left out."""
+    spans: dict[str, list[float]] = {}
+    for name, ms in ANSWERED.findall(log):
+        spans.setdefault(name, []).append(float(ms) / 1000)
+    return {name: values[1:] for name, values in spans.items()}
+
+
 def guest_main(reps: int) -> int:
     helper_kmodd = f"{common.GUEST_PREFIX}/kmodd-request"
     env = dict(os.environ)
@@ -119,9 +175,11 @@ def guest_main(reps: int) -> int:
         raise RuntimeError(f"modules already loaded before the benchmark: {already}")
     listener = common.NotifyListener()
     log = open("/tmp/kmodd-request-bench.log", "wb")  # noqa: SIM115
-    daemon = subprocess.Popen(common.kmodd_argv("--no-coldplug", "--autoclean-interval", "0"),
+    daemon = subprocess.Popen(common.kmodd_argv("--no-coldplug", "--autoclean-interval", "0",
+                                                "--log-level", "debug"),
                               env={**common.guest_env(), **listener.env()}, stdout=log,
                               stderr=log, stdin=subprocess.DEVNULL)
+    DAEMON_PID[:] = [daemon.pid]
     if listener.wait_for("READY", 600) is None:
         raise RuntimeError("kmodd did not become ready")
     progress("kmodd ready")
@@ -161,7 +219,12 @@ def guest_main(reps: int) -> int:
         common.stop_process(daemon)
         log.close()
         listener.close()
-    common.emit_json({"times": times, "status": status[-3000:],
+        # The whole daemon log (stall snapshots included) where the host sees it.
+        (common.ROOT / "build" / "bench-request-daemon.log").write_bytes(
+            Path("/tmp/kmodd-request-bench.log").read_bytes())
+    daemon_log = Path("/tmp/kmodd-request-bench.log").read_text(errors="replace")
+    common.emit_json({"times": times, "status": status[-3000:], "stalls": STALLS,
+                      "daemon": daemon_spans(daemon_log),
                       "log_tail": Path("/tmp/kmodd-request-bench.log").read_text()[-2000:]})
     return 0
 
@@ -198,12 +261,18 @@ def main() -> int:
         print(f"{trig.name:8s} {common.fmt_s(floor):>10s} {common.fmt_s(mp):>10s} "
               f"{common.fmt_s(km):>10s} {r:>14.2f}x {common.fmt_s(mp - floor):>22s} "
               f"{common.fmt_s(km - floor):>9s}")
+    spans = res.get("daemon") or {}
+    if spans:
+        print("daemon, request line read -> reply written (medians): " + ", ".join(
+            f"{name} {common.fmt_s(common.median(v))}" for name, v in sorted(spans.items()) if v))
+    for stall in res.get("stalls", []):
+        print(f"STALL (> {STALL:g} s): {stall}; see build/bench-request-daemon.log")
     print(f"worst kmodd-request / modprobe = {worst:.2f}x (target <= {TARGET}x: "
           f"{'met' if worst <= TARGET else 'MISSED'}); {args.reps} repetitions, medians")
     path = common.save_results("request", {
         "benchmark": "request", "date": started, "host": host,
         "command": "bench/bench_request.py " + " ".join(sys.argv[1:]), "reps": args.reps,
-        "rows": rows, "daemon_status": res.get("status")})
+        "rows": rows, "daemon_spans": spans, "daemon_status": res.get("status")})
     print(f"results: {os.path.relpath(path, common.ROOT)}")
     return 0 if worst <= TARGET else 1
 

@@ -114,6 +114,8 @@ class BootDemo:
     def kernel_request(self) -> str:
         self.say.heading("4. kernel request: ip link add type bridge runs the installed helper")
         self.sh(f"ip link add {BRIDGE} type bridge")
+        # The kernel hears back before kmodd records the load: settle first.
+        self.sh("kmodctl settle --timeout 120", timeout=200)
         why = json.loads(self.sh("kmodctl why bridge --json"))
         self.say.block(self.sh("kmodctl why bridge"))
         if why.get("kind") != "kernel" or not why.get("loaded_by_kmodd"):

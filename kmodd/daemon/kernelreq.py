@@ -51,12 +51,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
 import re
 import signal
 import stat
+import struct
+import termios
 import threading
 import time
 from concurrent.futures import Future
@@ -151,13 +154,14 @@ def reply_line(outcome: Outcome | None, error: str | None = None) -> bytes:
 class _Reply:
     """An open reply FIFO waiting for its outcome."""
 
-    __slots__ = ("answered", "fd", "name", "path")
+    __slots__ = ("answered", "fd", "name", "path", "read_at")
 
-    def __init__(self, fd: int, path: str, name: str) -> None:
+    def __init__(self, fd: int, path: str, name: str, read_at: float = 0.0) -> None:
         self.fd = fd
         self.path = path
         self.name = name
         self.answered = False
+        self.read_at = read_at      # monotonic: when its line was read
 
 
 class KernelRequestSource:
@@ -187,8 +191,12 @@ class KernelRequestSource:
         # Helpers started before this instant may be waiting on a FIFO
         # inode a previous daemon left (see free_orphaned_helpers).
         self._born = boot_ticks()
+        self.reads = 0            # chunks read from the request FIFO
+        self._read_at = 0.0       # when the last chunk was read
+        self._checked = (0, 0)    # (unread bytes, reads) at the last check()
         self._prepare_dir()
         self._fd = self._make_fifo()
+        self._ident = self._identity(self._fd)
         self._sweep_stale_replies()
         self._write_pidfile()
         if free_orphans:
@@ -221,6 +229,11 @@ class KernelRequestSource:
         # O_RDWR: never blocks on open, and we stay a writer ourselves, so
         # the FIFO never reports end-of-file between helpers.
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @staticmethod
+    def _identity(fd: int) -> tuple[int, int]:
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
 
     def _write_pidfile(self) -> None:
         tmp = self.pid_path.with_name(self.pid_path.name + ".tmp")
@@ -302,6 +315,59 @@ class KernelRequestSource:
     def fileno(self) -> int:
         return self._fd
 
+    def unread(self) -> int:
+        """Bytes written into the request FIFO and not read yet (FIONREAD)."""
+        try:
+            got = fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int(struct.unpack("i", got)[0])
+
+    def check(self) -> str | None:
+        """What is wrong with the request FIFO, repaired; None when all is well.
+
+        Called every second from the event loop, so that helpers can never
+        be left to their watchdog silently: the descriptor must still be
+        the FIFO this source made and the path must still lead to it (else
+        a new one is made), and requests must not sit unread across two
+        checks with no read in between (the loop no longer calls
+        :meth:`on_readable`: the caller watches the FIFO again).
+        """
+        if self._closed:
+            return None
+        try:
+            ours = self._identity(self._fd) == self._ident
+        except OSError:
+            ours = False
+        try:
+            there = os.lstat(self.fifo_path)
+            linked = (there.st_dev, there.st_ino) == self._ident
+        except OSError:
+            linked = False
+        if not ours or not linked:
+            problem = (f"{self.fifo_path} was removed or replaced" if ours else
+                       "its descriptor was closed or reused")
+            if ours:
+                self.on_readable()      # what was written into the old one
+                os.close(self._fd)
+                self._fd = self._make_fifo()
+            else:
+                # Our FIFO is still there but we no longer hold it: helpers
+                # wait in open() for a writer; reopening it lets them in.
+                self._fd = os.open(self.fifo_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC) \
+                    if linked else self._make_fifo()
+            self._ident = self._identity(self._fd)
+            self._checked = (0, self.reads)
+            with contextlib.suppress(OSError):
+                self._write_pidfile()
+            return problem
+        waiting = self.unread()
+        before, reads = self._checked
+        self._checked = (waiting, self.reads)
+        if waiting and before and reads == self.reads:
+            return f"{waiting} byte(s) of requests left unread for a second"
+        return None
+
     def on_readable(self) -> None:
         """Read every queued request line and answer or queue each; never blocks."""
         while not self._closed:
@@ -314,6 +380,8 @@ class KernelRequestSource:
                 return
             if not chunk:
                 return
+            self.reads += 1
+            self._read_at = time.monotonic()
             self._feed(chunk)
 
     def _feed(self, chunk: bytes) -> None:
@@ -324,7 +392,13 @@ class KernelRequestSource:
             if self._discarding:
                 self._discarding = False  # end of an over-long line
                 continue
-            self.handle_line(raw)
+            # The lines after this one were read from the FIFO too: a bug or
+            # bad input in one must not leave their helpers waiting.
+            try:
+                self.handle_line(raw)
+            except Exception:
+                self.rejected += 1
+                LOG.exception("request FIFO: serving %r failed", raw[:120])
         if len(self._buffer) > MAX_LINE:
             # Not a helper's line (they are written atomically and short):
             # drop it up to its newline instead of growing without bound.
@@ -350,7 +424,7 @@ class KernelRequestSource:
             if self._open_errno in (errno.EACCES, errno.EPERM) and PROC_REPLY_RE.match(reply_path):
                 self._cannot_reach(reply_path)
             return None
-        reply = _Reply(fd, reply_path, name)
+        reply = _Reply(fd, reply_path, name, self._read_at or time.monotonic())
         try:
             os.write(fd, ACK)  # the helper may now drop its own write end
         except OSError:
@@ -462,6 +536,11 @@ class KernelRequestSource:
             pass
         finally:
             os.close(reply.fd)
+        if LOG.isEnabledFor(logging.DEBUG):
+            # The daemon's share of the round trip (bench/bench_request.py).
+            LOG.debug("kernel request %s answered %.1f ms after its line was read: %s",
+                      reply.name, (time.monotonic() - reply.read_at) * 1000,
+                      data.decode("utf-8", "replace").strip())
 
     def _reject(self, what: str) -> None:
         self.rejected += 1
@@ -501,5 +580,8 @@ class KernelRequestSource:
                 os.unlink(self.fifo_path)
         except OSError:
             pass
-        os.close(self._fd)
+        # Only our own FIFO: a number closed behind our back may be another's now.
+        with contextlib.suppress(OSError):
+            if self._identity(self._fd) == self._ident:
+                os.close(self._fd)
         self._fd = -1

@@ -149,6 +149,17 @@ class EventLoop:
         if what is not None:
             self._what[fd] = what
 
+    def watching(self, fileobj: Any, callback: Callable[[], None]) -> bool:
+        """Whether ``callback`` is the registered reader of ``fileobj``'s fd."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        reader, _ = self._handlers.get(fd, (None, None))
+        if reader is None or reader != callback:
+            return False
+        try:
+            return bool(self._selector_of(fd).get_key(fd).events & selectors.EVENT_READ)
+        except (KeyError, ValueError):
+            return False
+
     def remove_reader(self, fileobj: Any) -> None:
         """Stop watching for input (a writer stays registered)."""
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()

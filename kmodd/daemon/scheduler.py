@@ -262,6 +262,9 @@ class Scheduler:
         self._stopping = False
         self._exit = False
         self.loading = 0                # workers inside load_step
+        self._telling = 0               # loads whose bookkeeping is not done yet
+        # While _run_load completes a load: loads made ready, no worker woken yet.
+        self._held: list[_Task] | None = None
         self._extra_loads = 0           # of which on threads of their own (kernel requests)
         self.max_loading_seen = 0
         self.counts: dict[str, int] = dict.fromkeys(OUTCOME_STATUSES, 0)
@@ -459,9 +462,16 @@ class Scheduler:
         then the host adapter whose bus scan every later init waits for)
         decides when coldplug ends.
         """
+        best = self._next_ready_index_locked()
+        task = self._ready[best]
+        del self._ready[best]
+        return task
+
+    def _next_ready_index_locked(self) -> int:
+        """Where in the ready queue the load :meth:`_pop_ready_locked` takes is."""
         ready = self._ready
         if len(ready) == 1 or not any(t.dependents for t in ready):
-            return ready.popleft()
+            return 0
         heights: dict[int, int] = {}
 
         def waiting_chain(task: _Task) -> int:
@@ -472,10 +482,7 @@ class Scheduler:
                     default=0)
             return got
 
-        best = max(range(len(ready)), key=lambda i: (waiting_chain(ready[i]), -i))
-        task = ready[best]
-        del ready[best]
-        return task
+        return max(range(len(ready)), key=lambda i: (waiting_chain(ready[i]), -i))
 
     def _make_ready_locked(self, task: _Task) -> None:
         """Queue a load whose dependencies are live.
@@ -501,7 +508,10 @@ class Scheduler:
                              name=f"kmodd-kernel-{task.step.name}", daemon=True).start()
             return
         self._ready.append(task)
-        self._loads_wake.notify()
+        if self._held is not None:
+            self._held.append(task)         # _run_load may take it itself
+        else:
+            self._loads_wake.notify()
 
     def _start_load_locked(self, task: _Task) -> None:
         task.state = "running"
@@ -671,40 +681,101 @@ class Scheduler:
         return todo
 
     def _run_load(self, task: _Task) -> None:
-        step = task.step
-        result: StepResult
-        picked = time.monotonic()
+        """Load ``task``, then, on this same worker, the next link of its chain.
+
+        A chain (llc, stp, bridge) runs on one thread: no hand-over to
+        another worker between its links.  The bookkeeping of every link
+        (load log, journal line, state record, outcome callbacks) comes after
+        the answers a kernel request waits for (see :meth:`_deliver`), and
+        before the scheduler counts as idle, so ``settle`` still means
+        "recorded".
+        """
+        done: list[tuple[_Task, StepResult, float, float, _Delivery]] = []
+        current: _Task | None = task
         try:
-            result = self._loader.load_step(step)
-        except Exception as exc:
-            err = getattr(exc, "errno", None)
-            result = StepResult(step.name, StepStatus.FAILED, f"{step.name}: {exc}",
-                                 err if isinstance(err, int) else None)
+            while current is not None:
+                step = current.step
+                result: StepResult
+                picked = time.monotonic()
+                try:
+                    result = self._loader.load_step(step)
+                except Exception as exc:
+                    err = getattr(exc, "errno", None)
+                    result = StepResult(step.name, StepStatus.FAILED, f"{step.name}: {exc}",
+                                        err if isinstance(err, int) else None)
+                returned = time.monotonic()
+                tell = _Delivery()
+                with self._lock:
+                    self._telling += 1
+                    done.append((current, result, picked, returned, tell))
+                    self.loading -= 1
+                    if current.own_thread:
+                        self._extra_loads -= 1
+                    now = self._clock()
+                    if result.status == StepStatus.FAILED:
+                        self._failures[step.name] = record_failure(
+                            self._failures.get(step.name), result.error, result.errno, now,
+                            self.backoff)
+                        self._failures.move_to_end(step.name)
+                        while len(self._failures) > 4096:
+                            self._failures.popitem(last=False)
+                    elif result.status != StepStatus.SKIPPED:
+                        self._failures.pop(step.name, None)
+                    self._held = []
+                    try:
+                        self._complete_task_locked(current, result, tell)
+                    except BaseException:
+                        held, self._held = self._held, None
+                        for _ in held:
+                            self._loads_wake.notify()
+                        raise
+                    held, self._held = self._held, None
+                    current = self._next_link_locked(current, held)
+                # The kernel is blocked until its helper hears back.
+                self._answer_kernel(tell)
+        finally:
+            for finished, result, picked, returned, tell in done:
+                try:
+                    self._bookkeep(finished, result, picked, returned, tell)
+                finally:
+                    with self._lock:
+                        self._telling -= 1
+
+    def _next_link_locked(self, task: _Task, held: list[_Task]) -> _Task | None:
+        """The load this worker goes on with, without handing it to another
+        thread: the next link of a chain (llc, stp, bridge), when the completion
+        of ``task`` made it ready (``held``: queued without waking a worker)
+        and it is the load any worker would take next (:meth:`_pop_ready_locked`).
+
+        Only a pool worker keeps going (a thread of its own for a kernel
+        request ends with its load); the other loads made ready get the
+        workers they would have had.
+        """
+        queued = [t for t in held if t.state == "ready"]
+        mine: _Task | None = None
+        if queued and not task.own_thread and not self._exit:
+            # Only the next link of this chain: other loads keep their own
+            # worker, and this chain's bookkeeping waits for its end alone.
+            best = self._ready[self._next_ready_index_locked()]
+            if best in queued:
+                self._ready.remove(best)
+                self._start_load_locked(best)
+                queued.remove(best)
+                mine = best
+        for _ in queued:
+            self._loads_wake.notify()
+        return mine
+
+    def _bookkeep(self, task: _Task, result: StepResult, picked: float, returned: float,
+                  tell: _Delivery) -> None:
+        step = task.step
         if self._on_load is not None and result.status in (StepStatus.LOADED, StepStatus.FAILED,
                                                             StepStatus.INSTALL_COMMAND):
-            self._safe(self._on_load, self._load_record(task, result, picked,
-                                                        time.monotonic()))
-        # Tell the owner (state record) before any dependent can start or any
-        # caller hears back, so "loaded" always implies "recorded".
+            self._safe(self._on_load, self._load_record(task, result, picked, returned))
+        # The owner (state record) hears of this step before the callers that
+        # are not the kernel, so for them "loaded" implies "recorded".
         if self._on_module is not None:
             self._safe(self._on_module, step, task.request, task.targets, result)
-        tell = _Delivery()
-        with self._lock:
-            self.loading -= 1
-            if task.own_thread:
-                self._extra_loads -= 1
-            now = self._clock()
-            if result.status == StepStatus.FAILED:
-                self._failures[step.name] = record_failure(
-                    self._failures.get(step.name), result.error, result.errno, now,
-                    self.backoff)
-                self._failures.move_to_end(step.name)
-                while len(self._failures) > 4096:
-                    self._failures.popitem(last=False)
-            elif result.status != StepStatus.SKIPPED:
-                self._failures.pop(step.name, None)
-            self._complete_task_locked(task, result, tell)
-        # The owner heard of this step's own result above, before the lock.
         tell.modules = [m for m in tell.modules if m[0] is not step]
         self._deliver(tell)
 
@@ -792,11 +863,29 @@ class Scheduler:
         self._cond.notify_all()
 
     def _idle_locked(self) -> bool:
-        # A worker may still be running callbacks, but nothing is pending.
-        return not self._entries and not self._tasks
+        # Nothing pending, and no load's bookkeeping still to do.
+        return not self._entries and not self._tasks and not self._telling
+
+    @staticmethod
+    def _answer_kernel(tell: _Delivery) -> None:
+        """Answer the kernel's requests of ``tell`` now, ahead of the bookkeeping.
+
+        request_module() blocks the process that asked until its helper
+        exits; what the load log, the journal line and the state record
+        need can wait the few milliseconds after it (kmod's modprobe, too,
+        is done when init_module() returns)."""
+        rest = []
+        for fut, outcome in tell.answers:
+            if outcome.request.kind is RequestKind.KERNEL:
+                if not fut.done():
+                    fut.set_result(outcome)
+            else:
+                rest.append((fut, outcome))
+        tell.answers = rest
 
     def _deliver(self, tell: _Delivery) -> None:
-        """Outside the lock: the callbacks, then the answers."""
+        """Outside the lock: the kernel's answers, the callbacks, then the other answers."""
+        self._answer_kernel(tell)
         if self._on_runaway is not None:
             for key, request in tell.runaways:
                 self._safe(self._on_runaway, key, request)

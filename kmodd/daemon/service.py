@@ -119,6 +119,9 @@ class Service:
     the real ones from kmodd.daemon.uevents / kmodd.daemon.kernelreq / kmodd.daemon.watch are used.
     """
 
+    # How often the request FIFO is checked (Service._check_sources).
+    SOURCE_CHECK_INTERVAL = 1.0
+
     def __init__(self, settings: Settings, kernel: Kernel, resolver_factory: ResolverFactory,
                  *, loader: ModuleLoader | None = None,
                  sources: Sequence[SourceFactory] | None = _DEFAULT,
@@ -181,6 +184,7 @@ class Service:
             mark=self.loadlog.mark, on_done=self._boot_loads_done)
         self._ready_wanted = False
         self.sources: list[Source] = []
+        self._watched: dict[int, int] = {}       # id(source) -> the fd the loop watches
         self.watcher: Readable | None = None
         self.coldplug_state = "disabled"      # disabled | running | done
         self.ready = False
@@ -310,9 +314,7 @@ class Service:
                 slog(LOG, logging.ERROR, "request source unavailable: %s", exc)
                 continue
             self.sources.append(src)
-            # The kernel waits on these: never behind control traffic.
-            self.loop.add_reader(src, src.on_readable, priority=True,
-                                 what=f"request source {type(src).__name__}")
+            self._watch_source(src)
         if self._watcher_factory is not None:
             try:
                 self.watcher = self._watcher_factory(self._on_tree_change)
@@ -328,6 +330,9 @@ class Service:
             # Ping from the loop itself: a wedged loop stops the pings.
             self.loop.call_every(max(0.05, wd / 2), self._ping_watchdog)
         self.loop.call_every(2.0, self._send_status)
+        if any(hasattr(src, "check") for src in self.sources):
+            self.loop.call_every(self.SOURCE_CHECK_INTERVAL, self._check_sources,
+                                 what="request source check")
         if self.boot_loads is not None:
             self.boot_loads.start()
         if self.early is not None:
@@ -341,6 +346,32 @@ class Service:
         else:
             self.coldplug_state = "disabled"
             self._set_ready()
+
+    def _watch_source(self, src: Source) -> None:
+        # The kernel waits on these: never behind control traffic.
+        self.loop.add_reader(src, src.on_readable, priority=True,
+                             what=f"request source {type(src).__name__}")
+        self._watched[id(src)] = src.fileno()
+
+    def _check_sources(self) -> None:
+        """A source that can say so (the request FIFO) is checked, and watched
+        again when it was lost: helpers must not wait for their watchdog."""
+        for src in self.sources:
+            check = getattr(src, "check", None)
+            if check is None:
+                continue
+            before = self._watched.get(id(src), -1)
+            problem = check()
+            if problem is None and src.fileno() == before and \
+                    self.loop.watching(src, src.on_readable):
+                continue
+            problem = problem or "no longer watched by the event loop"
+            slog(LOG, logging.ERROR, "request source %s: %s; watching it again",
+                 type(src).__name__, problem)
+            if self.loop.watching(before, src.on_readable):
+                self.loop.remove(before)
+            self._watch_source(src)
+            src.on_readable()
 
     def _takes_over_from_udev(self) -> bool:
         # Only a daemon that hears uevents itself may tell udev to stand back.

@@ -621,3 +621,83 @@ def test_a_denied_softdep_is_left_out_and_the_module_still_loads(
     out = outcome(sched.submit(Request("admin", "solo")))
     assert out.status == "loaded" and out.modules == ("solo",)
     assert loads_of(kernel, "solo") == 1 and loads_of(kernel, "fast") == 0
+
+
+# --- the kernel's answer before the bookkeeping -----------------------------------
+
+def test_kernel_request_is_answered_before_the_bookkeeping(env: dict[str, object]) -> None:
+    # The state record (on_module) of "c" hangs: the kernel's request is
+    # answered anyway; an administrator's only once c is recorded; the
+    # scheduler is not idle (settle) until the bookkeeping is done.
+    recording = threading.Event()
+    go_on = threading.Event()
+    recorded: list[str] = []
+
+    def on_module(step: ModuleStep, request: Request, targets: tuple[str, ...],
+                  result: object) -> None:
+        if step.name == "c":
+            recording.set()
+            assert go_on.wait(10)
+        recorded.append(step.name)
+
+    outcomes: list[str] = []
+    sched, _, _, _ = make(env, max_workers=4, on_module=on_module,
+                               on_outcome=lambda o: outcomes.append(o.request.kind))
+    kernel_fut = sched.submit(Request("kernel", "c", None, "kernel"))
+    assert recording.wait(10)
+    assert outcome(kernel_fut).status == "loaded"      # while c's record is pending
+    assert "c" not in recorded and outcomes == []
+    assert not sched.idle() and not sched.wait_idle(0.2)
+    admin_fut = sched.submit(Request("admin", "c"))    # c is in: present, or joins
+    go_on.set()
+    assert outcome(admin_fut).ok
+    assert sched.wait_idle(10)
+    assert recorded[-1] == "c" and set(recorded) == {"core", "a", "c"}
+    assert "kernel" in outcomes
+
+
+def test_admin_request_hears_back_only_once_recorded(env: dict[str, object]) -> None:
+    recording = threading.Event()
+    go_on = threading.Event()
+
+    def on_module(step: ModuleStep, request: Request, targets: tuple[str, ...],
+                  result: object) -> None:
+        if step.name == "solo":
+            recording.set()
+            assert go_on.wait(10)
+
+    sched, _, _, _ = make(env, max_workers=2, on_module=on_module)
+    fut = sched.submit(Request("admin", "solo"))
+    assert recording.wait(10)
+    time.sleep(0.1)
+    assert not fut.done()
+    go_on.set()
+    assert outcome(fut).status == "loaded"
+
+
+def test_a_chain_loads_on_the_worker_that_loaded_its_dependency(
+        env: dict[str, object]) -> None:
+    # core -> a -> c: the links follow each other on one worker, without a
+    # hand-over to another, and without waiting for each other's bookkeeping
+    # (the record of core is only made once c, the end of the chain, is in).
+    threads: dict[str, str] = {}
+    c_loading = threading.Event()
+
+    def on_module(step: ModuleStep, *_: object) -> None:
+        if step.name == "core":
+            assert c_loading.wait(10), "c waited for core's bookkeeping"
+
+    sched, _, loader, _ = make(env, max_workers=4, on_module=on_module)
+    real = loader.load_step
+
+    def load_step(step: ModuleStep) -> object:
+        threads[step.name] = threading.current_thread().name
+        if step.name == "c":
+            c_loading.set()
+        return real(step)
+
+    loader.load_step = load_step  # type: ignore[method-assign]
+    assert outcome(sched.submit(Request("kernel", "c", None, "kernel"))).status == "loaded"
+    assert sched.wait_idle(10)
+    assert set(threads) == {"core", "a", "c"}
+    assert len(set(threads.values())) == 1, threads

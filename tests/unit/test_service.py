@@ -418,6 +418,8 @@ def test_kmodd_main_coldplugs_serves_kmodctl_and_stops_on_sigterm(
             results["why"] = ctl("why", "fakelib", "--json")
             with Client(sock, timeout=10) as c:
                 results["load"] = c.load("fs-fakeidle", kind="kernel", requested_by="kernel")
+                # A kernel request is answered before it is recorded.
+                c.settle(timeout=10)
             results["list"] = ctl("list", "--json")
             results["human"] = ctl("list")
             results["reload"] = ctl("reload")
@@ -625,6 +627,8 @@ def test_each_inserted_module_is_logged_with_its_own_module_field(
     env.notifier.wait_for("READY")
     with caplog.at_level(logging.INFO, logger="kmodd"):
         assert svc.submit(Request("kernel", "a", None, "kernel")).result(10).status == "loaded"
+        # The kernel hears back first; the journal lines follow before idle.
+        assert svc.scheduler.wait_idle(10)
     stop(svc, t, rc)
     records = [r for r in caplog.records if r.getMessage().startswith("loaded ")]
     loaded = {getattr(r, "MODULE", None): r.getMessage().split(" in ")[0] for r in records}
@@ -727,6 +731,8 @@ def test_kernel_requests_through_kmodctl_stay_kernel_requests(
     try:
         assert load_via_daemon(Client(env.sock, timeout=10), "solo", [], kernel=True).ok
         with Client(env.sock, timeout=10) as c:
+            # The kernel hears back before the load is recorded; settled, it is.
+            c.settle(timeout=10)
             why = c.why("solo")
             assert (why["kind"], why["requested_by"]) == ("kernel", "kernel")
             with caplog.at_level(logging.WARNING, logger="kmodd"):

@@ -228,7 +228,8 @@ def test_kernel_request_through_the_helper(guest: Guest) -> None:
                  ok=False)
     assert "rc=0" in r.stdout, f"ip link add failed:\n{r.stdout}\n{r.stderr}\n{guest.log_tail()}"
     assert "dummy" in guest.loaded()
-    (why,) = guest.kmodctl_json("why dummy")
+    # The kernel hears back before kmodd records the load: settle first.
+    _, why = guest.kmodctl_json("settle --timeout 120", "why dummy")
     assert why["loaded_by_kmodd"]
     assert why["kind"] == "kernel" and why["requested_by"] == "kernel"
     assert why["key"] == "rtnl-link-dummy"
@@ -286,7 +287,7 @@ def test_autoclean_leaves_a_module_someone_else_loaded_again(guest: Guest) -> No
     another option: that load is theirs, and autoclean must not touch it."""
     first = guest.sh("ip link add z type dummy && ip link del z && "
                      "stat -c %i /sys/module/dummy").stdout.split()[-1]
-    (why,) = guest.kmodctl_json("why dummy")
+    _, why = guest.kmodctl_json("settle --timeout 120", "why dummy")
     assert why["loaded_by_kmodd"], why
     second = guest.sh("modprobe -r dummy && modprobe dummy numdummies=0 && "
                       "stat -c %i /sys/module/dummy").stdout.split()[-1]
