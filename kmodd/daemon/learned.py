@@ -28,9 +28,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kmodd.record import dataclass
 
 if TYPE_CHECKING:
     from kmodd.daemon.settings import Settings

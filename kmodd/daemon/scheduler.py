@@ -29,7 +29,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kmodd.daemon.interfaces import KernelState, Planner, StepLoader
@@ -44,6 +43,7 @@ from kmodd.daemon.loadlog import LoadRecord
 from kmodd.daemon.requests import OUTCOME_STATUSES, Outcome, OutcomeStatus, Request, RequestKind
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import InitState
+from kmodd.record import dataclass, field, replace
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 
 LOG = logging.getLogger(__name__)

@@ -6,7 +6,6 @@ Flags win over the file; SIGHUP re-reads the file and keeps the flags.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from kmodd.daemon.limits import (
     RUNAWAY_WINDOW,
     default_max_workers,
 )
+from kmodd.record import dataclass, field, replace
 from kmodd.resolution.names import modname_normalize
 from kmodd.root import Root, run_path
 

@@ -15,11 +15,11 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from kmodd.journal import log as slog
+from kmodd.record import dataclass, replace
 
 LOG = logging.getLogger(__name__)
 

@@ -25,8 +25,10 @@ from tests.fixtures import VERSION, FakeModule, build_tree
 ROOT = Path(__file__).resolve().parents[2]
 
 # argparse (with gettext, and the shutil its help formatter imports), tempfile
-# (shutil, random, bz2, lzma): about 1.4 MB of the idle daemon together.
-HEAVY = ("argparse", "gettext", "tempfile", "shutil", "random", "bz2", "lzma",
+# (shutil, random, bz2, lzma): about 1.4 MB of the idle daemon together; dataclasses
+# (inspect, ast, dis: kmodd.record instead) 1.1 MB.
+HEAVY = ("argparse", "gettext", "tempfile", "shutil", "random", "bz2", "lzma", "dataclasses",
+         "inspect", "ast", "dis",
          "pyudev", "elftools", "subprocess")
 
 HARNESS = r"""

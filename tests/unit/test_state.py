@@ -94,7 +94,7 @@ def test_records_are_copies(tmp_path: Path) -> None:
 
 
 def test_every_field_is_persisted() -> None:
-    from dataclasses import fields
+    from kmodd.record import fields
     r = rec("m", via=("x",), idle_since=3.0, idle_sweeps=2, role="dependency")
     assert set(r.to_dict()) == {f.name for f in fields(ModuleRecord)}
     assert ModuleRecord.from_dict(json.loads(json.dumps(r.to_dict()))) == r
