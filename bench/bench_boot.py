@@ -4,9 +4,13 @@
 
 kmodd's package is built from this checkout and taken over in a chroot of the
 image's tree (``testbed.takeover``: ``dpkg -i``, ``kmodd-takeover enable
---no-start`` with the real ``update-initramfs``), cached.  Then fresh boots
-alternate, stock (an overlay of the image) and kmodd (an overlay of the
-takeover image), same devices, ``--rounds`` of each.  Per boot, from the
+--no-start`` with the real ``update-initramfs``), cached.  Then boots
+alternate, stock (the image) and kmodd (the takeover image), same devices,
+``--rounds`` of each after ``--warmup`` unmeasured ones; each machine keeps
+its disk from one boot to its next (powered off cleanly, the disk saved), as
+a real machine does: kmodd's learned order and head start
+(``/var/lib/kmodd/learned.json``) and the stock boot's caches come from the
+previous boot.  ``--fresh`` measures first boots after install instead.  Per boot, from the
 kernel's start:
 
   (a) the last coldplug driver bound: the latest ``driver_bound`` line in the
@@ -145,9 +149,17 @@ def request_round_trip(vm: BootVM, reps: int) -> dict[str, dict[str, float]]:
     return out
 
 
+Disk = tuple[Path, Path, Path]
+
+
 def one_boot(kind: str, image: ImageArtifacts | None, plots: Path | None,
-             request_reps: int = 0) -> dict[str, object]:
-    vm = BootVM(cmdline_extra=CMDLINE, image=image)
+             request_reps: int = 0, *, disk: Disk | None = None,
+             save_to: Path | None = None) -> tuple[dict[str, object], Disk | None]:
+    """One boot, from *disk* (a previous boot's saved state) or the image; with
+    *save_to*, powered off cleanly and its disk saved there for the next boot."""
+    vm = BootVM(cmdline_extra=CMDLINE, image=image,
+                disk=disk[0] if disk else None, boot_files=disk[1:] if disk else None)
+    saved: Disk | None = None
     try:
         vm.boot()
         result = measure(vm)
@@ -164,13 +176,16 @@ def one_boot(kind: str, image: ImageArtifacts | None, plots: Path | None,
                     vm.run("kmodctl plot", check=True).stdout)
         if request_reps:
             result["request"] = request_round_trip(vm, request_reps)
+        if save_to is not None:
+            vm.poweroff()
+            saved = vm.save_disk(save_to)
     finally:
         vm.shutdown()
     result["kind"] = kind
     print(f"  {kind:5} (a) last driver bound {result['last_bound']:6.2f} s "
           f"[{result['last_driver']}]  (b) multi-user.target {result['multi_user']:6.2f} s  "
           f"{result['state']}", flush=True)
-    return result
+    return result, saved
 
 
 def main() -> int:
@@ -179,18 +194,32 @@ def main() -> int:
     ap.add_argument("--plots", type=Path, default=None, help="directory for the SVG timelines")
     ap.add_argument("--request-reps", type=int, default=7,
                     help="kernel-request round trips per helper and trigger (0: none)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="unmeasured boots of each kind first (default 1): every measured "
+                         "boot then starts from its machine's previous boot, as a "
+                         "machine does (0: the first boot after install is measured too)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="boot every round from the image (first boot after install)")
     args = ap.parse_args()
     base = build_image()
     with tempfile.TemporaryDirectory(prefix="bench-boot-") as tmp:
         takeover = derived_images(build_deb(Path(tmp) / "deb"), base).takeover
-    runs: list[dict[str, object]] = []
-    for i in range(args.rounds):
-        print(f"round {i + 1}/{args.rounds}", flush=True)
-        for kind in ("stock", "kmodd"):
-            last = i == args.rounds - 1 and kind == "kmodd"
-            runs.append(one_boot(kind, takeover if kind == "kmodd" else None,
-                                 args.plots if i == 0 else None,
-                                 args.request_reps if last else 0))
+        runs: list[dict[str, object]] = []
+        disks: dict[str, Disk | None] = {"stock": None, "kmodd": None}
+        warmup = 0 if args.fresh else args.warmup
+        for i in range(-warmup, args.rounds):
+            print(f"warm-up boot {i + warmup + 1}/{warmup}" if i < 0
+                  else f"round {i + 1}/{args.rounds}", flush=True)
+            for kind in ("stock", "kmodd"):
+                last = i == args.rounds - 1 and kind == "kmodd"
+                keep = not args.fresh and not last
+                result, saved = one_boot(
+                    kind, takeover if kind == "kmodd" else None,
+                    args.plots if i == 0 else None, args.request_reps if last else 0,
+                    disk=disks[kind], save_to=Path(tmp) / f"{kind}-{i + warmup}" if keep else None)
+                disks[kind] = saved
+                if i >= 0:
+                    runs.append(result)
     summary: dict[str, dict[str, float]] = {}
     for key in ("last_bound", "multi_user"):
         med = {k: statistics.median(float(str(r[key])) for r in runs if r["kind"] == k)

@@ -23,6 +23,7 @@ RUN_DIR = "run/kmodd"
 UDEV_HANDOVER = f"{RUN_DIR}/udev-handover"
 # What is kept across boots (the unit's StateDirectory=kmodd).
 STATE_DIR = "var/lib/kmodd"
+DENY_FILE = f"{STATE_DIR}/deny"          # the persistent deny list (kmodctl deny)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class Root:
     @property
     def state_dir(self) -> Path:
         return self.path(STATE_DIR)
+
+    @property
+    def deny_file(self) -> Path:
+        return self.path(DENY_FILE)
 
 
 def run_path(name: str = "") -> str:

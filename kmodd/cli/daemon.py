@@ -63,12 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"kmodd: {exc}", file=sys.stderr)
         return 2
+    try:
+        kernel = make_kernel(settings)
+    except Exception as exc:
+        _setup_logging(settings)
+        logging.getLogger("kmodd").error("cannot start: %s", exc)
+        return 1
+    # Before anything else is imported: the kernel's inits run meanwhile.
+    from kmodd.daemon.learned import start_head_start
+    early = start_head_start(settings, kernel)
     _setup_logging(settings)
     _dump_stacks_on_sigusr2()
     from kmodd.daemon.service import Service
     try:
-        kernel = make_kernel(settings)
-        service = Service(settings, kernel, resolver_factory, settings_source=source)
+        service = Service(settings, kernel, resolver_factory, settings_source=source,
+                          early=early)
     except Exception as exc:
         logging.getLogger("kmodd").error("cannot start: %s", exc)
         return 1

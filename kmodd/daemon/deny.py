@@ -25,8 +25,6 @@ from kmodd.resolution.names import modname_normalize
 from kmodd.resolution.plan import Plan, Role
 from kmodd.root import Root
 
-DENY_FILE = "var/lib/kmodd/deny"
-
 
 @dataclass(frozen=True)
 class Refusal:
@@ -40,7 +38,7 @@ class Refusal:
 
 
 def deny_file(root: Root) -> Path:
-    return root.path(DENY_FILE)
+    return root.deny_file
 
 
 def read_deny_file(path: Path) -> list[str]:

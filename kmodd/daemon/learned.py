@@ -31,10 +31,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kmodd.record import dataclass
+from kmodd.kernel.early import EarlyLoads, EarlyModule
+from kmodd.record import dataclass, replace
 
 if TYPE_CHECKING:
     from kmodd.daemon.settings import Settings
+    from kmodd.kernel.protocol import Kernel
 
 LOG = logging.getLogger(__name__)
 
@@ -55,10 +57,11 @@ class ModuleTiming:
     path: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    options: str | None = None        # as inserted; None: unknown (no head start)
 
     def to_dict(self) -> dict[str, Any]:
         return {"init": self.init, "deps": list(self.deps), "path": self.path,
-                "size": self.size, "mtime_ns": self.mtime_ns}
+                "size": self.size, "mtime_ns": self.mtime_ns, "options": self.options}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModuleTiming:
@@ -75,7 +78,10 @@ class ModuleTiming:
         if (size is not None and not isinstance(size, int)) or \
                 (mtime is not None and not isinstance(mtime, int)):
             raise ValueError("size/mtime_ns")
-        return cls(init, tuple(deps), path, size, mtime)
+        options = d.get("options")
+        if options is not None and (not isinstance(options, str) or "\0" in options):
+            raise ValueError("options")
+        return cls(init, tuple(deps), path, size, mtime, options)
 
 
 def file_identity(path: str | None) -> tuple[int | None, int | None]:
@@ -93,11 +99,16 @@ class Learned:
     """What earlier boots taught: module timings and each device's target modules."""
 
     def __init__(self, kernel: str, modules: Mapping[str, ModuleTiming] | None = None,
-                 devices: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> None:
+                 devices: Mapping[str, tuple[str, tuple[str, ...]]] | None = None, *,
+                 stamp: str | None = None, soft: Iterable[str] = ()) -> None:
         self.kernel = kernel
         self.modules: dict[str, ModuleTiming] = dict(modules or {})
         # modalias -> (devpath, target modules)
         self.devices: dict[str, tuple[str, tuple[str, ...]]] = dict(devices or {})
+        # The configuration the options were resolved under (config_stamp).
+        self.stamp = stamp
+        # Devices whose plan had softdeps: their order is more than modules.dep's.
+        self.soft: set[str] = set(soft)
 
     def chain(self, module: str, _memo: dict[str, float] | None = None,
               _path: frozenset[str] = frozenset()) -> float:
@@ -141,6 +152,38 @@ class Learned:
                 out.append((devpath, modalias))
         return out
 
+    def head_start(self, read_modalias: Callable[[str], str | None],
+                   present: Callable[[str], bool]) -> list[EarlyModule]:
+        """What to insert before the daemon has read an index: for each known device
+        still present with the same modalias (heaviest chain first), its targets
+        and their dependencies, dependencies first, when every module of the chain
+        is known with its file and options or already present.  Devices whose
+        plan had softdeps are left to the daemon (their order is not modules.dep's)."""
+        chosen: dict[str, EarlyModule] = {}
+        for _devpath, modalias in self.first(read_modalias):
+            if modalias in self.soft:
+                continue
+            adding: dict[str, EarlyModule] = {}
+            if all(self._chain_into(t, chosen, adding, present, frozenset())
+                   for t in self.devices[modalias][1]):
+                chosen.update(adding)
+        return list(chosen.values())
+
+    def _chain_into(self, name: str, chosen: Mapping[str, EarlyModule],
+                    adding: dict[str, EarlyModule], present: Callable[[str], bool],
+                    path: frozenset[str]) -> bool:
+        if name in chosen or name in adding or present(name):
+            return True
+        timing = self.modules.get(name)
+        if timing is None or timing.path is None or timing.options is None or \
+                name in path or len(path) >= MAX_DEPTH:
+            return False
+        inner = path | {name}
+        if not all(self._chain_into(d, chosen, adding, present, inner) for d in timing.deps):
+            return False
+        adding[name] = EarlyModule(name, timing.path, timing.options, timing.deps)
+        return True
+
     def valid(self, kernel: str,
               identity: Callable[[str | None], tuple[int | None, int | None]] = file_identity
               ) -> Learned:
@@ -149,13 +192,17 @@ class Learned:
             return Learned(kernel)
         kept = {name: t for name, t in self.modules.items()
                 if t.path is None or identity(t.path) == (t.size, t.mtime_ns)}
-        return Learned(kernel, kept, self.devices)
+        return Learned(kernel, kept, self.devices, stamp=self.stamp, soft=self.soft)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "kernel": self.kernel,
+        def device(alias: str, devpath: str, targets: tuple[str, ...]) -> dict[str, Any]:
+            d: dict[str, Any] = {"devpath": devpath, "targets": list(targets)}
+            if alias in self.soft:
+                d["soft"] = True
+            return d
+        return {"format": FORMAT, "kernel": self.kernel, "stamp": self.stamp,
                 "modules": {n: t.to_dict() for n, t in sorted(self.modules.items())},
-                "devices": {a: {"devpath": d, "targets": list(t)}
-                            for a, (d, t) in sorted(self.devices.items())}}
+                "devices": {a: device(a, d, t) for a, (d, t) in sorted(self.devices.items())}}
 
     @classmethod
     def from_dict(cls, data: Any) -> Learned:
@@ -167,15 +214,21 @@ class Learned:
         if not isinstance(kernel, str) or not isinstance(modules, dict) or \
                 not isinstance(devices, dict):
             raise ValueError("missing kernel, modules or devices")
+        stamp = data.get("stamp")
+        if stamp is not None and not isinstance(stamp, str):
+            raise ValueError("stamp")
         mods = {str(n): ModuleTiming.from_dict(t) for n, t in modules.items()}
         devs: dict[str, tuple[str, tuple[str, ...]]] = {}
+        soft = set()
         for alias, d in devices.items():
             devpath, targets = d["devpath"], d["targets"]
             if not isinstance(devpath, str) or not isinstance(targets, list) or \
                     not all(isinstance(t, str) for t in targets):
                 raise ValueError(f"device {alias!r}")
             devs[str(alias)] = (devpath, tuple(targets))
-        return cls(kernel, mods, devs)
+            if d.get("soft") is True:
+                soft.add(str(alias))
+        return cls(kernel, mods, devs, stamp=stamp, soft=soft)
 
 
 def read(path: Path, kernel: str) -> Learned:
@@ -210,13 +263,16 @@ class LearnedOrder:
     thread (it stats module files and writes the file).
     """
 
-    def __init__(self, path: Path, kernel: str, sys_dir: Path) -> None:
+    def __init__(self, path: Path, kernel: str, sys_dir: Path,
+                 stamp: Callable[[], str] | None = None) -> None:
         self.path = path
         self.kernel = kernel
         self.sys_dir = sys_dir
+        self._stamp = stamp
         self._lock = threading.Lock()
-        self._modules: dict[str, tuple[float, tuple[str, ...], str | None]] = {}
+        self._modules: dict[str, tuple[float, tuple[str, ...], str | None, str | None]] = {}
         self._devices: dict[str, tuple[str, set[str]]] = {}
+        self._soft: set[str] = set()
 
     def _read_modalias(self, devpath: str) -> str | None:
         # Only what the walk itself would find: a device under /sys/devices.
@@ -237,14 +293,38 @@ class LearnedOrder:
             LOG.warning("learned coldplug order unusable: %s", exc)
             return []
 
+    def _present(self, name: str) -> bool:
+        # Live, coming or built in: the head start has nothing to insert.
+        return os.path.exists(os.path.join(self.sys_dir, "module", name))
+
+    def head_start(self) -> list[EarlyModule]:
+        """What to insert before the daemon has started (Learned.head_start), when
+        the configuration is the one the options were resolved under; never raises."""
+        try:
+            learned = read(self.path, self.kernel)
+            if self._stamp is None or learned.stamp is None or learned.stamp != self._stamp():
+                return []
+            return learned.head_start(self._read_modalias, self._present)
+        except Exception as exc:
+            LOG.warning("no head start from %s: %s", self.path, exc)
+            return []
+
+    def note_softdep(self, *, kind: str, key: str, devpath: str | None) -> None:
+        """A request's plan had a softdep: its device is left out of the head start."""
+        if devpath and kind in ("coldplug", "modalias"):
+            with self._lock:
+                if len(self._soft) < MAX_DEVICES:
+                    self._soft.add(key)
+
     def note(self, name: str, path: str | None, deps: Iterable[str], seconds: float | None,
-             *, kind: str, key: str, devpath: str | None, target: bool) -> None:
+             *, kind: str, key: str, devpath: str | None, target: bool,
+             options: str | None = None) -> None:
         """One module loaded (``seconds`` in the syscall) for a request."""
         if seconds is None:
             return
         with self._lock:
             if len(self._modules) < MAX_MODULES or name in self._modules:
-                self._modules[name] = (float(seconds), tuple(deps), path)
+                self._modules[name] = (float(seconds), tuple(deps), path, options)
             if target and devpath and kind in ("coldplug", "modalias") and \
                     (len(self._devices) < MAX_DEVICES or key in self._devices):
                 _, targets = self._devices.setdefault(key, (devpath, set()))
@@ -256,10 +336,18 @@ class LearnedOrder:
         with self._lock:
             modules = dict(self._modules)
             devices = {k: (d, tuple(sorted(t))) for k, (d, t) in self._devices.items()}
-        for name, (init, deps, path) in modules.items():
+            soft = set(self._soft)
+        stamp = self._stamp() if self._stamp is not None else None
+        if base.stamp != stamp:
+            # Options resolved under another configuration are never inserted early.
+            base.modules = {n: replace(t, options=None) for n, t in base.modules.items()}
+            base.stamp = stamp
+        for name, (init, deps, path, options) in modules.items():
             size, mtime = file_identity(path)
-            base.modules[name] = ModuleTiming(init, deps, path, size, mtime)
+            base.modules[name] = ModuleTiming(init, deps, path, size, mtime, options)
         base.devices.update(devices)
+        base.soft = (base.soft - devices.keys()) | soft
+        base.soft &= base.devices.keys()
         # Bounded whatever the machine: keep the heaviest.
         if len(base.devices) > MAX_DEVICES:
             keep = sorted(base.devices, key=base.weight, reverse=True)[:MAX_DEVICES]
@@ -291,9 +379,65 @@ class LearnedOrder:
         return t
 
 
+# What resolution reads besides the module files: a change to any of them and
+# the options remembered with the modules may be wrong (no head start then).
+INDEX_FILES = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin",
+               "modules.softdep", "modules.builtin", "modules.builtin.bin",
+               "modules.builtin.modinfo", "modules.symbols.bin")
+
+
+def _identity_line(path: Path, base: Path) -> str:
+    # Named relative to the root: the same tree under another root is the same.
+    try:
+        name = str(path.relative_to(base))
+    except ValueError:
+        name = str(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{name} -"
+    return f"{name} {st.st_mode:o} {st.st_size} {st.st_mtime_ns}"
+
+
+def config_stamp(settings: Settings, version: str) -> str:
+    """The configuration a plan was resolved under: kernel command line, deny
+    lists, every modprobe.d file and the module indexes (by size and mtime)."""
+    root = settings.root_obj
+    lines = [f"kernel {version}", "deny " + ",".join(settings.deny),
+             _identity_line(root.deny_file, root.base)]
+    try:
+        lines.append("cmdline " + (root.proc / "cmdline").read_text(errors="replace").strip())
+    except OSError:
+        lines.append("cmdline -")
+    configs = [Path(p) for p in settings.modprobe_config] \
+        if settings.modprobe_config is not None else root.modprobe_dirs()
+    for config in configs:
+        lines.append(_identity_line(config, root.base))
+        try:
+            names = sorted(os.listdir(config))
+        except OSError:
+            continue
+        lines.extend(_identity_line(config / name, root.base) for name in names)
+    modules_dir = root.modules_dir(version)
+    lines.extend(_identity_line(modules_dir / name, modules_dir) for name in INDEX_FILES)
+    return "\n".join(lines)
+
+
 def learned_order(settings: Settings) -> LearnedOrder:
     """The daemon's LearnedOrder: the state directory under its root, its kernel."""
     from kmodd.root import running_kernel_version
     root = settings.root_obj
-    return LearnedOrder(root.state_dir / LEARNED_FILE,
-                        settings.version or running_kernel_version(root), root.sys)
+    version = settings.version or running_kernel_version(root)
+    return LearnedOrder(root.state_dir / LEARNED_FILE, version, root.sys,
+                        stamp=lambda: config_stamp(settings, version))
+
+
+def start_head_start(settings: Settings, kernel: Kernel) -> EarlyLoads | None:
+    """Start inserting what the last boot's coldplug loaded for devices still
+    present (kmodd.kernel.early), or None when there is nothing to do."""
+    if not (settings.head_start and settings.coldplug):
+        return None
+    modules = learned_order(settings).head_start()
+    if not modules:
+        return None
+    return EarlyLoads(kernel, modules, workers=settings.max_workers).start()

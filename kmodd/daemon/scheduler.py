@@ -41,6 +41,7 @@ from kmodd.daemon.limits import (
 )
 from kmodd.daemon.loadlog import LoadRecord
 from kmodd.daemon.requests import OUTCOME_STATUSES, Outcome, OutcomeStatus, Request, RequestKind
+from kmodd.kernel.early import EarlyLoads
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import InitState
 from kmodd.record import dataclass, field, replace
@@ -229,8 +230,10 @@ class Scheduler:
                  on_module: ModuleCallback | None = None,
                  on_runaway: Callable[[str, Request], None] | None = None,
                  on_idle: Callable[[], None] | None = None,
-                 on_load: Callable[[LoadRecord], None] | None = None) -> None:
+                 on_load: Callable[[LoadRecord], None] | None = None,
+                 early: EarlyLoads | None = None) -> None:
         self._resolver = resolver
+        self._early = early
         self._on_load = on_load
         self._deny: Callable[[str], str | None] | None = None
         self._loader = loader
@@ -558,6 +561,8 @@ class Scheduler:
             if step.builtin:
                 in_kernel[step.name] = StepResult(step.name, StepStatus.BUILTIN)
                 continue
+            if self._early is not None and self._early.holds(step.name):
+                continue            # the loader takes the head start's result
             try:
                 state = self._kernel.initstate(step.name)
             except Exception:
@@ -708,15 +713,23 @@ class Scheduler:
                      returned: float) -> LoadRecord:
         # The loader times the syscall itself (StepResult.seconds); it returns
         # right after it, so the syscall ended when load_step returned.
-        seconds = getattr(result, "seconds", None)
+        seconds = result.seconds
         end = returned
         start = max(picked, end - seconds) if isinstance(seconds, float) else picked
         req = task.request
         ready = task.ready_at if task.ready_at is not None else picked
+        requested = min(task.requested_at or task.planned_at, task.planned_at)
+        planned = task.planned_at
+        if result.started is not None and result.started < picked and seconds is not None:
+            # Loaded by the head start before this request existed
+            # (kmodd.kernel.early): the syscall's own times, nothing waited.
+            start, end = result.started, result.started + seconds
+            requested, planned, ready = min(requested, start), min(planned, start), \
+                min(ready, start)
         return LoadRecord(
             module=task.step.name, kind=req.kind, key=req.key, status=result.status,
-            requested_at=min(task.requested_at or task.planned_at, task.planned_at),
-            planned_at=task.planned_at, deps_ready_at=ready,
+            requested_at=requested,
+            planned_at=planned, deps_ready_at=ready,
             start=start, end=end, requested_by=req.requested_by, devpath=req.devpath,
             role=str(task.step.role), via=task.targets, waited_for=task.waited_for,
             error=result.error, errno=result.errno)

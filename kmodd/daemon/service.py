@@ -52,9 +52,10 @@ from kmodd.daemon.requests import Outcome, Request, Submit
 from kmodd.daemon.scheduler import BackoffPolicy, Scheduler
 from kmodd.daemon.settings import Settings, SettingsError, SettingsSource
 from kmodd.daemon.state import ModuleRecord, StateSaver, StateStore
+from kmodd.kernel.early import EarlyLoads
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import Kernel
-from kmodd.resolution.plan import ModuleStep, Plan
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 
 LOG = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ class Service:
                  notify: Callable[..., bool] = _sd_notify,
                  watchdog_interval: Callable[[], float | None] = _sd_watchdog_interval,
                  peercred: Callable[[socket.socket], Any] | None = None,
-                 install_signals: bool = True) -> None:
+                 install_signals: bool = True,
+                 early: EarlyLoads | None = None) -> None:
         self.settings = settings
         self.kernel = kernel
         self.resolver_factory = resolver_factory
@@ -144,9 +146,10 @@ class Service:
         self.ops = ControlOps(self)
         self.loadlog = LoadLog()
         self.learned = learned_order(settings)
+        self.early = early
         if loader is None:
             from kmodd.kernel.loader import Loader
-            loader = Loader(kernel)
+            loader = Loader(kernel, early=early)
         self.loader = loader
         self.resolver: Resolver = self._make_resolver(settings)
         self.scheduler = Scheduler(
@@ -155,7 +158,8 @@ class Service:
             backoff=BackoffPolicy(settings.backoff_initial, settings.backoff_max),
             runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
             on_outcome=self._on_outcome, on_module=self._on_module,
-            on_runaway=self.reporter.runaway, on_idle=self._on_idle, on_load=self.loadlog.add)
+            on_runaway=self.reporter.runaway, on_idle=self._on_idle, on_load=self.loadlog.add,
+            early=early)
         self.deny = self._make_deny(settings)
         self.scheduler.set_deny(self.deny.reason)
         self.autoclean = Autoclean(kernel, self.state, self._autoclean_unload,
@@ -326,6 +330,9 @@ class Service:
         self.loop.call_every(2.0, self._send_status)
         if self.boot_loads is not None:
             self.boot_loads.start()
+        if self.early is not None:
+            slog(LOG, logging.INFO, "head start: inserting %d module(s) the last boot loaded "
+                 "for devices still present", len(self.early.names))
         if self._coldplug_fn is not None:
             self.coldplug_state = "running"
             self.loadlog.mark("coldplug-start")
@@ -505,6 +512,12 @@ class Service:
         loaded = result.loaded if result is not None else None
         slog(LOG, logging.INFO, "coldplug done%s",
              f": loaded {' '.join(loaded)}" if loaded else "")
+        if self.early is not None:
+            unasked = self.early.untaken()
+            if unasked:
+                # Only when the configuration changed in a way the stamp misses.
+                slog(LOG, logging.WARNING, "head start inserted %s, which no device asked "
+                     "for this time", " ".join(unasked))
         self.ops.check_settle()
 
     def _on_tree_change(self) -> None:
@@ -562,11 +575,14 @@ class Service:
 
     def _on_module(self, step: ModuleStep, request: Request, targets: tuple[str, ...],
                    result: StepResult) -> None:
+        if step.role in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST):
+            self.learned.note_softdep(kind=request.kind, key=request.key,
+                                      devpath=request.devpath)
         if not self.reporter.module_result(step, request, result):
             return
         self.learned.note(step.name, step.path, step.deps, result.seconds, kind=request.kind,
                           key=request.key, devpath=request.devpath,
-                          target=str(step.role) == "target")
+                          target=step.role is Role.TARGET, options=step.options)
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,

@@ -59,6 +59,7 @@ class Settings:
     runaway_window: float = RUNAWAY_WINDOW
     queue_limit: int = 16384
     modules_load: bool = True            # load what modules-load.d and /etc/modules list
+    head_start: bool = True              # insert last boot's coldplug modules at once
     deny: tuple[str, ...] = ()           # modules never loaded, whoever asks
     uevent_reader: str = "netlink"       # "netlink" (kmodd's own) or "pyudev"
     # not in the file: where and what to run against
@@ -81,7 +82,7 @@ _FILE_KEYS: dict[str, str] = {
     "modprobe_config": "strlist", "coldplug": "bool", "log_level": "str",
     "journal": "bool", "backoff_initial": "number", "backoff_max": "number",
     "runaway_limit": "int", "runaway_window": "number", "queue_limit": "int",
-    "modules_load": "bool", "deny": "names", "uevent_reader": "str",
+    "modules_load": "bool", "deny": "names", "uevent_reader": "str", "head_start": "bool",
 }
 _LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
 UEVENT_READERS = ("netlink", "pyudev")
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distinct requests pending at most (default 16384)")
     p.add_argument("--no-modules-load", dest="modules_load", action="store_false", default=None,
                    help="do not load the modules listed in modules-load.d and /etc/modules")
+    p.add_argument("--no-head-start", dest="head_start", action="store_false", default=None,
+                   help="do not insert the modules the last boot loaded for devices still "
+                        "present before the daemon has started")
     p.add_argument("--deny", action="append", metavar="MODULES",
                    help="modules never to load, whoever asks (repeatable, comma-separated)")
     p.add_argument("--log-level", choices=_LOG_LEVELS)
@@ -252,7 +256,8 @@ _FAST_VALUES: dict[str, tuple[str, str]] = {
 }
 _FAST_FLAGS: dict[str, tuple[str, bool]] = {
     "--show-config": ("show_config", True), "--no-coldplug": ("coldplug", False),
-    "--no-modules-load": ("modules_load", False), "--journal": ("journal", True),
+    "--no-modules-load": ("modules_load", False), "--no-head-start": ("head_start", False),
+    "--journal": ("journal", True),
     "--no-journal": ("journal", False),
 }
 _FAST_CHOICES = {"log_level": _LOG_LEVELS, "uevent_reader": UEVENT_READERS}
@@ -262,7 +267,7 @@ def parse_fast(argv: Sequence[str]) -> SimpleNamespace | None:
     """``argv`` parsed as build_parser() would, or None to leave it to argparse."""
     ns = SimpleNamespace(**{dest: None for dest, _ in _FAST_VALUES.values()})
     ns.show_config = False
-    ns.coldplug = ns.modules_load = ns.journal = None
+    ns.coldplug = ns.modules_load = ns.head_start = ns.journal = None
     journal_flags: set[str] = set()
     i = 0
     while i < len(argv):
@@ -306,7 +311,7 @@ def _flag_values(ns: argparse.Namespace | SimpleNamespace) -> dict[str, Any]:
                 "request_fifo", "root", "modules_base", "version", "coldplug", "kernel",
                 "log_level", "journal", "config_file", "backoff_initial", "backoff_max",
                 "runaway_limit", "runaway_window", "queue_limit", "modules_load",
-                "uevent_reader"):
+                "uevent_reader", "head_start"):
         v = getattr(ns, key, None)
         if v is not None:
             out[key] = v

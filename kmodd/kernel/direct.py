@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from kmodd.kernel.loader import Loader, StepResult, StepStatus, describe_failure
 from kmodd.kernel.protocol import Kernel
 from kmodd.modfile.params import check_params
-from kmodd.record import asdict, dataclass, field
+from kmodd.record import dataclass, field
 from kmodd.resolution.names import modname_normalize
 from kmodd.resolution.plan import ModuleStep, Plan
 from kmodd.root import Root
@@ -37,7 +37,7 @@ class LoadOutcome:
     def to_json(self) -> dict[str, object]:
         return {"request": self.request, "ok": self.ok, "message": self.message,
                 "targets": list(self.targets), "errno": self.errno,
-                "results": [asdict(r) for r in self.results], "actions": list(self.actions)}
+                "results": [r.to_dict() for r in self.results], "actions": list(self.actions)}
 
 
 def step_action(step: ModuleStep) -> str:
@@ -160,7 +160,7 @@ class UnloadOutcome:
 
     def to_json(self) -> dict[str, object]:
         return {"request": self.request, "ok": self.ok, "message": self.message,
-                "errno": self.errno, "results": [asdict(r) for r in self.results]}
+                "errno": self.errno, "results": [r.to_dict() for r in self.results]}
 
 
 def _resolve(request: str, root: Root, version: str, config_paths: Sequence[str] | None

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from kmodd.journal import NOTICE, journal_fields
 from kmodd.kernel import commands, errors
+from kmodd.kernel.early import EarlyLoads
 from kmodd.kernel.protocol import InitState, Kernel, KernelError
 from kmodd.record import dataclass
 from kmodd.resolution.plan import ModuleStep, Plan, Role
@@ -57,6 +58,7 @@ class StepResult:
     error: str | None = None
     errno: int | None = None
     seconds: float | None = None        # time spent in the load syscall
+    started: float | None = None        # monotonic, when that syscall began
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", StepStatus(self.status))
@@ -64,6 +66,11 @@ class StepResult:
     @property
     def ok(self) -> bool:
         return not self.status.is_failure
+
+    def to_dict(self) -> dict[str, object]:
+        """For JSON output: ``started`` is a monotonic clock reading, of no use outside."""
+        return {"name": self.name, "status": str(self.status), "error": self.error,
+                "errno": self.errno, "seconds": self.seconds}
 
 
 InstallRunner = Callable[[str, str, str], commands.CommandResult]
@@ -73,8 +80,10 @@ RemoveRunner = Callable[[str, str], commands.CommandResult]
 class Loader:
     def __init__(self, kernel: Kernel, *, coming_timeout: float = 30.0,
                  run_install: InstallRunner | None = None,
-                 run_remove: RemoveRunner | None = None) -> None:
+                 run_remove: RemoveRunner | None = None,
+                 early: EarlyLoads | None = None) -> None:
         self.kernel = kernel
+        self.early = early
         self.coming_timeout = coming_timeout
         self._run_install: InstallRunner = run_install or commands.run_install
         self._run_remove: RemoveRunner = run_remove or commands.run_remove
@@ -124,6 +133,9 @@ class Loader:
         unsupported = self._unsupported(name)
         if unsupported is not None:
             return unsupported
+        early = self._take_early(step)
+        if early is not None:
+            return early
         state = self.kernel.initstate(name)
         if state in (InitState.COMING, InitState.GOING):
             state = self._wait_settled(name)
@@ -153,9 +165,30 @@ class Loader:
             if e.errno == E.ENOSYS:
                 self._note_enosys()
             return StepResult(name, StepStatus.FAILED, e.message, e.errno,
-                              time.monotonic() - started)
+                              time.monotonic() - started, started)
         return StepResult(name, StepStatus.LOADED if inserted else StepStatus.ALREADY,
-                          seconds=time.monotonic() - started)
+                          seconds=time.monotonic() - started, started=started)
+
+    def _take_early(self, step: ModuleStep) -> StepResult | None:
+        """The head start's syscall for this step, in place of our own (kmodd.kernel.early)."""
+        if self.early is None or step.install_command is not None or step.path is None:
+            return None
+        got = self.early.take(step.name, timeout=self.coming_timeout)
+        if got is None:
+            return None
+        same = got.path == step.path and got.options == step.options
+        if got.error is not None:
+            if not same:
+                return None         # tried with what the last boot resolved: try ours
+            if got.error.errno == E.ENOSYS:
+                self._note_enosys()
+            return StepResult(step.name, StepStatus.FAILED, got.error.message, got.error.errno,
+                              got.seconds, got.started)
+        if not same and got.inserted:
+            LOG.warning("%s: loaded early from %s with options %r; resolved now: %s, %r",
+                        step.name, got.path, got.options, step.path, step.options)
+        return StepResult(step.name, StepStatus.LOADED if got.inserted else StepStatus.ALREADY,
+                          seconds=got.seconds, started=got.started)
 
     def _install(self, step: ModuleStep) -> StepResult:
         assert step.install_command is not None

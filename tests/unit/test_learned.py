@@ -20,6 +20,7 @@ from kmodd.daemon.learned import (
     LearnedOrder,
     ModuleTiming,
     read,
+    start_head_start,
     write,
 )
 from kmodd.daemon.service import Service
@@ -199,17 +200,24 @@ class Tree:
     def learned_file(self) -> Path:
         return self.root / "var/lib/kmodd" / LEARNED_FILE
 
-    def boot(self, kernel_version: str = KERNEL) -> SimKernel:
+    def settings(self, kernel_version: str = KERNEL, state_dir: Path | None = None) -> Settings:
+        state = (state_dir or self.base) / "run/state.json"
+        return Settings(max_workers=1, autoclean_interval=0, socket=str(self.sock),
+                        state_file=str(state), root=str(self.root),
+                        coldplug=True, modules_load=False, version=kernel_version)
+
+    def boot(self, kernel_version: str = KERNEL, *, head_start: bool = False) -> SimKernel:
         """One daemon run over a fresh simulated kernel with one worker;
-        ``submitted`` is coldplug's order of requests."""
+        ``submitted`` is coldplug's order of requests; with ``head_start`` the
+        daemon starts as its entry point does (``early``: the head start)."""
         self.resolver.requests = []
         kdir = Path(tempfile.mkdtemp(dir=self.base, prefix="kernel-"))
         kernel = sim_kernel(kdir, GRAPH, init_delays=DELAYS)
-        settings = Settings(max_workers=1, autoclean_interval=0, socket=str(self.sock),
-                            state_file=str(kdir / "run/state.json"), root=str(self.root),
-                            coldplug=True, modules_load=False, version=kernel_version)
+        settings = self.settings(kernel_version, kdir)
+        self.early = start_head_start(settings, kernel) if head_start else None
         svc = Service(settings, kernel, lambda s: self.resolver, sources=(), watcher=None,
-                      notify=lambda **f: True, watchdog_interval=lambda: None)
+                      notify=lambda **f: True, watchdog_interval=lambda: None,
+                      early=self.early)
         rc: list[int] = []
         t = threading.Thread(target=lambda: rc.append(svc.run()), daemon=True)
         t.start()
@@ -224,6 +232,8 @@ class Tree:
         while not self.learned_file.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert sorted(kernel.load_order) == sorted(GRAPH)
+        self.loads = svc.loadlog.records()
+        self.records = list(svc.state.records().values())
         self.submitted = [r for r in self.resolver.requests if r.startswith("pci:")]
         assert sorted(self.submitted) == sorted(ALIASES)
         return kernel

@@ -200,7 +200,7 @@ def test_uevent_reader_from_file_and_flag(tmp_path: Path) -> None:
      "--no-journal", "--autoclean-interval", "0"],
     ["--config", "/etc/k.conf", "--max-workers", "4", "--idle-timeout", "2.5",
      "--never-unload", "a,b", "--never-unload", "c-d", "--deny", "x", "-C", "/e/m.d",
-     "--modprobe-config", "/e/n.conf", "--no-coldplug", "--no-modules-load",
+     "--modprobe-config", "/e/n.conf", "--no-coldplug", "--no-modules-load", "--no-head-start",
      "--log-level", "debug", "--uevent-reader", "pyudev", "--queue-limit", "9",
      "--runaway-limit", "3", "--runaway-window", "1e1", "--backoff-initial", "0",
      "--backoff-max", "nan", "--socket", "/s", "--state-file", "/st", "--request-fifo", "/f",

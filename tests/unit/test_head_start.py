@@ -1,0 +1,262 @@
+"""The head start (kmodd.kernel.early, Learned.head_start): last boot's coldplug
+modules inserted before the daemon has started, and taken over by its loader."""
+
+from __future__ import annotations
+
+import errno as E
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kmodd.daemon.learned import (
+    Learned,
+    LearnedOrder,
+    ModuleTiming,
+    config_stamp,
+    read,
+    start_head_start,
+    write,
+)
+from kmodd.kernel.early import EarlyLoads, EarlyModule
+from kmodd.kernel.loader import Loader, StepStatus
+from kmodd.kernel.protocol import KernelError
+from kmodd.record import replace
+from kmodd.resolution.plan import ModuleStep, Role
+from tests.unit.daemon_fakes import sim_kernel
+from tests.unit.test_learned import DEVICES, GRAPH, KERNEL, Tree, tree  # noqa: F401
+
+
+class FakeKernel:
+    """Records inserts; ``gates`` hold a module's insert until set; ``fail`` maps
+    a module to the errno its insert raises."""
+
+    def __init__(self, gates: dict[str, threading.Event] | None = None,
+                 fail: dict[str, int] | None = None, present: set[str] | None = None) -> None:
+        self.inserted: list[str] = []
+        self.entered: dict[str, threading.Event] = {}
+        self.gates = gates or {}
+        self.fail = fail or {}
+        self.present = set(present or ())
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+
+    def load_module(self, name: str, path: str, params: str = "") -> bool:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.entered.setdefault(name, threading.Event()).set()
+        try:
+            gate = self.gates.get(name)
+            if gate is not None:
+                assert gate.wait(10)
+            if name in self.fail:
+                raise KernelError(self.fail[name], f"{name}: failed", name)
+            with self._lock:
+                if name in self.present:
+                    return False
+                self.present.add(name)
+                self.inserted.append(name)
+            return True
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def mod(name: str, *deps: str, options: str = "") -> EarlyModule:
+    return EarlyModule(name, f"/m/{name}.ko", options, deps)
+
+
+# -- EarlyLoads ----------------------------------------------------------------------
+
+def test_dependencies_first_and_independent_chains_in_parallel() -> None:
+    gate = threading.Event()
+    kernel = FakeKernel(gates={"slow": gate})
+    early = EarlyLoads(kernel, [mod("slow"), mod("core"), mod("mid", "core"),
+                                mod("hba", "mid"), mod("nic")], workers=2).start()  # type: ignore[arg-type]
+    # "slow" holds one worker; the other does the whole chain and the leaf meanwhile.
+    deadline = time.monotonic() + 10
+    while len(kernel.inserted) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert kernel.inserted == ["core", "mid", "hba", "nic"]
+    gate.set()
+    assert early.wait(10)
+    assert kernel.inserted[-1] == "slow" and kernel.max_active == 2
+
+
+def test_a_failed_dependency_leaves_its_dependents_to_the_daemon() -> None:
+    kernel = FakeKernel(fail={"core": E.ENOEXEC})
+    early = EarlyLoads(kernel, [mod("core"), mod("mid", "core"), mod("nic")],  # type: ignore[arg-type]
+                       workers=1).start()
+    assert early.wait(10)
+    assert kernel.inserted == ["nic"]
+    failed = early.take("core")
+    assert failed is not None and failed.error is not None and failed.error.errno == E.ENOEXEC
+    assert early.take("mid") is None           # never tried: the daemon loads it
+    assert early.take("core") is None          # given out once
+
+
+def test_take_waits_for_a_running_insert_and_claims_a_pending_one() -> None:
+    gate = threading.Event()
+    kernel = FakeKernel(gates={"a": gate})
+    early = EarlyLoads(kernel, [mod("a"), mod("b", "a"), mod("c")], workers=1).start()  # type: ignore[arg-type]
+    assert kernel.entered.setdefault("a", threading.Event()).wait(10)
+    # Pending and not started: the daemon's loader takes it over at once.
+    assert early.take("c") is None
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(early.take("a")))
+    waiter.start()
+    time.sleep(0.1)
+    assert not got                              # still in the syscall
+    gate.set()
+    waiter.join(10)
+    result = got[0]
+    assert result is not None and result.inserted and result.seconds >= 0.1  # type: ignore[attr-defined]
+    assert early.wait(10)
+    assert kernel.inserted == ["a", "b"]        # "c" was left to the daemon
+    assert early.untaken() == ["b"]
+
+
+def test_no_module_support_stops_the_head_start() -> None:
+    kernel = FakeKernel(fail={"a": E.ENOSYS})
+    early = EarlyLoads(kernel, [mod("a"), mod("b"), mod("c")], workers=1).start()  # type: ignore[arg-type]
+    assert early.wait(10)
+    assert kernel.inserted == []
+
+
+def test_the_loader_takes_the_early_result_instead_of_its_own_syscall(tmp_path: Path) -> None:
+    kernel = sim_kernel(tmp_path / "k", {"core": (), "nic": ()})
+    path = str(tmp_path / "core.ko")
+    Path(path).write_bytes(b"\x7fELFcore")
+    early = EarlyLoads(kernel, [EarlyModule("core", path, "debug=1")]).start()
+    assert early.wait(10)
+    loader = Loader(kernel, early=early)
+    result = loader.load_step(ModuleStep("core", path, "debug=1", role=Role.TARGET))
+    # LOADED (ours), not ALREADY, with the early syscall's own times.
+    assert result.status is StepStatus.LOADED
+    assert result.started is not None and result.started < time.monotonic()
+    assert kernel.load_order == ["core"]
+    again = loader.load_step(ModuleStep("core", path, "debug=1", role=Role.TARGET))
+    assert again.status is StepStatus.ALREADY
+
+
+# -- Learned.head_start ----------------------------------------------------------------
+
+def learned(**extra: ModuleTiming) -> Learned:
+    modules = {"core": ModuleTiming(0.1, (), "/m/core.ko", options=""),
+               "mid": ModuleTiming(0.1, ("core",), "/m/mid.ko", options="x=1"),
+               "hba": ModuleTiming(5.0, ("mid",), "/m/hba.ko", options=""),
+               "nic": ModuleTiming(0.5, (), "/m/nic.ko", options=""),
+               **extra}
+    devices = {"pci:hba": ("/devices/p/1", ("hba",)), "pci:nic": ("/devices/p/2", ("nic",))}
+    return Learned(KERNEL, modules, devices, stamp="s")
+
+
+def test_heaviest_device_first_dependencies_before_targets() -> None:
+    present = {"/devices/p/1": "pci:hba", "/devices/p/2": "pci:nic"}
+    got = learned().head_start(present.get, lambda name: False)
+    assert [m.name for m in got] == ["core", "mid", "hba", "nic"]
+    assert got[1] == EarlyModule("mid", "/m/mid.ko", "x=1", ("core",))
+
+
+def test_only_devices_still_there_and_modules_not_yet_present() -> None:
+    # nic's device now reads another modalias; core is already in (initramfs).
+    present = {"/devices/p/1": "pci:hba", "/devices/p/2": "pci:e1000"}
+    got = learned().head_start(present.get, lambda name: name == "core")
+    assert [m.name for m in got] == ["mid", "hba"]
+
+
+def test_chains_with_unknown_options_modules_or_softdeps_are_left_out() -> None:
+    present = {"/devices/p/1": "pci:hba", "/devices/p/2": "pci:nic"}
+    data = learned(mid=ModuleTiming(0.1, ("core",), "/m/mid.ko", options=None))
+    assert [m.name for m in data.head_start(present.get, lambda n: False)] == ["nic"]
+    data = learned()
+    del data.modules["core"]                 # neither known nor present
+    assert [m.name for m in data.head_start(present.get, lambda n: False)] == ["nic"]
+    data = learned()
+    data.soft.add("pci:hba")
+    assert [m.name for m in data.head_start(present.get, lambda n: False)] == ["nic"]
+
+
+def test_the_file_keeps_options_stamp_and_softdep_marks(tmp_path: Path) -> None:
+    data = learned()
+    data.soft.add("pci:nic")
+    write(tmp_path / "l.json", data)
+    back = read(tmp_path / "l.json", KERNEL)
+    assert back.stamp == "s" and back.soft == {"pci:nic"}
+    assert back.modules["mid"].options == "x=1"
+
+
+def test_a_changed_configuration_forgets_the_options_it_did_not_see(tmp_path: Path) -> None:
+    path = tmp_path / "l.json"
+    write(path, learned())
+    order = LearnedOrder(path, KERNEL, tmp_path / "sys", stamp=lambda: "new")
+    order.note("nic", "/m/nic.ko", (), 0.2, kind="coldplug", key="pci:nic",
+               devpath="/devices/p/2", target=True, options="y=2")
+    merged = order.merged()
+    assert merged.stamp == "new"
+    assert merged.modules["nic"].options == "y=2"          # resolved under "new"
+    assert merged.modules["hba"].options is None           # resolved under "s"
+
+
+# -- the daemon: learn at one boot, head start at the next ---------------------------------
+
+def test_the_next_boot_inserts_before_the_service_and_attributes_every_load(
+        tree: Tree) -> None:  # noqa: F811
+    tree.boot()
+    data = read(tree.learned_file, KERNEL)
+    assert data.stamp and all(t.options == "" for t in data.modules.values())
+    kernel = tree.boot(head_start=True)
+    early = tree.early
+    assert early is not None and early.names == set(GRAPH)
+    # Every module went in exactly once: the service's loader took the
+    # head start's results instead of inserting again.
+    assert sorted(kernel.load_order) == sorted(GRAPH)
+    assert kernel.load_order.index("core") < kernel.load_order.index("mid") < \
+        kernel.load_order.index("hba")
+    assert early.untaken() == []
+    # ... and reported them as its own loads, for their devices.
+    by_module = {r.module: r for r in tree.loads}
+    assert set(by_module) == set(GRAPH)
+    for devpath, (alias, module) in DEVICES.items():
+        assert by_module[module].status == "loaded"
+        assert by_module[module].key == alias and by_module[module].devpath == devpath
+    records = {r.name: r for r in tree.records}
+    assert records["hba"].devpath == "/devices/pci0000:00/0000:00:01.0"
+
+
+def test_no_head_start_when_the_configuration_changed_or_it_is_off(tree: Tree) -> None:  # noqa: F811
+    tree.boot()
+    settings = tree.settings()
+    kernel = sim_kernel(tree.base / "k2", GRAPH)
+    assert start_head_start(replace(settings, head_start=False), kernel) is None
+    conf = tree.root / "etc/modprobe.d"
+    conf.mkdir(parents=True)
+    (conf / "local.conf").write_text("options nic debug=1\n")
+    assert start_head_start(settings, kernel) is None
+    (conf / "local.conf").unlink()
+    conf.rmdir()
+    early = start_head_start(settings, kernel)
+    assert early is not None and early.wait(10) and sorted(kernel.load_order) == sorted(GRAPH)
+
+
+@pytest.mark.parametrize("content", [b"{}", b"not json", b'{"format": 1, "kernel": 3}'])
+def test_a_damaged_file_means_no_head_start(tree: Tree, content: bytes) -> None:  # noqa: F811
+    tree.learned_file.parent.mkdir(parents=True, exist_ok=True)
+    tree.learned_file.write_bytes(content)
+    assert start_head_start(tree.settings(), sim_kernel(tree.base / "k3", GRAPH)) is None
+
+
+def test_the_stamp_names_files_relative_to_the_root(tree: Tree) -> None:  # noqa: F811
+    # The same tree under another root (a benchmark's, a chroot's) is the same
+    # configuration; a file's size or mtime is not.
+    conf = tree.root / "etc/modprobe.d"
+    conf.mkdir(parents=True)
+    (conf / "a.conf").write_text("options nic x=1\n")
+    stamp = config_stamp(tree.settings(), KERNEL)
+    assert str(tree.root) not in stamp and "etc/modprobe.d/a.conf" in stamp
+    os.utime(conf / "a.conf", ns=(0, 12345))
+    assert config_stamp(tree.settings(), KERNEL) != stamp
