@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-METHODS = ("kmodd", "udevd", "modprobe", "kmodd-warm")
+METHODS = ("kmodd", "udevd", "modprobe", "kmodd-warm", "kmodd-no-head-start")
 
 UDEV_SCRIPT = ("/lib/systemd/systemd-udevd --daemon; "
                "udevadm trigger --type=subsystems --action=add; "
@@ -103,7 +103,7 @@ def _first_load(t0: float) -> tuple[float | None, int]:
     return (min(starts) - t0 if starts else None), len(records)
 
 
-def guest_kmodd(warm: bool = False) -> dict[str, Any]:
+def guest_kmodd(warm: bool = False, *extra: str) -> dict[str, Any]:
     if warm:
         # What a persistent index cache would give: the prepared alias index
         # exists before the daemon starts (here: made by one lookup).
@@ -122,7 +122,7 @@ def guest_kmodd(warm: bool = False) -> dict[str, Any]:
     env = {**common.guest_env(), **listener.env()}
     log = open("/tmp/kmodd-bench.log", "wb")  # noqa: SIM115 (kept open for the daemon)
     t0 = time.monotonic()
-    proc = subprocess.Popen(common.kmodd_argv(), env=env, stdout=log, stderr=log,
+    proc = subprocess.Popen(common.kmodd_argv(*extra), env=env, stdout=log, stderr=log,
                             stdin=subprocess.DEVNULL)
     t_ready = listener.wait_for("READY", 900)
     if t_ready is None:
@@ -195,7 +195,8 @@ def guest_modprobe() -> dict[str, Any]:
 
 def guest_main(method: str) -> int:
     if method.startswith("kmodd"):
-        out = guest_kmodd(warm=method == "kmodd-warm")
+        out = guest_kmodd(method == "kmodd-warm",
+                          *(["--no-head-start"] if method == "kmodd-no-head-start" else []))
     else:
         out = {"udevd": guest_udevd, "modprobe": guest_modprobe}[method]()
     out["method"] = method
@@ -229,7 +230,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> tuple[list[str]
                for m in methods}
         lines.append(f"{count} devices: " + ", ".join(
             f"{m} {common.fmt_s(med[m])}" for m in methods))
-        for k in ("kmodd", "kmodd-warm"):
+        for k in ("kmodd", "kmodd-warm", "kmodd-no-head-start"):
             if k in med and "udevd" in med:
                 lines.append(f"  {k} / udevd = {common.ratio(med[k], med['udevd'])} "
                              "(target <= 0.85x)")
@@ -264,7 +265,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> tuple[list[str]
         for m in methods:
             if sets[m]:
                 lines.append(f"  {m}: {len(sets[m][0])} modules loaded")
-        for k in ("kmodd", "kmodd-warm"):
+        for k in ("kmodd", "kmodd-warm", "kmodd-no-head-start"):
             if not (sets.get(k) and sets.get("udevd")):
                 continue
             union_udev = set().union(*sets["udevd"])
@@ -294,7 +295,8 @@ def main() -> int:
                     help="device counts, comma-separated (default 20; the plot uses 5,10,20)")
     ap.add_argument("--runs", type=int, default=1, help="fresh boots per method and count")
     ap.add_argument("--methods", default="kmodd,udevd,modprobe",
-                    help="kmodd, udevd, modprobe, kmodd-warm (index cache made before start)")
+                    help="kmodd, udevd, modprobe, kmodd-warm (index cache made before start), "
+                         "kmodd-no-head-start")
     ap.add_argument("--out", default="coldplug", help="results name under bench/results")
     ap.add_argument("--layout", default="installed", choices=common.LAYOUTS,
                     help="how kmodd is installed in the guest (bench/common.py)")

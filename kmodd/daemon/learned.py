@@ -37,6 +37,7 @@ from kmodd.record import dataclass, replace
 if TYPE_CHECKING:
     from kmodd.daemon.settings import Settings
     from kmodd.kernel.protocol import Kernel
+    from kmodd.root import Root
 
 LOG = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class Learned:
 
     def __init__(self, kernel: str, modules: Mapping[str, ModuleTiming] | None = None,
                  devices: Mapping[str, tuple[str, tuple[str, ...]]] | None = None, *,
-                 stamp: str | None = None, soft: Iterable[str] = ()) -> None:
+                 stamp: str | None = None, soft: Iterable[str] = (),
+                 cmdline: Mapping[str, str] | None = None) -> None:
         self.kernel = kernel
         self.modules: dict[str, ModuleTiming] = dict(modules or {})
         # modalias -> (devpath, target modules)
@@ -109,6 +111,16 @@ class Learned:
         self.stamp = stamp
         # Devices whose plan had softdeps: their order is more than modules.dep's.
         self.soft: set[str] = set(soft)
+        # Each known module's parameters on the kernel command line (module_params).
+        self.cmdline: dict[str, str] = dict(cmdline or {})
+
+    def forget_options_changed_on(self, cmdline: Mapping[str, str]) -> None:
+        """Modules whose command-line parameters differ from ``cmdline``'s lose
+        their remembered options (kmod adds ``MODULE.PARAM=`` to them)."""
+        for name, timing in self.modules.items():
+            if timing.options is not None and \
+                    self.cmdline.get(name, "") != cmdline.get(name, ""):
+                self.modules[name] = replace(timing, options=None)
 
     def chain(self, module: str, _memo: dict[str, float] | None = None,
               _path: frozenset[str] = frozenset()) -> float:
@@ -192,7 +204,8 @@ class Learned:
             return Learned(kernel)
         kept = {name: t for name, t in self.modules.items()
                 if t.path is None or identity(t.path) == (t.size, t.mtime_ns)}
-        return Learned(kernel, kept, self.devices, stamp=self.stamp, soft=self.soft)
+        return Learned(kernel, kept, self.devices, stamp=self.stamp, soft=self.soft,
+                       cmdline=self.cmdline)
 
     def to_dict(self) -> dict[str, Any]:
         def device(alias: str, devpath: str, targets: tuple[str, ...]) -> dict[str, Any]:
@@ -201,6 +214,7 @@ class Learned:
                 d["soft"] = True
             return d
         return {"format": FORMAT, "kernel": self.kernel, "stamp": self.stamp,
+                "cmdline": dict(sorted(self.cmdline.items())),
                 "modules": {n: t.to_dict() for n, t in sorted(self.modules.items())},
                 "devices": {a: device(a, d, t) for a, (d, t) in sorted(self.devices.items())}}
 
@@ -217,6 +231,10 @@ class Learned:
         stamp = data.get("stamp")
         if stamp is not None and not isinstance(stamp, str):
             raise ValueError("stamp")
+        cmdline = data.get("cmdline") or {}
+        if not isinstance(cmdline, dict) or \
+                not all(isinstance(k, str) and isinstance(v, str) for k, v in cmdline.items()):
+            raise ValueError("cmdline")
         mods = {str(n): ModuleTiming.from_dict(t) for n, t in modules.items()}
         devs: dict[str, tuple[str, tuple[str, ...]]] = {}
         soft = set()
@@ -228,7 +246,7 @@ class Learned:
             devs[str(alias)] = (devpath, tuple(targets))
             if d.get("soft") is True:
                 soft.add(str(alias))
-        return cls(kernel, mods, devs, stamp=stamp, soft=soft)
+        return cls(kernel, mods, devs, stamp=stamp, soft=soft, cmdline=cmdline)
 
 
 def read(path: Path, kernel: str) -> Learned:
@@ -264,11 +282,13 @@ class LearnedOrder:
     """
 
     def __init__(self, path: Path, kernel: str, sys_dir: Path,
-                 stamp: Callable[[], str] | None = None) -> None:
+                 stamp: Callable[[], str] | None = None,
+                 cmdline: Callable[[], str] | None = None) -> None:
         self.path = path
         self.kernel = kernel
         self.sys_dir = sys_dir
         self._stamp = stamp
+        self._cmdline = cmdline
         self._lock = threading.Lock()
         self._modules: dict[str, tuple[float, tuple[str, ...], str | None, str | None]] = {}
         self._devices: dict[str, tuple[str, set[str]]] = {}
@@ -304,10 +324,14 @@ class LearnedOrder:
             learned = read(self.path, self.kernel)
             if self._stamp is None or learned.stamp is None or learned.stamp != self._stamp():
                 return []
+            learned.forget_options_changed_on(self._module_params())
             return learned.head_start(self._read_modalias, self._present)
         except Exception as exc:
             LOG.warning("no head start from %s: %s", self.path, exc)
             return []
+
+    def _module_params(self) -> dict[str, str]:
+        return module_params(self._cmdline() if self._cmdline is not None else "")
 
     def note_softdep(self, *, kind: str, key: str, devpath: str | None) -> None:
         """A request's plan had a softdep: its device is left out of the head start."""
@@ -342,12 +366,15 @@ class LearnedOrder:
             # Options resolved under another configuration are never inserted early.
             base.modules = {n: replace(t, options=None) for n, t in base.modules.items()}
             base.stamp = stamp
+        params = self._module_params()
+        base.forget_options_changed_on(params)
         for name, (init, deps, path, options) in modules.items():
             size, mtime = file_identity(path)
             base.modules[name] = ModuleTiming(init, deps, path, size, mtime, options)
         base.devices.update(devices)
         base.soft = (base.soft - devices.keys()) | soft
         base.soft &= base.devices.keys()
+        base.cmdline = {m: p for m, p in params.items() if m in base.modules}
         # Bounded whatever the machine: keep the heaviest.
         if len(base.devices) > MAX_DEVICES:
             keep = sorted(base.devices, key=base.weight, reverse=True)[:MAX_DEVICES]
@@ -399,16 +426,36 @@ def _identity_line(path: Path, base: Path) -> str:
     return f"{name} {st.st_mode:o} {st.st_size} {st.st_mtime_ns}"
 
 
+def module_params(cmdline: str) -> dict[str, str]:
+    """``MODULE.PARAM=VALUE`` words of a kernel command line by module (names
+    with '-' read as '_', as kmod does), ``modprobe.*`` words under "modprobe"."""
+    out: dict[str, list[str]] = {}
+    for word in cmdline.split():
+        key = word.split("=", 1)[0]
+        if "." not in key.strip("."):
+            continue
+        module = key.split(".", 1)[0].replace("-", "_")
+        out.setdefault(module, []).append(word)
+    return {m: " ".join(words) for m, words in out.items()}
+
+
+def read_cmdline(root: Root) -> str:
+    try:
+        return (root.proc / "cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def config_stamp(settings: Settings, version: str) -> str:
-    """The configuration a plan was resolved under: kernel command line, deny
-    lists, every modprobe.d file and the module indexes (by size and mtime)."""
+    """The configuration a plan was resolved under: the command line's modprobe.*
+    words (blacklist), deny lists, every modprobe.d file and the module indexes
+    (by size and mtime).  Other command-line words are compared module by
+    module (Learned.cmdline): a boot loader's or another module's word changes
+    nothing here."""
     root = settings.root_obj
     lines = [f"kernel {version}", "deny " + ",".join(settings.deny),
-             _identity_line(root.deny_file, root.base)]
-    try:
-        lines.append("cmdline " + (root.proc / "cmdline").read_text(errors="replace").strip())
-    except OSError:
-        lines.append("cmdline -")
+             _identity_line(root.deny_file, root.base),
+             "cmdline " + module_params(read_cmdline(root)).get("modprobe", "")]
     configs = [Path(p) for p in settings.modprobe_config] \
         if settings.modprobe_config is not None else root.modprobe_dirs()
     for config in configs:
@@ -429,7 +476,8 @@ def learned_order(settings: Settings) -> LearnedOrder:
     root = settings.root_obj
     version = settings.version or running_kernel_version(root)
     return LearnedOrder(root.state_dir / LEARNED_FILE, version, root.sys,
-                        stamp=lambda: config_stamp(settings, version))
+                        stamp=lambda: config_stamp(settings, version),
+                        cmdline=lambda: read_cmdline(root))
 
 
 def start_head_start(settings: Settings, kernel: Kernel) -> EarlyLoads | None:

@@ -513,6 +513,7 @@ class Service:
         slog(LOG, logging.INFO, "coldplug done%s",
              f": loaded {' '.join(loaded)}" if loaded else "")
         if self.early is not None:
+            slog(LOG, logging.INFO, "head start: %s", self.early.summary())
             unasked = self.early.untaken()
             if unasked:
                 # Only when the configuration changed in a way the stamp misses.

@@ -295,6 +295,11 @@ class UeventSource:
         except Exception as exc:  # hostile or undecodable properties
             self._reject("unreadable uevent", exc)
             return None
+        if isinstance(modalias, str) and modalias.endswith("\n"):
+            # The HD-audio bus formats its uevent's MODALIAS with the newline of
+            # its sysfs file (snd_hdac_codec_modalias); udev's kmod builtin still
+            # matches it ('*' matches the newline), so one trailing newline goes.
+            modalias = modalias[:-1]
         problem = check_modalias(modalias)
         if problem is not None:
             self.stats.rejected += 1

@@ -61,6 +61,7 @@ class EarlyLoads:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.kernel = kernel
         self.clock = clock
+        self.created = clock()
         self._modules = {m.name: m for m in modules}
         self._pending = [m.name for m in modules]
         self._running: set[str] = set()
@@ -172,6 +173,19 @@ class EarlyLoads:
         (a module coming or live by the head start is not "already loaded")."""
         with self._cond:
             return name in self._running or (name in self._results and name not in self._taken)
+
+    def summary(self) -> str:
+        """For the journal: what the head start did, timed from its creation."""
+        with self._cond:
+            results = list(self._results.values())
+        if not results:
+            return "nothing inserted"
+        inserted = sum(1 for r in results if r.inserted)
+        failed = sum(1 for r in results if r.error is not None)
+        first = min(r.started for r in results) - self.created
+        last = max(r.started + r.seconds for r in results) - self.created
+        return (f"{inserted} inserted, {len(results) - inserted - failed} already there, "
+                f"{failed} failed; syscalls from +{first:.2f} s to +{last:.2f} s")
 
     def untaken(self) -> list[str]:
         """Modules the head start inserted that no request of the daemon took."""

@@ -16,6 +16,7 @@ from kmodd.daemon.learned import (
     LearnedOrder,
     ModuleTiming,
     config_stamp,
+    module_params,
     read,
     start_head_start,
     write,
@@ -260,3 +261,37 @@ def test_the_stamp_names_files_relative_to_the_root(tree: Tree) -> None:  # noqa
     assert str(tree.root) not in stamp and "etc/modprobe.d/a.conf" in stamp
     os.utime(conf / "a.conf", ns=(0, 12345))
     assert config_stamp(tree.settings(), KERNEL) != stamp
+
+
+def test_command_line_words_count_only_for_their_own_module(tree: Tree) -> None:  # noqa: F811
+    cmdline = tree.root / "proc/cmdline"
+    cmdline.parent.mkdir(parents=True)
+    cmdline.write_text("root=/dev/vda quiet other.mailbox=/run/1\n")
+    tree.boot()
+    settings = tree.settings()
+    # A boot loader's word or another module's parameter changes nothing ...
+    cmdline.write_text("root=/dev/vda other.mailbox=/run/2 BOOT_IMAGE=/vmlinuz\n")
+    early = start_head_start(settings, sim_kernel(tree.base / "k4", GRAPH))
+    assert early is not None and early.names == set(GRAPH)
+    # ... a parameter of a module loaded early takes that module (and what
+    # needs it: the whole chain) out of the head start: kmod adds it to the options ...
+    cmdline.write_text("root=/dev/vda mid.debug=1\n")
+    early = start_head_start(settings, sim_kernel(tree.base / "k5", GRAPH))
+    assert early is not None and early.names == set(GRAPH) - {"core", "mid", "hba"}
+    # ... and modprobe.blacklist= stops it whole.
+    cmdline.write_text("root=/dev/vda modprobe.blacklist=nic\n")
+    assert start_head_start(settings, sim_kernel(tree.base / "k6", GRAPH)) is None
+
+
+def test_module_params_reads_words_as_kmod_does() -> None:
+    assert module_params("quiet snd-hda-intel.model=auto snd_hda_intel.x=1 a.b "
+                         "modprobe.blacklist=e1000 BOOT_IMAGE=/v root=UUID=1.2") == {
+        "snd_hda_intel": "snd-hda-intel.model=auto snd_hda_intel.x=1", "a": "a.b",
+        "modprobe": "modprobe.blacklist=e1000"}
+
+
+def test_the_summary_tells_what_the_head_start_did() -> None:
+    kernel = FakeKernel(fail={"b": E.ENOEXEC}, present={"c"})
+    early = EarlyLoads(kernel, [mod("a"), mod("b"), mod("c")], workers=1).start()  # type: ignore[arg-type]
+    assert early.wait(10)
+    assert early.summary().startswith("1 inserted, 1 already there, 1 failed; syscalls from +")

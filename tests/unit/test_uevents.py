@@ -153,6 +153,19 @@ def test_hostile_modalias(modalias: str, accepted: bool, caplog: pytest.LogCaptu
         assert max(len(r.getMessage()) for r in caplog.records) < 300
 
 
+def test_a_trailing_newline_in_modalias_is_the_kernels_own_and_dropped() -> None:
+    # hdaudio codecs: "MODALIAS=hdaudio:v1AF40022r00100101a01\n" in the uevent.
+    rec = Recorder()
+    source = UeventSource(rec.submit, Root(), monitor=FakeMonitor())
+    source.handle(FakeDevice("add", MODALIAS="hdaudio:v1AF40022r00100101a01\n",
+                             DEVPATH="/devices/pci0000:00/0000:00:06.0/hdaudioC2D0"))
+    assert [r.key for r in rec.requests] == ["hdaudio:v1AF40022r00100101a01"]
+    # Only one, and only at the end.
+    for bad in ("hdaudio:v1\n\n", "hdaudio:\nv1"):
+        source.handle(FakeDevice("add", MODALIAS=bad, DEVPATH="/devices/x"))
+    assert len(rec.requests) == 1 and source.stats.rejected == 2
+
+
 def test_bad_devpath_is_dropped_not_fatal() -> None:
     rec = Recorder()
     source = UeventSource(rec.submit, Root(), monitor=FakeMonitor())
