@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 
 from kmodd.cli.common import add_tree_options, tree_from_args
+from kmodd.record import asdict
 from kmodd.resolution.index import IndexCorrupt
 from kmodd.resolution.plan import Plan
 from kmodd.resolution.resolve import open_resolver

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from kmodd.daemon.requests import RequestKind, is_device_kind
 from kmodd.daemon.state import ModuleRecord, StateStore
 from kmodd.journal import log as slog
 from kmodd.kernel.protocol import InitState, Kernel
+from kmodd.record import dataclass, field
 
 LOG = logging.getLogger(__name__)
 

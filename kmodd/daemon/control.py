@@ -21,7 +21,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ from kmodd.daemon.client import (  # noqa: F401 (re-exported: the client used to
     Client,
     ControlError,
 )
+from kmodd.record import dataclass
 from kmodd.root import run_path
 
 LOG = logging.getLogger(__name__)

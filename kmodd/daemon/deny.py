@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import errno as errno_mod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from kmodd.daemon.state import write_atomically
 from kmodd.kernel.loader import StepResult, StepStatus
+from kmodd.record import dataclass
 from kmodd.resolution.names import modname_normalize
 from kmodd.resolution.plan import Plan, Role
 from kmodd.root import Root

@@ -28,11 +28,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kmodd.kernel.early import EarlyLoads, EarlyModule
+from kmodd.record import dataclass, replace
 
 if TYPE_CHECKING:
     from kmodd.daemon.settings import Settings

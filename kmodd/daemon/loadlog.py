@@ -18,9 +18,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kmodd.record import dataclass, field
 
 MAX_RECORDS = 4096     # a reply stays well under the control socket's 4 MiB
 

@@ -24,12 +24,12 @@ import logging
 import os
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from kmodd.daemon.report import DAEMON_LOGGER, slog
 from kmodd.daemon.requests import Request, RequestKind, Submit
+from kmodd.record import dataclass
 from kmodd.root import Root
 
 LOG = logging.getLogger(DAEMON_LOGGER)     # the daemon's lines keep their name (report.py)

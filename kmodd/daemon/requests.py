@@ -8,9 +8,10 @@ types; none of them needs the scheduler to name them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+
+from kmodd.record import dataclass
 
 if TYPE_CHECKING:       # the CLI imports this module: keep its start-up light
     from concurrent.futures import Future

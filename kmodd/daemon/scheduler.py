@@ -29,7 +29,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kmodd.daemon.interfaces import KernelState, Planner, StepLoader
@@ -45,6 +44,7 @@ from kmodd.daemon.requests import OUTCOME_STATUSES, Outcome, OutcomeStatus, Requ
 from kmodd.kernel.early import EarlyLoads
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import InitState
+from kmodd.record import dataclass, field, replace
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 
 LOG = logging.getLogger(__name__)

@@ -5,11 +5,10 @@ Flags win over the file; SIGHUP re-reads the file and keeps the flags.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from kmodd.daemon.limits import (
     MAX_KMOD_CONCURRENT,
@@ -17,8 +16,12 @@ from kmodd.daemon.limits import (
     RUNAWAY_WINDOW,
     default_max_workers,
 )
+from kmodd.record import dataclass, field, replace
 from kmodd.resolution.names import modname_normalize
 from kmodd.root import Root, run_path
+
+if TYPE_CHECKING:
+    import argparse
 
 DEFAULT_CONFIG = "/etc/kmodd.conf"
 # Drop-in directories, highest priority first, as systemd orders its own
@@ -167,6 +170,8 @@ def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     from kmodd.argparsing import VersionAction
 
     p = argparse.ArgumentParser(prog="kmodd",
@@ -228,7 +233,79 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flag_values(ns: argparse.Namespace) -> dict[str, Any]:
+# The daemon's usual command lines, read without argparse (0.4 MB of the idle
+# daemon with the shutil, bz2 and lzma its help formatter imports, and start-up
+# time): option -> (dest, kind).  Must say what build_parser says; help,
+# --version, errors and every unusual form (--opt=value, abbreviations, a value
+# starting with '-') are left to argparse (test_settings holds them together).
+_FAST_VALUES: dict[str, tuple[str, str]] = {
+    "--config": ("config_file", "str"), "--max-workers": ("max_workers", "int"),
+    "--autoclean-interval": ("autoclean_interval", "float"),
+    "--idle-timeout": ("idle_timeout", "float"),
+    "--never-unload": ("never_unload", "append"), "--socket": ("socket", "str"),
+    "--state-file": ("state_file", "str"), "--request-fifo": ("request_fifo", "str"),
+    "--root": ("root", "str"), "-d": ("modules_base", "str"),
+    "--dirname": ("modules_base", "str"), "-S": ("version", "str"),
+    "--set-version": ("version", "str"), "-C": ("modprobe_config", "append"),
+    "--modprobe-config": ("modprobe_config", "append"), "--kernel": ("kernel", "str"),
+    "--backoff-initial": ("backoff_initial", "float"),
+    "--backoff-max": ("backoff_max", "float"), "--runaway-limit": ("runaway_limit", "int"),
+    "--runaway-window": ("runaway_window", "float"), "--queue-limit": ("queue_limit", "int"),
+    "--deny": ("deny", "append"), "--log-level": ("log_level", "log_level"),
+    "--uevent-reader": ("uevent_reader", "uevent_reader"),
+}
+_FAST_FLAGS: dict[str, tuple[str, bool]] = {
+    "--show-config": ("show_config", True), "--no-coldplug": ("coldplug", False),
+    "--no-modules-load": ("modules_load", False), "--no-head-start": ("head_start", False),
+    "--journal": ("journal", True),
+    "--no-journal": ("journal", False),
+}
+_FAST_CHOICES = {"log_level": _LOG_LEVELS, "uevent_reader": UEVENT_READERS}
+
+
+def parse_fast(argv: Sequence[str]) -> SimpleNamespace | None:
+    """``argv`` parsed as build_parser() would, or None to leave it to argparse."""
+    ns = SimpleNamespace(**{dest: None for dest, _ in _FAST_VALUES.values()})
+    ns.show_config = False
+    ns.coldplug = ns.modules_load = ns.head_start = ns.journal = None
+    journal_flags: set[str] = set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in _FAST_FLAGS:
+            dest, flag = _FAST_FLAGS[arg]
+            setattr(ns, dest, flag)
+            if dest == "journal":
+                journal_flags.add(arg)
+            continue
+        spec = _FAST_VALUES.get(arg)
+        if spec is None or i >= len(argv) or argv[i].startswith("-"):
+            return None
+        dest, kind = spec
+        raw = argv[i]
+        i += 1
+        value: Any
+        if kind in ("int", "float"):
+            try:
+                value = int(raw) if kind == "int" else float(raw)
+            except ValueError:
+                return None
+        elif kind == "append":
+            value = [*(getattr(ns, dest) or ()), raw]
+        elif kind in _FAST_CHOICES:
+            if raw not in _FAST_CHOICES[kind]:
+                return None
+            value = raw
+        else:
+            value = raw
+        setattr(ns, dest, value)
+    if len(journal_flags) > 1:          # argparse's "not allowed with" error
+        return None
+    return ns
+
+
+def _flag_values(ns: argparse.Namespace | SimpleNamespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("max_workers", "autoclean_interval", "idle_timeout", "socket", "state_file",
                 "request_fifo", "root", "modules_base", "version", "coldplug", "kernel",
@@ -344,7 +421,12 @@ def show_config(settings: Settings, sources: dict[str, str]) -> str:
 
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, SettingsSource]:
     """Parse flags and the file; raises SettingsError (argparse exits on bad flags)."""
-    ns = build_parser().parse_args(argv)
+    if argv is None:
+        import sys
+        argv = sys.argv[1:]
+    ns: argparse.Namespace | SimpleNamespace | None = parse_fast(argv)
+    if ns is None:
+        ns = build_parser().parse_args(argv)
     source = SettingsSource(_flag_values(ns), show=bool(ns.show_config))
     return source.load(), source
 

@@ -8,23 +8,41 @@ else's).  Written atomically: temporary file, fsync, rename.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from kmodd.journal import log as slog
+from kmodd.record import dataclass, replace
 
 LOG = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-_TMP_PREFIX = ".state."     # tempfile.mkstemp prefix of a save in progress
+_TMP_PREFIX = ".state."     # name prefix of a save in progress
+
+# Temporary names: prefix + pid + a counter.  Not tempfile.mkstemp: it imports
+# shutil, random, bz2 and lzma (about 1 MB of the idle daemon) for a name.
+_tmp_counter = itertools.count()
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+_TMP_TRIES = 100
+
+
+def _create_temporary(directory: Path, prefix: str) -> tuple[int, str]:
+    """A new file, mode 0600, beside the target: O_EXCL as mkstemp does, so a
+    name left by an earlier process of the same pid is skipped, never reused."""
+    for _ in range(_TMP_TRIES):
+        tmp = f"{directory}/{prefix}{os.getpid()}.{next(_tmp_counter)}"
+        try:
+            return os.open(tmp, _TMP_FLAGS, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free temporary name after {_TMP_TRIES} tries")
 
 
 def write_atomically(path: Path, data: bytes, *, mode: int, prefix: str,
@@ -33,14 +51,14 @@ def write_atomically(path: Path, data: bytes, *, mode: int, prefix: str,
     or the new one, never half of one.  ``durable``: fsync the file before the
     rename and the directory after it (the rename is only durable then)."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    fd, tmp = _create_temporary(path.parent, prefix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+            os.fchmod(f.fileno(), mode)      # whatever the umask, as before
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

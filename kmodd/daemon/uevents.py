@@ -29,12 +29,12 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kmodd.daemon.requests import Outcome, OutcomeStatus, Request, RequestKind, Submit
 from kmodd.journal import log
+from kmodd.record import dataclass, field
 from kmodd.root import Root
 
 LOG = logging.getLogger(__name__)

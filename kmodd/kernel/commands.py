@@ -26,7 +26,8 @@ reaches the shell as the ``MODPROBE_MODULE`` environment variable.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+from kmodd.record import dataclass
 
 SHELL = "/bin/sh"
 DEFAULT_TIMEOUT = 120.0

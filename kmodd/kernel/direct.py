@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import errno as E
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from kmodd.kernel.loader import Loader, StepResult, StepStatus, describe_failure
 from kmodd.kernel.protocol import Kernel
 from kmodd.modfile.params import check_params
+from kmodd.record import dataclass, field
 from kmodd.resolution.names import modname_normalize
 from kmodd.resolution.plan import ModuleStep, Plan
 from kmodd.root import Root

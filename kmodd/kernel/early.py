@@ -22,9 +22,9 @@ import errno as E
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from kmodd.kernel.protocol import Kernel, KernelError
+from kmodd.record import dataclass
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
 
 from kmodd.journal import NOTICE, journal_fields
 from kmodd.kernel import commands, errors
 from kmodd.kernel.early import EarlyLoads
 from kmodd.kernel.protocol import InitState, Kernel, KernelError
+from kmodd.record import dataclass
 from kmodd.resolution.plan import ModuleStep, Plan, Role
 
 LOG = logging.getLogger(__name__)

@@ -23,8 +23,9 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from kmodd.record import dataclass, field
 
 _RTM_GETLINK = 18
 _RTM_NEWLINK = 16

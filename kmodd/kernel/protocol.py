@@ -8,9 +8,10 @@ syscall or reads /proc/modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
+
+from kmodd.record import dataclass
 
 
 class InitState(StrEnum):

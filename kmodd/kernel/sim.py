@@ -22,10 +22,10 @@ import shlex
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodd.kernel.real import MODULE_INIT_COMPRESSED_FILE, SyscallKernel
+from kmodd.record import dataclass, field
 from kmodd.resolution.plan import Plan
 from kmodd.root import Root
 

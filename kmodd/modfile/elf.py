@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass, field
 
 from kmodd.modfile import ModuleFileError, read_module_image
 from kmodd.modfile.signature import SignatureInfo, read_signature
+from kmodd.record import dataclass, field
 from kmodd.resolution.names import modname_normalize
 
 __all__ = ["ModuleFileError", "ModuleInfo", "Param", "merge_params", "modinfo_from_image",

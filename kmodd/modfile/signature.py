@@ -16,7 +16,8 @@ which is what kmod (built with OpenSSL) prints as ``signer``, ``sig_key`` and
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from kmodd.record import dataclass
 
 SIG_MAGIC = b"~Module signature appended~\n"
 _TRAILER = struct.Struct(">BBBBB3xI")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kmodd.record import dataclass, field
 from kmodd.resolution import aliasmatch
 from kmodd.resolution.names import alias_normalize, is_glob
 from kmodd.root import Root

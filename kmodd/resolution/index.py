@@ -15,10 +15,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from kmodd.record import dataclass
 from kmodd.resolution import aliasmatch, index_cache
 from kmodd.resolution.aliasmatch import WildIndex, depmod_values
 from kmodd.resolution.index_bin import BinIndex, IndexCorrupt, key_bytes_str

@@ -14,9 +14,9 @@ key.  :class:`_Mod` models exactly that.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
 from typing import NamedTuple, TypeVar
 
+from kmodd.record import dataclass, replace
 from kmodd.resolution.config import ModprobeConfig, compile_glob, load_config
 from kmodd.resolution.index import DepEntry, ModuleTree
 from kmodd.resolution.names import alias_normalize_or_none, is_glob

@@ -7,7 +7,6 @@ import errno as E
 import os
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from kmodd.daemon.learned import (
 from kmodd.kernel.early import EarlyLoads, EarlyModule
 from kmodd.kernel.loader import Loader, StepStatus
 from kmodd.kernel.protocol import KernelError
+from kmodd.record import replace
 from kmodd.resolution.plan import ModuleStep, Role
 from tests.unit.daemon_fakes import sim_kernel
 from tests.unit.test_learned import DEVICES, GRAPH, KERNEL, Tree, tree  # noqa: F401

@@ -1,6 +1,6 @@
 """The package's layers: a lower layer never imports a higher one.
 
-    top level   kmodd, kmodd.root, kmodd.journal, kmodd.argparsing
+    top level   kmodd, kmodd.root, kmodd.journal, kmodd.argparsing, kmodd.record
     resolution  names, patterns, indexes, modprobe.d, plans (pure)
     modfile     codecs, ELF, signature, parameters
     kernel      the kernel interface, its implementations, the loader
@@ -79,7 +79,7 @@ def test_no_lower_layer_imports_a_higher_one() -> None:
 
 def test_every_module_is_in_a_layer_package_or_the_top_level() -> None:
     top = {p.stem for p in PACKAGE.glob("*.py")}
-    assert top == {"__init__", "root", "journal", "argparsing"}, (
+    assert top == {"__init__", "root", "journal", "argparsing", "record"}, (
         "a new module belongs in one of the layer packages: " + ", ".join(LAYERS))
     assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} == set(LAYERS)
 

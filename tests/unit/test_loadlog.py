@@ -3,7 +3,6 @@ critical chain, and the ``loads`` control operation behind kmodctl."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kmodd import record
 from kmodd.daemon.loadlog import Histogram, LoadLog, LoadRecord, blame, critical_chain
 from kmodd.daemon.requests import Request
 from kmodd.daemon.scheduler import Scheduler
@@ -107,7 +107,7 @@ class HeldLoader:
         if step.name == "late":
             assert self.returned.wait(10)   # returns just after the one it waited for
             time.sleep(0.002)
-        out = dataclasses.replace(res, seconds=time.monotonic() - started)
+        out = record.replace(res, seconds=time.monotonic() - started)
         if step.name == "b":
             self.returned.set()
         return out

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kmodd.daemon import settings as settings_mod
 from kmodd.daemon.limits import MAX_KMOD_CONCURRENT
 from kmodd.daemon.settings import Settings, SettingsError, parse_settings
 
@@ -191,3 +192,47 @@ def test_uevent_reader_from_file_and_flag(tmp_path: Path) -> None:
     assert s.uevent_reader == "netlink"
     with pytest.raises(SettingsError, match="uevent_reader must be one of netlink, pyudev"):
         parse_settings(["--config", write(tmp_path, 'uevent_reader = "libudev"\n')])
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--no-journal"], ["--journal", "--journal"], ["--show-config"],
+    ["--kernel", "sim:/tmp/x", "--root", "/tmp/x", "-d", "/", "-S", "9.9.9-test",
+     "--no-journal", "--autoclean-interval", "0"],
+    ["--config", "/etc/k.conf", "--max-workers", "4", "--idle-timeout", "2.5",
+     "--never-unload", "a,b", "--never-unload", "c-d", "--deny", "x", "-C", "/e/m.d",
+     "--modprobe-config", "/e/n.conf", "--no-coldplug", "--no-modules-load", "--no-head-start",
+     "--log-level", "debug", "--uevent-reader", "pyudev", "--queue-limit", "9",
+     "--runaway-limit", "3", "--runaway-window", "1e1", "--backoff-initial", "0",
+     "--backoff-max", "nan", "--socket", "/s", "--state-file", "/st", "--request-fifo", "/f",
+     "--dirname", "/b", "--set-version", "v", "--max-workers", "5"],
+    ["--root", ""],
+])
+def test_fast_parse_agrees_with_argparse(argv: list[str]) -> None:
+    fast = settings_mod.parse_fast(argv)
+    assert fast is not None
+    slow = settings_mod.build_parser().parse_args(argv)
+    # By their text: NaN is never equal to itself.
+    assert {k: repr(v) for k, v in vars(fast).items()} == \
+        {k: repr(v) for k, v in vars(slow).items()}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["-h"], ["--version"], ["--max-workers"], ["--max-workers", "many"],
+    ["--max-workers=4"], ["--max-work", "4"], ["--log-level", "loud"],
+    ["--uevent-reader", "libudev"], ["--journal", "--no-journal"], ["--root", "-x"],
+    ["--idle-timeout", "-1"], ["stray"], ["--", "--root"], ["--kernel"],
+])
+def test_fast_parse_leaves_help_errors_and_unusual_forms_to_argparse(argv: list[str]) -> None:
+    assert settings_mod.parse_fast(argv) is None
+
+
+def test_unusual_forms_still_work_or_fail_as_before(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    s, _ = parse_settings([f"--root={tmp_path}", "--max-work", "3"])   # argparse's forms
+    assert s.root == str(tmp_path) and s.max_workers == 3
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--root", str(tmp_path), "--journal", "--no-journal"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--help"])
+    assert exc.value.code == 0 and "--max-workers" in capsys.readouterr().out

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
+from kmodd.daemon import state
 from kmodd.daemon.state import ModuleRecord, StateStore
 
 
@@ -91,7 +94,7 @@ def test_records_are_copies(tmp_path: Path) -> None:
 
 
 def test_every_field_is_persisted() -> None:
-    from dataclasses import fields
+    from kmodd.record import fields
     r = rec("m", via=("x",), idle_since=3.0, idle_sweeps=2, role="dependency")
     assert set(r.to_dict()) == {f.name for f in fields(ModuleRecord)}
     assert ModuleRecord.from_dict(json.loads(json.dumps(r.to_dict()))) == r
@@ -179,3 +182,46 @@ def test_state_file_is_readable_by_root_only(tmp_path: Path) -> None:
     store.record(rec("a"))
     store.save()
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_atomic_write_skips_a_taken_name_and_keeps_its_mode_whatever_the_umask(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A temporary name left by an earlier process with the same pid is never
+    written through (O_EXCL, as mkstemp); the mode is set, not masked."""
+    monkeypatch.setattr(state, "_tmp_counter", itertools.count())
+    taken = tmp_path / f".x.{os.getpid()}.0"
+    taken.write_text("someone else's")
+    old = os.umask(0o077)
+    try:
+        state.write_atomically(tmp_path / "out", b"data", mode=0o644, prefix=".x.")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").read_bytes() == b"data"
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o644
+    assert taken.read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken.name, "out"]
+
+
+def test_atomic_write_through_a_planted_symlink_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state, "_tmp_counter", itertools.count())
+    monkeypatch.setattr(state, "_TMP_TRIES", 1)
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / f".x.{os.getpid()}.0").symlink_to(victim)
+    with pytest.raises(FileExistsError, match="no free temporary name"):
+        state.write_atomically(tmp_path / "out", b"data", mode=0o644, prefix=".x.")
+    assert victim.read_text() == "keep" and not (tmp_path / "out").exists()
+
+
+def test_failed_atomic_write_leaves_the_old_file_and_no_temporary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out"
+    target.write_bytes(b"old")
+
+    def no_rename(src: str, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(state.os, "replace", no_rename)
+    with pytest.raises(OSError, match="No space"):
+        state.write_atomically(target, b"new", mode=0o644, prefix=".x.")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and target.read_bytes() == b"old"
