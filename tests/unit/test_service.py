@@ -277,7 +277,14 @@ def test_ready_after_coldplug_is_queued_and_settle_waits_for_it(env: Env) -> Non
     assert queued.is_set() and svc.coldplug_state == "running"
     with Client(env.sock, timeout=10) as c:
         assert c.settle(0)["settled"] is False
-        assert c.settle(0.05)["settled"] is False           # times out, answered
+        timed_out = c.settle(0.05)                          # times out, answered
+        assert timed_out["settled"] is False and timed_out["coldplug"] == "running"
+        # ... naming what it still waits for.
+        [req] = timed_out["waiting"]["requests"]
+        assert (req["kind"], req["key"]) == ("coldplug", "pci:v8086d100E")
+        assert "nic" in req["waiting_for"]
+        assert timed_out["waiting"]["loads"]["running"] == ["nic"]
+        assert [r["key"] for r in c.status()["waiting"]["requests"]] == ["pci:v8086d100E"]
         waiter = Client(env.sock, timeout=10)
         waiter.send({"op": "settle", "timeout": 30})
         env.loader.release()
@@ -898,3 +905,24 @@ def test_the_uevent_source_reads_with_the_configured_reader(
     factories = svc._default_sources()
     factories[0](lambda request: None)
     assert made == [reader]
+
+
+def test_kmodctl_settle_timeout_names_what_is_still_pending(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    from kmodd.cli import kmodctl
+    svc = env.service(gated=("nic",))
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    try:
+        fut = svc.submit(Request("modalias", "pci:v8086d100E", "/devices/pci0/0000:00:03.0"))
+        assert env.loader.entered["nic"].wait(10)
+        assert kmodctl.main(["settle", "--timeout", "0.05", "--socket", str(env.sock)]) == 1
+        err = capsys.readouterr().err
+        assert "timed out after 0.05s (1 pending" in err
+        assert "modalias pci:v8086d100E: loading for " in err and "waiting for nic" in err
+        assert "loads running: nic" in err
+        env.loader.release()
+        assert fut.result(10).status == "loaded"
+    finally:
+        env.loader.release()
+        stop(svc, t, rc)
