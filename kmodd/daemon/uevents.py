@@ -409,7 +409,7 @@ class ColdplugResult:
 
 
 def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
-             max_iterations: int = 16,
+             max_iterations: int = 16, report_every: float = 30.0,
              on_queued: Callable[[int], None] | None = None,
              seen: set[str] | None = None,
              first: Iterable[tuple[str, str]] = ()) -> ColdplugResult:
@@ -426,7 +426,9 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
     already handled (a later ``kmodctl reload`` walks again without
     re-asking).  ``first`` lists ``(devpath, modalias)`` pairs submitted
     before the first walk, in that order (the learned order,
-    kmodd.daemon.learned).  Runs in a thread of its own: it waits on futures.
+    kmodd.daemon.learned).  Runs in a thread of its own: it waits on futures;
+    every ``report_every`` seconds of waiting, the journal hears which
+    requests it still waits for (a stuck load is named, not just slow).
     """
     start = time.monotonic()
     deadline = start + settle_timeout
@@ -437,6 +439,7 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
     while result.iterations < max_iterations:
         result.iterations += 1
         futures: list[Future[Outcome]] = []
+        asked_for: dict[Future[Outcome], Request] = {}
         devices = 0
         found: Iterable[tuple[str, str, bool]] = (
             (d, m, True) for d, m in walk_modaliases(root.sys))
@@ -457,11 +460,13 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
             request = Request(kind=RequestKind.COLDPLUG, key=modalias, devpath=devpath,
                               requested_by="coldplug")
             try:
-                futures.append(submit(request))
+                fut = submit(request)
             except Exception as exc:
                 log(LOG, logging.ERROR, "cannot queue %s: %s", modalias, exc,
                     modalias=modalias, devpath=devpath, requested_by="coldplug")
                 continue
+            futures.append(fut)
+            asked_for[fut] = request
             result.submitted += 1
         result.devices = devices
         if not notified:
@@ -471,12 +476,19 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
         if not futures:
             break
         pending = set(futures)
+        report_at = time.monotonic() + report_every
         while pending:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 result.timed_out = True
+                _log_waiting(pending, asked_for, now - start, timed_out=True)
                 break
-            done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+            if now >= report_at:
+                _log_waiting(pending, asked_for, now - start, timed_out=False)
+                report_at = now + report_every
+            done, pending = wait(pending, timeout=min(remaining, report_at - now),
+                                 return_when=FIRST_COMPLETED)
             for future in done:
                 try:
                     outcome = future.result()
@@ -488,3 +500,16 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
             break
     result.elapsed = time.monotonic() - start
     return result
+
+
+def _log_waiting(pending: Iterable[Future[Outcome]], asked_for: dict[Future[Outcome], Request],
+                 elapsed: float, *, timed_out: bool) -> None:
+    """Name the requests coldplug still waits for (at most a dozen of them)."""
+    keys = sorted(f"{r.key} ({r.devpath})" if r.devpath else r.key
+                  for r in (asked_for[f] for f in pending if f in asked_for))
+    shown = ", ".join(_shown(k, 160) for k in keys[:12])
+    more = f" and {len(keys) - 12} more" if len(keys) > 12 else ""
+    log(LOG, logging.WARNING,
+        "coldplug %s after %.0fs; %d request(s) unanswered: %s%s",
+        "gave up waiting" if timed_out else "still waiting", elapsed, len(keys), shown, more,
+        requested_by="coldplug")
