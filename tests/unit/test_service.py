@@ -356,6 +356,33 @@ def test_watchdog_pings_and_status_line(env: Env) -> None:
     stop(svc, t, rc)
 
 
+def test_ready_and_status_a_busy_manager_missed_are_sent_at_the_next_tick(env: Env) -> None:
+    """notify never waits (a full notify socket); what it could not send then is
+    sent at the next status tick, and nothing of the loop waits meanwhile."""
+    class Busy(Notifier):
+        full = True
+
+        def __call__(self, **fields: object) -> bool:
+            if self.full:
+                return False
+            return super().__call__(**fields)
+
+    notifier = Busy()
+    svc = env.service(notify=notifier)
+    try:
+        svc.start()
+        assert svc.ready and notifier.messages == []
+        svc._send_status()                      # still full: nothing lost, nothing sent
+        notifier.full = False
+        svc._send_status()
+        [ready] = notifier.messages
+        assert ready["READY"] == 1 and "loaded by kmodd" in str(ready["STATUS"])
+        svc._send_status()                      # sent once, and the same status not again
+        assert len(notifier.messages) == 1
+    finally:
+        svc._cleanup()
+
+
 def test_autoclean_timer_unloads_idle_modules_it_loaded(env: Env) -> None:
     unloaded = threading.Event()
     svc = env.service(autoclean_interval=0.05, idle_timeout=0.0)
