@@ -409,6 +409,53 @@ class ColdplugResult:
         return list(seen)
 
 
+def _submit_found(found: Iterable[tuple[str, str, bool]], asked: set[str], submit: Submit,
+                  result: ColdplugResult, limiter: _Limiter) -> list[Future[Outcome]]:
+    """Submit each modalias of one walk not asked for before; ``result.devices``
+    counts the walked devices (not the ``first`` ones submitted ahead)."""
+    futures: list[Future[Outcome]] = []
+    devices = 0
+    for devpath, modalias, walked in found:
+        devices += walked
+        if modalias in asked:
+            continue
+        asked.add(modalias)
+        problem = check_modalias(modalias)
+        if problem is not None:
+            result.rejected += 1
+            if limiter.allow():
+                log(LOG, logging.WARNING, "ignoring bad modalias %s: %s",
+                    _shown(modalias), problem, devpath=devpath, requested_by="coldplug")
+            continue
+        request = Request(kind=RequestKind.COLDPLUG, key=modalias, devpath=devpath,
+                          requested_by="coldplug")
+        try:
+            futures.append(submit(request))
+        except Exception as exc:
+            log(LOG, logging.ERROR, "cannot queue %s: %s", modalias, exc,
+                modalias=modalias, devpath=devpath, requested_by="coldplug")
+            continue
+        result.submitted += 1
+    result.devices = devices
+    return futures
+
+
+def _collect(futures: list[Future[Outcome]], deadline: float, result: ColdplugResult) -> bool:
+    """Wait for one walk's outcomes into ``result``; False when the deadline came first."""
+    pending = set(futures)
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+        for future in done:
+            try:
+                result.outcomes.append(future.result())
+            except Exception as exc:
+                log(LOG, logging.ERROR, "coldplug request failed: %s", exc)
+    return True
+
+
 def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
              max_iterations: int = 16,
              on_queued: Callable[[int], None] | None = None,
@@ -434,58 +481,19 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
     result = ColdplugResult()
     asked = seen if seen is not None else set()
     limiter = _Limiter()
-    notified = False
     while result.iterations < max_iterations:
         result.iterations += 1
-        futures: list[Future[Outcome]] = []
-        devices = 0
         found: Iterable[tuple[str, str, bool]] = (
             (d, m, True) for d, m in walk_modaliases(root.sys))
         if result.iterations == 1:
             found = itertools.chain(((d, m, False) for d, m in first), found)
-        for devpath, modalias, walked in found:
-            devices += walked
-            if modalias in asked:
-                continue
-            asked.add(modalias)
-            problem = check_modalias(modalias)
-            if problem is not None:
-                result.rejected += 1
-                if limiter.allow():
-                    log(LOG, logging.WARNING, "ignoring bad modalias %s: %s",
-                        _shown(modalias), problem, devpath=devpath, requested_by="coldplug")
-                continue
-            request = Request(kind=RequestKind.COLDPLUG, key=modalias, devpath=devpath,
-                              requested_by="coldplug")
-            try:
-                futures.append(submit(request))
-            except Exception as exc:
-                log(LOG, logging.ERROR, "cannot queue %s: %s", modalias, exc,
-                    modalias=modalias, devpath=devpath, requested_by="coldplug")
-                continue
-            result.submitted += 1
-        result.devices = devices
-        if not notified:
-            notified = True
-            if on_queued is not None:
-                on_queued(len(futures))
+        futures = _submit_found(found, asked, submit, result, limiter)
+        if result.iterations == 1 and on_queued is not None:
+            on_queued(len(futures))
         if not futures:
             break
-        pending = set(futures)
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                result.timed_out = True
-                break
-            done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
-            for future in done:
-                try:
-                    outcome = future.result()
-                except Exception as exc:
-                    log(LOG, logging.ERROR, "coldplug request failed: %s", exc)
-                    continue
-                result.outcomes.append(outcome)
-        if result.timed_out:
+        if not _collect(futures, deadline, result):
+            result.timed_out = True
             break
     result.elapsed = time.monotonic() - start
     return result
