@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, Request
 from kmodd.daemon.settings import Settings
 from kmodd.kernel.sim import SimKernel, _rmtree
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from bench_burst import BenchSimKernel, FakeMonitor, RssSampler, choose_modaliases, uevent
 
-from kmodd.daemon.scheduler import Outcome, Request
+from kmodd.daemon.requests import Outcome, Request
 from kmodd.daemon.settings import Settings
 from tests.hostile import Flood
 

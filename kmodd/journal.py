@@ -127,7 +127,15 @@ def log(logger: logging.Logger, level: int, msg: str, *args: object, **fields: A
 
     The fields become journal fields (``journalctl -u kmodd MODULE=e1000``)
     and are appended to the line on stderr.
+
+    Never raises: a field that cannot be encoded must not cost the line, let
+    alone the caller (a worker, the event loop).
     """
     if not logger.isEnabledFor(level):
         return
-    logger.log(level, msg, *args, extra=journal_fields(**fields))
+    try:
+        logger.log(level, msg, *args, extra=journal_fields(**fields))
+    except Exception:
+        import contextlib  # only on this path: importing kmodd.journal stays cheap
+        with contextlib.suppress(Exception):
+            logger.log(level, msg, *args)

@@ -30,7 +30,7 @@ from typing import Any
 
 from kmodd.daemon.requests import RequestKind, is_device_kind
 from kmodd.daemon.state import ModuleRecord, StateStore
-from kmodd.journal import log as slog
+from kmodd.journal import log
 from kmodd.kernel.protocol import InitState, Kernel
 from kmodd.record import dataclass, field
 
@@ -336,7 +336,7 @@ class Autoclean:
             if self.state.forget_if(name, records[name].loaded_at):
                 report.forgotten.append(name)
         for name in decision.reloaded:
-            slog(LOG, logging.INFO, "autoclean: %s was unloaded and loaded again by someone "
+            log(LOG, logging.INFO, "autoclean: %s was unloaded and loaded again by someone "
                  "else; it is not kmodd's any more", name, module=name)
         for name, (since, count) in decision.idle.items():
             self.state.set_idle(name, records[name].loaded_at, since, count)

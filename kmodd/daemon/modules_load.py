@@ -27,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmodd.daemon.report import DAEMON_LOGGER, slog
+from kmodd.daemon.report import DAEMON_LOGGER
 from kmodd.daemon.requests import Request, RequestKind, Submit
+from kmodd.journal import log
 from kmodd.record import dataclass
 from kmodd.root import Root
 
@@ -229,16 +230,16 @@ class BootLoads:
         except Exception as exc:    # unreadable lists: systemd-modules-load does them
             # No marker: systemd-modules-load.service (kmodd-takeover's
             # drop-in) then loads the lists itself.
-            slog(LOG, logging.ERROR, "cannot read modules-load.d: %s; leaving the lists "
+            log(LOG, logging.ERROR, "cannot read modules-load.d: %s; leaving the lists "
                  "to systemd-modules-load", exc)
             return
         self.set_served(True)
         for problem in problems:
-            slog(LOG, logging.WARNING, "modules-load.d: %s: %s", problem.source,
+            log(LOG, logging.WARNING, "modules-load.d: %s: %s", problem.source,
                  problem.message)
         if not listed:
             return
-        slog(LOG, logging.INFO, "loading %d module(s) listed for boot: %s", len(listed),
+        log(LOG, logging.INFO, "loading %d module(s) listed for boot: %s", len(listed),
              " ".join(m.name for m in listed))
         self._mark("modules-load-start")
         self.pending = len(listed)
@@ -257,7 +258,7 @@ class BootLoads:
             else:
                 self.marker.unlink(missing_ok=True)
         except OSError as exc:
-            slog(LOG, logging.WARNING, "cannot %s %s: %s", "create" if on else "remove",
+            log(LOG, logging.WARNING, "cannot %s %s: %s", "create" if on else "remove",
                  self.marker, exc)
 
     def _one_done(self) -> None:
@@ -270,7 +271,7 @@ class BootLoads:
 
     def _waited_enough(self) -> None:
         if self.pending > 0:
-            slog(LOG, logging.WARNING, "modules listed for boot still loading after %gs; "
+            log(LOG, logging.WARNING, "modules listed for boot still loading after %gs; "
                  "ready anyway", self.READY_WAIT)
             self.pending = 0
             self._on_done()

@@ -19,9 +19,10 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from kmodd.daemon.control import Connection, Operation, error_reply
-from kmodd.daemon.report import DAEMON_LOGGER, redact_error, redact_requester, slog
+from kmodd.daemon.report import DAEMON_LOGGER, redact_error, redact_requester
 from kmodd.daemon.requests import Outcome, Request, RequestKind
 from kmodd.daemon.state import ModuleRecord
+from kmodd.journal import log
 from kmodd.kernel.protocol import InitState
 from kmodd.resolution.names import modname_normalize
 
@@ -201,7 +202,7 @@ class ControlOps:
         except OSError as exc:
             return error_reply(f"cannot write {self.svc.deny.path}: {exc.strerror or exc}", "EIO")
         if changed:
-            slog(LOG, logging.INFO, "%s %s (%s)", "denied" if deny else "allowed again", name,
+            log(LOG, logging.INFO, "%s %s (%s)", "denied" if deny else "allowed again", name,
                  self.svc.deny.path, module=name)
         out: dict[str, Any] = {"ok": True, "module": name, "changed": changed,
                                "denied": self.svc.deny.reason(name) is not None,
@@ -280,7 +281,7 @@ class ControlOps:
             problem = check_name(name)
             if problem is not None:
                 # What the request FIFO answers too: refused, under kind kernel.
-                slog(LOG, logging.WARNING, "kernel request refused: %s", problem,
+                log(LOG, logging.WARNING, "kernel request refused: %s", problem,
                      request=name[:80], requested_by="kernel")
                 return error_reply(f"kernel request refused: {problem}", "EINVAL")
         if kind == "admin" and options:

@@ -9,7 +9,6 @@ peers.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import re
@@ -19,7 +18,7 @@ from typing import Any
 
 from kmodd.daemon.control import Connection
 from kmodd.daemon.requests import Outcome, OutcomeStatus, Request, RequestKind
-from kmodd.journal import log as journal_log
+from kmodd.journal import log
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.resolution.plan import ModuleStep
 
@@ -28,16 +27,6 @@ from kmodd.resolution.plan import ModuleStep
 # stderr line ("kmodd.daemon.service: INFO: loaded ...") and tools match it.
 DAEMON_LOGGER = "kmodd.daemon.service"
 LOG = logging.getLogger(DAEMON_LOGGER)
-
-
-def slog(logger: logging.Logger, level: int, msg: str, *args: object, **fields: Any) -> None:
-    """Structured log line (journal fields MODULE=, DEVPATH=...), never raising:
-    a field that cannot be encoded must not cost the line, let alone a handler."""
-    try:
-        journal_log(logger, level, msg, *args, **fields)
-    except Exception:
-        with contextlib.suppress(Exception):
-            logger.log(level, msg, *args)
 
 
 class OutcomeReporter:
@@ -68,12 +57,12 @@ class OutcomeReporter:
             return False
         with self._log_lock:
             self._logged_failures.pop(step.name, None)
-        slog(self.log, logging.INFO, "loaded %s for %s%s", step.name, request.key,
+        log(self.log, logging.INFO, "loaded %s for %s%s", step.name, request.key,
              f" in {usec / 1000:.0f} ms" if usec is not None else "", **fields)
         return True
 
     def runaway(self, key: str, request: Request) -> None:
-        slog(self.log, logging.WARNING,
+        log(self.log, logging.WARNING,
              "runaway: requests for %s keep arriving; refusing them until they calm down",
              key, module=key, requested_by=request.requested_by, devpath=request.devpath)
 
@@ -90,7 +79,7 @@ class OutcomeReporter:
         # routine for hotplug and coldplug (udev logs it at debug too).
         routine = errno_ in (errno.ENODEV, errno.ENXIO) and req.kind.is_device
         level = logging.DEBUG if repeat else logging.INFO if routine else logging.WARNING
-        slog(self.log, level, "cannot load %s: %s", what, error, **{**fields, "errno": errno_})
+        log(self.log, level, "cannot load %s: %s", what, error, **{**fields, "errno": errno_})
 
     def outcome(self, outcome: Outcome) -> None:
         """Worker thread: one journal line per request outcome."""
@@ -103,27 +92,27 @@ class OutcomeReporter:
         status = outcome.status
         if status is OutcomeStatus.LOADED:
             # Each module was logged as it went in (module_result).
-            slog(self.log, logging.DEBUG, "%s: loaded %s", req.key, " ".join(outcome.modules),
+            log(self.log, logging.DEBUG, "%s: loaded %s", req.key, " ".join(outcome.modules),
                  **fields)
         elif status == "failed" and (outcome.error or "").startswith("refused: "):
             self.module_failure(" ".join(outcome.failed) or req.key, req,
                                      outcome.error or "refused", outcome.errno, fields)
         elif status == "failed" and outcome.failed:
             # Each failing module was logged as it failed (module_result).
-            slog(self.log, logging.DEBUG, "%s: failed (%s)", req.key, outcome.error, **fields)
+            log(self.log, logging.DEBUG, "%s: failed (%s)", req.key, outcome.error, **fields)
         elif status == "failed":
             self.module_failure(" ".join(outcome.modules) or req.key, req,
                                      outcome.error or "failed", outcome.errno, fields)
         elif status == "runaway":
-            slog(self.log, logging.DEBUG, "runaway request %s refused", req.key, **fields)
+            log(self.log, logging.DEBUG, "runaway request %s refused", req.key, **fields)
         elif req.kind is RequestKind.MODULES_LOAD and status in ("unresolved", "blacklisted"):
             # systemd-modules-load: "Failed to find module" is an error; a
             # blacklisted one is only noted ("is deny-listed (by kmod)").
             what = "not found" if status == "unresolved" else "blacklisted, not loaded"
-            slog(self.log, logging.ERROR if status == "unresolved" else logging.INFO,
+            log(self.log, logging.ERROR if status == "unresolved" else logging.INFO,
                  "module %s listed in %s: %s", req.key, req.requested_by, what, **fields)
         else:
-            slog(self.log, logging.DEBUG, "%s: %s%s", req.key, status,
+            log(self.log, logging.DEBUG, "%s: %s%s", req.key, status,
                  f" ({outcome.error})" if outcome.error else "", **fields)
 
     # --- the loop thread --------------------------------------------------------

@@ -47,11 +47,12 @@ from kmodd.daemon.modules_load import (
     ListProblem,
 )
 from kmodd.daemon.operations import ControlOps
-from kmodd.daemon.report import OutcomeReporter, slog
+from kmodd.daemon.report import OutcomeReporter
 from kmodd.daemon.requests import Outcome, Request, Submit
 from kmodd.daemon.scheduler import BackoffPolicy, Scheduler
 from kmodd.daemon.settings import Settings, SettingsError, SettingsSource
 from kmodd.daemon.state import ModuleRecord, StateSaver, StateStore
+from kmodd.journal import log
 from kmodd.kernel.early import EarlyLoads
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import Kernel
@@ -206,14 +207,14 @@ class Service:
         try:
             return self.resolver_factory(settings)
         except Exception as exc:    # any bad index or config: serve errors, wait for a reload
-            slog(LOG, logging.ERROR, "cannot read the module tree or configuration: %s", exc)
+            log(LOG, logging.ERROR, "cannot read the module tree or configuration: %s", exc)
             return _BrokenResolver(f"module tree unavailable: {exc}")
 
     @staticmethod
     def _make_deny(settings: Settings) -> DenyPolicy:
         policy = DenyPolicy(settings.deny, deny_file(settings.root_obj), settings.config_file)
         if policy.error is not None:
-            slog(LOG, logging.ERROR, "deny list: %s; only the deny setting applies",
+            log(LOG, logging.ERROR, "deny list: %s; only the deny setting applies",
                  policy.error)
         return policy
 
@@ -294,7 +295,7 @@ class Service:
         try:
             live = list(self.kernel.modules())
         except Exception as exc:    # /proc/modules unreadable: keep every record (None)
-            slog(LOG, logging.WARNING, "cannot list loaded modules: %s", exc)
+            log(LOG, logging.WARNING, "cannot list loaded modules: %s", exc)
             live = None
         self.state.load(live, self._instance)
         self.control.start()       # fails if another kmodd listens: touch nothing then
@@ -304,15 +305,15 @@ class Service:
         try:
             restored = self.loadlog.restore(self.loads_file)
             if restored:
-                slog(LOG, logging.INFO, "load log: %d load(s) of this boot from %s", restored,
+                log(LOG, logging.INFO, "load log: %d load(s) of this boot from %s", restored,
                      self.loads_file)
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            slog(LOG, logging.WARNING, "ignoring the load log %s: %s", self.loads_file, exc)
+            log(LOG, logging.WARNING, "ignoring the load log %s: %s", self.loads_file, exc)
         for factory in self._source_factories:
             try:
                 src = factory(self.submit)
             except Exception as exc:    # one source down (no netlink, no FIFO): serve the rest
-                slog(LOG, logging.ERROR, "request source unavailable: %s", exc)
+                log(LOG, logging.ERROR, "request source unavailable: %s", exc)
                 continue
             self.sources.append(src)
             self._watch_source(src)
@@ -322,7 +323,7 @@ class Service:
                 self.loop.add_reader(self.watcher, self.watcher.on_readable, priority=True,
                                      what=f"request source {type(self.watcher).__name__}")
             except Exception as exc:    # no inotify: reloads still come with SIGHUP
-                slog(LOG, logging.WARNING, "not watching module indexes/modprobe.d: %s", exc)
+                log(LOG, logging.WARNING, "not watching module indexes/modprobe.d: %s", exc)
         if self.settings.autoclean_interval > 0:
             self._autoclean_timer = self.loop.call_every(self.settings.autoclean_interval,
                                                          self.sweep, what="autoclean sweep")
@@ -337,7 +338,7 @@ class Service:
         if self.boot_loads is not None:
             self.boot_loads.start()
         if self.early is not None:
-            slog(LOG, logging.INFO, "head start: inserting %d module(s) the last boot loaded "
+            log(LOG, logging.INFO, "head start: inserting %d module(s) the last boot loaded "
                  "for devices still present", len(self.early.names))
         if self._coldplug_fn is not None:
             self.coldplug_state = "running"
@@ -367,7 +368,7 @@ class Service:
                     self.loop.watching(src, src.on_readable):
                 continue
             problem = problem or "no longer watched by the event loop"
-            slog(LOG, logging.ERROR, "request source %s: %s; watching it again",
+            log(LOG, logging.ERROR, "request source %s: %s; watching it again",
                  type(src).__name__, problem)
             if self.loop.watching(before, src.on_readable):
                 self.loop.remove(before)
@@ -387,7 +388,7 @@ class Service:
             flag.touch()
             self._handover_raised = True
         except OSError as exc:
-            slog(LOG, logging.WARNING, "cannot create %s (udev keeps loading drivers): %s",
+            log(LOG, logging.WARNING, "cannot create %s (udev keeps loading drivers): %s",
                  flag, exc.strerror or exc)
 
     def _drop_handover_flag(self) -> None:
@@ -399,7 +400,7 @@ class Service:
         try:
             self.settings.root_obj.udev_handover.unlink(missing_ok=True)
         except OSError as exc:
-            slog(LOG, logging.WARNING, "cannot remove %s: %s",
+            log(LOG, logging.WARNING, "cannot remove %s: %s",
                  self.settings.root_obj.udev_handover, exc.strerror or exc)
 
     @property
@@ -411,7 +412,7 @@ class Service:
         try:
             self.loadlog.save(self.loads_file)
         except OSError as exc:
-            slog(LOG, logging.WARNING, "cannot save the load log to %s: %s", self.loads_file,
+            log(LOG, logging.WARNING, "cannot save the load log to %s: %s", self.loads_file,
                  exc)
 
     @property
@@ -442,7 +443,7 @@ class Service:
         # the next status tick (_send_status).
         self._ready_unsent = self.notify(READY=1, STATUS=self._status_line(),
                                          MAINPID=os.getpid()) is False
-        slog(LOG, logging.INFO, "kmodd ready: %d workers, socket %s",
+        log(LOG, logging.INFO, "kmodd ready: %d workers, socket %s",
              self.scheduler.max_workers, self.settings.socket)
 
     def run(self) -> int:
@@ -487,13 +488,13 @@ class Service:
         # Then refuse everything new (a control peer already connected, the
         # coldplug thread) and drop what has not started.
         self.scheduler.begin_shutdown()
-        slog(LOG, logging.INFO, "stopping: finishing loads in flight")
+        log(LOG, logging.INFO, "stopping: finishing loads in flight")
         self.notify(STOPPING=1, STATUS="stopping: finishing loads in flight")
 
         def drain() -> None:
             try:
                 if not self.scheduler.shutdown(timeout=120.0):
-                    slog(LOG, logging.WARNING, "some loads were still running at exit")
+                    log(LOG, logging.WARNING, "some loads were still running at exit")
             finally:
                 self.loop.call_soon_threadsafe(self._finish_stop)
 
@@ -534,7 +535,7 @@ class Service:
             result = self._coldplug_fn(
                 self.submit, lambda n: self.loop.call_soon_threadsafe(self._set_ready))
         except Exception as exc:    # a failed walk still ends coldplug: READY=1 must come
-            slog(LOG, logging.ERROR, "coldplug failed: %s", exc)
+            log(LOG, logging.ERROR, "coldplug failed: %s", exc)
         self.loop.call_soon_threadsafe(self._coldplug_finished, result)
 
     def _coldplug_finished(self, result: ColdplugReport | None) -> None:
@@ -545,14 +546,14 @@ class Service:
         self.learned.save_in_background(then=lambda: release_memory(resolver))
         self._set_ready()
         loaded = result.loaded if result is not None else None
-        slog(LOG, logging.INFO, "coldplug done%s",
+        log(LOG, logging.INFO, "coldplug done%s",
              f": loaded {' '.join(loaded)}" if loaded else "")
         if self.early is not None:
-            slog(LOG, logging.INFO, "head start: %s", self.early.summary())
+            log(LOG, logging.INFO, "head start: %s", self.early.summary())
             unasked = self.early.untaken()
             if unasked:
                 # Only when the configuration changed in a way the stamp misses.
-                slog(LOG, logging.WARNING, "head start inserted %s, which no device asked "
+                log(LOG, logging.WARNING, "head start inserted %s, which no device asked "
                      "for this time", " ".join(unasked))
         self.ops.check_settle()
 
@@ -566,7 +567,7 @@ class Service:
         try:
             self.reload()
         except Exception as exc:    # SIGHUP/inotify have no one to answer: the journal is told
-            slog(LOG, logging.ERROR, "reload failed, keeping the previous configuration: %s",
+            log(LOG, logging.ERROR, "reload failed, keeping the previous configuration: %s",
                  exc)
 
     def reload(self) -> dict[str, Any]:
@@ -594,7 +595,7 @@ class Service:
             runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
             queue_limit=settings.queue_limit)
         if settings.max_workers != self.scheduler.max_workers:
-            slog(LOG, logging.INFO, "max_workers changes take effect at the next start")
+            log(LOG, logging.INFO, "max_workers changes take effect at the next start")
         self.autoclean.policy = self._autoclean_policy(settings)
         if self._autoclean_timer is not None:
             self._autoclean_timer.cancel()
@@ -604,7 +605,7 @@ class Service:
                                                          self.sweep, what="autoclean sweep")
         self.reloads += 1
         self.last_reload_error = None
-        slog(LOG, logging.INFO, "configuration and module indexes reloaded")
+        log(LOG, logging.INFO, "configuration and module indexes reloaded")
         return {"reloads": self.reloads}
 
     # --- scheduler callbacks (worker threads) ---------------------------------------------
@@ -656,9 +657,9 @@ class Service:
         report = self.autoclean.sweep()
         self.last_sweep = report
         for name in report.unloaded:
-            slog(LOG, logging.INFO, "autoclean: unloaded %s (unused)", name, module=name)
+            log(LOG, logging.INFO, "autoclean: unloaded %s (unused)", name, module=name)
         for name, why in report.failed.items():
-            slog(LOG, logging.INFO, "autoclean: could not unload %s: %s", name, why,
+            log(LOG, logging.INFO, "autoclean: could not unload %s: %s", name, why,
                  module=name)
         if report.unloaded or report.forgotten:
             self.saver.save_now()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmodd.journal import log as slog
+from kmodd.journal import log
 from kmodd.record import dataclass, replace
 
 LOG = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class StateStore:
                 except (ValueError, TypeError) as exc:
                     name = item.get("name") if isinstance(item, dict) else None
                     label = repr(name[:80]) if isinstance(name, str) else f"#{i}"
-                    slog(LOG, logging.WARNING, "state file %s: dropping record %s: %s",
+                    log(LOG, logging.WARNING, "state file %s: dropping record %s: %s",
                          self.path, label, exc,
                          module=name[:80] if isinstance(name, str) else None)
                     continue
@@ -351,4 +351,4 @@ class StateSaver:
         try:
             self.store.save()
         except OSError as exc:
-            slog(self._log, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)
+            log(self._log, logging.ERROR, "cannot save state to %s: %s", self.store.path, exc)

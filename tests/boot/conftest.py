@@ -21,6 +21,7 @@ the tests, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 import pytest
 
 from testbed.boot import BootVM
+from testbed.image import ImageArtifacts
 from testbed.takeover import DerivedImages, build_deb, derived_images
 
 _HERE = Path(__file__).resolve().parent
@@ -178,16 +180,23 @@ def images(deb: Path) -> DerivedImages:
     return _once("the takeover and handback images", lambda: derived_images(deb))
 
 
-@pytest.fixture(scope="session")
-def kmodd_vm(stock: Snapshot, images: DerivedImages) -> Iterator[BootVM]:
-    # After the stock boot (its machine is off by then): one machine at a time.
-    vm = BootVM(image=images.takeover)
-    seconds = _once("the kmodd boot", vm.boot)
-    print(f"\nbootbed: kmodd boot, agent up after {seconds:.0f} s", file=sys.stderr)
+@contextlib.contextmanager
+def _running(label: str, image: ImageArtifacts) -> Iterator[BootVM]:
+    """A machine of ``image``, booted once per session (a failed boot is remembered)."""
+    vm = BootVM(image=image)
+    seconds = _once(f"the {label} boot", vm.boot)
+    print(f"\nbootbed: {label} boot, agent up after {seconds:.0f} s", file=sys.stderr)
     try:
         yield vm
     finally:
         vm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def kmodd_vm(stock: Snapshot, images: DerivedImages) -> Iterator[BootVM]:
+    # After the stock boot (its machine is off by then): one machine at a time.
+    with _running("kmodd", images.takeover) as vm:
+        yield vm
 
 
 @pytest.fixture(scope="session")
@@ -211,13 +220,8 @@ def power_cycle(kmodd_vm: BootVM, kmodd_boot: Snapshot) -> str:
 def handback_vm(kmodd_vm: BootVM, images: DerivedImages) -> Iterator[BootVM]:
     # The last machine: the kmodd one is done (test files run in name order).
     kmodd_vm.shutdown()
-    vm = BootVM(image=images.handback)
-    seconds = _once("the handback boot", vm.boot)
-    print(f"\nbootbed: handback boot, agent up after {seconds:.0f} s", file=sys.stderr)
-    try:
+    with _running("handback", images.handback) as vm:
         yield vm
-    finally:
-        vm.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,12 @@ from .conftest import Snapshot
 
 def test_the_main_job_is_the_boot_job_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[bool] = []
-    monkeypatch.setattr(boot_job, "main", lambda console=False: ran.append(console) or 0)
+
+    def fake_main(console: bool = False) -> int:
+        ran.append(console)
+        return 0
+
+    monkeypatch.setattr(boot_job, "main", fake_main)
     monkeypatch.delenv("KMODD_MAIN_JOB", raising=False)
     assert main_job.main() == 0 and ran == [False]
     monkeypatch.setenv("KMODD_MAIN_JOB", "boot")

@@ -7,11 +7,14 @@ test needs root, as the project's tests do; it never touches a host journal.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 JOURNALD = "/lib/systemd/systemd-journald"
 
@@ -60,3 +63,17 @@ def test_fields_are_queryable_with_journalctl() -> None:
     assert entry["REQUESTED_BY"] == "coldplug"
     (bad,) = [json.loads(line) for line in bad_part.splitlines() if line.strip()]
     assert bad["ERRNO"] == "19" and bad["PRIORITY"] == "4"
+
+
+def test_a_field_that_cannot_be_encoded_keeps_the_line_and_never_raises(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from kmodd.journal import log
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    logger = logging.getLogger("kmodd.test.journal")
+    with caplog.at_level(logging.INFO, logger="kmodd.test.journal"):
+        log(logger, logging.INFO, "loaded %s", "e1000", module=Unprintable())
+    assert [r.getMessage() for r in caplog.records] == ["loaded e1000"]
