@@ -529,7 +529,8 @@ def _log_waiting(pending: Iterable[Future[Outcome]], asked_for: dict[Future[Outc
                   for r in (asked_for[f] for f in pending if f in asked_for))
     shown = ", ".join(_shown(k, 160) for k in keys[:12])
     more = f" and {len(keys) - 12} more" if len(keys) > 12 else ""
-    log(LOG, logging.WARNING,
+    # Slow is routine under emulation (INFO); giving up is not (WARNING).
+    log(LOG, logging.WARNING if timed_out else logging.INFO,
         "coldplug %s after %.0fs; %d request(s) unanswered: %s%s",
         "gave up waiting" if timed_out else "still waiting", elapsed, len(keys), shown, more,
         requested_by="coldplug")
