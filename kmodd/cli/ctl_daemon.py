@@ -243,7 +243,28 @@ def _settle(client: Client, timeout: float, as_json: bool) -> int:
         print(f"kmodctl settle: timed out after {timeout:g}s "
               f"({reply.get('pending', '?')} pending, coldplug {reply.get('coldplug', '?')})",
               file=sys.stderr)
+        for line in _waiting_lines(reply.get("waiting")):
+            print(f"  {line}", file=sys.stderr)
     return 0 if reply.get("settled") else 1
+
+
+def _waiting_lines(waiting: object) -> list[str]:
+    """The daemon's account of what a settle still waits for, one line each."""
+    if not isinstance(waiting, dict):
+        return []
+    lines = []
+    for req in waiting.get("requests") or ():
+        if not isinstance(req, dict):
+            continue
+        what = f"{req.get('kind')} {req.get('key')}: {req.get('stage')} for {req.get('age')}s"
+        if req.get("waiting_for"):
+            what += f", waiting for {' '.join(map(str, req['waiting_for']))}"
+        lines.append(what)
+    for state, names in sorted((waiting.get("loads") or {}).items()):
+        lines.append(f"loads {state}: {' '.join(map(str, names))}")
+    if waiting.get("telling"):
+        lines.append(f"loads still being recorded: {waiting['telling']}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

@@ -112,6 +112,7 @@ class ControlOps:
             "kernel_version": self._kernel_version(),
             "workers": snap["max_workers"], "loading": snap["loading"],
             "pending": snap["pending"], "queued_loads": snap["queued_loads"],
+            "waiting": self.svc.scheduler.pending_detail(),
             "waiting_loads": snap["waiting_loads"], "submitted": snap["submitted"],
             "outcomes": snap["outcomes"], "backoff": snap["backoff"],
             "runaway": snap["runaway"], "loaded_by_kmodd": len(self.svc.state),
@@ -245,9 +246,11 @@ class ControlOps:
         def expire() -> None:
             if entry and entry[0] in self.settle_waiters:
                 self.settle_waiters.remove(entry[0])
+                # What it still waits for: a settle that times out says why.
                 conn.reply(msg, {"ok": True, "settled": False,
                                  "pending": self.svc.scheduler.pending(),
-                                 "coldplug": self.svc.coldplug_state})
+                                 "coldplug": self.svc.coldplug_state,
+                                 "waiting": self.svc.scheduler.pending_detail()})
 
         if timeout is not None:
             timer = self.svc.loop.call_later(float(timeout), expire)

@@ -367,6 +367,26 @@ class Scheduler:
         with self._lock:
             return self._idle_locked()
 
+    def pending_detail(self, limit: int = 32) -> dict[str, Any]:
+        """What keeps the scheduler from idle, for ``settle`` and ``status``:
+        the oldest pending requests (kind, key, age, the modules each still
+        waits for), the loads by state, and the loads whose bookkeeping is
+        not done yet.  At most ``limit`` of each, so a reply stays small."""
+        now = time.monotonic()
+        with self._lock:
+            entries = sorted(self._entries.values(), key=lambda e: e.submitted_at)[:limit]
+            requests = [{"kind": str(e.request.kind), "key": e.request.key,
+                         "devpath": e.request.devpath,
+                         "age": round(now - e.submitted_at, 1),
+                         "stage": "resolving" if e.plan is None else "loading",
+                         "waiting_for": sorted(e.needs)} for e in entries]
+            loads: dict[str, list[str]] = {}
+            for name, task in self._tasks.items():
+                names = loads.setdefault(task.state, [])
+                if len(names) < limit:
+                    names.append(name)
+            return {"requests": requests, "loads": loads, "telling": self._telling}
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:

@@ -199,6 +199,7 @@ class Service:
         self._autoclean_timer: Any = None
         self._reload_timer: Any = None
         self._last_status = ""
+        self._ready_unsent = False
 
     # --- construction helpers ---------------------------------------------------
 
@@ -438,7 +439,10 @@ class Service:
         self.ready = True
         # Uevents are heard and coldplug is queued: udev may stand back.
         self._raise_handover_flag()
-        self.notify(READY=1, STATUS=self._status_line(), MAINPID=os.getpid())
+        # A manager not reading right now (notify never waits) hears it at
+        # the next status tick (_send_status).
+        self._ready_unsent = self.notify(READY=1, STATUS=self._status_line(),
+                                         MAINPID=os.getpid()) is False
         log(LOG, logging.INFO, "kmodd ready: %d workers, socket %s",
              self.scheduler.max_workers, self.settings.socket)
 
@@ -677,9 +681,12 @@ class Service:
 
     def _send_status(self) -> None:
         line = self._status_line()
-        if line != self._last_status:
-            self._last_status = line
-            self.notify(STATUS=line)
+        if self._ready_unsent:
+            if self.notify(READY=1, STATUS=line, MAINPID=os.getpid()) is not False:
+                self._ready_unsent = False
+                self._last_status = line
+        elif line != self._last_status and self.notify(STATUS=line) is not False:
+            self._last_status = line      # else tried again at the next tick
 
     def _status_line(self) -> str:
         snap = self.scheduler.snapshot()

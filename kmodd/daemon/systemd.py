@@ -33,8 +33,9 @@ def notify(**fields: object) -> bool:
     """Send ``KEY=value`` lines to the service manager (``notify(READY=1, STATUS="...")``).
 
     Returns True when a message was sent, False when not under a service
-    manager (no ``NOTIFY_SOCKET``) or the send failed.  Never raises: a lost
-    status line must not take the daemon down.
+    manager (no ``NOTIFY_SOCKET``) or the send failed, a full queue included
+    (it never waits for the manager to read).  Never raises: a lost status
+    line must not take the daemon down.
     """
     global _notify_socket, _notify_address
     address = _notify_target()
@@ -55,8 +56,11 @@ def notify(**fields: object) -> bool:
                 _notify_socket = socket.socket(socket.AF_UNIX,
                                                socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 _notify_address = address
-            _notify_socket.sendto(payload, address)
-        except OSError:
+            # Never blocks: a manager that stopped reading (a full receive
+            # queue, max_dgram_qlen) must not wedge the daemon's event loop.
+            # sd_notify(3) waits there; this caller is the loop itself.
+            _notify_socket.sendto(payload, socket.MSG_DONTWAIT, address)
+        except OSError:     # BlockingIOError (queue full) included: the caller may retry
             return False
     return True
 

@@ -440,14 +440,25 @@ def _submit_found(found: Iterable[tuple[str, str, bool]], asked: set[str], submi
     return futures
 
 
-def _collect(futures: list[Future[Outcome]], deadline: float, result: ColdplugResult) -> bool:
-    """Wait for one walk's outcomes into ``result``; False when the deadline came first."""
+def _collect(futures: list[Future[Outcome]], deadline: float, result: ColdplugResult, *,
+             asked_for: dict[Future[Outcome], Request], start: float,
+             report_every: float) -> bool:
+    """Wait for one walk's outcomes into ``result``; False when the deadline came first.
+    Every ``report_every`` seconds of waiting, and at the deadline, the requests
+    still unanswered are logged (``asked_for``: the request behind each future)."""
     pending = set(futures)
+    report_at = time.monotonic() + report_every
     while pending:
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
+            _log_waiting(pending, asked_for, now - start, timed_out=True)
             return False
-        done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+        if now >= report_at:
+            _log_waiting(pending, asked_for, now - start, timed_out=False)
+            report_at = now + report_every
+        done, pending = wait(pending, timeout=min(remaining, report_at - now),
+                             return_when=FIRST_COMPLETED)
         for future in done:
             try:
                 result.outcomes.append(future.result())
@@ -457,7 +468,7 @@ def _collect(futures: list[Future[Outcome]], deadline: float, result: ColdplugRe
 
 
 def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
-             max_iterations: int = 16,
+             max_iterations: int = 16, report_every: float = 30.0,
              on_queued: Callable[[int], None] | None = None,
              seen: set[str] | None = None,
              first: Iterable[tuple[str, str]] = ()) -> ColdplugResult:
@@ -474,26 +485,52 @@ def coldplug(root: Root, submit: Submit, *, settle_timeout: float = 120.0,
     already handled (a later ``kmodctl reload`` walks again without
     re-asking).  ``first`` lists ``(devpath, modalias)`` pairs submitted
     before the first walk, in that order (the learned order,
-    kmodd.daemon.learned).  Runs in a thread of its own: it waits on futures.
+    kmodd.daemon.learned).  Runs in a thread of its own: it waits on futures;
+    every ``report_every`` seconds of waiting, the journal hears which
+    requests it still waits for (a stuck load is named, not just slow).
     """
     start = time.monotonic()
     deadline = start + settle_timeout
     result = ColdplugResult()
     asked = seen if seen is not None else set()
     limiter = _Limiter()
+    # Which request each future answers: the ones still unanswered are named.
+    asked_for: dict[Future[Outcome], Request] = {}
+
+    def noted(request: Request) -> Future[Outcome]:
+        fut = submit(request)
+        asked_for[fut] = request
+        return fut
+
     while result.iterations < max_iterations:
         result.iterations += 1
         found: Iterable[tuple[str, str, bool]] = (
             (d, m, True) for d, m in walk_modaliases(root.sys))
         if result.iterations == 1:
             found = itertools.chain(((d, m, False) for d, m in first), found)
-        futures = _submit_found(found, asked, submit, result, limiter)
+        asked_for.clear()
+        futures = _submit_found(found, asked, noted, result, limiter)
         if result.iterations == 1 and on_queued is not None:
             on_queued(len(futures))
         if not futures:
             break
-        if not _collect(futures, deadline, result):
+        if not _collect(futures, deadline, result, asked_for=asked_for, start=start,
+                        report_every=report_every):
             result.timed_out = True
             break
     result.elapsed = time.monotonic() - start
     return result
+
+
+def _log_waiting(pending: Iterable[Future[Outcome]], asked_for: dict[Future[Outcome], Request],
+                 elapsed: float, *, timed_out: bool) -> None:
+    """Name the requests coldplug still waits for (at most a dozen of them)."""
+    keys = sorted(f"{r.key} ({r.devpath})" if r.devpath else r.key
+                  for r in (asked_for[f] for f in pending if f in asked_for))
+    shown = ", ".join(_shown(k, 160) for k in keys[:12])
+    more = f" and {len(keys) - 12} more" if len(keys) > 12 else ""
+    # Slow is routine under emulation (INFO); giving up is not (WARNING).
+    log(LOG, logging.WARNING if timed_out else logging.INFO,
+        "coldplug %s after %.0fs; %d request(s) unanswered: %s%s",
+        "gave up waiting" if timed_out else "still waiting", elapsed, len(keys), shown, more,
+        requested_by="coldplug")

@@ -701,3 +701,37 @@ def test_a_chain_loads_on_the_worker_that_loaded_its_dependency(
     assert sched.wait_idle(10)
     assert set(threads) == {"core", "a", "c"}
     assert len(set(threads.values())) == 1, threads
+
+
+def test_pending_detail_names_what_keeps_the_scheduler_busy(env: dict[str, object]) -> None:
+    """settle's timeout reply and status say which request waits for which load."""
+    sched, _, loader, _ = make(env, gated=("slow",), max_workers=4)
+    fut = sched.submit(Request("coldplug", "x", devpath="/devices/pci0/x"))
+    assert loader.entered["slow"].wait(10)
+    detail = sched.pending_detail()
+    [req] = detail["requests"]
+    assert (req["kind"], req["key"], req["devpath"]) == ("coldplug", "x", "/devices/pci0/x")
+    assert req["stage"] == "loading" and req["waiting_for"] == ["slow", "x"]
+    assert req["age"] >= 0
+    assert detail["loads"] == {"running": ["slow"], "waiting": ["x"]}
+    loader.release()
+    assert outcome(fut).status == "loaded"
+    assert sched.wait_idle(10)
+    assert sched.pending_detail() == {"requests": [], "loads": {}, "telling": 0}
+
+
+def test_pending_detail_is_bounded(env: dict[str, object]) -> None:
+    graph = {f"m{i}": () for i in range(8)}
+    sched, _, loader, _ = make(env, graph=graph, gated=tuple(graph), max_workers=2)
+    futures = [sched.submit(Request("modalias", f"m{i}")) for i in range(8)]
+    assert loader.entered["m0"].wait(10) and loader.entered["m1"].wait(10)
+    deadline = time.monotonic() + 10
+    while len(sched.pending_detail()["loads"].get("ready", [])) < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    detail = sched.pending_detail(limit=3)
+    assert len(detail["requests"]) == 3
+    assert [r["key"] for r in detail["requests"]] == ["m0", "m1", "m2"]    # oldest first
+    assert all(len(names) <= 3 for names in detail["loads"].values())
+    loader.release()
+    assert all(outcome(f).status == "loaded" for f in futures)

@@ -277,7 +277,14 @@ def test_ready_after_coldplug_is_queued_and_settle_waits_for_it(env: Env) -> Non
     assert queued.is_set() and svc.coldplug_state == "running"
     with Client(env.sock, timeout=10) as c:
         assert c.settle(0)["settled"] is False
-        assert c.settle(0.05)["settled"] is False           # times out, answered
+        timed_out = c.settle(0.05)                          # times out, answered
+        assert timed_out["settled"] is False and timed_out["coldplug"] == "running"
+        # ... naming what it still waits for.
+        [req] = timed_out["waiting"]["requests"]
+        assert (req["kind"], req["key"]) == ("coldplug", "pci:v8086d100E")
+        assert "nic" in req["waiting_for"]
+        assert timed_out["waiting"]["loads"]["running"] == ["nic"]
+        assert [r["key"] for r in c.status()["waiting"]["requests"]] == ["pci:v8086d100E"]
         waiter = Client(env.sock, timeout=10)
         waiter.send({"op": "settle", "timeout": 30})
         env.loader.release()
@@ -347,6 +354,33 @@ def test_watchdog_pings_and_status_line(env: Env) -> None:
     assert "loaded by kmodd" in str(ready["STATUS"])
     env.notifier.wait_for("WATCHDOG")
     stop(svc, t, rc)
+
+
+def test_ready_and_status_a_busy_manager_missed_are_sent_at_the_next_tick(env: Env) -> None:
+    """notify never waits (a full notify socket); what it could not send then is
+    sent at the next status tick, and nothing of the loop waits meanwhile."""
+    class Busy(Notifier):
+        full = True
+
+        def __call__(self, **fields: object) -> bool:
+            if self.full:
+                return False
+            return super().__call__(**fields)
+
+    notifier = Busy()
+    svc = env.service(notify=notifier)
+    try:
+        svc.start()
+        assert svc.ready and notifier.messages == []
+        svc._send_status()                      # still full: nothing lost, nothing sent
+        notifier.full = False
+        svc._send_status()
+        [ready] = notifier.messages
+        assert ready["READY"] == 1 and "loaded by kmodd" in str(ready["STATUS"])
+        svc._send_status()                      # sent once, and the same status not again
+        assert len(notifier.messages) == 1
+    finally:
+        svc._cleanup()
 
 
 def test_autoclean_timer_unloads_idle_modules_it_loaded(env: Env) -> None:
@@ -898,3 +932,24 @@ def test_the_uevent_source_reads_with_the_configured_reader(
     factories = svc._default_sources()
     factories[0](lambda request: None)
     assert made == [reader]
+
+
+def test_kmodctl_settle_timeout_names_what_is_still_pending(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    from kmodd.cli import kmodctl
+    svc = env.service(gated=("nic",))
+    t, rc = in_thread(svc)
+    env.notifier.wait_for("READY")
+    try:
+        fut = svc.submit(Request("modalias", "pci:v8086d100E", "/devices/pci0/0000:00:03.0"))
+        assert env.loader.entered["nic"].wait(10)
+        assert kmodctl.main(["settle", "--timeout", "0.05", "--socket", str(env.sock)]) == 1
+        err = capsys.readouterr().err
+        assert "timed out after 0.05s (1 pending" in err
+        assert "modalias pci:v8086d100E: loading for " in err and "waiting for nic" in err
+        assert "loads running: nic" in err
+        env.loader.release()
+        assert fut.result(10).status == "loaded"
+    finally:
+        env.loader.release()
+        stop(svc, t, rc)

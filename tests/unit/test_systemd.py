@@ -39,6 +39,27 @@ def test_notify_sends_fields(notify_socket: socket.socket) -> None:
     assert notify_socket.recv(4096) == b"WATCHDOG=1\n"
 
 
+def test_notify_never_blocks_on_a_manager_that_stopped_reading(
+        notify_socket: socket.socket) -> None:
+    """A receive queue that is full (the listener stopped reading) makes notify
+    fail at once instead of blocking the caller (the daemon's event loop)."""
+    import threading
+    sent: list[bool] = []
+
+    def flood() -> None:
+        # Far more than any receive queue holds (max_dgram_qlen, SO_RCVBUF).
+        for i in range(5000):
+            sent.append(sd.notify(STATUS=f"status {i} " + "x" * 512))
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "notify blocked on a full notify socket"
+    assert sent[0] is True and sent[-1] is False
+    notify_socket.recv(4096)             # the manager reads again: sends resume
+    assert sd.notify(READY=1)
+
+
 def test_notify_keeps_one_line_per_field(notify_socket: socket.socket) -> None:
     sd.notify(STATUS="two\nlines")
     assert notify_socket.recv(4096) == b"STATUS=two lines\n"

@@ -481,3 +481,33 @@ def test_falls_back_to_netlink_without_libudev(monkeypatch: pytest.MonkeyPatch) 
         assert isinstance(source._monitor, NetlinkMonitor)
     finally:
         source.close()
+
+
+def test_coldplug_names_the_requests_it_still_waits_for(
+        sysroot: Root, caplog: pytest.LogCaptureFixture) -> None:
+    """A stuck load is named in the journal while coldplug waits, and when it gives up."""
+    def answer_all_but_pci(request: Request) -> Future[Outcome]:
+        future: Future[Outcome] = Future()
+        if request.key != PCI:
+            future.set_result(Outcome(request, "present", ("x",)))
+        return future
+
+    with caplog.at_level(logging.INFO, logger="kmodd"):
+        result = coldplug(sysroot, answer_all_but_pci, settle_timeout=0.5, report_every=0.1)
+    assert result.timed_out
+    lines = [r.getMessage() for r in caplog.records if "coldplug" in r.getMessage()]
+    waiting = [m for m in lines if "still waiting" in m]
+    assert waiting and all("1 request(s) unanswered" in m and PCI in m for m in waiting)
+    assert not any("serial8250" in m for m in waiting)      # answered ones are not named
+    assert all(r.levelno == logging.INFO for r in caplog.records
+               if "still waiting" in r.getMessage())
+    [gave_up] = [r for r in caplog.records if "gave up waiting" in r.getMessage()]
+    assert PCI in gave_up.getMessage() and gave_up.levelno == logging.WARNING
+
+
+def test_coldplug_answered_in_time_logs_no_waiting(
+        sysroot: Root, caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recorder()
+    with caplog.at_level(logging.INFO, logger="kmodd"):
+        coldplug(sysroot, rec.submit, report_every=0.05)
+    assert not [r for r in caplog.records if "unanswered" in r.getMessage()]
