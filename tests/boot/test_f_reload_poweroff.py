@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 from testbed.boot import BootVM
 
@@ -58,24 +57,3 @@ def test_poweroff_stops_kmodd_quickly(kmodd_vm: BootVM, power_cycle: str) -> Non
     console = vm.console_log(boot=1)
     assert "A stop job is running" not in console, console[-3000:]
     assert "Power down" in console or "reboot: Power down" in console, console[-2000:]
-
-
-def test_the_next_boot_gets_a_head_start(kmodd_vm: BootVM, kmodd_boot: Snapshot,
-                                         power_cycle: str) -> None:
-    """The first kmodd boot left /var/lib/kmodd/learned.json: at the next boot
-    kmodd inserts its devices' modules before reading an index (racing udevd,
-    which still loads drivers until kmodd is ready), and coldplug ends as at the
-    first boot, every module kmodd loaded attributed to its device."""
-    vm = kmodd_vm
-    vm.run("kmodctl settle --timeout 300", timeout=400, check=True)
-    log = vm.run("journalctl -b -u kmodd.service -o cat --no-pager", check=True).stdout
-    began = re.search(r"head start: inserting (\d+) module", log)
-    done = re.search(r"head start: (\d+) inserted, (\d+) already there, (\d+) failed", log)
-    assert began and int(began.group(1)) > 0, log[-3000:]
-    assert done and int(done.group(1)) + int(done.group(2)) > 0, log[-3000:]
-    assert "which no device asked for" not in log, log[-3000:]
-    loaded = set(vm.run("cut -d' ' -f1 /proc/modules", check=True).stdout.split())
-    assert kmodd_boot.modules <= loaded, sorted(kmodd_boot.modules - loaded)
-    mods = json.loads(vm.run("kmodctl list --json", check=True).stdout)
-    ours = [m for m in mods if m.get("loaded_by_kmodd")]
-    assert all((m.get("why") or {}).get("kind") for m in ours), ours
