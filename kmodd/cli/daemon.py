@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # Before anything else is imported: the kernel's inits run meanwhile.
     from kmodd.daemon.learned import start_head_start
-    early = start_head_start(settings, kernel)
+    early, no_head_start = start_head_start(settings, kernel)
     _setup_logging(settings)
     _dump_stacks_on_sigusr2()
     from kmodd.daemon.service import Service
     try:
         service = Service(settings, kernel, resolver_factory, settings_source=source,
-                          early=early)
+                          early=early, no_head_start=no_head_start)
     except Exception as exc:
         logging.getLogger("kmodd").error("cannot start: %s", exc)
         return 1

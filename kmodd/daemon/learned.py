@@ -293,6 +293,8 @@ class LearnedOrder:
         self._modules: dict[str, tuple[float, tuple[str, ...], str | None, str | None]] = {}
         self._devices: dict[str, tuple[str, set[str]]] = {}
         self._soft: set[str] = set()
+        # Why the last head_start() gave nothing, for the journal.
+        self.head_start_note = ""
 
     def _read_modalias(self, devpath: str) -> str | None:
         # Only what the walk itself would find: a device under /sys/devices.
@@ -322,12 +324,23 @@ class LearnedOrder:
         the configuration is the one the options were resolved under; never raises."""
         try:
             learned = read(self.path, self.kernel)
+            if not learned.devices:
+                self.head_start_note = "nothing learned for this kernel yet"
+                return []
             if self._stamp is None or learned.stamp is None or learned.stamp != self._stamp():
+                self.head_start_note = ("the configuration changed since it was learned "
+                                        "(modprobe.d, module indexes, deny list or modprobe.* "
+                                        "on the kernel command line)")
                 return []
             learned.forget_options_changed_on(self._module_params())
-            return learned.head_start(self._read_modalias, self._present)
+            modules = learned.head_start(self._read_modalias, self._present)
+            if not modules:
+                self.head_start_note = (f"nothing to insert: {len(learned.devices)} device(s) "
+                                        "known, their modules already in or not insertable "
+                                        "early")
+            return modules
         except Exception as exc:
-            LOG.warning("no head start from %s: %s", self.path, exc)
+            self.head_start_note = f"{self.path} unusable: {exc}"
             return []
 
     def _module_params(self) -> dict[str, str]:
@@ -480,12 +493,13 @@ def learned_order(settings: Settings) -> LearnedOrder:
                         cmdline=lambda: read_cmdline(root))
 
 
-def start_head_start(settings: Settings, kernel: Kernel) -> EarlyLoads | None:
+def start_head_start(settings: Settings, kernel: Kernel) -> tuple[EarlyLoads | None, str]:
     """Start inserting what the last boot's coldplug loaded for devices still
-    present (kmodd.kernel.early), or None when there is nothing to do."""
+    present (kmodd.kernel.early); (None, why not) when there is nothing to do."""
     if not (settings.head_start and settings.coldplug):
-        return None
-    modules = learned_order(settings).head_start()
+        return None, "off"
+    order = learned_order(settings)
+    modules = order.head_start()
     if not modules:
-        return None
-    return EarlyLoads(kernel, modules, workers=settings.max_workers).start()
+        return None, order.head_start_note
+    return EarlyLoads(kernel, modules, workers=settings.max_workers).start(), ""

@@ -134,7 +134,7 @@ class Service:
                  watchdog_interval: Callable[[], float | None] = _sd_watchdog_interval,
                  peercred: Callable[[socket.socket], Any] | None = None,
                  install_signals: bool = True,
-                 early: EarlyLoads | None = None) -> None:
+                 early: EarlyLoads | None = None, no_head_start: str = "") -> None:
         self.settings = settings
         self.kernel = kernel
         self.resolver_factory = resolver_factory
@@ -151,6 +151,7 @@ class Service:
         self.loadlog = LoadLog()
         self.learned = learned_order(settings)
         self.early = early
+        self._no_head_start = no_head_start       # why there is none, for the journal
         if loader is None:
             from kmodd.kernel.loader import Loader
             loader = Loader(kernel, early=early)
@@ -340,6 +341,8 @@ class Service:
         if self.early is not None:
             log(LOG, logging.INFO, "head start: inserting %d module(s) the last boot loaded "
                  "for devices still present", len(self.early.names))
+        elif self._no_head_start:
+            log(LOG, logging.INFO, "no head start: %s", self._no_head_start)
         if self._coldplug_fn is not None:
             self.coldplug_state = "running"
             self.loadlog.mark("coldplug-start")

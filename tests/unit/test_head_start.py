@@ -233,14 +233,15 @@ def test_no_head_start_when_the_configuration_changed_or_it_is_off(tree: Tree) -
     tree.boot()
     settings = tree.settings()
     kernel = sim_kernel(tree.base / "k2", GRAPH)
-    assert start_head_start(replace(settings, head_start=False), kernel) is None
+    assert start_head_start(replace(settings, head_start=False), kernel) == (None, "off")
     conf = tree.root / "etc/modprobe.d"
     conf.mkdir(parents=True)
     (conf / "local.conf").write_text("options nic debug=1\n")
-    assert start_head_start(settings, kernel) is None
+    early, why = start_head_start(settings, kernel)
+    assert early is None and why.startswith("the configuration changed"), why
     (conf / "local.conf").unlink()
     conf.rmdir()
-    early = start_head_start(settings, kernel)
+    early, _ = start_head_start(settings, kernel)
     assert early is not None and early.wait(10) and sorted(kernel.load_order) == sorted(GRAPH)
 
 
@@ -248,7 +249,8 @@ def test_no_head_start_when_the_configuration_changed_or_it_is_off(tree: Tree) -
 def test_a_damaged_file_means_no_head_start(tree: Tree, content: bytes) -> None:  # noqa: F811
     tree.learned_file.parent.mkdir(parents=True, exist_ok=True)
     tree.learned_file.write_bytes(content)
-    assert start_head_start(tree.settings(), sim_kernel(tree.base / "k3", GRAPH)) is None
+    early, why = start_head_start(tree.settings(), sim_kernel(tree.base / "k3", GRAPH))
+    assert early is None and why, why
 
 
 def test_the_stamp_names_files_relative_to_the_root(tree: Tree) -> None:  # noqa: F811
@@ -271,16 +273,16 @@ def test_command_line_words_count_only_for_their_own_module(tree: Tree) -> None:
     settings = tree.settings()
     # A boot loader's word or another module's parameter changes nothing ...
     cmdline.write_text("root=/dev/vda other.mailbox=/run/2 BOOT_IMAGE=/vmlinuz\n")
-    early = start_head_start(settings, sim_kernel(tree.base / "k4", GRAPH))
+    early, _ = start_head_start(settings, sim_kernel(tree.base / "k4", GRAPH))
     assert early is not None and early.names == set(GRAPH)
     # ... a parameter of a module loaded early takes that module (and what
     # needs it: the whole chain) out of the head start: kmod adds it to the options ...
     cmdline.write_text("root=/dev/vda mid.debug=1\n")
-    early = start_head_start(settings, sim_kernel(tree.base / "k5", GRAPH))
+    early, _ = start_head_start(settings, sim_kernel(tree.base / "k5", GRAPH))
     assert early is not None and early.names == set(GRAPH) - {"core", "mid", "hba"}
     # ... and modprobe.blacklist= stops it whole.
     cmdline.write_text("root=/dev/vda modprobe.blacklist=nic\n")
-    assert start_head_start(settings, sim_kernel(tree.base / "k6", GRAPH)) is None
+    assert start_head_start(settings, sim_kernel(tree.base / "k6", GRAPH))[0] is None
 
 
 def test_module_params_reads_words_as_kmod_does() -> None:
@@ -295,3 +297,15 @@ def test_the_summary_tells_what_the_head_start_did() -> None:
     early = EarlyLoads(kernel, [mod("a"), mod("b"), mod("c")], workers=1).start()  # type: ignore[arg-type]
     assert early.wait(10)
     assert early.summary().startswith("1 inserted, 1 already there, 1 failed; syscalls from +")
+
+
+def test_the_journal_says_why_there_is_no_head_start(tree: Tree) -> None:  # noqa: F811
+    settings = tree.settings()
+    kernel = sim_kernel(tree.base / "k7", GRAPH)
+    assert start_head_start(settings, kernel) == (None, "nothing learned for this kernel yet")
+    tree.boot()
+    sysmod = tree.root / "sys/module"         # every module already in
+    for module in GRAPH:
+        (sysmod / module).mkdir(parents=True, exist_ok=True)
+    early, why = start_head_start(settings, kernel)
+    assert early is None and why.startswith("nothing to insert: 5 device(s) known"), why

@@ -214,7 +214,7 @@ class Tree:
         kdir = Path(tempfile.mkdtemp(dir=self.base, prefix="kernel-"))
         kernel = sim_kernel(kdir, GRAPH, init_delays=DELAYS)
         settings = self.settings(kernel_version, kdir)
-        self.early = start_head_start(settings, kernel) if head_start else None
+        self.early = start_head_start(settings, kernel)[0] if head_start else None
         svc = Service(settings, kernel, lambda s: self.resolver, sources=(), watcher=None,
                       notify=lambda **f: True, watchdog_interval=lambda: None,
                       early=self.early)
