@@ -73,13 +73,6 @@ class FakeScheduler:
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "run"
-    d.mkdir(mode=0o755)
-    return d
-
-
-@pytest.fixture
 def fallback_log(tmp_path: Path) -> Path:
     return tmp_path / "fallback.log"
 

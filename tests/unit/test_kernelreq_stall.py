@@ -37,13 +37,6 @@ class Recorder:
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "run"
-    d.mkdir(mode=0o755)
-    return d
-
-
-@pytest.fixture
 def source(run_dir: Path) -> Iterator[tuple[KernelRequestSource, Recorder]]:
     rec = Recorder()
     src = KernelRequestSource(rec.submit, run_dir / "request", free_orphans=False)
