@@ -350,7 +350,11 @@ class Service:
                              daemon=True).start()
         else:
             self.coldplug_state = "disabled"
-            self._set_ready()
+            self._raise_handover_flag()
+        # READY=1 as soon as requests are served, as systemd-udevd does: the
+        # unit is ordered before sysinit.target, so the whole boot waits for
+        # it.  The walk goes on in its thread (`kmodctl settle` waits for it).
+        self._set_ready()
 
     def _watch_source(self, src: Source) -> None:
         # The kernel waits on these: never behind control traffic.
@@ -382,8 +386,12 @@ class Service:
         # Only a daemon that hears uevents itself may tell udev to stand back.
         return any(src.udev_handover for src in self.sources)
 
+    def _coldplug_queued(self) -> None:
+        # Every device present has its request queued: udev may stand back.
+        self._raise_handover_flag()
+
     def _raise_handover_flag(self) -> None:
-        if not self._takes_over_from_udev():
+        if self._handover_raised or self._stopping or not self._takes_over_from_udev():
             return
         flag = self.settings.root_obj.udev_handover
         try:
@@ -432,16 +440,15 @@ class Service:
         self.notify(WATCHDOG=1)
 
     def _set_ready(self) -> None:
-        # READY=1 once coldplug's first walk is queued: later units may rely on
-        # the daemon taking requests; `kmodctl settle` tells when loads are done.
+        # Later units may rely on the daemon taking requests and on the
+        # modules-load.d lists being in; `kmodctl settle` tells when coldplug's
+        # loads are done.
         if self.ready:
             return
         if self.boot_loads is not None and self.boot_loads.pending > 0:
             self._ready_wanted = True       # once the listed modules are in
             return
         self.ready = True
-        # Uevents are heard and coldplug is queued: udev may stand back.
-        self._raise_handover_flag()
         # A manager not reading right now (notify never waits) hears it at
         # the next status tick (_send_status).
         self._ready_unsent = self.notify(READY=1, STATUS=self._status_line(),
@@ -536,8 +543,8 @@ class Service:
         result: ColdplugReport | None = None
         try:
             result = self._coldplug_fn(
-                self.submit, lambda n: self.loop.call_soon_threadsafe(self._set_ready))
-        except Exception as exc:    # a failed walk still ends coldplug: READY=1 must come
+                self.submit, lambda n: self.loop.call_soon_threadsafe(self._coldplug_queued))
+        except Exception as exc:    # a failed walk still ends coldplug
             log(LOG, logging.ERROR, "coldplug failed: %s", exc)
         self.loop.call_soon_threadsafe(self._coldplug_finished, result)
 
@@ -547,7 +554,7 @@ class Service:
         # Off the loop: the next boot's order, then idle memory (memory.py).
         resolver = self.resolver
         self.learned.save_in_background(then=lambda: release_memory(resolver))
-        self._set_ready()
+        self._coldplug_queued()
         loaded = result.loaded if result is not None else None
         log(LOG, logging.INFO, "coldplug done%s",
              f": loaded {' '.join(loaded)}" if loaded else "")

@@ -717,19 +717,29 @@ class UeventLike:
         os.close(self.w)
 
 
-def test_udev_handover_flag_exists_only_while_kmodd_hears_uevents(env: Env) -> None:
+def test_ready_comes_before_the_walk_and_the_udev_handover_after_it(env: Env) -> None:
+    """READY=1 once requests are served (the boot waits for it, as for udevd);
+    udev is told to stand back only once the walk has queued every device, and
+    the flag is gone when kmodd stops."""
     flag = env.tmp / "tree/run/kmodd/udev-handover"
-    seen_before_ready: list[bool] = []
+    walk_may_end = threading.Event()
+    seen_when_walking: list[bool] = []
 
     def coldplug(submit: Any, on_queued: Callable[[int], None]) -> None:
-        seen_before_ready.append(flag.exists())
+        assert walk_may_end.wait(10)
+        seen_when_walking.append(flag.exists())
         on_queued(0)
         return None
 
     svc = env.service(sources=[lambda submit: UeventLike()], coldplug=coldplug)
     t, rc = in_thread(svc)
     env.notifier.wait_for("READY")
-    assert seen_before_ready == [False]      # not before coldplug is queued
+    assert svc.coldplug_state == "running" and not flag.exists()
+    walk_may_end.set()
+    deadline = time.monotonic() + 10
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen_when_walking == [False]
     assert flag.exists()
     stop(svc, t, rc)
     assert not flag.exists()
