@@ -3,7 +3,7 @@
 Up to the head start's first insert (kmodd.daemon.learned.start_head_start)
 only what settings, kernel and head start need is imported: logging, typing
 and the service come after it, while the kernel runs the first inits
-(tests/unit/test_head_start_imports.py holds the path to that).
+(tests/unit/test_head_start.py holds the path to that).
 """
 
 from __future__ import annotations
