@@ -8,8 +8,10 @@ inits finishing meanwhile wait for it too).  The order of the walk of
 ``/sys/devices`` says nothing about that; the last boot's load log does.
 
 kmodd notes every load (init time, the module's hard dependencies, its
-file's identity) and which device's modalias asked for which target
-modules.  After coldplug it merges this into ``/var/lib/kmodd/learned.json``
+file's identity) and every device request's plan: which device's modalias
+asked for which target modules, whoever inserted them (at boot udev loads
+drivers until kmodd is ready: those are learned untimed, and the next head
+start inserts them too).  After coldplug it merges this into ``/var/lib/kmodd/learned.json``
 (a thread of its own, never on the way to the first load).  At the next
 coldplug the devices known from that file, whose ``modalias`` still reads
 the same, are submitted first, heaviest chain first, before the walk of
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
     from kmodd.daemon.settings import Settings
     from kmodd.kernel.protocol import Kernel
+    from kmodd.resolution.plan import Plan
     from kmodd.root import Root
 
 
@@ -155,14 +158,16 @@ class Learned:
         memo: dict[str, float] = {}
         return max((self.chain(m, memo) for m in entry[1]), default=0.0)
 
-    def first(self, read_modalias: Callable[[str], str | None]) -> list[tuple[str, str]]:
+    def first(self, read_modalias: Callable[[str], str | None], *,
+              unweighted: bool = False) -> list[tuple[str, str]]:
         """``(devpath, modalias)`` of the known devices still present with the same
-        modalias, heaviest chain first (ties: modalias order, for stable runs)."""
+        modalias, heaviest chain first (ties: modalias order, for stable runs);
+        with ``unweighted`` also those whose modules no boot has timed, last."""
         memo: dict[str, float] = {}
         ranked = []
         for modalias, (devpath, targets) in self.devices.items():
             weight = max((self.chain(m, memo) for m in targets), default=0.0)
-            if weight > 0.0:
+            if weight > 0.0 or unweighted:
                 ranked.append((-weight, modalias, devpath))
         ranked.sort()
         out = []
@@ -177,9 +182,11 @@ class Learned:
         still present with the same modalias (heaviest chain first), its targets
         and their dependencies, dependencies first, when every module of the chain
         is known with its file and options or already present.  Devices whose
-        plan had softdeps are left to the daemon (their order is not modules.dep's)."""
+        plan had softdeps are left to the daemon (their order is not modules.dep's).
+        Devices whose modules someone else loaded last time (udev, before kmodd
+        was ready) come last: nothing timed them."""
         chosen: dict[str, EarlyModule] = {}
-        for _devpath, modalias in self.first(read_modalias):
+        for _devpath, modalias in self.first(read_modalias, unweighted=True):
             if modalias in self.soft:
                 continue
             adding: dict[str, EarlyModule] = {}
@@ -298,6 +305,8 @@ class LearnedOrder:
         self._cmdline = cmdline
         self._lock = threading.Lock()
         self._modules: dict[str, tuple[float, tuple[str, ...], str | None, str | None]] = {}
+        # Modules of device plans, timed or not: (deps, path or None, options).
+        self._planned: dict[str, tuple[tuple[str, ...], str | None, str]] = {}
         self._devices: dict[str, tuple[str, set[str]]] = {}
         self._soft: set[str] = set()
         # Why the last head_start() gave nothing, for the journal.
@@ -353,12 +362,27 @@ class LearnedOrder:
     def _module_params(self) -> dict[str, str]:
         return module_params(self._cmdline() if self._cmdline is not None else "")
 
-    def note_softdep(self, *, kind: str, key: str, devpath: str | None) -> None:
-        """A request's plan had a softdep: its device is left out of the head start."""
-        if devpath and kind in ("coldplug", "modalias"):
-            with self._lock:
-                if len(self._soft) < MAX_DEVICES:
-                    self._soft.add(key)
+    def note_plan(self, plan: Plan, *, kind: str, key: str, devpath: str | None) -> None:
+        """A device request's plan, whoever ends up inserting its modules: at boot
+        udev and the initramfs load drivers until kmodd is ready, and what they
+        loaded this time the next head start can insert before them.  A plan
+        with softdeps marks its device (left to the daemon); a module replaced
+        by an install command is kept without a path (never inserted early)."""
+        from kmodd.resolution.plan import Role
+        if not devpath or kind not in ("coldplug", "modalias"):
+            return
+        steps = [s for s in plan.steps if not s.builtin]
+        targets = {s.name for s in steps if s.role is Role.TARGET}
+        with self._lock:
+            for step in steps:
+                if len(self._planned) < MAX_MODULES or step.name in self._planned:
+                    self._planned[step.name] = (
+                        step.deps, None if step.install_command else step.path, step.options)
+            if targets and (len(self._devices) < MAX_DEVICES or key in self._devices):
+                self._devices.setdefault(key, (devpath, set()))[1].update(targets)
+            if any(s.role in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST) for s in steps) and \
+                    len(self._soft) < MAX_DEVICES:
+                self._soft.add(key)
 
     def note(self, name: str, path: str | None, deps: Iterable[str], seconds: float | None,
              *, kind: str, key: str, devpath: str | None, target: bool,
@@ -379,6 +403,7 @@ class LearnedOrder:
         base = read(self.path, self.kernel)
         with self._lock:
             modules = dict(self._modules)
+            planned = dict(self._planned)
             devices = {k: (d, tuple(sorted(t))) for k, (d, t) in self._devices.items()}
             soft = set(self._soft)
         stamp = self._stamp() if self._stamp is not None else None
@@ -388,6 +413,14 @@ class LearnedOrder:
             base.stamp = stamp
         params = self._module_params()
         base.forget_options_changed_on(params)
+        for name, (deps, path, planned_options) in planned.items():
+            if name in modules:
+                continue
+            # Not inserted by kmodd this boot: the last known init time, if any.
+            known = base.modules.get(name)
+            init = known.init if known is not None and known.path == path else 0.0
+            size, mtime = file_identity(path)
+            base.modules[name] = ModuleTiming(init, deps, path, size, mtime, planned_options)
         for name, (init, deps, path, options) in modules.items():
             size, mtime = file_identity(path)
             base.modules[name] = ModuleTiming(init, deps, path, size, mtime, options)
@@ -409,8 +442,8 @@ class LearnedOrder:
         """Merge and write; never raises (a read-only /var only loses the lesson)."""
         try:
             with self._lock:
-                if not self._modules:
-                    return          # nothing loaded (a restart mid-boot): keep the file as is
+                if not self._modules and not self._devices:
+                    return          # nothing planned (a restart mid-boot): keep the file as is
             write(self.path, self.merged())
         except Exception as exc:
             _log().warning("cannot save the learned coldplug order to %s: %s", self.path, exc)

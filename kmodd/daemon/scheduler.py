@@ -228,6 +228,7 @@ class Scheduler:
                  clock: Callable[[], float] = time.monotonic,
                  on_outcome: Callable[[Outcome], None] | None = None,
                  on_module: ModuleCallback | None = None,
+                 on_plan: Callable[[Request, Plan], None] | None = None,
                  on_runaway: Callable[[str, Request], None] | None = None,
                  on_idle: Callable[[], None] | None = None,
                  on_load: Callable[[LoadRecord], None] | None = None,
@@ -247,6 +248,7 @@ class Scheduler:
         self._clock = clock
         self._on_outcome = on_outcome
         self._on_module = on_module
+        self._on_plan = on_plan
         self._on_runaway = on_runaway
         self._on_idle = on_idle
         self._runaway = RunawayDetector(runaway_limit, runaway_window)
@@ -576,6 +578,8 @@ class Scheduler:
                 self._finish_entry_locked(entry, Outcome(request, status, ()), tell)
             self._deliver(tell)
             return
+        if self._on_plan is not None:
+            self._safe(self._on_plan, request, plan)
         # sysfs reads outside the lock: which steps the kernel already has.
         in_kernel: dict[str, StepResult] = {}
         deny = self._deny

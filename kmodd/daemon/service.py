@@ -162,7 +162,7 @@ class Service:
             queue_limit=settings.queue_limit,
             backoff=BackoffPolicy(settings.backoff_initial, settings.backoff_max),
             runaway_limit=settings.runaway_limit, runaway_window=settings.runaway_window,
-            on_outcome=self._on_outcome, on_module=self._on_module,
+            on_outcome=self._on_outcome, on_module=self._on_module, on_plan=self._on_plan,
             on_runaway=self.reporter.runaway, on_idle=self._on_idle, on_load=self.loadlog.add,
             early=early)
         self.deny = self._make_deny(settings)
@@ -620,11 +620,12 @@ class Service:
 
     # --- scheduler callbacks (worker threads) ---------------------------------------------
 
+    def _on_plan(self, request: Request, plan: Plan) -> None:
+        self.learned.note_plan(plan, kind=request.kind, key=request.key,
+                               devpath=request.devpath)
+
     def _on_module(self, step: ModuleStep, request: Request, targets: tuple[str, ...],
                    result: StepResult) -> None:
-        if step.role in (Role.SOFTDEP_PRE, Role.SOFTDEP_POST):
-            self.learned.note_softdep(kind=request.kind, key=request.key,
-                                      devpath=request.devpath)
         if not self.reporter.module_result(step, request, result):
             return
         self.learned.note(step.name, step.path, step.deps, result.seconds, kind=request.kind,

@@ -206,7 +206,64 @@ def test_a_changed_configuration_forgets_the_options_it_did_not_see(tmp_path: Pa
     assert merged.modules["hba"].options is None           # resolved under "s"
 
 
+def test_plans_are_learned_whoever_loads_their_modules(tmp_path: Path) -> None:
+    """udev loaded the drivers before kmodd was ready: the plans still teach the
+    next head start; builtin steps need nothing, an install command is never
+    inserted early, a softdep leaves the device to the daemon."""
+    from kmodd.resolution.plan import Plan
+    order = LearnedOrder(tmp_path / "l.json", KERNEL, tmp_path / "sys", stamp=lambda: "s")
+
+    def plan(key: str, *steps: ModuleStep) -> Plan:
+        return Plan(key, tuple(s.name for s in steps if s.role is Role.TARGET), steps)
+
+    order.note_plan(plan("pci:hba", ModuleStep("core", "/m/core.ko", role=Role.DEPENDENCY),
+                         ModuleStep("hba", "/m/hba.ko", "x=1", deps=("core",)),
+                         ModuleStep("crc", None, builtin=True)),
+                    kind="coldplug", key="pci:hba", devpath="/devices/p/1")
+    order.note_plan(plan("pci:fw", ModuleStep("fw", "/m/fw.ko", install_command="/bin/true")),
+                    kind="coldplug", key="pci:fw", devpath="/devices/p/2")
+    order.note_plan(plan("pci:snd", ModuleStep("codec", "/m/codec.ko", role=Role.SOFTDEP_PRE),
+                         ModuleStep("snd", "/m/snd.ko")),
+                    kind="modalias", key="pci:snd", devpath="/devices/p/3")
+    order.note_plan(plan("fs-vfat", ModuleStep("vfat", "/m/vfat.ko")),
+                    kind="kernel", key="fs-vfat", devpath=None)
+    order.save()
+    data = read(tmp_path / "l.json", KERNEL)
+    assert data.devices == {"pci:hba": ("/devices/p/1", ("hba",)),
+                            "pci:fw": ("/devices/p/2", ("fw",)),
+                            "pci:snd": ("/devices/p/3", ("snd",))}
+    assert data.soft == {"pci:snd"} and "vfat" not in data.modules
+    assert data.modules["hba"] == ModuleTiming(0.0, ("core",), "/m/hba.ko", options="x=1")
+    assert data.modules["fw"].path is None
+    present = {"/devices/p/1": "pci:hba", "/devices/p/2": "pci:fw", "/devices/p/3": "pci:snd"}
+    got = data.head_start(present.get, lambda name: False)
+    assert [m.name for m in got] == ["core", "hba"]
+    # A later boot that times hba keeps the timing; one that only plans it
+    # again keeps the timing it had.
+    order.note("hba", "/m/hba.ko", ("core",), 2.5, kind="coldplug", key="pci:hba",
+               devpath="/devices/p/1", target=True, options="x=1")
+    order.save()
+    again = LearnedOrder(tmp_path / "l.json", KERNEL, tmp_path / "sys", stamp=lambda: "s")
+    again.note_plan(plan("pci:hba", ModuleStep("hba", "/m/hba.ko", "x=1", deps=("core",))),
+                    kind="coldplug", key="pci:hba", devpath="/devices/p/1")
+    again.save()
+    assert read(tmp_path / "l.json", KERNEL).modules["hba"].init == 2.5
+
+
 # -- the daemon: learn at one boot, head start at the next ---------------------------------
+
+def test_what_udev_loaded_before_kmodd_was_ready_goes_in_early_next_boot(
+        tree: Tree) -> None:  # noqa: F811
+    tree.boot(preloaded=True)
+    assert tree.loads == []                  # kmodd inserted nothing itself ...
+    data = read(tree.learned_file, KERNEL)
+    assert set(data.devices) == {alias for alias, _ in DEVICES.values()}  # ... yet learned
+    kernel = tree.boot(head_start=True)
+    assert tree.early is not None and tree.early.names == set(GRAPH)
+    assert kernel.load_order.index("core") < kernel.load_order.index("hba")
+    assert {r.module for r in tree.loads if r.status == "loaded"} == set(GRAPH)
+    # Timed now: the order of the boot after puts the longest chain first.
+    assert read(tree.learned_file, KERNEL).weight("pci:hba") > 0.0
 
 def test_the_next_boot_inserts_before_the_service_and_attributes_every_load(
         tree: Tree) -> None:  # noqa: F811

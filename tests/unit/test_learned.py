@@ -206,13 +206,19 @@ class Tree:
                         state_file=str(state), root=str(self.root),
                         coldplug=True, modules_load=False, version=kernel_version)
 
-    def boot(self, kernel_version: str = KERNEL, *, head_start: bool = False) -> SimKernel:
+    def boot(self, kernel_version: str = KERNEL, *, head_start: bool = False,
+             preloaded: bool = False) -> SimKernel:
         """One daemon run over a fresh simulated kernel with one worker;
         ``submitted`` is coldplug's order of requests; with ``head_start`` the
-        daemon starts as its entry point does (``early``: the head start)."""
+        daemon starts as its entry point does (``early``: the head start);
+        ``preloaded``: every module is in before the daemon starts (at boot,
+        udev loads drivers until kmodd is ready)."""
         self.resolver.requests = []
         kdir = Path(tempfile.mkdtemp(dir=self.base, prefix="kernel-"))
         kernel = sim_kernel(kdir, GRAPH, init_delays=DELAYS)
+        if preloaded:
+            for module in ("core", "mid", *(m for m in GRAPH if m not in ("core", "mid"))):
+                kernel.load_module(module, self.resolver.path(module))
         settings = self.settings(kernel_version, kdir)
         self.early = start_head_start(settings, kernel)[0] if head_start else None
         svc = Service(settings, kernel, lambda s: self.resolver, sources=(), watcher=None,
