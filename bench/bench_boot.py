@@ -167,6 +167,15 @@ def one_boot(kind: str, image: ImageArtifacts | None, plots: Path | None,
             active = vm.run("systemctl is-active kmodd.service").stdout.strip()
             if active != "active":
                 raise SystemExit(f"kmodd is {active} in a kmodd boot")
+            # When kmodd was ready (sysinit.target waits for it) and what its
+            # head start did, or why there was none.
+            ready = vm.run("systemctl show -p ActiveEnterTimestampMonotonic --value "
+                           "kmodd.service", check=True).stdout.strip()
+            result["kmodd_ready"] = int(ready) / 1e6
+            journal = vm.run("journalctl -b -u kmodd.service -o cat --no-pager",
+                             check=True).stdout
+            result["head_start"] = [line for line in journal.splitlines()
+                                    if "head start" in line][:3]
         if plots is not None:
             plots.mkdir(parents=True, exist_ok=True)
             (plots / f"boot-{kind}.svg").write_text(
@@ -185,6 +194,9 @@ def one_boot(kind: str, image: ImageArtifacts | None, plots: Path | None,
     print(f"  {kind:5} (a) last driver bound {result['last_bound']:6.2f} s "
           f"[{result['last_driver']}]  (b) multi-user.target {result['multi_user']:6.2f} s  "
           f"{result['state']}", flush=True)
+    if kind == "kmodd":
+        print(f"        kmodd ready {result['kmodd_ready']:6.2f} s; "
+              + "; ".join(result["head_start"]), flush=True)   # type: ignore[arg-type]
     return result, saved
 
 

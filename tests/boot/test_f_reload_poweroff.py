@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from testbed.boot import BootVM
 
@@ -57,3 +58,40 @@ def test_poweroff_stops_kmodd_quickly(kmodd_vm: BootVM, power_cycle: str) -> Non
     console = vm.console_log(boot=1)
     assert "A stop job is running" not in console, console[-3000:]
     assert "Power down" in console or "reboot: Power down" in console, console[-2000:]
+
+
+def test_the_next_boot_gets_a_head_start(kmodd_vm: BootVM, kmodd_boot: Snapshot,
+                                         power_cycle: str) -> None:
+    """The first kmodd boot left /var/lib/kmodd/learned.json with every device's
+    plan, including the drivers udevd loaded before kmodd was ready.  At the
+    next boot kmodd inserts those not yet in before it reads an index (racing
+    udevd, which still loads drivers until kmodd is ready), and coldplug ends
+    with the same modules, every module kmodd loaded attributed to its device."""
+    vm = kmodd_vm
+    vm.run("kmodctl settle --timeout 300", timeout=400, check=True)
+    first = vm.run(f"journalctl -b {power_cycle.replace('-', '')} -u kmodd.service -o cat "
+                   "--no-pager", timeout=300, check=True).stdout
+    inserted_first = set(re.findall(r"^loaded (\S+) for ", first, re.M))
+    learned = json.loads(vm.run("cat /var/lib/kmodd/learned.json", check=True).stdout)
+    targets = {t for d in learned["devices"].values() for t in d["targets"]}
+    # Learned whoever loaded them: more than kmodd's own loads of that boot.
+    assert targets - inserted_first, (sorted(targets), sorted(inserted_first))
+    log = vm.run("journalctl -b -u kmodd.service -o cat --no-pager", check=True).stdout
+    began = re.search(r"head start: inserting (\d+) module", log)
+    if began:
+        done = re.search(r"head start: (\d+) inserted, (\d+) already there, (\d+) failed", log)
+        assert int(began.group(1)) > 0 and done, log[-3000:]
+        assert int(done.group(1)) + int(done.group(2)) > 0, log[-3000:]
+        assert "which no device asked for" not in log, log[-3000:]
+    else:
+        # udevd had loaded every learned driver before kmodd's start: the
+        # journal must say so, naming what it knew.
+        none = re.search(r"no head start: nothing to insert: (\d+) device", log)
+        assert none and int(none.group(1)) > 0, log[-3000:]
+    print(f"\n{began.group(0) if began else 'no head start (all in)'}; "
+          f"{len(learned['devices'])} devices learned")
+    loaded = set(vm.run("cut -d' ' -f1 /proc/modules", check=True).stdout.split())
+    assert kmodd_boot.modules <= loaded, sorted(kmodd_boot.modules - loaded)
+    mods = json.loads(vm.run("kmodctl list --json", check=True).stdout)
+    ours = [m for m in mods if m.get("loaded_by_kmodd")]
+    assert ours and all((m.get("why") or {}).get("kind") for m in ours), ours

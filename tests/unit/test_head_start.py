@@ -265,6 +265,12 @@ def test_what_udev_loaded_before_kmodd_was_ready_goes_in_early_next_boot(
     # Timed now: the order of the boot after puts the longest chain first.
     assert read(tree.learned_file, KERNEL).weight("pci:hba") > 0.0
 
+
+def test_what_the_deny_list_refuses_is_not_learned(tree: Tree) -> None:  # noqa: F811
+    tree.boot(preloaded=False, deny=("nic",))
+    devices = read(tree.learned_file, KERNEL).devices
+    assert "pci:nic" not in devices and "pci:hba" in devices
+
 def test_the_next_boot_inserts_before_the_service_and_attributes_every_load(
         tree: Tree) -> None:  # noqa: F811
     tree.boot()
