@@ -34,7 +34,8 @@ from kmodd.kernel.early import EarlyLoads, EarlyModule
 from kmodd.record import dataclass, replace
 
 # The head start runs this module before the daemon has imported logging or
-# typing (kmodd.cli.daemon): neither is imported here until a line is logged.
+# typing (kmodd.cli.daemon): logging is imported when a line is written,
+# typing by type checkers only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
