@@ -15,11 +15,16 @@ checkers see it as a dataclass maker through ``dataclass_transform``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, dataclass_transform, overload
+# typing (with the collections, functools and re it imports) is for type
+# checkers only: the daemon's entry point reaches its first finit_module
+# through this module (kmodd.kernel.early), and imports as little as it can.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar, dataclass_transform, overload
 
-_T = TypeVar("_T")
-_C = TypeVar("_C", bound=type)
+    _T = TypeVar("_T")
+    _C = TypeVar("_C", bound=type)
 
 
 class _Missing:
@@ -51,10 +56,11 @@ class Field:
                 f"default_factory={self.default_factory!r})")
 
 
-@overload
-def field(*, default: _T) -> _T: ...
-@overload
-def field(*, default_factory: Callable[[], _T]) -> _T: ...
+if TYPE_CHECKING:
+    @overload
+    def field(*, default: _T) -> _T: ...
+    @overload
+    def field(*, default_factory: Callable[[], _T]) -> _T: ...
 def field(*, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
     return Field(default, default_factory)
 
@@ -187,12 +193,13 @@ def _process(cls: Any, frozen: bool, eq: bool, slots: bool) -> Any:
     return cls
 
 
-@overload
-def dataclass(cls: _C, /) -> _C: ...
-@overload
-def dataclass(*, frozen: bool = False, eq: bool = True,
-              slots: bool = False) -> Callable[[_C], _C]: ...
-@dataclass_transform(field_specifiers=(field, Field))
+if TYPE_CHECKING:
+    @overload
+    @dataclass_transform(field_specifiers=(field, Field))
+    def dataclass(cls: _C, /) -> _C: ...
+    @overload
+    def dataclass(*, frozen: bool = False, eq: bool = True,
+                  slots: bool = False) -> Callable[[_C], _C]: ...
 def dataclass(cls: Any = None, /, *, frozen: bool = False, eq: bool = True,
               slots: bool = False) -> Any:
     """``@dataclass`` or ``@dataclass(frozen=..., eq=..., slots=...)``: the record's methods."""

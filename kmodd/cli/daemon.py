@@ -1,21 +1,29 @@
-"""``kmodd``: the daemon's entry point.  Parses settings, picks the kernel, runs the service."""
+"""``kmodd``: the daemon's entry point.  Parses settings, picks the kernel, runs the service.
+
+Up to the head start's first insert (kmodd.daemon.learned.start_head_start)
+only what settings, kernel and head start need is imported: logging, typing
+and the service come after it, while the kernel runs the first inits
+(tests/unit/test_head_start.py holds the path to that).
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kmodd.daemon.settings import Settings, SettingsError, parse_settings
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import logging
+
     from kmodd.kernel.protocol import Kernel
     from kmodd.resolution.resolve import Resolver
 
 
 def make_kernel(settings: Settings) -> Kernel:
     if settings.kernel.startswith("sim:"):
+        from pathlib import Path
+
         from kmodd.kernel.sim import SimKernel
         return SimKernel(Path(settings.kernel[4:]), keep_images=False)
     from kmodd.kernel.real import RealKernel
@@ -31,7 +39,10 @@ def resolver_factory(settings: Settings) -> Resolver:
                          if settings.modprobe_config is not None else None)
 
 
-def _setup_logging(settings: Settings) -> None:
+def _setup_logging(settings: Settings) -> logging.Logger:
+    """Logging as the settings say; the daemon's own logger."""
+    import logging
+
     level = {"notice": logging.INFO}.get(settings.log_level,
                                          getattr(logging, settings.log_level.upper()))
     try:
@@ -39,6 +50,7 @@ def _setup_logging(settings: Settings) -> None:
         setup_logging(settings.journal, level=level)
     except ImportError:
         logging.basicConfig(level=level, format="%(name)s: %(levelname)s: %(message)s")
+    return logging.getLogger("kmodd")
 
 
 def _dump_stacks_on_sigusr2() -> None:
@@ -66,25 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kernel = make_kernel(settings)
     except Exception as exc:
-        _setup_logging(settings)
-        logging.getLogger("kmodd").error("cannot start: %s", exc)
+        _setup_logging(settings).error("cannot start: %s", exc)
         return 1
     # Before anything else is imported: the kernel's inits run meanwhile.
     from kmodd.daemon.learned import start_head_start
     early, no_head_start = start_head_start(settings, kernel)
-    _setup_logging(settings)
+    log = _setup_logging(settings)
     _dump_stacks_on_sigusr2()
     from kmodd.daemon.service import Service
     try:
         service = Service(settings, kernel, resolver_factory, settings_source=source,
                           early=early, no_head_start=no_head_start)
     except Exception as exc:
-        logging.getLogger("kmodd").error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)
         return 1
     try:
         return service.run()
     except Exception as exc:
-        logging.getLogger("kmodd").exception("fatal: %s", exc)
+        log.exception("fatal: %s", exc)
         return 1
 
 

@@ -26,23 +26,31 @@ replaced at the next save).  None of udevd, modprobe or mdevd does this.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from kmodd.kernel.early import EarlyLoads, EarlyModule
 from kmodd.record import dataclass, replace
 
+# The head start runs this module before the daemon has imported logging or
+# typing (kmodd.cli.daemon): logging is imported when a line is written,
+# typing by type checkers only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import logging
+    from collections.abc import Callable, Iterable, Mapping
+    from typing import Any
+
     from kmodd.daemon.settings import Settings
     from kmodd.kernel.protocol import Kernel
     from kmodd.resolution.plan import Plan
     from kmodd.root import Root
 
-LOG = logging.getLogger(__name__)
+
+def _log() -> logging.Logger:
+    import logging
+    return logging.getLogger(__name__)
 
 FORMAT = 1
 LEARNED_FILE = "learned.json"       # under the state directory (Root.state_dir)
@@ -268,7 +276,7 @@ def read(path: Path, kernel: str) -> Learned:
         return Learned(kernel)
     except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
         # RecursionError: json.loads of a deeply nested document.
-        LOG.warning("ignoring the learned coldplug order in %s: %s", path, exc)
+        _log().warning("ignoring the learned coldplug order in %s: %s", path, exc)
         return Learned(kernel)
 
 
@@ -321,7 +329,7 @@ class LearnedOrder:
         try:
             return read(self.path, self.kernel).first(self._read_modalias)
         except Exception as exc:
-            LOG.warning("learned coldplug order unusable: %s", exc)
+            _log().warning("learned coldplug order unusable: %s", exc)
             return []
 
     def _present(self, name: str) -> bool:
@@ -439,7 +447,7 @@ class LearnedOrder:
                     return          # nothing planned (a restart mid-boot): keep the file as is
             write(self.path, self.merged())
         except Exception as exc:
-            LOG.warning("cannot save the learned coldplug order to %s: %s", self.path, exc)
+            _log().warning("cannot save the learned coldplug order to %s: %s", self.path, exc)
 
     def save_in_background(self, then: Callable[[], None] | None = None) -> threading.Thread:
         """``save`` in a thread of its own, then ``then`` (in that thread)."""

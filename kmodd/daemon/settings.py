@@ -5,10 +5,8 @@ Flags win over the file; SIGHUP re-reads the file and keeps the flags.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
 
 from kmodd.daemon.limits import (
     MAX_KMOD_CONCURRENT,
@@ -20,8 +18,13 @@ from kmodd.record import dataclass, field, replace
 from kmodd.resolution.names import modname_normalize
 from kmodd.root import Root, run_path
 
+# typing is for type checkers only: the daemon's head start follows these
+# settings before the daemon has imported it (kmodd.cli.daemon).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
+    from typing import Any
 
 DEFAULT_CONFIG = "/etc/kmodd.conf"
 # Drop-in directories, highest priority first, as systemd orders its own

@@ -21,10 +21,15 @@ from __future__ import annotations
 import errno as E
 import threading
 import time
-from collections.abc import Callable, Sequence
 
-from kmodd.kernel.protocol import Kernel, KernelError
+from kmodd.kernel.protocol import KernelError
 from kmodd.record import dataclass
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from kmodd.kernel.protocol import Kernel
 
 
 @dataclass(frozen=True)

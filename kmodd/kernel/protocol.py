@@ -9,9 +9,17 @@ syscall or reads /proc/modules.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Protocol
 
 from kmodd.record import dataclass
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    # The daemon reaches its first finit_module through this module without
+    # importing typing (kmodd.kernel.early); nothing checks for the protocol
+    # at run time, so there it is a plain base class.
+    Protocol = object
 
 
 class InitState(StrEnum):

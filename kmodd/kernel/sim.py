@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import errno as E
 import os
-import shlex
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from kmodd.kernel.real import MODULE_INIT_COMPRESSED_FILE, SyscallKernel
 from kmodd.record import dataclass, field
-from kmodd.resolution.plan import Plan
 from kmodd.root import Root
+
+# Only what the real kernel's module needs is imported before the head start's
+# first insert (kmodd.cli.daemon makes this kernel first): the rest on use.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    from kmodd.resolution.plan import Plan
 
 _ELF_MAGIC = b"\x7fELF"
 
@@ -64,6 +69,8 @@ class _Module:
 
 def _parse_params(params: str) -> list[tuple[str, str]]:
     # The kernel's next_arg(): whitespace-separated, double quotes group.
+    import shlex
+
     out: list[tuple[str, str]] = []
     try:
         words = shlex.split(params, posix=True)

@@ -4,7 +4,10 @@ modules inserted before the daemon has started, and taken over by its loader."""
 from __future__ import annotations
 
 import errno as E
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -372,3 +375,80 @@ def test_the_journal_says_why_there_is_no_head_start(tree: Tree) -> None:  # noq
         (sysmod / module).mkdir(parents=True, exist_ok=True)
     early, why = start_head_start(settings, kernel)
     assert early is None and why.startswith("nothing to insert: 5 device(s) known"), why
+
+
+# -- the entry point's path to the first insert --------------------------------------------
+
+# Imported after the head start's first insert, not before (docs/performance.md,
+# "Head start"): logging with what it pulls in (about 13 ms of the host's start),
+# typing, and what only the simulated kernel or the service use.
+NOT_BEFORE_FIRST_INSERT = ("logging", "traceback", "tokenize", "linecache", "textwrap",
+                           "typing", "shlex", "argparse", "kmodd.daemon.service",
+                           "kmodd.journal", "kmodd.resolution.plan")
+# kmodd's own modules on that path; a new one there is a choice to make here.
+KMODD_BEFORE_FIRST_INSERT = {
+    "kmodd", "kmodd.cli", "kmodd.cli.daemon", "kmodd.daemon", "kmodd.daemon.settings",
+    "kmodd.daemon.limits", "kmodd.daemon.learned", "kmodd.record", "kmodd.root",
+    "kmodd.resolution", "kmodd.resolution.names", "kmodd.kernel", "kmodd.kernel.protocol",
+    "kmodd.kernel.errors", "kmodd.kernel.real", "kmodd.kernel.sim", "kmodd.kernel.early",
+    "kmodd.modfile"}
+
+# The entry point in a fresh interpreter; sys.modules is written out when a
+# module file the head start inserts is opened (the syscall's own open).  The
+# main thread goes on importing meanwhile, as it should: to see only what the
+# path to the insert imported, its next import waits until the snapshot.
+FIRST_INSERT_HARNESS = r"""
+import os, sys, threading
+out, paths = sys.argv[1], set(sys.argv[2].split(os.pathsep))
+del sys.argv[1:3]
+sys.path.insert(0, os.environ["KMODD_TEST_SOURCE"])
+main_thread = threading.get_ident()
+taken = threading.Event()
+
+def write(text):
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, text.encode())
+    os.close(fd)
+
+def hook(event, args):
+    if taken.is_set():
+        return
+    if event == "open" and args[0] in paths:
+        write("\n".join(sorted(sys.modules)))
+        taken.set()
+        os._exit(0)
+    if event == "import" and threading.get_ident() == main_thread:
+        if args[0] == "kmodd.daemon.service":
+            write("no head start")
+            os._exit(3)
+        if any(t.name.startswith("kmodd-early") for t in threading.enumerate()):
+            taken.wait(30)
+
+sys.addaudithook(hook)
+from kmodd.cli.daemon import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_entry_point_imports_little_before_the_first_insert(tree: Tree) -> None:  # noqa: F811
+    tree.boot()
+    learned = json.loads(tree.learned_file.read_text())
+    paths = {m["path"] for m in learned["modules"].values()}
+    out = tree.base / "modules.txt"
+    env = {**os.environ, "KMODD_TEST_SOURCE": str(Path(__file__).resolve().parents[2])}
+    env.pop("NOTIFY_SOCKET", None)
+    res = subprocess.run(
+        [sys.executable, "-c", FIRST_INSERT_HARNESS, str(out), os.pathsep.join(sorted(paths)),
+         "--kernel", f"sim:{tree.base / 'k-entry'}", "--root", str(tree.root), "-S", KERNEL,
+         "--socket", str(tree.sock), "--state-file", str(tree.base / "run/state.json"),
+         "--no-modules-load", "--no-journal", "--autoclean-interval", "0"],
+        env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.exists(), f"rc {res.returncode}:\n{res.stderr[-3000:]}"
+    assert out.read_text() != "no head start", res.stderr[-3000:]
+    modules = set(out.read_text().split("\n"))
+    assert {"kmodd.cli.daemon", "kmodd.daemon.learned", "kmodd.kernel.early"} <= modules
+    early = sorted(m for m in modules for n in NOT_BEFORE_FIRST_INSERT
+                   if m == n or m.startswith(n + "."))
+    assert not early, f"imported before the head start's first insert: {early}"
+    kmodd = {m for m in modules if m == "kmodd" or m.startswith("kmodd.")}
+    assert kmodd <= KMODD_BEFORE_FIRST_INSERT, sorted(kmodd - KMODD_BEFORE_FIRST_INSERT)
