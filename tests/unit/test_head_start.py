@@ -404,6 +404,7 @@ del sys.argv[1:3]
 sys.path.insert(0, os.environ["KMODD_TEST_SOURCE"])
 main_thread = threading.get_ident()
 taken = threading.Event()
+first = threading.Lock()
 
 def write(text):
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -414,6 +415,10 @@ def hook(event, args):
     if taken.is_set():
         return
     if event == "open" and args[0] in paths:
+        # Several head-start threads open their files at once: the first
+        # writes and exits, the others wait for that (O_TRUNC would race).
+        if not first.acquire(blocking=False):
+            threading.Event().wait()
         write("\n".join(sorted(sys.modules)))
         taken.set()
         os._exit(0)
