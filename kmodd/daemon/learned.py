@@ -386,18 +386,15 @@ class LearnedOrder:
                 self._soft.add(key)
 
     def note(self, name: str, path: str | None, deps: Iterable[str], seconds: float | None,
-             *, kind: str, key: str, devpath: str | None, target: bool,
              options: str | None = None) -> None:
-        """One module loaded (``seconds`` in the syscall) for a request."""
+        """One module inserted by kmodd (``seconds`` in the syscall), for any
+        request: its timing.  Which device asked for it is its plan's business
+        (``note_plan``)."""
         if seconds is None:
             return
         with self._lock:
             if len(self._modules) < MAX_MODULES or name in self._modules:
                 self._modules[name] = (float(seconds), tuple(deps), path, options)
-            if target and devpath and kind in ("coldplug", "modalias") and \
-                    (len(self._devices) < MAX_DEVICES or key in self._devices):
-                _, targets = self._devices.setdefault(key, (devpath, set()))
-                targets.add(name)
 
     def merged(self) -> Learned:
         """The file's valid content updated with this boot's notes."""

@@ -56,7 +56,7 @@ from kmodd.journal import log
 from kmodd.kernel.early import EarlyLoads
 from kmodd.kernel.loader import StepResult, StepStatus
 from kmodd.kernel.protocol import Kernel
-from kmodd.resolution.plan import ModuleStep, Plan, Role
+from kmodd.resolution.plan import ModuleStep, Plan
 
 LOG = logging.getLogger(__name__)
 
@@ -631,9 +631,8 @@ class Service:
                    result: StepResult) -> None:
         if not self.reporter.module_result(step, request, result):
             return
-        self.learned.note(step.name, step.path, step.deps, result.seconds, kind=request.kind,
-                          key=request.key, devpath=request.devpath,
-                          target=step.role is Role.TARGET, options=step.options)
+        self.learned.note(step.name, step.path, step.deps, result.seconds,
+                          options=step.options)
         self.state.record(ModuleRecord(
             name=step.name, loaded_at=time.time(), kind=request.kind, key=request.key,
             devpath=request.devpath, requested_by=request.requested_by,

@@ -198,8 +198,7 @@ def test_a_changed_configuration_forgets_the_options_it_did_not_see(tmp_path: Pa
     path = tmp_path / "l.json"
     write(path, learned())
     order = LearnedOrder(path, KERNEL, tmp_path / "sys", stamp=lambda: "new")
-    order.note("nic", "/m/nic.ko", (), 0.2, kind="coldplug", key="pci:nic",
-               devpath="/devices/p/2", target=True, options="y=2")
+    order.note("nic", "/m/nic.ko", (), 0.2, options="y=2")
     merged = order.merged()
     assert merged.stamp == "new"
     assert merged.modules["nic"].options == "y=2"          # resolved under "new"
@@ -240,8 +239,7 @@ def test_plans_are_learned_whoever_loads_their_modules(tmp_path: Path) -> None:
     assert [m.name for m in got] == ["core", "hba"]
     # A later boot that times hba keeps the timing; one that only plans it
     # again keeps the timing it had.
-    order.note("hba", "/m/hba.ko", ("core",), 2.5, kind="coldplug", key="pci:hba",
-               devpath="/devices/p/1", target=True, options="x=1")
+    order.note("hba", "/m/hba.ko", ("core",), 2.5, options="x=1")
     order.save()
     again = LearnedOrder(tmp_path / "l.json", KERNEL, tmp_path / "sys", stamp=lambda: "s")
     again.note_plan(plan("pci:hba", ModuleStep("hba", "/m/hba.ko", "x=1", deps=("core",))),

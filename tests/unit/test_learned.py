@@ -26,6 +26,7 @@ from kmodd.daemon.learned import (
 from kmodd.daemon.service import Service
 from kmodd.daemon.settings import Settings
 from kmodd.kernel.sim import SimKernel
+from kmodd.resolution.plan import ModuleStep, Plan, Role
 from tests.unit.daemon_fakes import GraphResolver, sim_kernel
 
 KERNEL = "6.1.0-test"
@@ -121,13 +122,16 @@ def test_notes_merge_into_the_file(tmp_path: Path) -> None:
     old = Learned(KERNEL, {"old": timing(2.0)}, {"pci:old": ("/d/9", ("old",))})
     write(path, old)
     order = LearnedOrder(path, KERNEL, tmp_path / "sys")
-    order.note("core", None, (), 0.1, kind="coldplug", key="pci:hba", devpath="/d/1",
-               target=False)
-    order.note("hba", None, ("core",), 1.5, kind="coldplug", key="pci:hba", devpath="/d/1",
-               target=True)
-    order.note("dummy", None, (), 0.01, kind="kernel", key="dummy", devpath=None, target=True)
-    order.note("nolog", None, (), None, kind="coldplug", key="pci:n", devpath="/d/3",
-               target=True)
+    order.note_plan(Plan("pci:hba", ("hba",), (
+        ModuleStep("core", None, role=Role.DEPENDENCY),
+        ModuleStep("hba", None, deps=("core",)))), kind="coldplug", key="pci:hba",
+        devpath="/d/1")
+    order.note_plan(Plan("dummy", ("dummy",), (ModuleStep("dummy", None),)),
+                    kind="kernel", key="dummy", devpath=None)
+    order.note("core", None, (), 0.1)
+    order.note("hba", None, ("core",), 1.5)
+    order.note("dummy", None, (), 0.01)
+    order.note("nolog", None, (), None)
     order.save()
     data = json.loads(path.read_text())
     assert data["kernel"] == KERNEL
@@ -165,7 +169,7 @@ def test_unwritable_state_directory_is_only_a_warning(tmp_path: Path,
     blocker = tmp_path / "file"
     blocker.write_text("")
     order = LearnedOrder(blocker / "sub" / "learned.json", KERNEL, tmp_path)
-    order.note("a", None, (), 1.0, kind="coldplug", key="x", devpath="/d", target=True)
+    order.note("a", None, (), 1.0)
     order.save()
     assert "cannot save the learned coldplug order" in caplog.text
 
