@@ -81,14 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(settings).error("cannot start: %s", exc)
         return 1
     # Before anything else is imported: the kernel's inits run meanwhile.
-    from kmodd.daemon.learned import start_head_start
-    early, no_head_start = start_head_start(settings, kernel)
+    from kmodd.daemon.learned import learned_order, start_head_start
+    learned = learned_order(settings)
+    early, no_head_start = start_head_start(settings, kernel, learned)
     log = _setup_logging(settings)
     _dump_stacks_on_sigusr2()
     from kmodd.daemon.service import Service
     try:
         service = Service(settings, kernel, resolver_factory, settings_source=source,
-                          early=early, no_head_start=no_head_start)
+                          early=early, no_head_start=no_head_start, learned=learned)
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 1

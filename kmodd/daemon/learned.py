@@ -310,6 +310,8 @@ class LearnedOrder:
         self._planned: dict[str, tuple[tuple[str, ...], str | None, str]] = {}
         self._devices: dict[str, tuple[str, set[str]]] = {}
         self._soft: set[str] = set()
+        # The file as head_start() read it, for the coldplug's first(): one read.
+        self._read_once: Learned | None = None
         # Why the last head_start() gave nothing, for the journal.
         self.head_start_note = ""
 
@@ -326,8 +328,11 @@ class LearnedOrder:
     def first(self) -> list[tuple[str, str]]:
         """The known devices to submit before the walk, heaviest chain first
         (empty when nothing usable was learned; never raises)."""
+        learned, self._read_once = self._read_once, None
         try:
-            return read(self.path, self.kernel).first(self._read_modalias)
+            if learned is None:
+                learned = read(self.path, self.kernel)
+            return learned.first(self._read_modalias)
         except Exception as exc:
             _log().warning("learned coldplug order unusable: %s", exc)
             return []
@@ -340,7 +345,7 @@ class LearnedOrder:
         """What to insert before the daemon has started (Learned.head_start), when
         the configuration is the one the options were resolved under; never raises."""
         try:
-            learned = read(self.path, self.kernel)
+            learned = self._read_once = read(self.path, self.kernel)
             if not learned.devices:
                 self.head_start_note = "nothing learned for this kernel yet"
                 return []
@@ -531,12 +536,14 @@ def learned_order(settings: Settings) -> LearnedOrder:
                         cmdline=lambda: read_cmdline(root))
 
 
-def start_head_start(settings: Settings, kernel: Kernel) -> tuple[EarlyLoads | None, str]:
+def start_head_start(settings: Settings, kernel: Kernel, order: LearnedOrder | None = None
+                     ) -> tuple[EarlyLoads | None, str]:
     """Start inserting what the last boot's coldplug loaded for devices still
-    present (kmodd.kernel.early); (None, why not) when there is nothing to do."""
+    present (kmodd.kernel.early); (None, why not) when there is nothing to do.
+    ``order``: the daemon's own (its coldplug then reads the file no more)."""
     if not (settings.head_start and settings.coldplug):
         return None, "off"
-    order = learned_order(settings)
+    order = order or learned_order(settings)
     modules = order.head_start()
     if not modules:
         return None, order.head_start_note

@@ -35,7 +35,7 @@ from kmodd.daemon.interfaces import (
     SourceFactory,
     WatcherFactory,
 )
-from kmodd.daemon.learned import learned_order
+from kmodd.daemon.learned import LearnedOrder, learned_order
 from kmodd.daemon.loadlog import LoadLog
 from kmodd.daemon.loop import EventLoop
 from kmodd.daemon.memory import release_memory
@@ -134,7 +134,8 @@ class Service:
                  watchdog_interval: Callable[[], float | None] = _sd_watchdog_interval,
                  peercred: Callable[[socket.socket], Any] | None = None,
                  install_signals: bool = True,
-                 early: EarlyLoads | None = None, no_head_start: str = "") -> None:
+                 early: EarlyLoads | None = None, no_head_start: str = "",
+                 learned: LearnedOrder | None = None) -> None:
         self.settings = settings
         self.kernel = kernel
         self.resolver_factory = resolver_factory
@@ -149,7 +150,7 @@ class Service:
         self.reporter = OutcomeReporter()
         self.ops = ControlOps(self)
         self.loadlog = LoadLog()
-        self.learned = learned_order(settings)
+        self.learned = learned if learned is not None else learned_order(settings)
         self.early = early
         self._no_head_start = no_head_start       # why there is none, for the journal
         if loader is None:

@@ -185,6 +185,21 @@ def test_chains_with_unknown_options_modules_or_softdeps_are_left_out() -> None:
     assert [m.name for m in data.head_start(present.get, lambda n: False)] == ["nic"]
 
 
+def test_the_coldplug_order_comes_from_the_head_start_s_read(tmp_path: Path) -> None:
+    """One read of learned.json at start: the coldplug's first() takes what the
+    head start read; a later first() reads the file again."""
+    sys_dir = tmp_path / "sys"
+    (sys_dir / "devices/p/1").mkdir(parents=True)
+    (sys_dir / "devices/p/1/modalias").write_text("pci:hba\n")
+    path = tmp_path / "l.json"
+    write(path, learned())
+    order = LearnedOrder(path, KERNEL, sys_dir, stamp=lambda: "s")
+    assert [m.name for m in order.head_start()] == ["core", "mid", "hba"]
+    path.unlink()
+    assert order.first() == [("/devices/p/1", "pci:hba")]
+    assert order.first() == []
+
+
 def test_the_file_keeps_options_stamp_and_softdep_marks(tmp_path: Path) -> None:
     data = learned()
     data.soft.add("pci:nic")

@@ -19,6 +19,7 @@ from kmodd.daemon.learned import (
     Learned,
     LearnedOrder,
     ModuleTiming,
+    learned_order,
     read,
     start_head_start,
     write,
@@ -227,10 +228,11 @@ class Tree:
             for module in ("core", "mid", *(m for m in GRAPH if m not in ("core", "mid"))):
                 kernel.load_module(module, self.resolver.path(module))
         settings = self.settings(kernel_version, kdir, deny)
-        self.early = start_head_start(settings, kernel)[0] if head_start else None
+        order = learned_order(settings)      # shared, as the entry point does
+        self.early = start_head_start(settings, kernel, order)[0] if head_start else None
         svc = Service(settings, kernel, lambda s: self.resolver, sources=(), watcher=None,
                       notify=lambda **f: True, watchdog_interval=lambda: None,
-                      early=self.early)
+                      early=self.early, learned=order)
         rc: list[int] = []
         t = threading.Thread(target=lambda: rc.append(svc.run()), daemon=True)
         t.start()
