@@ -50,6 +50,7 @@ from testbed.vm import (
     _audio_and_net_backends,
     _die_with_parent,
     _prune_stale_rundirs,
+    follow_file,
 )
 
 RUN_DIR = PROJECT_ROOT / "build" / "boot" / "run"
@@ -267,24 +268,8 @@ class BootVM:
         return self._read(path).replace("\r\n", "\n")
 
     def _tail(self) -> None:
-        stream = self.console_stream
-        assert stream is not None
-        path, pos = self.console_path, 0
-        while True:
-            try:
-                with open(path, "rb") as fh:
-                    fh.seek(pos)
-                    data = fh.read()
-            except OSError:
-                data = b""
-            if data:
-                pos += len(data)
-                stream.write(data.decode(errors="replace").replace("\r\n", "\n"))
-                stream.flush()
-            elif self._stop_tail.is_set():
-                return
-            else:
-                time.sleep(0.1)
+        assert self.console_stream is not None
+        follow_file(self.console_path, self.console_stream, self._stop_tail, 0.1)
 
     # ------------------------------------------------------------------ agent
 

@@ -422,24 +422,8 @@ class VM:
         return "\n".join(self._read_console().splitlines()[-lines:])
 
     def _tail_console(self) -> None:
-        stream = self.console_stream
-        assert stream is not None
-        pos = 0
-        while True:
-            try:
-                with open(self._console_path, "rb") as fh:
-                    fh.seek(pos)
-                    data = fh.read()
-            except OSError:
-                data = b""
-            if data:
-                pos += len(data)
-                stream.write(data.decode(errors="replace").replace("\r\n", "\n"))
-                stream.flush()
-            elif self._stopping.is_set():
-                return
-            else:
-                time.sleep(0.05)
+        assert self.console_stream is not None
+        follow_file(self._console_path, self.console_stream, self._stopping, 0.05)
 
     # ------------------------------------------------------------------- run
 
@@ -683,6 +667,28 @@ class VM:
             return int(rc_path.read_text().strip())
         finally:
             self.shutdown()
+
+
+def follow_file(path: str | Path, stream: IO[str], stop: threading.Event,
+                interval: float) -> None:
+    """Copy what is appended to ``path`` (a guest's console) to ``stream``, CRLF
+    as LF, until ``stop`` is set and nothing more has come."""
+    pos = 0
+    while True:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(pos)
+                data = fh.read()
+        except OSError:
+            data = b""
+        if data:
+            pos += len(data)
+            stream.write(data.decode(errors="replace").replace("\r\n", "\n"))
+            stream.flush()
+        elif stop.is_set():
+            return
+        else:
+            time.sleep(interval)
 
 
 @contextlib.contextmanager
