@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kmodd.daemon.autoclean import Autoclean, AutocleanPolicy, SweepReport
+from kmodd.daemon.boot_lists import ListedModule, ListProblem
 from kmodd.daemon.control import ControlServer
 from kmodd.daemon.deny import DenyPolicy, deny_file
 from kmodd.daemon.interfaces import (
@@ -39,13 +40,7 @@ from kmodd.daemon.learned import LearnedOrder, learned_order
 from kmodd.daemon.loadlog import LoadLog
 from kmodd.daemon.loop import EventLoop
 from kmodd.daemon.memory import release_memory
-from kmodd.daemon.modules_load import (
-    MODULES_LOAD_MARKER,
-    BootLoads,
-    ListedFn,
-    ListedModule,
-    ListProblem,
-)
+from kmodd.daemon.modules_load import MODULES_LOAD_MARKER, BootLoads, ListedFn
 from kmodd.daemon.operations import ControlOps
 from kmodd.daemon.report import OutcomeReporter
 from kmodd.daemon.requests import Outcome, Request, Submit
@@ -259,7 +254,7 @@ class Service:
         root = self.settings.root_obj
 
         def read() -> tuple[list[ListedModule], list[ListProblem]]:
-            from kmodd.daemon.modules_load import listed_modules
+            from kmodd.daemon.boot_lists import listed_modules
             return listed_modules(root)
 
         return read

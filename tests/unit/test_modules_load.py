@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kmodd.daemon.boot_lists import cmdline_modules, conf_files, listed_modules
 from kmodd.daemon.control import Client
-from kmodd.daemon.modules_load import cmdline_modules, conf_files, listed_modules
 from kmodd.daemon.service import Service
 from kmodd.root import Root
 from tests.unit.daemon_fakes import GatedLoader, GraphResolver
@@ -163,12 +163,12 @@ def test_kmodctl_why_names_the_file_and_line(env: Env,
 
 def test_unreadable_lists_are_left_to_systemd_modules_load(
         env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import kmodd.daemon.modules_load
+    import kmodd.daemon.boot_lists
 
     def broken(root: Root) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(kmodd.daemon.modules_load, "listed_modules", broken)
+    monkeypatch.setattr(kmodd.daemon.boot_lists, "listed_modules", broken)
     write(env.tmp / "tree", "etc/modules-load.d/x.conf", "solo\n")
     caplog.set_level(logging.INFO, logger="kmodd")
     svc = env.service()
