@@ -58,6 +58,9 @@ MAX_MODULES = 8192
 MAX_DEVICES = 4096
 MAX_FILE = 4 * 1024 * 1024
 MAX_DEPTH = 64
+# The devices map also keeps the plans of modules-load.d entries, under this
+# prefix and the name as listed, with no devpath (never a coldplug device).
+LISTED = "modules-load:"
 
 
 @dataclass(frozen=True)
@@ -178,21 +181,26 @@ class Learned:
         return out
 
     def head_start(self, read_modalias: Callable[[str], str | None],
-                   present: Callable[[str], bool]) -> list[EarlyModule]:
-        """What to insert before the daemon has read an index: for each known device
-        still present with the same modalias (heaviest chain first), its targets
+                   present: Callable[[str], bool], listed: Iterable[str] = ()
+                   ) -> list[EarlyModule]:
+        """What to insert before the daemon has read an index: first the
+        modules-load.d entries ``listed`` now whose plan is known (READY=1, and
+        so sysinit.target, waits for them), then for each known device still
+        present with the same modalias (heaviest chain first), its targets
         and their dependencies, dependencies first, when every module of the chain
-        is known with its file and options or already present.  Devices whose
-        plan had softdeps are left to the daemon (their order is not modules.dep's).
+        is known with its file and options or already present.  Plans with
+        softdeps are left to the daemon (their order is not modules.dep's).
         Devices whose modules someone else loaded last time (udev, before kmodd
         was ready) come last: nothing timed them."""
         chosen: dict[str, EarlyModule] = {}
-        for _devpath, modalias in self.first(read_modalias, unweighted=True):
-            if modalias in self.soft:
+        keys = [LISTED + name for name in listed if LISTED + name in self.devices]
+        keys += [modalias for _, modalias in self.first(read_modalias, unweighted=True)]
+        for key in keys:
+            if key in self.soft:
                 continue
             adding: dict[str, EarlyModule] = {}
             if all(self._chain_into(t, chosen, adding, present, frozenset())
-                   for t in self.devices[modalias][1]):
+                   for t in self.devices[key][1]):
                 chosen.update(adding)
         return list(chosen.values())
 
@@ -298,12 +306,15 @@ class LearnedOrder:
 
     def __init__(self, path: Path, kernel: str, sys_dir: Path,
                  stamp: Callable[[], str] | None = None,
-                 cmdline: Callable[[], str] | None = None) -> None:
+                 cmdline: Callable[[], str] | None = None,
+                 listed: Callable[[], list[str]] | None = None) -> None:
         self.path = path
         self.kernel = kernel
         self.sys_dir = sys_dir
         self._stamp = stamp
         self._cmdline = cmdline
+        # The names modules-load.d lists now, when the daemon loads the lists.
+        self._listed = listed
         self._lock = threading.Lock()
         self._modules: dict[str, tuple[float, tuple[str, ...], str | None, str | None]] = {}
         # Modules of device plans, timed or not: (deps, path or None, options).
@@ -355,7 +366,8 @@ class LearnedOrder:
                                         "on the kernel command line)")
                 return []
             learned.forget_options_changed_on(self._module_params())
-            modules = learned.head_start(self._read_modalias, self._present)
+            modules = learned.head_start(self._read_modalias, self._present,
+                                         self._listed() if self._listed is not None else ())
             if not modules:
                 self.head_start_note = (f"nothing to insert: {len(learned.devices)} device(s) "
                                         "known, their modules already in or not insertable "
@@ -375,7 +387,9 @@ class LearnedOrder:
         with softdeps marks its device (left to the daemon); a module replaced
         by an install command is kept without a path (never inserted early)."""
         from kmodd.resolution.plan import Role
-        if not devpath or kind not in ("coldplug", "modalias"):
+        if kind == "modules-load":
+            key, devpath = LISTED + key, ""
+        elif not devpath or kind not in ("coldplug", "modalias"):
             return
         steps = [s for s in plan.steps if not s.builtin]
         targets = {s.name for s in steps if s.role is Role.TARGET}
@@ -523,6 +537,15 @@ def config_stamp(settings: Settings, version: str) -> str:
         lines.extend(_identity_line(config / name, root.base) for name in names)
     modules_dir = root.modules_dir(version)
     lines.extend(_identity_line(modules_dir / name, modules_dir) for name in INDEX_FILES)
+    # The boot lists: /etc/modules carries options, and a list that changed
+    # may name a module under another alias.
+    from kmodd.daemon.boot_lists import DEBIAN_MODULES, conf_files
+    # The words as they are (an identity, not a parse: no shlex on this path).
+    lines.append("modules_load " + " ".join(
+        w for w in read_cmdline(root).split()
+        if w.split("=", 1)[0].replace("-", "_").endswith("modules_load")))
+    lines.extend(_identity_line(p, root.base)
+                 for p in [*conf_files(root), root.path(DEBIAN_MODULES)])
     return "\n".join(lines)
 
 
@@ -531,9 +554,14 @@ def learned_order(settings: Settings) -> LearnedOrder:
     from kmodd.root import running_kernel_version
     root = settings.root_obj
     version = settings.version or running_kernel_version(root)
+    def listed() -> list[str]:
+        from kmodd.daemon.boot_lists import listed_modules
+        return [m.name for m in listed_modules(root)[0]]
+
     return LearnedOrder(root.state_dir / LEARNED_FILE, version, root.sys,
                         stamp=lambda: config_stamp(settings, version),
-                        cmdline=lambda: read_cmdline(root))
+                        cmdline=lambda: read_cmdline(root),
+                        listed=listed if settings.modules_load else None)
 
 
 def start_head_start(settings: Settings, kernel: Kernel, order: LearnedOrder | None = None

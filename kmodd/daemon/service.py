@@ -336,7 +336,7 @@ class Service:
             self.boot_loads.start()
         if self.early is not None:
             log(LOG, logging.INFO, "head start: inserting %d module(s) the last boot loaded "
-                 "for devices still present", len(self.early.names))
+                 "for devices still present and the boot lists", len(self.early.names))
         elif self._no_head_start:
             log(LOG, logging.INFO, "no head start: %s", self._no_head_start)
         if self._coldplug_fn is not None:

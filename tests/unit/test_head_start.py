@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kmodd.daemon.learned import (
+    LISTED,
     Learned,
     LearnedOrder,
     ModuleTiming,
@@ -263,6 +264,39 @@ def test_plans_are_learned_whoever_loads_their_modules(tmp_path: Path) -> None:
     assert read(tmp_path / "l.json", KERNEL).modules["hba"].init == 2.5
 
 
+def test_listed_modules_go_first_when_still_listed() -> None:
+    """modules-load.d entries whose plan is known go in before the devices
+    (READY=1 waits for them); an entry no longer listed, or whose plan had a
+    softdep, is left to the daemon."""
+    data = learned(tun=ModuleTiming(0.1, (), "/m/tun.ko", options=""),
+                   nbd=ModuleTiming(0.9, ("core",), "/m/nbd.ko", options="nbds_max=4"))
+    data.devices[LISTED + "tun"] = ("", ("tun",))
+    data.devices[LISTED + "nbd"] = ("", ("nbd",))
+    present = {"/devices/p/1": "pci:hba", "/devices/p/2": "pci:nic"}
+    got = data.head_start(present.get, lambda name: False, listed=["nbd", "tun"])
+    assert [m.name for m in got] == ["core", "nbd", "tun", "mid", "hba", "nic"]
+    assert got[1] == EarlyModule("nbd", "/m/nbd.ko", "nbds_max=4", ("core",))
+    got = data.head_start(present.get, lambda name: False, listed=["tun"])
+    assert [m.name for m in got][:1] == ["tun"] and "nbd" not in {m.name for m in got}
+    data.soft.add(LISTED + "tun")
+    assert "tun" not in {m.name for m in data.head_start(present.get, lambda n: False,
+                                                         listed=["tun"])}
+    # Never a coldplug device: no modalias to read, nothing submitted before the walk.
+    assert all(not key.startswith(LISTED) for _, key in data.first(present.get))
+
+
+def test_a_changed_boot_list_changes_the_stamp(tree: Tree) -> None:  # noqa: F811
+    settings = tree.settings()
+    stamp = config_stamp(settings, KERNEL)
+    lists = tree.root / "etc/modules-load.d"
+    lists.mkdir(parents=True)
+    (lists / "a.conf").write_text("tun\n")
+    with_list = config_stamp(settings, KERNEL)
+    assert with_list != stamp and "etc/modules-load.d/a.conf" in with_list
+    (tree.root / "etc/modules").write_text("nbd nbds_max=4\n")       # options live here
+    assert config_stamp(settings, KERNEL) != with_list
+
+
 # -- the daemon: learn at one boot, head start at the next ---------------------------------
 
 def test_what_udev_loaded_before_kmodd_was_ready_goes_in_early_next_boot(
@@ -277,6 +311,22 @@ def test_what_udev_loaded_before_kmodd_was_ready_goes_in_early_next_boot(
     assert {r.module for r in tree.loads if r.status == "loaded"} == set(GRAPH)
     # Timed now: the order of the boot after puts the longest chain first.
     assert read(tree.learned_file, KERNEL).weight("pci:hba") > 0.0
+
+
+def test_the_boot_list_goes_in_before_the_service_next_boot(tree: Tree) -> None:  # noqa: F811
+    """A module only modules-load.d asks for: learned from the daemon's boot
+    list load, inserted first at the next start, and still the list's load in
+    the load log (kmodctl why names the file and line)."""
+    tree.boot(listed=("tun",))
+    data = read(tree.learned_file, KERNEL)
+    assert data.devices[LISTED + "tun"] == ("", ("tun",))
+    kernel = tree.boot(head_start=True, listed=("tun",))
+    assert tree.early is not None and "tun" in tree.early.names
+    assert kernel.load_order[0] == "tun"            # one worker: the list first
+    tun = {r.module: r for r in tree.loads}["tun"]
+    assert tun.status == "loaded" and tun.kind == "modules-load"
+    assert tun.requested_by == "/etc/modules-load.d/t.conf:1"
+    assert tree.early.untaken() == []
 
 
 def test_what_the_deny_list_refuses_is_not_learned(tree: Tree) -> None:  # noqa: F811
@@ -401,7 +451,8 @@ NOT_BEFORE_FIRST_INSERT = ("logging", "traceback", "tokenize", "linecache", "tex
 # kmodd's own modules on that path; a new one there is a choice to make here.
 KMODD_BEFORE_FIRST_INSERT = {
     "kmodd", "kmodd.cli", "kmodd.cli.daemon", "kmodd.daemon", "kmodd.daemon.settings",
-    "kmodd.daemon.limits", "kmodd.daemon.learned", "kmodd.record", "kmodd.root",
+    "kmodd.daemon.limits", "kmodd.daemon.learned", "kmodd.daemon.boot_lists",
+    "kmodd.record", "kmodd.root",
     "kmodd.resolution", "kmodd.resolution.names", "kmodd.kernel", "kmodd.kernel.protocol",
     "kmodd.kernel.errors", "kmodd.kernel.real", "kmodd.kernel.sim", "kmodd.kernel.early",
     "kmodd.modfile"}

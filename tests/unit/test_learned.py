@@ -43,6 +43,8 @@ DEVICES = {  # devpath under sys -> modalias -> module
     "/devices/pci0000:00/0000:00:05.0": ("pci:wdt", "wdt"),
 }
 ALIASES = {alias: (mod,) for alias, mod in DEVICES.values()}
+# Modules no device asks for: only a modules-load.d list loads them.
+LIST_ONLY = {"tun": ()}
 DELAYS = {"core": 0.05, "mid": 0.05, "hba": 0.3}
 
 
@@ -199,35 +201,43 @@ class Tree:
             d = self.root / "sys" / devpath.lstrip("/")
             d.mkdir(parents=True)
             (d / "modalias").write_text(alias + "\n")
-        self.resolver = RecordingResolver(base / "mods", GRAPH, aliases=ALIASES)
+        self.resolver = RecordingResolver(base / "mods", {**GRAPH, **LIST_ONLY},
+                                          aliases=ALIASES)
 
     @property
     def learned_file(self) -> Path:
         return self.root / "var/lib/kmodd" / LEARNED_FILE
 
     def settings(self, kernel_version: str = KERNEL, state_dir: Path | None = None,
-                 deny: tuple[str, ...] = ()) -> Settings:
+                 deny: tuple[str, ...] = (), modules_load: bool = False) -> Settings:
         state = (state_dir or self.base) / "run/state.json"
         return Settings(max_workers=1, autoclean_interval=0, socket=str(self.sock),
                         state_file=str(state), root=str(self.root),
-                        coldplug=True, modules_load=False, version=kernel_version,
+                        coldplug=True, modules_load=modules_load, version=kernel_version,
                         deny=deny)
 
     def boot(self, kernel_version: str = KERNEL, *, head_start: bool = False,
-             preloaded: bool = False, deny: tuple[str, ...] = ()) -> SimKernel:
+             preloaded: bool = False, deny: tuple[str, ...] = (),
+             listed: tuple[str, ...] = ()) -> SimKernel:
         """One daemon run over a fresh simulated kernel with one worker;
         ``submitted`` is coldplug's order of requests; with ``head_start`` the
         daemon starts as its entry point does (``early``: the head start);
         ``preloaded``: every module is in before the daemon starts (at boot,
         udev loads drivers until kmodd is ready); ``deny``: leaf modules the
-        deny list refuses."""
+        deny list refuses; ``listed``: modules-load.d lists these (and the
+        daemon loads the lists)."""
         self.resolver.requests = []
         kdir = Path(tempfile.mkdtemp(dir=self.base, prefix="kernel-"))
-        kernel = sim_kernel(kdir, GRAPH, init_delays=DELAYS)
+        kernel = sim_kernel(kdir, {**GRAPH, **LIST_ONLY}, init_delays=DELAYS)
+        lists = self.root / "etc/modules-load.d"
+        text = "".join(f"{m}\n" for m in listed)
+        if listed and not ((lists / "t.conf").exists() and (lists / "t.conf").read_text() == text):
+            lists.mkdir(parents=True, exist_ok=True)
+            (lists / "t.conf").write_text(text)       # (a rewrite would change the stamp)
         if preloaded:
             for module in ("core", "mid", *(m for m in GRAPH if m not in ("core", "mid"))):
                 kernel.load_module(module, self.resolver.path(module))
-        settings = self.settings(kernel_version, kdir, deny)
+        settings = self.settings(kernel_version, kdir, deny, modules_load=bool(listed))
         order = learned_order(settings)      # shared, as the entry point does
         self.early = start_head_start(settings, kernel, order)[0] if head_start else None
         svc = Service(settings, kernel, lambda s: self.resolver, sources=(), watcher=None,
@@ -246,7 +256,7 @@ class Tree:
         # The save runs in a thread of its own after coldplug.
         while not self.learned_file.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert sorted(kernel.load_order) == sorted(set(GRAPH) - set(deny))
+        assert sorted(kernel.load_order) == sorted(set(GRAPH) - set(deny) | set(listed))
         self.loads = svc.loadlog.records()
         self.records = list(svc.state.records().values())
         self.submitted = [r for r in self.resolver.requests if r.startswith("pci:")]
