@@ -578,8 +578,6 @@ class Scheduler:
                 self._finish_entry_locked(entry, Outcome(request, status, ()), tell)
             self._deliver(tell)
             return
-        if self._on_plan is not None:
-            self._safe(self._on_plan, request, plan)
         # sysfs reads outside the lock: which steps the kernel already has.
         in_kernel: dict[str, StepResult] = {}
         deny = self._deny
@@ -589,6 +587,10 @@ class Scheduler:
             entry.refused = frozenset(refused)
             in_kernel.update({n: StepResult(n, StepStatus(r.status), r.error, r.errno)
                               for n, r in refused.items()})
+        # Only a plan that runs whole: one the deny list cuts short is nobody's
+        # to remember (kmodd.daemon.learned never inserts it early).
+        if self._on_plan is not None and not entry.refused:
+            self._safe(self._on_plan, request, plan)
         for step in plan.steps:
             if step.name in entry.refused:
                 continue

@@ -617,9 +617,6 @@ class Service:
     # --- scheduler callbacks (worker threads) ---------------------------------------------
 
     def _on_plan(self, request: Request, plan: Plan) -> None:
-        # What the deny list refuses is never learned, so never inserted early.
-        if any(self.deny.reason(step.name) for step in plan.steps):
-            return
         self.learned.note_plan(plan, kind=request.kind, key=request.key,
                                devpath=request.devpath)
 
