@@ -518,14 +518,15 @@ def read_cmdline(root: Root) -> str:
 
 def config_stamp(settings: Settings, version: str) -> str:
     """The configuration a plan was resolved under: the command line's modprobe.*
-    words (blacklist), deny lists, every modprobe.d file and the module indexes
-    (by size and mtime).  Other command-line words are compared module by
-    module (Learned.cmdline): a boot loader's or another module's word changes
-    nothing here."""
+    words (blacklist), deny lists, every modprobe.d file, the module indexes and
+    the boot lists (by size and mtime), the command line's modules_load= words.
+    Other command-line words are compared module by module (Learned.cmdline):
+    a boot loader's or another module's word changes nothing here."""
     root = settings.root_obj
+    cmdline = read_cmdline(root)
     lines = [f"kernel {version}", "deny " + ",".join(settings.deny),
              _identity_line(root.deny_file, root.base),
-             "cmdline " + module_params(read_cmdline(root)).get("modprobe", "")]
+             "cmdline " + module_params(cmdline).get("modprobe", "")]
     configs = [Path(p) for p in settings.modprobe_config] \
         if settings.modprobe_config is not None else root.modprobe_dirs()
     for config in configs:
@@ -542,7 +543,7 @@ def config_stamp(settings: Settings, version: str) -> str:
     from kmodd.daemon.boot_lists import DEBIAN_MODULES, conf_files
     # The words as they are (an identity, not a parse: no shlex on this path).
     lines.append("modules_load " + " ".join(
-        w for w in read_cmdline(root).split()
+        w for w in cmdline.split()
         if w.split("=", 1)[0].replace("-", "_").endswith("modules_load")))
     lines.extend(_identity_line(p, root.base)
                  for p in [*conf_files(root), root.path(DEBIAN_MODULES)])
@@ -554,6 +555,7 @@ def learned_order(settings: Settings) -> LearnedOrder:
     from kmodd.root import running_kernel_version
     root = settings.root_obj
     version = settings.version or running_kernel_version(root)
+
     def listed() -> list[str]:
         from kmodd.daemon.boot_lists import listed_modules
         return [m.name for m in listed_modules(root)[0]]
